@@ -1,0 +1,420 @@
+"""The fast torch path: one functional step per algorithm over a stack of blocks.
+
+Every function works on a batch of ``B`` same-shape blocks: ``G`` is
+(B, d_0, ..., d_{n-1}) float32 and ``bufs`` maps state names to stacked
+tensors (B, ...). Differences from the literal reference (all exact
+identities, tested against :mod:`klkern.reference`):
+
+* Kronecker factors are kept in their own eigenbasis, ``R_k = Q_k^T S_k Q_k``
+  (SOAP's GG and the KL factors alike), so the factor EMA needs one product
+  per mode of the rotated gradient ``Gr`` (``Gr diag(1/lam_b) Gr^T`` for
+  KL, ``Gr Gr^T`` for SOAP), the eigenvalue projection reads ``Gr`` only, and
+  the refresh is ``qr(Q_k R_k)``.
+* Momentum is kept in the rotated basis (KL-Shampoo too), so ``Q^T M Q`` is a
+  moving average of ``Gr`` and costs nothing; it is carried into the new basis
+  at a refresh.
+* With these, a 2-D KL-Shampoo step costs 6 matrix products (2 for ``Gr``, 2
+  for ``U``, 2 for the factors) against 12 for the reference.
+
+State names: ``exp_avg``, ``exp_avg_sq`` (block-shaped), ``Q{k}``, ``R{k}``
+(KL-Shampoo, KL-SOAP, SOAP), ``L{k}``, ``root{k}`` (Shampoo) and ``lam{k}``
+(KL variants) for every preconditioned mode k. ``lam`` is always float32; the
+others may be stored in a lower ``state_dtype`` and are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .linalg import EighFailure, batched_qr, eigh_descending
+
+__all__ = ["ALGORITHMS"]
+
+# --------------------------------------------------------------------------
+# batched tensor helpers
+
+
+def _mode_mul(X: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
+    """Per batch element b: X[b] x_k A[b] (mode k of X[b] multiplied by A[b])."""
+    B, shape = X.shape[0], X.shape[1:]
+    nd = len(shape)
+    r = A.shape[-2]
+    if nd == 1:
+        return (A @ X.unsqueeze(-1)).squeeze(-1)
+    if k == 0:
+        return (A @ X.reshape(B, shape[0], -1)).reshape(B, r, *shape[1:])
+    if k == nd - 1:
+        return (X.reshape(B, -1, shape[-1]) @ A.mT).reshape(B, *shape[:-1], r)
+    moved = X.movedim(k + 1, -1)
+    out = moved.reshape(B, -1, shape[k]) @ A.mT
+    return out.reshape(*moved.shape[:-1], r).movedim(-1, k + 1)
+
+
+def _rotate(X: torch.Tensor, Qs: list) -> torch.Tensor:
+    """X x_k Q_k^T for every mode with a basis (Q_a^T X Q_b in 2-D)."""
+    for k, Q in enumerate(Qs):
+        if Q is not None:
+            X = _mode_mul(X, Q.mT, k)
+    return X
+
+
+def _rotate_back(X: torch.Tensor, Qs: list) -> torch.Tensor:
+    for k, Q in enumerate(Qs):
+        if Q is not None:
+            X = _mode_mul(X, Q, k)
+    return X
+
+
+def _unfold(X: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, d_k, N / d_k) mode-k unfoldings of a stack."""
+    return X.movedim(k + 1, 1).reshape(X.shape[0], X.shape[k + 1], -1)
+
+
+def _gram_(R: torch.Tensor, X: torch.Tensor, k: int, beta: float, alpha: float) -> torch.Tensor:
+    """R <- beta R + alpha X_(k) X_(k)^T in place (no copy of X for the first/last mode)."""
+    B, shape = X.shape[0], X.shape[1:]
+    if k == 0:
+        A = X.reshape(B, shape[0], -1)
+        return R.baddbmm_(A, A.mT, beta=beta, alpha=alpha)
+    if k == len(shape) - 1:
+        A = X.reshape(B, -1, shape[-1])
+        return R.baddbmm_(A.mT, A, beta=beta, alpha=alpha)
+    A = _unfold(X, k)
+    return R.baddbmm_(A, A.mT, beta=beta, alpha=alpha)
+
+
+def _along(vec: torch.Tensor, k: int, nd: int) -> torch.Tensor:
+    """(B, d_k) shaped to broadcast along mode k of a (B, ...) stack."""
+    shape = [vec.shape[0]] + [1] * nd
+    shape[k + 1] = vec.shape[1]
+    return vec.reshape(shape)
+
+
+def _lam_product(lams: list, nd: int, skip: int | None = None):
+    out = None
+    for j, lam in enumerate(lams):
+        if lam is not None and j != skip:
+            term = _along(lam, j, nd)
+            out = term if out is None else out * term
+    return out
+
+
+def _load(bufs: dict, name: str) -> torch.Tensor:
+    """State tensor in float32 (the buffer itself when it is float32)."""
+    return bufs[name].float()
+
+
+def _store(bufs: dict, name: str, value: torch.Tensor) -> None:
+    if bufs[name] is not value:
+        bufs[name].copy_(value)
+
+
+def _modes(mask) -> list[int]:
+    return [k for k, on in enumerate(mask) if on]
+
+
+def _bases(bufs: dict, mask, prefix: str = "Q") -> list:
+    return [_load(bufs, f"{prefix}{k}") if on else None for k, on in enumerate(mask)]
+
+
+def _eigh_stack(S: torch.Tensor, fallback: torch.Tensor | None):
+    """Batched descending eigh; a block whose solve fails even in float64 keeps
+    ``fallback[b]`` (its previous basis) or the identity. Returns (evals, evecs, ok)."""
+    try:
+        evals, evecs = eigh_descending(S)
+        return evals, evecs, None
+    except EighFailure:
+        pass
+    evals = torch.zeros(S.shape[:-1], dtype=S.dtype, device=S.device)
+    evecs = torch.empty_like(S)
+    ok = torch.ones(S.shape[0], dtype=torch.bool)
+    for b in range(S.shape[0]):
+        try:
+            evals[b], evecs[b] = eigh_descending(S[b])
+        except EighFailure:
+            ok[b] = False
+            evecs[b] = fallback[b] if fallback is not None else torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    return evals, evecs, ok
+
+
+def _floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
+    c = max(10.0, min(float(lam.shape[-1]), float(eigval_clamp)))
+    return lam.clamp_(min=1.0 / (c * c))
+
+
+def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
+    return {
+        name: torch.zeros(shape, dtype=torch.float32 if name.startswith("lam") else state_dtype, device=G.device)
+        for name, shape in names_shapes.items()
+    }
+
+
+def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
+    """Common init of the rotated-factor algorithms: S_k = c_k G_(k) G_(k)^T,
+    Q_k = eigenvectors (descending), R_k = Q_k^T S_k Q_k. Returns (bufs, evals)."""
+    B = G.shape[0]
+    shapes = dict(extra)
+    for k in _modes(mask):
+        d = G.shape[k + 1]
+        shapes[f"Q{k}"] = (B, d, d)
+        shapes[f"R{k}"] = (B, d, d)
+    bufs = _new_state(G, shapes, state_dtype)
+    evals_of = {}
+    for k in _modes(mask):
+        d = G.shape[k + 1]
+        S = _gram_(G.new_zeros(B, d, d), G, k, 0.0, scale_of_mode(k))
+        evals, Q, _ = _eigh_stack(S, None)
+        _store(bufs, f"Q{k}", Q)
+        _store(bufs, f"R{k}", Q.mT @ S @ Q)
+        evals_of[k] = evals
+    return bufs, evals_of
+
+
+def _refresh_rotated(bufs: dict, mask, Qs: list, sort_v: bool = False) -> list:
+    """Power-iteration refresh of every rotated factor, Q <- qr(S Q) = qr(Q R).
+
+    Re-expresses R in the new basis (R <- P^T R P with P = Q_old^T Q_new) and
+    returns the P per mode (None elsewhere) so rotated moments can be carried.
+    With ``sort_v`` (SOAP) the columns are first sorted by diag(R) descending
+    and exp_avg_sq is permuted along that mode.
+    """
+    Ps: list = [None] * len(mask)
+    for k in _modes(mask):
+        Q, R = Qs[k], _load(bufs, f"R{k}")
+        Y = Q @ R
+        if sort_v:
+            order = torch.argsort(torch.diagonal(R, dim1=-2, dim2=-1), dim=-1, descending=True)
+            Y = Y.gather(2, order.unsqueeze(1).expand_as(Y))
+            v = bufs["exp_avg_sq"]
+            idx = _along(order, k, v.dim() - 1).expand_as(v)
+            v.copy_(v.gather(k + 1, idx))
+        Q_new = batched_qr(Y)
+        P = Q.mT @ Q_new
+        _store(bufs, f"Q{k}", Q_new)
+        _store(bufs, f"R{k}", P.mT @ R @ P)
+        Ps[k] = P
+    return Ps
+
+
+def _carry(bufs: dict, name: str, Ps: list) -> None:
+    """Rotated moment into the new basis: X x_k P_k^T per refreshed mode."""
+    if any(P is not None for P in Ps):
+        _store(bufs, name, _rotate(_load(bufs, name), Ps))
+
+
+def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool) -> None:
+    """Steps 4 and 5 in the rotated basis, every mode from the old lam:
+    R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) W_(k)^T with W = Gr / sqrt(prod_{j!=k} lam_j),
+    lam_k <- beta2 lam_k + (1-beta2) mean_{other modes}(W^2), then the floor."""
+    beta2 = hp["factor_beta"]
+    nd = Gr.dim() - 1
+    N = Gr[0].numel()
+    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
+    new_lams = {}
+    for k in _modes(mask):
+        inv = _lam_product(lams, nd, skip=k)
+        W = Gr if inv is None else Gr * torch.rsqrt(inv)
+        R = _load(bufs, f"R{k}")
+        _store(bufs, f"R{k}", _gram_(R, W, k, beta2, (1 - beta2) * Gr.shape[k + 1] / N))
+        if update_lam:
+            others = [j + 1 for j in range(nd) if j != k]
+            new_lams[k] = (W * W).mean(dim=others) if others else W * W
+    for k, proj in new_lams.items():
+        lam = bufs[f"lam{k}"]
+        lam.mul_(beta2).add_(proj, alpha=1 - beta2)
+        _floor(lam, hp["eigval_clamp"])
+
+
+# --------------------------------------------------------------------------
+# KL-Shampoo
+
+
+def klshampoo_init(G, mask, hp):
+    N = G[0].numel()
+    extra = {"exp_avg": tuple(G.shape)}
+    for k in _modes(mask):
+        extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
+    scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
+    bufs, evals = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    for k in _modes(mask):
+        if hp["eigenbasis"] == "eigh":
+            bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp["eigval_clamp"]))
+        else:
+            bufs[f"lam{k}"].fill_(hp["init_factor"])
+    return bufs
+
+
+def klshampoo_step(bufs, G, mask, hp, t):
+    nd = G.dim() - 1
+    Qs = _bases(bufs, mask)
+    Gr = _rotate(G, Qs)
+    M = _load(bufs, "exp_avg")  # rotated momentum: Q^T M Q
+    M.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
+    _store(bufs, "exp_avg", M)
+    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
+    prod = _lam_product(lams, nd)
+    D = 1.0 / (torch.sqrt(prod) + hp["eps"])
+    U = _rotate_back(M * D, Qs)
+    idealized = hp["eigenbasis"] == "eigh"
+    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized)
+    if t % hp["precondition_frequency"] == 0:
+        if idealized:
+            Ps = _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"])
+        else:
+            Ps = _refresh_rotated(bufs, mask, Qs)
+        _carry(bufs, "exp_avg", Ps)
+    return U, 1.0
+
+
+def _refresh_exact(bufs, mask, Qs, eigval_clamp) -> list:
+    """Idealized mode: exact eigendecomposition of S = Q R Q^T via R = V diag V^T."""
+    Ps: list = [None] * len(mask)
+    for k in _modes(mask):
+        R = _load(bufs, f"R{k}")
+        R = 0.5 * (R + R.mT)
+        identity = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+        evals, V, ok = _eigh_stack(R, identity)
+        lam = bufs[f"lam{k}"]
+        new_lam = _floor(evals, eigval_clamp)
+        if ok is not None:  # keep the previous eigenvalues where the solve failed
+            new_lam = torch.where(ok.to(lam.device).unsqueeze(-1), new_lam, lam)
+        lam.copy_(new_lam)
+        _store(bufs, f"Q{k}", Qs[k] @ V)
+        _store(bufs, f"R{k}", V.mT @ R @ V)
+        Ps[k] = V
+    return Ps
+
+
+# --------------------------------------------------------------------------
+# KL-SOAP
+
+
+def klsoap_init(G, mask, hp):
+    N = G[0].numel()
+    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}
+    for k in _modes(mask):
+        extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
+    scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
+    bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    for k in _modes(mask):
+        bufs[f"lam{k}"].fill_(hp["init_factor"])
+    return bufs
+
+
+def _rotated_adam(bufs, Gr, hp):
+    """Adam moments of the rotated gradient and m / (sqrt(v) + eps)."""
+    m, v = _load(bufs, "exp_avg"), _load(bufs, "exp_avg_sq")
+    m.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
+    v.mul_(hp["beta2"]).addcmul_(Gr, Gr, value=1 - hp["beta2"])
+    _store(bufs, "exp_avg", m)
+    _store(bufs, "exp_avg_sq", v)
+    return m / (torch.sqrt(v) + hp["eps"])
+
+
+def klsoap_step(bufs, G, mask, hp, t):
+    Qs = _bases(bufs, mask)
+    Gr = _rotate(G, Qs)
+    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs)
+    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True)
+    if t % hp["precondition_frequency"] == 0:
+        _carry(bufs, "exp_avg", _refresh_rotated(bufs, mask, Qs))
+    return U, 1.0
+
+
+# --------------------------------------------------------------------------
+# SOAP
+
+
+def soap_init(G, mask, hp):
+    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}
+    scale = lambda k: 1 - hp["factor_beta"]  # noqa: E731
+    bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    return bufs
+
+
+def _bias_scale(hp, t) -> float:
+    if not hp["correct_bias"]:
+        return 1.0
+    return math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
+
+
+def soap_step(bufs, G, mask, hp, t):
+    Qs = _bases(bufs, mask)
+    Gr = _rotate(G, Qs)
+    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs)
+    beta2 = hp["factor_beta"]
+    for k in _modes(mask):  # GG_k in its eigenbasis: Q^T G G^T Q = Gr_(k) Gr_(k)^T
+        _store(bufs, f"R{k}", _gram_(_load(bufs, f"R{k}"), Gr, k, beta2, 1 - beta2))
+    if t % hp["precondition_frequency"] == 0:
+        _carry(bufs, "exp_avg", _refresh_rotated(bufs, mask, Qs, sort_v=True))
+    return U, _bias_scale(hp, t)
+
+
+# --------------------------------------------------------------------------
+# Shampoo
+
+
+def shampoo_init(G, mask, hp):
+    shapes = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}
+    for k in _modes(mask):
+        d = G.shape[k + 1]
+        shapes[f"L{k}"] = (G.shape[0], d, d)
+        shapes[f"root{k}"] = (G.shape[0], d, d)
+    return _new_state(G, shapes, hp["state_dtype"])
+
+
+def shampoo_step(bufs, G, mask, hp, t):
+    beta2 = hp["factor_beta"]
+    for k in _modes(mask):
+        L = _gram_(_load(bufs, f"L{k}"), G, k, beta2, 1 - beta2)
+        _store(bufs, f"L{k}", L)
+        if t % hp["precondition_frequency"] == 0:
+            previous = _load(bufs, f"root{k}")
+            evals, Q, ok = _eigh_stack(L, None)
+            root = (Q * (evals.clamp(min=0) + hp["eps"]).pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
+            if ok is not None:  # keep the previous root where the solve failed
+                root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
+            _store(bufs, f"root{k}", root)
+    m, v = _load(bufs, "exp_avg"), _load(bufs, "exp_avg_sq")
+    m.mul_(hp["beta1"]).add_(G, alpha=1 - hp["beta1"])
+    v.mul_(hp["beta2"]).addcmul_(G, G, value=1 - hp["beta2"])
+    _store(bufs, "exp_avg", m)
+    _store(bufs, "exp_avg_sq", v)
+    scale = math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
+    A = (m / (torch.sqrt(v) + hp["eps"])).mul_(scale)
+    if t < hp["precondition_frequency"]:
+        return A, 1.0
+    P = m
+    for k in _modes(mask):
+        P = _mode_mul(P, _load(bufs, f"root{k}"), k)
+    if hp["grafting"] == "none":
+        return P, 1.0
+    dims = tuple(range(1, G.dim()))
+    norm_p = torch.linalg.vector_norm(P, dim=dims, keepdim=True)
+    norm_a = torch.linalg.vector_norm(A, dim=dims, keepdim=True)
+    ratio = torch.where(norm_p > 0, norm_a / norm_p, torch.zeros_like(norm_p))
+    return P * ratio, 1.0
+
+
+# --------------------------------------------------------------------------
+# AdamW path (1-D parameters, modes above max_precond_dim)
+
+
+def adamw_init(G, mask, hp):
+    return _new_state(G, {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}, hp["state_dtype"])
+
+
+def adamw_step(bufs, G, mask, hp, t):
+    U = _rotated_adam(bufs, G, hp)
+    return U, math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t) if hp["correct_bias"] else 1.0
+
+
+ALGORITHMS = {
+    "klshampoo": (klshampoo_init, klshampoo_step),
+    "klsoap": (klsoap_init, klsoap_step),
+    "soap": (soap_init, soap_step),
+    "shampoo": (shampoo_init, shampoo_step),
+    "adamw": (adamw_init, adamw_step),
+}

@@ -1,0 +1,291 @@
+"""Shared machinery of the four optimizers: gather, batch, guard, apply.
+
+The optimizer classes are thin (see optimizers.py). One ``step`` does, per
+param group:
+
+1. checks the gradients (sparse or complex gradients raise; a gradient with
+   NaN/Inf skips that parameter for the step, counted and warned once);
+2. cuts every gradient into blocks (``_blocking.make_plan``);
+3. groups blocks of the same shape, preconditioned modes, step count, device
+   and path, and runs the algorithm's functional step (``_functional``) once
+   per group on the stacked blocks;
+4. writes each parameter's update back (normalisation, learning rate,
+   decoupled weight decay) in the parameter's dtype.
+
+State layout, per parameter: ``{"step": t, "blocks": [block_state, ...]}``
+where each block state maps names (``exp_avg``, ``Q0``, ``R0``, ``lam0``...)
+to tensors. Blocks that are processed together are views into one stacked
+buffer per name (kept between steps), so a batch step reads and writes its
+state without copies; after ``load_state_dict`` or a change in which blocks
+step together the buffers are rebuilt once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import torch
+
+from ._blocking import make_plan
+from ._functional import ALGORITHMS
+from ._options import DEFAULTS, factor_beta, validate_group
+
+__all__ = ["ShampooFamilyOptimizer"]
+
+_BACKENDS = ("auto", "torch")
+
+
+def _plan(p: torch.Tensor, group: dict):
+    return make_plan(
+        tuple(p.shape),
+        merge_dims=group["merge_dims"],
+        max_precond_dim=group["max_precond_dim"],
+        block_size=group["block_size"],
+        precondition_1d=group["precondition_1d"],
+        data_format=group["data_format"],
+        large_dim_policy=group["large_dim_policy"],
+    )
+
+
+def _hyper(algorithm: str, group: dict) -> dict:
+    """The scalars a functional step reads, resolved once per group and step."""
+    beta1, beta2 = group["betas"]
+    hp = dict(group)
+    hp.update(
+        beta1=float(beta1),
+        beta2=float(beta2),
+        factor_beta=float(factor_beta(group)),
+        correct_bias=group.get("correct_bias", True),
+        eigenbasis=group.get("eigenbasis", "qr"),
+    )
+    return hp
+
+
+class _Slot:
+    """Stacked buffers of a set of blocks that step together."""
+
+    __slots__ = ("members", "bufs")
+
+    def __init__(self, members: list[dict], bufs: dict):
+        self.members = members
+        self.bufs = bufs
+
+    def is_current(self, members: list[dict]) -> bool:
+        if len(members) != len(self.members) or any(a is not b for a, b in zip(members, self.members)):
+            return False
+        for name, buf in self.bufs.items():
+            for i, block in enumerate(members):
+                if block[name].data_ptr() != buf[i].data_ptr():
+                    return False
+        return True
+
+    @classmethod
+    def adopt(cls, members: list[dict], bufs: dict) -> "_Slot":
+        """Make every member's state a view into ``bufs``."""
+        for i, block in enumerate(members):
+            for name, buf in bufs.items():
+                block[name] = buf[i]
+        return cls(members, bufs)
+
+    @classmethod
+    def stack(cls, members: list[dict]) -> "_Slot":
+        names = list(members[0].keys())
+        bufs = {name: torch.stack([block[name] for block in members]) for name in names}
+        return cls.adopt(members, bufs)
+
+
+class ShampooFamilyOptimizer(torch.optim.Optimizer):
+    """Base class of KLShampoo, KLSOAP, SOAP and Shampoo (see optimizers.py)."""
+
+    algorithm = ""
+
+    def __init__(self, params, *, backend: str = "auto", **hyperparameters):
+        if backend not in _BACKENDS:
+            if backend == "triton":
+                raise ValueError(
+                    "invalid backend='triton': the Triton kernels are not part of this version of klkern; "
+                    "use backend='auto' or 'torch'"
+                )
+            raise ValueError(f"invalid backend={backend!r}: must be one of {_BACKENDS}")
+        defaults = dict(DEFAULTS[self.algorithm])
+        unknown = set(hyperparameters) - set(defaults)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unknown)}; valid: {sorted(defaults)}")
+        defaults.update(hyperparameters)
+        self.backend = backend
+        self._slots: dict[tuple, _Slot] = {}
+        self.nonfinite_skipped = 0  # parameter-steps skipped for a NaN/Inf gradient
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_group(self.algorithm, group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step (``closure`` re-evaluates the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        used: dict[tuple, _Slot] = {}
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group, used)
+        self._slots = used
+        return loss
+
+    def _checked_params(self, group: dict) -> list[torch.Tensor]:
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
+                )
+            if p.grad.is_complex():
+                raise RuntimeError(f"{type(self).__name__} does not support complex gradients (shape {tuple(p.shape)})")
+            params.append(p)
+        if not params:
+            return params
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
+        if all(finite):
+            return params
+        skipped = [tuple(p.shape) for p, ok in zip(params, finite) if not ok]
+        self.nonfinite_skipped += len(skipped)
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: gradient with NaN/Inf for parameters of shape {skipped}; "
+                "these parameters and their state are left unchanged for this step (counted in "
+                "optimizer.nonfinite_skipped; this warning is shown once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return [p for p, ok in zip(params, finite) if ok]
+
+    def _step_group(self, index: int, group: dict, used: dict) -> None:
+        hp = _hyper(self.algorithm, group)
+        init_batches: dict[tuple, list] = defaultdict(list)
+        step_batches: dict[tuple, list] = defaultdict(list)
+        pending: dict[int, list] = {}
+        for p in self._checked_params(group):
+            plan = _plan(p, group)
+            grads = plan.extract(p.grad)
+            state = self.state[p]
+            path = "adamw" if plan.adamw else self.algorithm
+            fresh = "step" not in state
+            if fresh:
+                state["step"] = 0
+                state["blocks"] = [None] * len(grads)
+            pending[id(p)] = [p, plan, [None] * len(grads)]
+            for i, G in enumerate(grads):
+                key = (path, tuple(G.shape), plan.masks[i], G.device, G.dtype, state["step"])
+                (init_batches if fresh else step_batches)[key].append((p, i, G))
+
+        for key, members in init_batches.items():
+            path, mask = key[0], key[2]
+            G = torch.stack([G for _, _, G in members]).float()
+            bufs = ALGORITHMS[path][0](G, mask, hp)
+            blocks = [{} for _ in members]
+            for (p, i, _), block in zip(members, blocks):
+                self.state[p]["blocks"][i] = block
+            slot_key = (index, key[:5]) + tuple(id(b) for b in blocks)
+            self._slots[slot_key] = used[slot_key] = _Slot.adopt(blocks, bufs)
+            if self.algorithm == "shampoo":  # Shampoo has no initialisation-only step
+                step_batches[key].extend(members)
+
+        for key, members in step_batches.items():
+            path, mask, t = key[0], key[2], key[5] + 1
+            blocks = [self.state[p]["blocks"][i] for p, i, _ in members]
+            slot_key = (index, key[:5]) + tuple(id(b) for b in blocks)
+            slot = self._slots.get(slot_key)
+            if slot is None or not slot.is_current(blocks):
+                slot = _Slot.stack(blocks)
+            used[slot_key] = slot
+            G = torch.stack([G for _, _, G in members]).float()
+            U, scale = ALGORITHMS[path][1](slot.bufs, G, mask, hp, t)
+            for b, (p, i, _) in enumerate(members):
+                entry = pending[id(p)]
+                entry[2][i] = U[b]
+                if all(u is not None for u in entry[2]):
+                    self._apply(entry[0], entry[1], entry[2], scale, group)
+                    self.state[p]["step"] = t
+
+    @staticmethod
+    def _apply(p: torch.Tensor, plan, updates: list, scale: float, group: dict) -> None:
+        """Steps 7-8: optional normalisation, W <- W - lr*scale*U, W <- W - lr*wd*W."""
+        U = plan.assemble(updates)
+        if group["normalize_grads"]:
+            U = U / (1e-30 + torch.sqrt(torch.mean(U * U)))
+        lr = float(group["lr"])
+        wd = group["weight_decay"]
+        W = p if p.dtype == torch.float32 else p.float()
+        W.add_(U, alpha=-lr * scale)
+        if wd != 0:
+            W.add_(W, alpha=-lr * wd)
+        if W is not p:
+            p.copy_(W)
+
+    # ------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict` (from any device).
+
+        Unlike torch.optim's default, state tensors keep their saved dtype
+        (float32 factors stay float32 for bf16 parameters); they are copied to
+        the device of their parameter.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_map = dict(zip(saved_ids, params))
+
+        def to_device(value, device):
+            if isinstance(value, torch.Tensor):
+                return value.to(device=device, copy=True)
+            if isinstance(value, dict):
+                return {k: to_device(v, device) for k, v in value.items()}
+            if isinstance(value, list):
+                return [to_device(v, device) for v in value]
+            return value
+
+        for key, value in saved_state.items():
+            if key not in id_map:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
+            param = id_map[key]
+            self.state[param] = to_device(value, param.device)
+        self._slots = {}
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer state (stacked buffers counted once)."""
+        seen = set()
+        total = 0
+
+        def visit(value):
+            nonlocal total
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                key = (storage.data_ptr(), value.device)
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+            elif isinstance(value, dict):
+                for v in value.values():
+                    visit(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    visit(v)
+
+        visit(list(self.state.values()))
+        return total

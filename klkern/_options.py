@@ -1,0 +1,121 @@
+"""Defaults and argument validation shared by the optimizers and reference.py.
+
+Each optimizer's defaults live here once; ``validate_group`` raises a
+ValueError that names the argument, the value and the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+__all__ = ["COMMON_DEFAULTS", "DEFAULTS", "validate_group", "factor_beta"]
+
+# Shared by all four optimizers. lr/betas/eps/weight_decay/precondition_frequency
+# are the public SOAP release's defaults (SPEC "SOAP"), also documented by the
+# KL prototype; max_precond_dim, merge_dims, precondition_1d, normalize_grads
+# and data_format are SOAP's options with SOAP's defaults.
+COMMON_DEFAULTS: dict = dict(
+    lr=3e-3,
+    betas=(0.95, 0.95),
+    shampoo_beta=None,
+    eps=1e-8,
+    weight_decay=0.01,
+    precondition_frequency=10,
+    normalize_grads=False,
+    max_precond_dim=10000,
+    merge_dims=False,
+    precondition_1d=False,
+    data_format="channels_first",
+    block_size=None,
+    state_dtype=torch.float32,
+    large_dim_policy="adamw",
+)
+
+DEFAULTS: dict[str, dict] = {
+    "klshampoo": dict(COMMON_DEFAULTS, init_factor=0.1, eigval_clamp=4000.0, eigenbasis="qr"),
+    "klsoap": dict(COMMON_DEFAULTS, init_factor=0.1, eigval_clamp=4000.0),
+    # The SOAP release leaves modes above max_precond_dim unrotated.
+    "soap": dict(COMMON_DEFAULTS, correct_bias=True, large_dim_policy="identity"),
+    "shampoo": dict(COMMON_DEFAULTS, exponent=0.5, grafting="adam"),
+}
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def factor_beta(group: dict) -> float:
+    """beta2 of SPEC: ``shampoo_beta`` when given (>= 0), else ``betas[1]``."""
+    beta = group["shampoo_beta"]
+    if beta is None or beta < 0:
+        return group["betas"][1]
+    return beta
+
+
+def _real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(name: str, value, valid: str) -> None:
+    raise ValueError(f"invalid {name}={value!r}: {valid}")
+
+
+def validate_group(algorithm: str, group: dict) -> None:
+    """Raise ValueError for any hyperparameter of ``group`` outside its range."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            _fail("lr", lr, "a tensor lr must have one element")
+        lr = float(lr)
+    if not _real(lr) or lr < 0:
+        _fail("lr", group["lr"], "must be a finite number >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        _fail("betas", betas, "must be a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        if not _real(beta) or not 0.0 <= beta < 1.0:
+            _fail(f"betas[{i}]", beta, "must be in [0, 1)")
+    sb = group["shampoo_beta"]
+    if sb is not None and (not _real(sb) or sb >= 1.0):
+        _fail("shampoo_beta", sb, "must be None (use betas[1]), negative (same), or in [0, 1)")
+    if not _real(group["eps"]) or group["eps"] < 0:
+        _fail("eps", group["eps"], "must be a finite number >= 0")
+    if not _real(group["weight_decay"]) or group["weight_decay"] < 0:
+        _fail("weight_decay", group["weight_decay"], "must be a finite number >= 0")
+    freq = group["precondition_frequency"]
+    if not _int(freq) or freq < 1:
+        _fail("precondition_frequency", freq, "must be an integer >= 1")
+    mpd = group["max_precond_dim"]
+    if not _int(mpd) or mpd < 1:
+        _fail("max_precond_dim", mpd, "must be an integer >= 1")
+    bs = group["block_size"]
+    if bs is not None and (not _int(bs) or bs < 1):
+        _fail("block_size", bs, "must be None (no splitting) or an integer >= 1")
+    for flag in ("normalize_grads", "merge_dims", "precondition_1d"):
+        if not isinstance(group[flag], bool):
+            _fail(flag, group[flag], "must be True or False")
+    if group["data_format"] not in ("channels_first", "channels_last"):
+        _fail("data_format", group["data_format"], "must be 'channels_first' or 'channels_last'")
+    if group["state_dtype"] not in _STATE_DTYPES:
+        _fail("state_dtype", group["state_dtype"], "must be torch.float32, torch.bfloat16 or torch.float16")
+    if group["large_dim_policy"] not in ("adamw", "identity"):
+        _fail("large_dim_policy", group["large_dim_policy"], "must be 'adamw' or 'identity'")
+    if algorithm in ("klshampoo", "klsoap"):
+        if not _real(group["init_factor"]) or group["init_factor"] <= 0:
+            _fail("init_factor", group["init_factor"], "must be a finite number > 0")
+        if not _real(group["eigval_clamp"]) or group["eigval_clamp"] <= 0:
+            _fail("eigval_clamp", group["eigval_clamp"], "must be a finite number > 0")
+    if algorithm == "klshampoo" and group["eigenbasis"] not in ("qr", "eigh"):
+        _fail("eigenbasis", group["eigenbasis"], "must be 'qr' (power iteration + QR) or 'eigh' (exact, idealized)")
+    if algorithm == "soap" and not isinstance(group["correct_bias"], bool):
+        _fail("correct_bias", group["correct_bias"], "must be True or False")
+    if algorithm == "shampoo":
+        if not _real(group["exponent"]) or not 0.0 < group["exponent"] <= 1.0:
+            _fail("exponent", group["exponent"], "must be in (0, 1], e.g. 0.5 or 0.25")
+        if group["grafting"] not in ("adam", "none"):
+            _fail("grafting", group["grafting"], "must be 'adam' or 'none'")

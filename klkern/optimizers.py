@@ -1,0 +1,113 @@
+"""The public optimizers: KLShampoo, KLSOAP, SOAP and Shampoo.
+
+All four share one constructor shape and these options (defaults in
+parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
+
+* ``lr`` (3e-3): learning rate.
+* ``betas`` ((0.95, 0.95)): ``beta1`` for momentum/first moment; ``betas[1]``
+  for Adam-style second moments and, by default, the factor EMAs.
+* ``shampoo_beta`` (None): EMA weight of the Kronecker factors; None or a
+  negative value means ``betas[1]``.
+* ``eps`` (1e-8): damping in the denominators.
+* ``weight_decay`` (0.01): decoupled, applied after the update
+  (``W <- W - lr*wd*W``).
+* ``precondition_frequency`` (10): refresh period T of the eigenbases.
+* ``normalize_grads`` (False): divide each parameter's update by its RMS.
+* ``max_precond_dim`` (10000): larger modes are not preconditioned (see
+  ``large_dim_policy``).
+* ``merge_dims`` (False): merge consecutive modes while their product stays
+  at most ``max_precond_dim``.
+* ``precondition_1d`` (False): precondition 1-D parameters with a full factor
+  instead of the AdamW path.
+* ``data_format`` ("channels_first"): "channels_last" treats a 4-D
+  (O, H, W, I) tensor as (O, I, H, W).
+* ``block_size`` (None): split every mode into chunks of at most this size;
+  each block is an independent Kronecker problem.
+* ``state_dtype`` (torch.float32): dtype of bases, factors and moments
+  (bfloat16 halves their memory; eigenvalues, QR and eigendecompositions stay
+  float32).
+* ``large_dim_policy`` ("adamw"; SOAP: "identity"): a parameter with a mode
+  above ``max_precond_dim`` takes the AdamW path ("adamw") or leaves that mode
+  unrotated with an identity factor and unit eigenvalues ("identity").
+* ``backend`` ("auto"): "auto" or "torch" (the plain torch path, on any device).
+
+1-D parameters (and parameters sent to the AdamW path) get
+``m/(sqrt(v)+eps)`` with Adam moments from ``betas``, the bias-corrected step
+size ``lr*sqrt(1-betas[1]^t)/(1-beta1^t)`` and decoupled weight decay. For
+KLShampoo, KLSOAP and SOAP the first step a parameter sees only initialises
+its state (the parameter is not changed), for every parameter alike.
+"""
+
+from __future__ import annotations
+
+from ._optimizer import ShampooFamilyOptimizer
+
+__all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
+
+
+class KLShampoo(ShampooFamilyOptimizer):
+    """KL-Shampoo (Lin et al., Fig. 3 right; Claims 2 and 3), without Adam.
+
+    Per block ``G`` (m x n): momentum ``M``, Kronecker factors ``S_a``, ``S_b``
+    with bases ``Q_a``, ``Q_b`` and eigenvalue estimates ``lam_a``, ``lam_b``.
+    Each step ``U = Q_a [(Q_a^T M Q_b) / (sqrt(lam_a lam_b^T) + eps)] Q_b^T``;
+    the factors follow ``S_a <- beta2 S_a + (1-beta2)/n G S_b^-1 G^T`` (and
+    symmetrically), the eigenvalues the KL projection of Claim 3 with a floor
+    ``1/c^2``, and the bases one power-iteration + QR step every T steps.
+    No Adam second moment is stored for matrices.
+
+    Arguments (besides the shared ones listed in :mod:`klkern.optimizers`):
+
+    * ``init_factor`` (0.1): initial value of every eigenvalue estimate.
+    * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
+      bounds ``lam^-1/2`` by ``c_k``.
+    * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
+      every T steps an exact eigendecomposition gives both the bases and the
+      eigenvalues (floored), and the eigenvalue EMA is off; with
+      ``precondition_frequency=1`` it uses the exact S^-1 and S^-1/2 each step.
+    """
+
+    algorithm = "klshampoo"
+
+
+class KLSOAP(ShampooFamilyOptimizer):
+    """KL-SOAP: SOAP's rotated Adam with the KL factor estimate of KL-Shampoo.
+
+    Factors, eigenvalue estimates (used only to weight the factor updates)
+    and refreshes as in :class:`KLShampoo`; the update is
+    ``Q_a [m / (sqrt(v) + eps)] Q_b^T`` with ``m`` and ``v`` Adam moments of the
+    rotated gradient (``v`` with ``betas[1]``, no bias correction). ``m`` is
+    carried into the new basis at a refresh, ``v`` is not.
+    Extra arguments: ``init_factor`` (0.1), ``eigval_clamp`` (4000).
+    """
+
+    algorithm = "klsoap"
+
+
+class SOAP(ShampooFamilyOptimizer):
+    """SOAP (Vyas et al.), with the public release's semantics and defaults.
+
+    Adam in the eigenbasis of Shampoo's factors ``GG_k``; every T steps the
+    basis columns are sorted by the estimated eigenvalues, ``v`` is permuted
+    alike, and ``Q <- qr(GG Q)``. Modes above ``max_precond_dim`` are left
+    unrotated (``large_dim_policy="identity"``).
+    Extra argument: ``correct_bias`` (True): step size
+    ``lr * sqrt(1 - betas[1]^t) / (1 - beta1^t)``.
+    """
+
+    algorithm = "soap"
+
+
+class Shampoo(ShampooFamilyOptimizer):
+    """Shampoo with Adam grafting (the baseline of the KL paper, Eq. 1).
+
+    Factors ``L <- beta2 L + (1-beta2) G G^T`` (and ``R``); every T steps
+    ``(L + eps I)^-p`` by eigendecomposition; ``P = L_root M R_root`` with
+    momentum ``M``. Until the first roots exist (t < T) the update is the Adam
+    direction ``A``.
+    Extra arguments: ``exponent`` (0.5): p per side (0.25 is the original
+    Shampoo); ``grafting`` ("adam"): ``U = P ||A||_F / ||P||_F`` per block,
+    or "none": ``U = P``.
+    """
+
+    algorithm = "shampoo"

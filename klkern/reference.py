@@ -1,0 +1,482 @@
+"""The literal transcription of SPEC.md: the oracle of every test and benchmark.
+
+One small function per step of the specification, named after the step, on a
+single block ``G`` of any number of modes (a 2-D block is the ``m x n`` case of
+SPEC; ``Qs[k]``/``lams[k]``/factors are ``None`` for a mode that is not
+preconditioned, which acts as an identity factor with unit eigenvalues).
+Nothing here is optimised: Kronecker factors live in the original basis,
+inverse factors are formed explicitly, every step recomputes what it needs.
+
+The ``Reference*`` optimizer classes at the bottom apply these functions
+parameter by parameter and block by block. They are slow on purpose and are
+used by the tests and benchmarks only; use :mod:`klkern`'s optimizers for
+training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._blocking import make_plan
+from ._options import DEFAULTS, factor_beta, validate_group
+from .linalg import EighFailure, batched_qr, eigh_descending
+
+# --------------------------------------------------------------------------
+# tensor helpers
+
+
+def unfold(T: torch.Tensor, k: int) -> torch.Tensor:
+    """Mode-k unfolding G_(k): a (d_k, N / d_k) matrix."""
+    return T.movedim(k, 0).reshape(T.shape[k], -1)
+
+
+def mode_product(T: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
+    """T x_k A: mode k of T multiplied by the matrix A (A @ T_(k))."""
+    return torch.tensordot(A, T, dims=([1], [k])).movedim(0, k)
+
+
+def rotate(G: torch.Tensor, Qs: list) -> torch.Tensor:
+    """G rotated into the eigenbasis: G x_1 Q_1^T x_2 Q_2^T ... (Q_a^T G Q_b in 2-D)."""
+    for k, Q in enumerate(Qs):
+        if Q is not None:
+            G = mode_product(G, Q.T, k)
+    return G
+
+
+def rotate_back(X: torch.Tensor, Qs: list) -> torch.Tensor:
+    """Inverse of :func:`rotate`: X x_1 Q_1 x_2 Q_2 ... (Q_a X Q_b^T in 2-D)."""
+    for k, Q in enumerate(Qs):
+        if Q is not None:
+            X = mode_product(X, Q, k)
+    return X
+
+
+def broadcast_along(vec: torch.Tensor, k: int, ndim: int) -> torch.Tensor:
+    """``vec`` (d_k) shaped to broadcast along mode k of an ndim-mode tensor."""
+    shape = [1] * ndim
+    shape[k] = vec.shape[0]
+    return vec.reshape(shape)
+
+
+def lam_product(lams: list, ndim: int, skip: int | None = None) -> torch.Tensor | float:
+    """prod_j lam_j as a broadcastable tensor (modes without lam count as 1)."""
+    out: torch.Tensor | float = 1.0
+    for j, lam in enumerate(lams):
+        if lam is not None and j != skip:
+            out = out * broadcast_along(lam, j, ndim)
+    return out
+
+
+def matrix_from_eig(Q: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
+    """Q diag(evals) Q^T."""
+    return Q @ torch.diag(evals) @ Q.T
+
+
+# --------------------------------------------------------------------------
+# shared steps
+
+
+def momentum_update(M: torch.Tensor, G: torch.Tensor, beta1: float) -> torch.Tensor:
+    """M <- beta1 M + (1 - beta1) G (no bias correction)."""
+    return beta1 * M + (1 - beta1) * G
+
+
+def adam_moments(m, v, G, beta1: float, beta2: float):
+    """m <- beta1 m + (1-beta1) G;  v <- beta2 v + (1-beta2) G^2."""
+    return beta1 * m + (1 - beta1) * G, beta2 * v + (1 - beta2) * G * G
+
+
+def adam_bias_scale(t: int, beta1: float, beta2: float) -> float:
+    """sqrt(1 - beta2^t) / (1 - beta1^t): SOAP's bias-corrected step-size factor."""
+    return math.sqrt(1 - beta2**t) / (1 - beta1**t)
+
+
+def adam_direction(m, v, eps: float) -> torch.Tensor:
+    """m / (sqrt(v) + eps)."""
+    return m / (torch.sqrt(v) + eps)
+
+
+def normalize_update(U: torch.Tensor) -> torch.Tensor:
+    """Step 7 (normalize_grads): U / (1e-30 + sqrt(mean(U^2)))."""
+    return U / (1e-30 + torch.sqrt(torch.mean(U**2)))
+
+
+def apply_update(W: torch.Tensor, U: torch.Tensor, step_size: float, lr: float, weight_decay: float):
+    """Step 8: W <- W - step_size U; then decoupled decay W <- W - lr wd W."""
+    W = W - step_size * U
+    return W - lr * weight_decay * W
+
+
+def init_eigenbasis(S: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of S, columns in descending eigenvalue order (float64 retry)."""
+    try:
+        return eigh_descending(S)[1]
+    except EighFailure:  # pragma: no cover - documented fallback
+        return torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+
+
+def refresh_eigenbasis(S: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Step 6: one power-iteration step, Q <- qr(S Q) (diag(R) >= 0)."""
+    return batched_qr(S @ Q)
+
+
+def carry_rotated(X: torch.Tensor, Qs_old: list, Qs_new: list) -> torch.Tensor:
+    """Express a rotated-basis tensor in the new basis: X x_k (Q_new^T Q_old) per mode."""
+    for k, (Q_old, Q_new) in enumerate(zip(Qs_old, Qs_new)):
+        if Q_old is not None:
+            X = mode_product(X, Q_new.T @ Q_old, k)
+    return X
+
+
+# --------------------------------------------------------------------------
+# KL-Shampoo and KL-SOAP
+
+
+def kl_init_factors(G: torch.Tensor, mask, beta2: float) -> list:
+    """First step: S_k = (1 - beta2) (d_k / N) G_(k) G_(k)^T (S_a = (1-beta2) G G^T / n)."""
+    N = G.numel()
+    out = []
+    for k, on in enumerate(mask):
+        Gk = unfold(G, k)
+        out.append((1 - beta2) * (G.shape[k] / N) * (Gk @ Gk.T) if on else None)
+    return out
+
+
+def init_eigenvalues(d: int, init_factor: float, like: torch.Tensor) -> torch.Tensor:
+    """First step: lam_k = init_factor in every entry."""
+    return torch.full((d,), float(init_factor), dtype=like.dtype, device=like.device)
+
+
+def kl_scaling(lams: list, ndim: int, eps: float) -> torch.Tensor:
+    """Step 2: D = 1 / (sqrt(prod_k lam_k) + eps) (D_ij = 1/(sqrt(lam_a_i lam_b_j) + eps))."""
+    return 1.0 / (torch.sqrt(lam_product(lams, ndim)) + eps)
+
+
+def rotated_precondition(M: torch.Tensor, Qs: list, D: torch.Tensor) -> torch.Tensor:
+    """Step 3: U = Q_a [(Q_a^T M Q_b) * D] Q_b^T."""
+    return rotate_back(rotate(M, Qs) * D, Qs)
+
+
+def kl_factor_update(Ss: list, G: torch.Tensor, Qs: list, lams: list, beta2: float) -> list:
+    """Step 4: S_k <- beta2 S_k + (1-beta2) (d_k/N) G_(k) [kron_{j!=k} Q_j diag(1/lam_j) Q_j^T] G_(k)^T.
+
+    In 2-D: S_a <- beta2 S_a + (1-beta2)/n G Q_b diag(1/lam_b) Q_b^T G^T. All
+    modes use the old Q and lam.
+    """
+    N = G.numel()
+    out = []
+    for k, S in enumerate(Ss):
+        if S is None:
+            out.append(None)
+            continue
+        H = G
+        for j, (Q, lam) in enumerate(zip(Qs, lams)):
+            if j != k and Q is not None:
+                H = mode_product(H, matrix_from_eig(Q, 1.0 / lam), j)
+        delta = unfold(G, k) @ unfold(H, k).T
+        out.append(beta2 * S + (1 - beta2) * (G.shape[k] / N) * delta)
+    return out
+
+
+def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float) -> list:
+    """Step 5 (Claim 3), before the floor: with Gr = rotate(G),
+
+    lam_k <- beta2 lam_k + (1-beta2) * mean over the other modes of Gr^2 / prod_{j!=k} lam_j.
+    """
+    Gr = rotate(G, Qs)
+    out = []
+    for k, lam in enumerate(lams):
+        if lam is None:
+            out.append(None)
+            continue
+        others = [j for j in range(G.dim()) if j != k]
+        weighted = Gr**2 / lam_product(lams, G.dim(), skip=k)
+        proj = weighted.mean(dim=others) if others else weighted
+        out.append(beta2 * lam + (1 - beta2) * proj)
+    return out
+
+
+def eigval_floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
+    """Step 5 floor: lam <- max(lam, 1/c^2), c = max(10, min(d, eigval_clamp))."""
+    c = max(10.0, min(float(lam.shape[0]), float(eigval_clamp)))
+    return torch.clamp(lam, min=1.0 / (c * c))
+
+
+def exact_eigen(S: torch.Tensor, eigval_clamp: float):
+    """Idealized mode: exact (lam, Q) of S, descending, with the eigenvalue floor."""
+    evals, Q = eigh_descending(S)
+    return eigval_floor(evals, eigval_clamp), Q
+
+
+def kl_objective(Gr: torch.Tensor, lams: list) -> torch.Tensor:
+    """Per-block KL objective up to a constant (SPEC "Idealized and diagnostic modes").
+
+    0.5 * (sum_k (N/d_k) sum(log lam_k) + ||Gr / sqrt(prod lam)||_F^2); in 2-D
+    0.5 * (n sum log lam_a + m sum log lam_b + ||Gr * (lam_a lam_b^T)^-1/2||^2).
+    """
+    N = Gr.numel()
+    logdet = sum((N / lam.shape[0]) * torch.log(lam).sum() for lam in lams if lam is not None)
+    fit = (Gr**2 / lam_product(lams, Gr.dim())).sum()
+    return 0.5 * (logdet + fit)
+
+
+# --------------------------------------------------------------------------
+# SOAP
+
+
+def factor_ema(Fs: list, G: torch.Tensor, beta2: float) -> list:
+    """F_k <- beta2 F_k + (1 - beta2) G_(k) G_(k)^T (SOAP's GG, Shampoo's L and R)."""
+    out = []
+    for k, F in enumerate(Fs):
+        if F is None:
+            out.append(None)
+        else:
+            Gk = unfold(G, k)
+            out.append(beta2 * F + (1 - beta2) * (Gk @ Gk.T))
+    return out
+
+
+def soap_refresh(GGs: list, Qs: list, v: torch.Tensor):
+    """SOAP refresh: per mode, sort by est = diag(Q^T GG Q) descending, permute
+    Q's columns and v along that mode, then Q <- qr(GG Q). Returns (Qs, v)."""
+    new_Qs = []
+    for k, (GG, Q) in enumerate(zip(GGs, Qs)):
+        if Q is None:
+            new_Qs.append(None)
+            continue
+        est = torch.diag(Q.T @ GG @ Q)
+        order = torch.argsort(est, descending=True)
+        v = v.index_select(k, order)
+        new_Qs.append(batched_qr(GG @ Q[:, order]))
+    return new_Qs, v
+
+
+# --------------------------------------------------------------------------
+# Shampoo
+
+
+def inverse_root(L: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
+    """(L + eps I)^(-p) by symmetric eigendecomposition (eigenvalues clamped at 0 first)."""
+    evals, Q = eigh_descending(L)
+    return matrix_from_eig(Q, (evals.clamp(min=0) + eps) ** (-exponent))
+
+
+def shampoo_precondition(M: torch.Tensor, roots: list) -> torch.Tensor:
+    """P = L_root M R_root (every mode multiplied by its root)."""
+    for k, root in enumerate(roots):
+        if root is not None:
+            M = mode_product(M, root, k)
+    return M
+
+
+def graft(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Adam grafting: U = P * ||A||_F / ||P||_F (U = 0 where P = 0)."""
+    norm_p = torch.linalg.vector_norm(P)
+    if norm_p == 0:
+        return torch.zeros_like(P)
+    return P * (torch.linalg.vector_norm(A) / norm_p)
+
+
+# --------------------------------------------------------------------------
+# Reference optimizers (slow, literal)
+
+
+def plan_for(shape, group):
+    """The block plan of a parameter under a group's options."""
+    return make_plan(
+        tuple(shape),
+        merge_dims=group["merge_dims"],
+        max_precond_dim=group["max_precond_dim"],
+        block_size=group["block_size"],
+        precondition_1d=group["precondition_1d"],
+        data_format=group["data_format"],
+        large_dim_policy=group["large_dim_policy"],
+    )
+
+
+class _ReferenceOptimizer(torch.optim.Optimizer):
+    algorithm = ""
+
+    def __init__(self, params, **kwargs):
+        defaults = dict(DEFAULTS[self.algorithm])
+        unknown = set(kwargs) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown arguments: {sorted(unknown)}")
+        defaults.update(kwargs)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            validate_group(self.algorithm, group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p, group):
+        plan = plan_for(p.shape, group)
+        grads = plan.extract(p.grad.float())
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["blocks"] = [
+                self._init_block(G, plan.masks[i], group, plan.adamw) for i, G in enumerate(grads)
+            ]
+            if self.algorithm != "shampoo":
+                return  # t = 0: initialisation only, the parameter is not changed
+        state["step"] += 1
+        t = state["step"]
+        updates, scale = [], 1.0
+        for i, G in enumerate(grads):
+            block = state["blocks"][i]
+            if plan.adamw:
+                U, scale = self._adamw_block(block, G, group, t)
+            else:
+                U, scale = self._block_step(block, G, plan.masks[i], group, t)
+            updates.append(U)
+        U = plan.assemble(updates)
+        if group["normalize_grads"]:
+            U = normalize_update(U)
+        lr = float(group["lr"])
+        W = apply_update(p.float(), U, lr * scale, lr, group["weight_decay"])
+        p.copy_(W)
+
+    def _adamw_block(self, block, G, group, t):
+        beta1, beta2 = group["betas"]
+        block["exp_avg"], block["exp_avg_sq"] = adam_moments(block["exp_avg"], block["exp_avg_sq"], G, beta1, beta2)
+        scale = adam_bias_scale(t, beta1, beta2) if group.get("correct_bias", True) else 1.0
+        return adam_direction(block["exp_avg"], block["exp_avg_sq"], group["eps"]), scale
+
+    def _init_block(self, G, mask, group, adamw):
+        if adamw:
+            return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
+        return self._init_preconditioned(G, mask, group)
+
+
+class ReferenceKLShampoo(_ReferenceOptimizer):
+    """KL-Shampoo exactly as SPEC.md writes it (see module docstring)."""
+
+    algorithm = "klshampoo"
+
+    def _init_preconditioned(self, G, mask, group):
+        beta2 = factor_beta(group)
+        S = kl_init_factors(G, mask, beta2)
+        if group.get("eigenbasis", "qr") == "eigh":
+            eig = [exact_eigen(s, group["eigval_clamp"]) if s is not None else (None, None) for s in S]
+            lams, Qs = [e[0] for e in eig], [e[1] for e in eig]
+        else:
+            Qs = [init_eigenbasis(s) if s is not None else None for s in S]
+            lams = [init_eigenvalues(G.shape[k], group["init_factor"], G) if on else None for k, on in enumerate(mask)]
+        return {"exp_avg": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams}
+
+    def _block_step(self, b, G, mask, group, t):
+        beta1, beta2 = group["betas"][0], factor_beta(group)
+        b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
+        D = kl_scaling(b["lam"], G.dim(), group["eps"])  # step 2
+        U = rotated_precondition(b["exp_avg"], b["Q"], D)  # step 3
+        S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)  # step 4
+        idealized = group["eigenbasis"] == "eigh"
+        if not idealized:  # step 5
+            lams = eigenvalue_update(b["lam"], G, b["Q"], beta2)
+            b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
+        b["S"] = S
+        if t % group["precondition_frequency"] == 0:  # step 6
+            for k, s in enumerate(S):
+                if s is None:
+                    continue
+                if idealized:
+                    try:
+                        b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"])
+                    except EighFailure:  # pragma: no cover - keep the previous basis
+                        pass
+                else:
+                    b["Q"][k] = refresh_eigenbasis(s, b["Q"][k])
+        return U, 1.0
+
+
+class ReferenceKLSOAP(_ReferenceOptimizer):
+    """KL-SOAP exactly as SPEC.md writes it."""
+
+    algorithm = "klsoap"
+
+    def _init_preconditioned(self, G, mask, group):
+        S = kl_init_factors(G, mask, factor_beta(group))
+        Qs = [init_eigenbasis(s) if s is not None else None for s in S]
+        lams = [init_eigenvalues(G.shape[k], group["init_factor"], G) if on else None for k, on in enumerate(mask)]
+        return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams}
+
+    def _block_step(self, b, G, mask, group, t):
+        beta1, adam_beta2 = group["betas"]
+        beta2 = factor_beta(group)
+        Gr = rotate(G, b["Q"])
+        b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
+        U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
+        S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)
+        lams = eigenvalue_update(b["lam"], G, b["Q"], beta2)
+        b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
+        b["S"] = S
+        if t % group["precondition_frequency"] == 0:
+            old = b["Q"]
+            b["Q"] = [refresh_eigenbasis(s, Q) if s is not None else None for s, Q in zip(S, old)]
+            b["exp_avg"] = carry_rotated(b["exp_avg"], old, b["Q"])  # v is not rotated
+        return U, 1.0
+
+
+class ReferenceSOAP(_ReferenceOptimizer):
+    """SOAP (public release semantics) exactly as SPEC.md writes it."""
+
+    algorithm = "soap"
+
+    def _init_preconditioned(self, G, mask, group):
+        zeros = [G.new_zeros(d, d) if on else None for d, on in zip(G.shape, mask)]
+        GG = factor_ema(zeros, G, factor_beta(group))
+        Qs = [init_eigenbasis(s) if s is not None else None for s in GG]
+        return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "GG": GG, "Q": Qs}
+
+    def _block_step(self, b, G, mask, group, t):
+        beta1, adam_beta2 = group["betas"]
+        Gr = rotate(G, b["Q"])
+        b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
+        U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
+        scale = adam_bias_scale(t, beta1, adam_beta2) if group["correct_bias"] else 1.0
+        b["GG"] = factor_ema(b["GG"], G, factor_beta(group))
+        if t % group["precondition_frequency"] == 0:
+            old = b["Q"]
+            b["Q"], b["exp_avg_sq"] = soap_refresh(b["GG"], old, b["exp_avg_sq"])
+            b["exp_avg"] = carry_rotated(b["exp_avg"], old, b["Q"])
+        return U, scale
+
+
+class ReferenceShampoo(_ReferenceOptimizer):
+    """Shampoo with Adam grafting exactly as SPEC.md writes it."""
+
+    algorithm = "shampoo"
+
+    def _init_preconditioned(self, G, mask, group):
+        mats = [G.new_zeros(d, d) if on else None for d, on in zip(G.shape, mask)]
+        return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "L": mats, "root": list(mats)}
+
+    def _block_step(self, b, G, mask, group, t):
+        beta1, adam_beta2 = group["betas"]
+        b["L"] = factor_ema(b["L"], G, factor_beta(group))
+        if t % group["precondition_frequency"] == 0:
+            for k, L in enumerate(b["L"]):
+                if L is not None:
+                    try:
+                        b["root"][k] = inverse_root(L, group["eps"], group["exponent"])
+                    except EighFailure:  # pragma: no cover - keep the previous root
+                        pass
+        b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], G, beta1, adam_beta2)
+        A = adam_bias_scale(t, beta1, adam_beta2) * adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"])
+        if t < group["precondition_frequency"]:
+            return A, 1.0  # no root yet
+        P = shampoo_precondition(b["exp_avg"], b["root"])
+        return (graft(P, A) if group["grafting"] == "adam" else P), 1.0

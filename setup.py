@@ -1,0 +1,61 @@
+"""Build and install klkern.
+
+The package is pure Python plus optional compiled parts. setup.py uses
+torch.utils.cpp_extension's BuildExtension so the CUDA extension ``klkern._C``
+(csrc/) is built when a CUDA toolkit and a CUDA build of torch are present;
+otherwise it is skipped with one line and the package installs as pure Python.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extension():
+    """(ext_modules, cmdclass) for klkern._C, or ([], {}) with the reason printed."""
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("klkern: torch is not importable at build time; skipping the CUDA extension klkern._C", file=sys.stderr)
+        return [], {}
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        print("klkern: no CUDA build of torch or no CUDA toolkit; skipping the CUDA extension klkern._C", file=sys.stderr)
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    ext = cpp_extension.CUDAExtension(
+        "klkern._C",
+        sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+    long_description = fh.read()
+
+setup(
+    name="klkern",
+    version="0.1.0",
+    description="KL-Shampoo, KL-SOAP, SOAP and Shampoo optimizers for PyTorch",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["klkern", "klkern.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "train": ["tqdm", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

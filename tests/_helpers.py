@@ -1,0 +1,95 @@
+"""Test helpers: run fast and reference optimizers side by side, convert state."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import klkern
+from klkern import reference as R
+
+PAIRS = {
+    "klshampoo": (klkern.KLShampoo, R.ReferenceKLShampoo),
+    "klsoap": (klkern.KLSOAP, R.ReferenceKLSOAP),
+    "soap": (klkern.SOAP, R.ReferenceSOAP),
+    "shampoo": (klkern.Shampoo, R.ReferenceShampoo),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(|b|, tiny): a relative error on the tensor's scale."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def make_params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in shapes]
+
+
+def quadratic_grads(params, targets, step, noise=0.05, seed=1):
+    """Gradient of 0.5 * sum ||A (W - T)||^2-like loss plus deterministic noise.
+
+    Depends on the current parameters (so trajectories are real optimisation
+    runs) and on the step only through the seeded noise.
+    """
+    g = torch.Generator().manual_seed(seed * 100003 + step)
+    for p, t in zip(params, targets):
+        diff = p.detach().float() - t
+        grad = diff * (1.0 + diff.abs()) + noise * torch.randn(p.shape, generator=g)
+        p.grad = grad.to(p.dtype)
+
+
+def fast_block_to_reference(algorithm: str, block: dict, mask, adamw: bool) -> dict:
+    """A fast-path block state in the reference's (SPEC's) representation."""
+    f = {k: v.float().clone() for k, v in block.items()}
+    if adamw:
+        return {"exp_avg": f["exp_avg"], "exp_avg_sq": f["exp_avg_sq"]}
+    modes = range(len(mask))
+    if algorithm == "shampoo":
+        return {
+            "exp_avg": f["exp_avg"],
+            "exp_avg_sq": f["exp_avg_sq"],
+            "L": [f[f"L{k}"] if mask[k] else None for k in modes],
+            "root": [f[f"root{k}"] if mask[k] else None for k in modes],
+        }
+    Qs = [f[f"Q{k}"] if mask[k] else None for k in modes]
+    factors = [Qs[k] @ f[f"R{k}"] @ Qs[k].T if mask[k] else None for k in modes]
+    out = {"Q": Qs}
+    if algorithm == "soap":
+        out.update(GG=factors, exp_avg=f["exp_avg"], exp_avg_sq=f["exp_avg_sq"])
+        return out
+    out.update(S=factors, lam=[f[f"lam{k}"] if mask[k] else None for k in modes])
+    if algorithm == "klshampoo":
+        out["exp_avg"] = R.rotate_back(f["exp_avg"], Qs)  # fast keeps momentum rotated
+    else:
+        out.update(exp_avg=f["exp_avg"], exp_avg_sq=f["exp_avg_sq"])
+    return out
+
+
+def reference_state_from_fast(fast, ref) -> None:
+    """Overwrite ``ref``'s state (and parameters) with ``fast``'s, converted."""
+    ref.state.clear()
+    for gf, gr in zip(fast.param_groups, ref.param_groups):
+        for pf, pr in zip(gf["params"], gr["params"]):
+            pr.data.copy_(pf.data)
+            if pf not in fast.state:
+                continue
+            st = fast.state[pf]
+            plan = R.plan_for(pf.shape, gf)
+            ref.state[pr] = {
+                "step": st["step"],
+                "blocks": [
+                    fast_block_to_reference(fast.algorithm, b, plan.masks[i], plan.adamw)
+                    for i, b in enumerate(st["blocks"])
+                ],
+            }
+
+
+def clone_params(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def deepcopy_state(opt):
+    return copy.deepcopy(opt.state_dict())
