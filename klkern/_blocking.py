@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockPlan", "make_plan", "merge_shape"]
+__all__ = ["BlockPlan", "make_plan", "merge_shape", "plan_for"]
 
 _CHANNELS_LAST_PERM = (0, 3, 1, 2)
 _CHANNELS_LAST_INV = (0, 2, 3, 1)
@@ -139,3 +139,16 @@ def make_plan(
             return adamw_plan
         masks.append(mask)
     return BlockPlan(shape, permute, view_shape, tuple(blocks), tuple(masks), False)
+
+
+def plan_for(shape, group: dict) -> BlockPlan:
+    """The block plan of a parameter of shape ``shape`` under a param group's options."""
+    return make_plan(
+        tuple(shape),
+        merge_dims=group["merge_dims"],
+        max_precond_dim=group["max_precond_dim"],
+        block_size=group["block_size"],
+        precondition_1d=group["precondition_1d"],
+        data_format=group["data_format"],
+        large_dim_policy=group["large_dim_policy"],
+    )

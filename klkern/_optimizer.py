@@ -27,25 +27,13 @@ from collections import defaultdict
 
 import torch
 
-from ._blocking import make_plan
+from ._blocking import plan_for
 from ._functional import ALGORITHMS
-from ._options import DEFAULTS, factor_beta, validate_group
+from ._options import build_defaults, factor_beta, validate_group
 
-__all__ = ["ShampooFamilyOptimizer"]
+__all__ = ["ShampooFamilyOptimizer", "tensor_bytes"]
 
 _BACKENDS = ("auto", "torch")
-
-
-def _plan(p: torch.Tensor, group: dict):
-    return make_plan(
-        tuple(p.shape),
-        merge_dims=group["merge_dims"],
-        max_precond_dim=group["max_precond_dim"],
-        block_size=group["block_size"],
-        precondition_1d=group["precondition_1d"],
-        data_format=group["data_format"],
-        large_dim_policy=group["large_dim_policy"],
-    )
 
 
 def _hyper(algorithm: str, group: dict) -> dict:
@@ -60,6 +48,26 @@ def _hyper(algorithm: str, group: dict) -> dict:
         eigenbasis=group.get("eigenbasis", "qr"),
     )
     return hp
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` (dicts, lists, tuples)."""
+    seen = set()
+    total = 0
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), str(value.device))
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
 
 
 class _Slot:
@@ -108,11 +116,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     "use backend='auto' or 'torch'"
                 )
             raise ValueError(f"invalid backend={backend!r}: must be one of {_BACKENDS}")
-        defaults = dict(DEFAULTS[self.algorithm])
-        unknown = set(hyperparameters) - set(defaults)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unknown)}; valid: {sorted(defaults)}")
-        defaults.update(hyperparameters)
+        defaults = build_defaults(self.algorithm, hyperparameters, type(self).__name__)
         self.backend = backend
         self._slots: dict[tuple, _Slot] = {}
         self.nonfinite_skipped = 0  # parameter-steps skipped for a NaN/Inf gradient
@@ -179,7 +183,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         step_batches: dict[tuple, list] = defaultdict(list)
         pending: dict[int, list] = {}
         for p in self._checked_params(group):
-            plan = _plan(p, group)
+            plan = plan_for(p.shape, group)
             grads = plan.extract(p.grad)
             state = self.state[p]
             path = "adamw" if plan.adamw else self.algorithm
@@ -269,23 +273,4 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state (stacked buffers counted once)."""
-        seen = set()
-        total = 0
-
-        def visit(value):
-            nonlocal total
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                key = (storage.data_ptr(), value.device)
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-            elif isinstance(value, dict):
-                for v in value.values():
-                    visit(v)
-            elif isinstance(value, (list, tuple)):
-                for v in value:
-                    visit(v)
-
-        visit(list(self.state.values()))
-        return total
+        return tensor_bytes(self.state)

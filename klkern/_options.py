@@ -11,7 +11,7 @@ from numbers import Real
 
 import torch
 
-__all__ = ["COMMON_DEFAULTS", "DEFAULTS", "validate_group", "factor_beta"]
+__all__ = ["COMMON_DEFAULTS", "DEFAULTS", "build_defaults", "validate_group", "factor_beta"]
 
 # Shared by all four optimizers. lr/betas/eps/weight_decay/precondition_frequency
 # are the public SOAP release's defaults (SPEC "SOAP"), also documented by the
@@ -43,6 +43,16 @@ DEFAULTS: dict[str, dict] = {
 }
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def build_defaults(algorithm: str, overrides: dict, owner: str) -> dict:
+    """The algorithm's defaults updated by the constructor's keyword arguments."""
+    defaults = dict(DEFAULTS[algorithm])
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise TypeError(f"{owner} got unknown arguments {sorted(unknown)}; valid: {sorted(defaults)}")
+    defaults.update(overrides)
+    return defaults
 
 
 def factor_beta(group: dict) -> float:

@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from ._blocking import make_plan
-from ._options import DEFAULTS, factor_beta, validate_group
+from ._blocking import plan_for
+from ._options import build_defaults, factor_beta, validate_group
 from .linalg import EighFailure, batched_qr, eigh_descending
 
 # --------------------------------------------------------------------------
@@ -283,29 +283,11 @@ def graft(P: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 # Reference optimizers (slow, literal)
 
 
-def plan_for(shape, group):
-    """The block plan of a parameter under a group's options."""
-    return make_plan(
-        tuple(shape),
-        merge_dims=group["merge_dims"],
-        max_precond_dim=group["max_precond_dim"],
-        block_size=group["block_size"],
-        precondition_1d=group["precondition_1d"],
-        data_format=group["data_format"],
-        large_dim_policy=group["large_dim_policy"],
-    )
-
-
 class _ReferenceOptimizer(torch.optim.Optimizer):
     algorithm = ""
 
     def __init__(self, params, **kwargs):
-        defaults = dict(DEFAULTS[self.algorithm])
-        unknown = set(kwargs) - set(defaults)
-        if unknown:
-            raise TypeError(f"unknown arguments: {sorted(unknown)}")
-        defaults.update(kwargs)
-        super().__init__(params, defaults)
+        super().__init__(params, build_defaults(self.algorithm, kwargs, type(self).__name__))
         for group in self.param_groups:
             validate_group(self.algorithm, group)
 

@@ -21,13 +21,18 @@ STEPS = 50  # with precondition_frequency=10: 5 eigenbasis refreshes
 ALGOS = list(PAIRS)
 
 
-def run_pair(name, shapes, steps=STEPS, **kw):
+def setup_pair(name, shapes, **kw):
+    """Same parameters, targets and options for the fast and reference optimizer."""
     fast_cls, ref_cls = PAIRS[name]
     p_fast = make_params(shapes)
     p_ref = clone_params(p_fast)
     targets = [torch.randn(*s) for s in shapes]
     kw.setdefault("lr", 1e-2)
-    opt_f, opt_r = fast_cls(p_fast, **kw), ref_cls(p_ref, **kw)
+    return p_fast, p_ref, targets, fast_cls(p_fast, **kw), ref_cls(p_ref, **kw)
+
+
+def run_pair(name, shapes, steps=STEPS, **kw):
+    p_fast, p_ref, targets, opt_f, opt_r = setup_pair(name, shapes, **kw)
     for t in range(steps):
         quadratic_grads(p_fast, targets, t)
         quadratic_grads(p_ref, targets, t)
@@ -107,12 +112,7 @@ def run_step_by_step(name, shapes, steps, **kw):
     fast optimizer's state (converted to SPEC's representation), both take one
     step on the same gradients, and parameters, factors, eigenvalues and
     momentum are compared."""
-    fast_cls, ref_cls = PAIRS[name]
-    p_fast = make_params(shapes)
-    p_ref = clone_params(p_fast)
-    targets = [torch.randn(*s) for s in shapes]
-    kw.setdefault("lr", 1e-2)
-    opt_f, opt_r = fast_cls(p_fast, **kw), ref_cls(p_ref, **kw)
+    p_fast, p_ref, targets, opt_f, opt_r = setup_pair(name, shapes, **kw)
     for t in range(steps):
         reference_state_from_fast(opt_f, opt_r)
         quadratic_grads(p_fast, targets, t)
@@ -121,7 +121,7 @@ def run_step_by_step(name, shapes, steps, **kw):
         opt_r.step()
         for a, b in zip(p_fast, p_ref):
             assert rel_err(a, b) < STEP_RTOL, (t, tuple(a.shape), rel_err(a, b))
-        ref_view = ref_cls(clone_params(p_fast), **kw)
+        ref_view = type(opt_r)(clone_params(p_fast), **kw)
         reference_state_from_fast(opt_f, ref_view)
         for pr, pv in zip(p_ref, ref_view.param_groups[0]["params"]):
             for bf, br in zip(ref_view.state[pv]["blocks"], opt_r.state[pr]["blocks"]):
