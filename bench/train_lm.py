@@ -1,0 +1,547 @@
+"""Train a small GPT on real text with AdamW and every klkern optimizer.
+
+The main job of the project. From the repository root::
+
+    python bench/train_lm.py                       # the CPU comparison (< 10 min, 2 cores)
+    python bench/train_lm.py --preset shakespeare-char --device cuda \
+        --data path/to/shakespeare.txt             # the nanoGPT setting, on a GPU
+
+Every optimizer receives ALL parameters of the model (embeddings, attention
+and MLP matrices, LayerNorm gains and biases); klkern routes 1-D parameters
+to its AdamW path. Every run with the same seed sees the same initial weights
+and the same sequence of batches.
+
+Default corpus: the Python standard library's own ``.py`` sources (present on
+every Python install, so no download), gathered in sorted path order, skipping
+``site-packages`` and test folders, capped at ``--max-bytes``; the last 10 % of
+the bytes is the validation split. ``--data FILE`` trains on any text file
+(same 90/10 rule).
+
+Outputs in ``--out`` (default ``bench/results/train_lm_<preset>``):
+``runs.csv`` (optimizer, seed, lr, step, train loss, val loss, training wall
+time), ``summary.md`` / ``summary.json`` (final validation loss, mean and
+spread over seeds, time per step, optimizer-state memory) and ``val_loss.png``
+(validation loss against steps and against wall-clock time; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a clone without installing
+    sys.path.insert(0, str(ROOT))
+
+import klkern  # noqa: E402
+from klkern._optimizer import tensor_bytes  # noqa: E402
+
+OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograft")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_head: int
+    d_model: int
+    context: int
+    batch_size: int
+    steps: int
+    eval_every: int
+    eval_batches: int
+    dropout: float = 0.0
+    tied_head: bool = True
+    tokens: str = "bytes"  # "bytes" (vocab 256) or "chars" (the text's characters)
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    precondition_frequency: int = 10
+
+
+PRESETS = {
+    # The default comparison: 6 optimizers x 3 seeds on a 2-core CPU.
+    "cpu": Config(n_layer=3, n_head=4, d_model=96, context=64, batch_size=16,
+                  steps=500, eval_every=50, eval_batches=8),
+    # A few seconds per run; the tests use it.
+    "tiny": Config(n_layer=1, n_head=2, d_model=16, context=16, batch_size=4,
+                   steps=12, eval_every=4, eval_batches=2),
+    # nanoGPT shakespeare-char (the SOAP gradient-whitening paper's setting):
+    # 6 layers, 6 heads, 384 dims, context 256, ~10.6M parameters. For a GPU.
+    "shakespeare-char": Config(n_layer=6, n_head=6, d_model=384, context=256, batch_size=64,
+                               steps=5000, eval_every=250, eval_batches=20, dropout=0.2,
+                               tokens="chars", warmup_frac=0.02, weight_decay=0.1),
+}
+
+# Per-preset default learning rates, chosen by bench/lr_sweep.py on the same
+# grid for every optimizer (see bench/results/lr_sweep_<preset>.md). Presets
+# without a sweep fall back to "cpu"'s values.
+DEFAULT_LR = {
+    "cpu": {"adamw": 3e-3, "klshampoo": 1e-2, "klsoap": 1e-2, "soap": 1e-2,
+            "shampoo": 1e-2, "shampoo-nograft": 1e-4},
+}
+
+ADAMW_BETAS = (0.9, 0.95)  # the nanoGPT setting; klkern optimizers keep their defaults
+
+
+# --------------------------------------------------------------------------- data
+
+
+def stdlib_corpus(max_bytes: int) -> tuple[bytes, str]:
+    """The standard library's .py sources in sorted path order, capped."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in skip for part in rel.parts):
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if not chunks:
+        raise SystemExit(f"no .py files found under {root}; pass --data FILE")
+    return b"".join(chunks)[:max_bytes], f"Python {platform.python_version()} stdlib ({root})"
+
+
+def encode(raw: bytes, tokens: str) -> tuple[torch.Tensor, int]:
+    if tokens == "bytes":
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long(), 256
+    text = raw.decode("utf-8", errors="replace")
+    vocab = sorted(set(text))
+    index = {ch: i for i, ch in enumerate(vocab)}
+    return torch.tensor([index[ch] for ch in text], dtype=torch.long), len(vocab)
+
+
+def load_data(args, cfg: Config) -> dict:
+    if args.data:
+        raw = Path(args.data).read_bytes()
+        raw, source = raw[: args.max_bytes or len(raw)], str(args.data)
+    else:
+        raw, source = stdlib_corpus(args.max_bytes or 4_000_000)
+    ids, vocab = encode(raw, cfg.tokens)
+    split = int(0.9 * len(ids))
+    train, val = ids[:split], ids[split:]
+    if len(val) <= cfg.context + 1:
+        raise SystemExit(f"corpus too small: {len(ids)} tokens for context {cfg.context}")
+    return {"train": train, "val": val, "vocab": vocab, "source": source,
+            "sha256": hashlib.sha256(raw).hexdigest()[:16], "bytes": len(raw)}
+
+
+def batch(data: torch.Tensor, starts: torch.Tensor, context: int, device) -> tuple:
+    offsets = torch.arange(context + 1)
+    chunk = data[starts[:, None] + offsets]
+    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.fc_out = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)), self.dropout, self.training)
+        h = self.fc_out(F.gelu(self.fc(self.ln2(x))))
+        return x + F.dropout(h, self.dropout, self.training)
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, pre-norm blocks, final LayerNorm, head."""
+
+    def __init__(self, cfg: Config, vocab: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.context, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab, bias=False)
+        if cfg.tied_head:
+            self.head.weight = self.tok.weight
+        self.dropout = cfg.dropout
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("proj.weight", "fc_out.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        x = F.dropout(x, self.dropout, self.training)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def make_optimizer(name: str, params, lr: float, cfg: Config):
+    common = dict(lr=lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, betas=ADAMW_BETAS, **common)
+    shared = dict(common, precondition_frequency=cfg.precondition_frequency)
+    if name == "klshampoo":
+        return klkern.KLShampoo(params, **shared)
+    if name == "klsoap":
+        return klkern.KLSOAP(params, **shared)
+    if name == "soap":
+        return klkern.SOAP(params, **shared)
+    if name == "shampoo":
+        return klkern.Shampoo(params, grafting="adam", **shared)
+    if name == "shampoo-nograft":
+        return klkern.Shampoo(params, grafting="none", **shared)
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def state_bytes(opt) -> int:
+    return opt.state_bytes() if hasattr(opt, "state_bytes") else tensor_bytes(opt.state)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to min_lr_frac (a multiplier of lr)."""
+    warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, data, starts, cfg: Config, device) -> float:
+    model.eval()
+    losses = []
+    for chunk in starts.split(cfg.batch_size):
+        x, y = batch(data, chunk, cfg.context, device)
+        losses.append(model(x, y).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
+              progress: bool = True, on_row=None, val_seed: int = 1234) -> dict:
+    """Train one model; return its log rows and summary figures.
+
+    ``seed`` fixes the initial weights and the batch order; ``val_seed`` the
+    validation windows (the learning-rate sweep uses other windows than the
+    comparison it tunes)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg, data["vocab"]).to(device)
+    opt = make_optimizer(name, model.parameters(), lr, cfg)
+    for group in opt.param_groups:
+        group["base_lr"] = group["lr"]
+
+    train, val = data["train"], data["val"]
+    batches = torch.Generator().manual_seed(seed)
+    val_starts = torch.randint(0, len(val) - cfg.context - 1,
+                               (cfg.eval_batches * cfg.batch_size,),
+                               generator=torch.Generator().manual_seed(val_seed))
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, desc=f"{name} seed={seed} lr={lr:g}", leave=True,
+                       dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            print(f"{name} seed={seed} lr={lr:g} ...", file=sys.stderr)
+
+    rows, wall, opt_time, diverged = [], 0.0, 0.0, False
+    step_times = []
+    row = {"optimizer": name, "seed": seed, "lr": lr, "step": 0, "train_loss": "",
+           "val_loss": evaluate(model, val, val_starts, cfg, device), "wall_time_s": 0.0}
+    rows.append(row)
+    if on_row:
+        on_row(row)
+    for step in range(1, cfg.steps + 1):
+        starts = torch.randint(0, len(train) - cfg.context - 1, (cfg.batch_size,), generator=batches)
+        x, y = batch(train, starts, cfg.context, device)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_at(step - 1, cfg)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        wall += t2 - t0
+        opt_time += t2 - t1
+        step_times.append(t2 - t0)
+        train_loss = loss.item()
+        val_loss = None
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_loss = evaluate(model, val, val_starts, cfg, device)
+        if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
+            diverged = True
+        row = {"optimizer": name, "seed": seed, "lr": lr, "step": step, "train_loss": train_loss,
+               "val_loss": "" if val_loss is None else val_loss, "wall_time_s": wall}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        if bar is not None:
+            bar.update(1)
+            if val_loss is not None:
+                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if diverged:
+            break
+    if bar is not None:
+        bar.close()
+    final_val = next((r["val_loss"] for r in reversed(rows) if r["val_loss"] != ""), float("nan"))
+    return {
+        "optimizer": name, "seed": seed, "lr": lr, "rows": rows, "diverged": diverged,
+        "final_val_loss": float("nan") if diverged else final_val,
+        "ms_per_step": 1e3 * statistics.median(step_times),
+        "opt_ms_per_step": 1e3 * opt_time / len(step_times),
+        "state_mib": state_bytes(opt) / 2**20,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    table = []
+    for name in dict.fromkeys(r["optimizer"] for r in results):
+        runs = [r for r in results if r["optimizer"] == name]
+        finals = [r["final_val_loss"] for r in runs if math.isfinite(r["final_val_loss"])]
+        table.append({
+            "optimizer": name,
+            "lr": runs[0]["lr"],
+            "seeds": len(runs),
+            "diverged": sum(r["diverged"] for r in runs),
+            "val_loss_mean": statistics.fmean(finals) if finals else float("nan"),
+            "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "val_loss_min": min(finals) if finals else float("nan"),
+            "val_loss_max": max(finals) if finals else float("nan"),
+            "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
+            "opt_ms_per_step": statistics.median(r["opt_ms_per_step"] for r in runs),
+            "state_mib": runs[0]["state_mib"],
+        })
+    return table
+
+
+def markdown(table: list[dict], meta: dict) -> str:
+    lines = [
+        f"# train_lm: preset `{meta['preset']}`",
+        "",
+        f"- corpus: {meta['source']}, {meta['bytes']} bytes (sha256 {meta['sha256']}), "
+        f"{meta['tokens']} tokens, vocab {meta['vocab']}, 90/10 train/val split",
+        f"- model: {meta['params']} parameters; config: {meta['config']}",
+        f"- device: {meta['device']}; torch {meta['torch']}; python {meta['python']}; "
+        f"threads {meta['threads']}; klkern {meta['klkern']}; date {meta['date']}",
+        f"- command: `{meta['command']}`",
+        "",
+        "Final validation loss (mean +- std over seeds, [min, max]); time per training step "
+        "(median, forward+backward+optimizer) and per optimizer step (mean); optimizer state.",
+        "",
+        "| optimizer | lr | seeds | final val loss | [min, max] | ms/step | optimizer ms/step | state MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        loss = (f"{r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f}"
+                if math.isfinite(r["val_loss_mean"]) else "diverged")
+        if r["diverged"]:
+            loss += f" ({r['diverged']} of {r['seeds']} diverged)"
+        lines.append(
+            f"| {r['optimizer']} | {r['lr']:g} | {r['seeds']} | {loss} | "
+            f"[{r['val_loss_min']:.4f}, {r['val_loss_max']:.4f}] | {r['ms_per_step']:.1f} | "
+            f"{r['opt_ms_per_step']:.1f} | {r['state_mib']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[train]')", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {}
+    for r in results:
+        color = colors.setdefault(r["optimizer"], f"C{len(colors)}")
+        evals = [row for row in r["rows"] if row["val_loss"] != ""]
+        label = r["optimizer"] if r["seed"] == min(x["seed"] for x in results
+                                                   if x["optimizer"] == r["optimizer"]) else None
+        axes[0].plot([e["step"] for e in evals], [e["val_loss"] for e in evals], color=color,
+                     alpha=0.8, label=label)
+        axes[1].plot([e["wall_time_s"] for e in evals], [e["val_loss"] for e in evals], color=color,
+                     alpha=0.8, label=label)
+    finals = [r["final_val_loss"] for r in results if math.isfinite(r["final_val_loss"])]
+    for ax, xlabel in zip(axes, ("step", "training wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        starts = [r["rows"][0]["val_loss"] for r in results if r["rows"] and r["rows"][0]["step"] == 0]
+        if finals and starts:  # from the best final loss up to the loss at initialisation
+            ax.set_ylim(min(finals) - 0.1, max(starts) + 0.2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                   help=f"comma-separated subset of {','.join(OPTIMIZERS)}")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
+                   help="override a learning rate, e.g. --lr klshampoo=3e-3 (repeatable)")
+    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--data", help="train on this text file instead of the stdlib sources")
+    p.add_argument("--max-bytes", type=int, default=0,
+                   help="cap on corpus bytes (default: 4 MB for the stdlib, whole --data file)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", help="output folder (default bench/results/train_lm_<preset>)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--replot", metavar="DIR", help="only redraw DIR/val_loss.png from DIR/runs.csv")
+    return p.parse_args(argv)
+
+
+def learning_rates(args) -> dict:
+    lrs = dict(DEFAULT_LR.get(args.preset, DEFAULT_LR["cpu"]))
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        if name not in OPTIMIZERS or not value:
+            raise SystemExit(f"--lr expects OPT=LR with OPT in {', '.join(OPTIMIZERS)}; got {item!r}")
+        lrs[name] = float(value)
+    return lrs
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The runs of a runs.csv, as train_one's results (rows and final loss)."""
+    runs: dict = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            row["step"] = int(row["step"])
+            row["wall_time_s"] = float(row["wall_time_s"])
+            row["val_loss"] = float(row["val_loss"]) if row["val_loss"] else ""
+            key = (row["optimizer"], int(row["seed"]))
+            runs.setdefault(key, {"optimizer": key[0], "seed": key[1], "rows": []})["rows"].append(row)
+    for r in runs.values():
+        r["final_val_loss"] = next((x["val_loss"] for x in reversed(r["rows"]) if x["val_loss"] != ""),
+                                   float("nan"))
+    return list(runs.values())
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.replot:
+        folder = Path(args.replot)
+        summary = json.loads((folder / "summary.json").read_text())
+        meta = summary["meta"]
+        plot(read_runs(folder / "runs.csv"), folder / "val_loss.png",
+             f"GPT ({meta['params']} params), preset {meta['preset']}")
+        return summary["table"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = PRESETS[args.preset]
+    if args.steps:
+        cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    for n in names:
+        if n not in OPTIMIZERS:
+            raise SystemExit(f"unknown optimizer {n!r}; choose from {', '.join(OPTIMIZERS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    lrs = learning_rates(args)
+    device = torch.device(args.device)
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"train_lm_{args.preset}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = load_data(args, cfg)
+    print(f"corpus: {data['source']}: {data['bytes']} bytes, {len(data['train'])} train / "
+          f"{len(data['val'])} val tokens, vocab {data['vocab']}", file=sys.stderr)
+
+    results = []
+    with open(out / "runs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["optimizer", "seed", "lr", "step", "train_loss",
+                                                "val_loss", "wall_time_s"])
+        writer.writeheader()
+        for name in names:
+            for seed in seeds:
+                result = train_one(name, seed, lrs[name], cfg, data, device,
+                                   progress=not args.no_progress, on_row=writer.writerow)
+                fh.flush()
+                results.append(result)
+
+    table = summarize(results)
+    meta = {
+        "preset": args.preset, "source": data["source"], "bytes": data["bytes"],
+        "sha256": data["sha256"], "tokens": cfg.tokens, "vocab": data["vocab"],
+        "params": results[0]["params"], "config": asdict(cfg),
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "klkern": klkern.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python bench/train_lm.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    (out / "summary.md").write_text(markdown(table, meta))
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
+    plot(results, out / "val_loss.png", f"GPT ({meta['params']} params), preset {args.preset}")
+    print(markdown(table, meta))
+    print(f"results in {out}", file=sys.stderr)
+    return table
+
+
+if __name__ == "__main__":
+    main()
