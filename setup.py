@@ -49,11 +49,15 @@ setup(
     description="KL-Shampoo, KL-SOAP, SOAP and Shampoo optimizers for PyTorch",
     long_description=long_description,
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["klkern", "klkern.*"]),
+    # triton_kernels/ installs as klkern.triton_kernels (the top-level name
+    # `triton_kernels` belongs to another package).
+    packages=find_packages(include=["klkern", "klkern.*"]) + ["klkern.triton_kernels"],
+    package_dir={"klkern.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "triton>=3.6"],
+        "triton": ["triton>=3.6"],
         "train": ["tqdm", "matplotlib"],
     },
     ext_modules=ext_modules,

@@ -365,37 +365,52 @@ def shampoo_init(G, mask, hp):
     return _new_state(G, shapes, hp["state_dtype"])
 
 
-def shampoo_step(bufs, G, mask, hp, t):
-    beta2 = hp["factor_beta"]
+def shampoo_roots_(bufs, mask, hp) -> None:
+    """root_k <- (max(L_k, 0) + eps I)^-p by eigendecomposition (previous root where it fails)."""
     for k in _modes(mask):
-        L = _gram_(_load(bufs, f"L{k}"), G, k, beta2, 1 - beta2)
-        _store(bufs, f"L{k}", L)
-        if t % hp["precondition_frequency"] == 0:
-            previous = _load(bufs, f"root{k}")
-            evals, Q, ok = _eigh_stack(L, None)
-            root = (Q * (evals.clamp(min=0) + hp["eps"]).pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
-            if ok is not None:  # keep the previous root where the solve failed
-                root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
-            _store(bufs, f"root{k}", root)
+        previous = _load(bufs, f"root{k}")
+        evals, Q, ok = _eigh_stack(_load(bufs, f"L{k}"), None)
+        root = (Q * (evals.clamp(min=0) + hp["eps"]).pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
+        if ok is not None:  # keep the previous root where the solve failed
+            root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
+        _store(bufs, f"root{k}", root)
+
+
+def shampoo_moments(bufs, G, hp, t):
+    """Adam moments of G; returns (m, A) with A the bias-corrected Adam direction."""
     m, v = _load(bufs, "exp_avg"), _load(bufs, "exp_avg_sq")
     m.mul_(hp["beta1"]).add_(G, alpha=1 - hp["beta1"])
     v.mul_(hp["beta2"]).addcmul_(G, G, value=1 - hp["beta2"])
     _store(bufs, "exp_avg", m)
     _store(bufs, "exp_avg_sq", v)
     scale = math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
-    A = (m / (torch.sqrt(v) + hp["eps"])).mul_(scale)
+    return m, (m / (torch.sqrt(v) + hp["eps"])).mul_(scale)
+
+
+def shampoo_graft(P, A, hp):
+    """Grafting "adam": P scaled per block to the Frobenius norm of A; "none": P."""
+    if hp["grafting"] == "none":
+        return P
+    dims = tuple(range(1, P.dim()))
+    norm_p = torch.linalg.vector_norm(P, dim=dims, keepdim=True)
+    norm_a = torch.linalg.vector_norm(A, dim=dims, keepdim=True)
+    ratio = torch.where(norm_p > 0, norm_a / norm_p, torch.zeros_like(norm_p))
+    return P * ratio
+
+
+def shampoo_step(bufs, G, mask, hp, t):
+    beta2 = hp["factor_beta"]
+    for k in _modes(mask):
+        _store(bufs, f"L{k}", _gram_(_load(bufs, f"L{k}"), G, k, beta2, 1 - beta2))
+    if t % hp["precondition_frequency"] == 0:
+        shampoo_roots_(bufs, mask, hp)
+    m, A = shampoo_moments(bufs, G, hp, t)
     if t < hp["precondition_frequency"]:
         return A, 1.0
     P = m
     for k in _modes(mask):
         P = _mode_mul(P, _load(bufs, f"root{k}"), k)
-    if hp["grafting"] == "none":
-        return P, 1.0
-    dims = tuple(range(1, G.dim()))
-    norm_p = torch.linalg.vector_norm(P, dim=dims, keepdim=True)
-    norm_a = torch.linalg.vector_norm(A, dim=dims, keepdim=True)
-    ratio = torch.where(norm_p > 0, norm_a / norm_p, torch.zeros_like(norm_p))
-    return P * ratio, 1.0
+    return shampoo_graft(P, A, hp), 1.0
 
 
 # --------------------------------------------------------------------------

@@ -27,13 +27,13 @@ from collections import defaultdict
 
 import torch
 
+from . import _backend
 from ._blocking import plan_for
 from ._functional import ALGORITHMS
 from ._options import build_defaults, factor_beta, validate_group
 
 __all__ = ["ShampooFamilyOptimizer", "tensor_bytes"]
 
-_BACKENDS = ("auto", "torch")
 
 
 def _hyper(algorithm: str, group: dict) -> dict:
@@ -103,19 +103,40 @@ class _Slot:
         return cls.adopt(members, bufs)
 
 
+_WRITTEN = object()  # marks a block whose update a kernel applied to the parameter
+
+
+def _param_table(members: list, pending: dict, group: dict):
+    """(ParamTable of the blocks' views into their parameters, lr, wd), or None when
+    some parameter has blocks outside this batch or a block is not a view of it."""
+    from .triton_kernels import ParamTable
+
+    count: dict[int, int] = defaultdict(int)
+    for p, _, _ in members:
+        count[id(p)] += 1
+    views = []
+    for p, i, _ in members:
+        plan = pending[id(p)][1]
+        if count[id(p)] != len(plan.masks):
+            return None
+        view = plan.extract(p.detach())[i]
+        if view.dim() != 2 or view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+            return None
+        views.append(view)
+    if any(v.dtype != views[0].dtype for v in views) or views[0].dtype not in (
+            torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return ParamTable(views), float(group["lr"]), float(group["weight_decay"])
+
+
 class ShampooFamilyOptimizer(torch.optim.Optimizer):
     """Base class of KLShampoo, KLSOAP, SOAP and Shampoo (see optimizers.py)."""
 
     algorithm = ""
 
     def __init__(self, params, *, backend: str = "auto", **hyperparameters):
-        if backend not in _BACKENDS:
-            if backend == "triton":
-                raise ValueError(
-                    "invalid backend='triton': the Triton kernels are not part of this version of klkern; "
-                    "use backend='auto' or 'torch'"
-                )
-            raise ValueError(f"invalid backend={backend!r}: must be one of {_BACKENDS}")
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"invalid backend={backend!r}: must be one of {_backend.BACKENDS}")
         defaults = build_defaults(self.algorithm, hyperparameters, type(self).__name__)
         self.backend = backend
         self._slots: dict[tuple, _Slot] = {}
@@ -217,13 +238,30 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 slot = _Slot.stack(blocks)
             used[slot_key] = slot
             G = torch.stack([G for _, _, G in members]).float()
-            U, scale = ALGORITHMS[path][1](slot.bufs, G, mask, hp, t)
+            U, scale = self._run_step(path, slot.bufs, G, mask, hp, t, members, pending, group)
             for b, (p, i, _) in enumerate(members):
                 entry = pending[id(p)]
-                entry[2][i] = U[b]
+                entry[2][i] = _WRITTEN if U is None else U[b]
                 if all(u is not None for u in entry[2]):
-                    self._apply(entry[0], entry[1], entry[2], scale, group)
+                    if U is not None:
+                        self._apply(entry[0], entry[1], entry[2], scale, group)
                     self.state[p]["step"] = t
+
+    def _run_step(self, path, bufs, G, mask, hp, t, members, pending, group):
+        """The single dispatch point: Triton kernels or the torch functional step.
+
+        Returns (U, scale), or (None, scale) when the kernels already wrote the
+        parameters (every block of every member parameter is in this batch and
+        no global normalisation of U is needed)."""
+        if path != "adamw" and _backend.resolve(self.backend, G.device) == "triton":
+            from . import _triton_path
+
+            if _triton_path.supports(path, tuple(G.shape[1:]), mask):
+                write = None
+                if path in _triton_path.WRITES and not group["normalize_grads"]:
+                    write = _param_table(members, pending, group)
+                return _triton_path.STEPS[path](bufs, G, mask, hp, t, write=write)
+        return ALGORITHMS[path][1](bufs, G, mask, hp, t)
 
     @staticmethod
     def _apply(p: torch.Tensor, plan, updates: list, scale: float, group: dict) -> None:

@@ -29,7 +29,12 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
 * ``large_dim_policy`` ("adamw"; SOAP: "identity"): a parameter with a mode
   above ``max_precond_dim`` takes the AdamW path ("adamw") or leaves that mode
   unrotated with an identity factor and unit eigenvalues ("identity").
-* ``backend`` ("auto"): "auto" or "torch" (the plain torch path, on any device).
+* ``backend`` ("auto"): "auto" (fused Triton kernels for CUDA parameters when
+  Triton is installed, the torch path otherwise), "torch" (the batched torch
+  path, any device) or "triton" (the kernels, else a clear error; on CPU
+  tensors only under ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND``
+  environment variable overrides it. The kernels handle 2-D blocks with both
+  modes preconditioned; other blocks and the AdamW path use torch.
 
 1-D parameters (and parameters sent to the AdamW path) get
 ``m/(sqrt(v)+eps)`` with Adam moments from ``betas``, the bias-corrected step

@@ -1,0 +1,84 @@
+"""The one dispatch decision: torch or Triton, per step and device.
+
+``backend`` (constructor argument, overridden by the ``KLKERN_BACKEND``
+environment variable) is "auto", "torch" or "triton":
+
+* "torch": the batched torch path (_functional), on any device;
+* "auto": Triton kernels for CUDA tensors when Triton is importable and has
+  an active driver, the torch path otherwise (silently: it is the same math);
+* "triton": the kernels or a clear error; on CPU tensors only under
+  ``TRITON_INTERPRET=1`` (the interpreter, how CI runs the kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when klkern.triton_kernels imports, else the reason (import is silent either way)."""
+    try:
+        import triton  # noqa: F401
+
+        from . import triton_kernels  # noqa: F401
+    except Exception as err:  # ImportError, or a broken triton install
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_driver_ok() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton
+
+        triton.runtime.driver.active  # noqa: B018 - raises without an active driver
+    except Exception:
+        return False
+    return True
+
+
+def requested(backend: str) -> str:
+    """The constructor's backend, or KLKERN_BACKEND when set."""
+    env = os.environ.get("KLKERN_BACKEND")
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"KLKERN_BACKEND={env!r}: must be one of {BACKENDS}")
+        return env
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """'torch' or 'triton' for state and gradients on ``device``."""
+    backend = requested(backend)
+    if backend == "torch":
+        return "torch"
+    if device.type == "cuda":
+        usable = triton_import_error() is None and _cuda_driver_ok()
+    elif device.type == "cpu":
+        usable = interpreting() and triton_import_error() is None
+    else:
+        usable = False
+    if backend == "auto":
+        return "triton" if usable and device.type == "cuda" else "torch"
+    if usable:
+        return "triton"
+    if triton_import_error() is not None:
+        raise RuntimeError(f"backend='triton' but the Triton kernels cannot be imported "
+                           f"({triton_import_error()}); install triton>=3.6 or use backend='auto'/'torch'")
+    if device.type == "cpu":
+        raise RuntimeError("backend='triton' with parameters on the CPU: the kernels need a CUDA device, "
+                           "or TRITON_INTERPRET=1 set before klkern is imported (slow, for tests); "
+                           "use backend='auto' or 'torch' on the CPU")
+    raise RuntimeError(f"backend='triton': no usable Triton driver for device {device}; use backend='auto'")

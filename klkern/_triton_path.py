@@ -1,0 +1,111 @@
+"""The Triton path: the functional steps of _functional with the fused kernels.
+
+Same signatures and the same math as :mod:`klkern._functional` (tested
+against it and against :mod:`klkern.reference`), for 2-D blocks with both
+modes preconditioned; every other block shape keeps the torch path. Each
+step takes an optional ``write=(ParamTable, lr, weight_decay)``: when given,
+the update is applied to the parameters inside the last kernel and the step
+returns ``(None, scale)``. Initialisation, eigenbasis refreshes (QR,
+eigendecomposition) and the O(m + n) eigenvalue updates stay in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _functional as F
+from . import triton_kernels as K
+
+
+def supports(path: str, block_shape: tuple, mask) -> bool:
+    return path in STEPS and len(block_shape) == 2 and all(mask)
+
+
+def _kl_factors_and_lams(bufs, Gr, proj, hp) -> None:
+    """Steps 4-5 from the old lam: weighted factor EMAs (one triangle each), then lam EMA + floor."""
+    beta2 = hp["factor_beta"]
+    _, m, n = Gr.shape
+    lam_a, lam_b = bufs["lam0"], bufs["lam1"]
+    K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n)
+    K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True)
+    for lam, p in ((lam_a, proj[0]), (lam_b, proj[1])):
+        lam.mul_(beta2).add_(p, alpha=1 - beta2)
+        F._floor(lam, hp["eigval_clamp"])
+
+
+def _finish(U, write, scale):
+    return (None, scale) if write is not None else (U, scale)
+
+
+def _write_args(write, scale):
+    if write is None:
+        return {}
+    table, lr, wd = write
+    return dict(params=table, step=lr * scale, decay=1.0 - lr * wd)
+
+
+def klshampoo_step(bufs, G, mask, hp, t, write=None):
+    if hp["eigenbasis"] == "eigh":  # idealized mode: exact eigenvalues, torch path
+        U, scale = F.klshampoo_step(bufs, G, mask, hp, t)
+        return U, scale
+    Qa, Qb = bufs["Q0"], bufs["Q1"]
+    lam = (bufs["lam0"], bufs["lam1"])
+    Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=bufs["exp_avg"], beta1=hp["beta1"])
+    U = K.precondition(bufs["exp_avg"], Qa, Qb, eps=hp["eps"], lam=lam, **_write_args(write, 1.0))
+    _kl_factors_and_lams(bufs, Gr, proj, hp)
+    if t % hp["precondition_frequency"] == 0:
+        F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
+    return _finish(U, write, 1.0)
+
+
+def klsoap_step(bufs, G, mask, hp, t, write=None):
+    Qa, Qb = bufs["Q0"], bufs["Q1"]
+    m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+    Gr, proj = K.rotate_project(G, Qa, Qb, lam=(bufs["lam0"], bufs["lam1"]), momentum=m,
+                                beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"])
+    U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, 1.0))
+    _kl_factors_and_lams(bufs, Gr, proj, hp)
+    if t % hp["precondition_frequency"] == 0:
+        F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
+    return _finish(U, write, 1.0)
+
+
+def soap_step(bufs, G, mask, hp, t, write=None):
+    Qa, Qb = bufs["Q0"], bufs["Q1"]
+    m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+    scale = F._bias_scale(hp, t)
+    Gr, _ = K.rotate_project(G, Qa, Qb, momentum=m, beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"])
+    U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, scale))
+    beta2 = hp["factor_beta"]
+    K.factor_ema_(bufs["R0"], Gr, None, beta2, 1 - beta2)
+    K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True)
+    if t % hp["precondition_frequency"] == 0:
+        F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask), sort_v=True))
+    return _finish(U, write, scale)
+
+
+def shampoo_step(bufs, G, mask, hp, t, write=None):
+    """Factor EMAs (one triangle) and the two-sided product L_root M R_root in kernels;
+    roots, moments and grafting in torch (grafting needs ||P|| before any write)."""
+    beta2 = hp["factor_beta"]
+    K.factor_ema_(bufs["L0"], G, None, beta2, 1 - beta2)
+    K.factor_ema_(bufs["L1"], G, None, beta2, 1 - beta2, transpose_x=True)
+    if t % hp["precondition_frequency"] == 0:
+        F.shampoo_roots_(bufs, mask, hp)
+    m, A = F.shampoo_moments(bufs, G, hp, t)
+    if t < hp["precondition_frequency"]:
+        return A, 1.0
+    T = K.batched_gemm(m, bufs["root1"], out=torch.empty_like(m))
+    P = K.batched_gemm(bufs["root0"], T, out=torch.empty_like(m))
+    return F.shampoo_graft(P, A, hp), 1.0
+
+
+# Steps that can write the parameters themselves.
+WRITES = {"klshampoo", "klsoap", "soap"}
+
+STEPS = {
+    "klshampoo": klshampoo_step,
+    "klsoap": klsoap_step,
+    "soap": soap_step,
+    "shampoo": shampoo_step,
+}
