@@ -44,30 +44,29 @@ def _write_args(write, scale):
     return dict(params=table, step=lr * scale, decay=1.0 - lr * wd)
 
 
-def klshampoo_step(bufs, G, mask, hp, t, write=None):
-    if hp["eigenbasis"] == "eigh":  # idealized mode: exact eigenvalues, torch path
-        U, scale = F.klshampoo_step(bufs, G, mask, hp, t)
-        return U, scale
+def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
+    """KL-Shampoo (momentum, D from lam) or KL-SOAP (Adam in the rotated basis): SPEC steps 1-6."""
     Qa, Qb = bufs["Q0"], bufs["Q1"]
     lam = (bufs["lam0"], bufs["lam1"])
-    Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=bufs["exp_avg"], beta1=hp["beta1"])
-    U = K.precondition(bufs["exp_avg"], Qa, Qb, eps=hp["eps"], lam=lam, **_write_args(write, 1.0))
+    m, v = bufs["exp_avg"], bufs["exp_avg_sq"] if adam else None
+    Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m, beta1=hp["beta1"], second_moment=v,
+                                beta2=hp["beta2"])
+    scaling = dict(v=v) if adam else dict(lam=lam)
+    U = K.precondition(m, Qa, Qb, eps=hp["eps"], **scaling, **_write_args(write, 1.0))
     _kl_factors_and_lams(bufs, Gr, proj, hp)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
     return _finish(U, write, 1.0)
+
+
+def klshampoo_step(bufs, G, mask, hp, t, write=None):
+    if hp["eigenbasis"] == "eigh":  # idealized mode: exact eigenvalues, torch path
+        return F.klshampoo_step(bufs, G, mask, hp, t)
+    return _kl_step(bufs, G, mask, hp, t, write, adam=False)
 
 
 def klsoap_step(bufs, G, mask, hp, t, write=None):
-    Qa, Qb = bufs["Q0"], bufs["Q1"]
-    m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
-    Gr, proj = K.rotate_project(G, Qa, Qb, lam=(bufs["lam0"], bufs["lam1"]), momentum=m,
-                                beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"])
-    U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, 1.0))
-    _kl_factors_and_lams(bufs, Gr, proj, hp)
-    if t % hp["precondition_frequency"] == 0:
-        F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
-    return _finish(U, write, 1.0)
+    return _kl_step(bufs, G, mask, hp, t, write, adam=True)
 
 
 def soap_step(bufs, G, mask, hp, t, write=None):
