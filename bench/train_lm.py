@@ -27,6 +27,7 @@ spread over seeds, time per step, optimizer-state memory) and ``val_loss.png``
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import hashlib
 import json
@@ -213,8 +214,8 @@ class GPT(nn.Module):
 # --------------------------------------------------------------------------- optimizers
 
 
-def make_optimizer(name: str, params, lr: float, cfg: Config):
-    common = dict(lr=lr, weight_decay=cfg.weight_decay)
+def make_optimizer(name: str, params, lr: float, cfg: Config, extra: dict | None = None):
+    common = dict(lr=lr, weight_decay=cfg.weight_decay, **(extra or {}))
     if name == "adamw":
         return torch.optim.AdamW(params, betas=ADAMW_BETAS, **common)
     shared = dict(common, precondition_frequency=cfg.precondition_frequency)
@@ -264,7 +265,7 @@ def evaluate(model, data, starts, cfg: Config, device) -> float:
 
 
 def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
-              progress: bool = True, on_row=None, val_seed: int = 1234) -> dict:
+              progress: bool = True, on_row=None, val_seed: int = 1234, extra: dict | None = None) -> dict:
     """Train one model; return its log rows and summary figures.
 
     ``seed`` fixes the initial weights and the batch order; ``val_seed`` the
@@ -272,7 +273,7 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
     comparison it tunes)."""
     torch.manual_seed(seed)
     model = GPT(cfg, data["vocab"]).to(device)
-    opt = make_optimizer(name, model.parameters(), lr, cfg)
+    opt = make_optimizer(name, model.parameters(), lr, cfg, extra)
     for group in opt.param_groups:
         group["base_lr"] = group["lr"]
 
@@ -379,6 +380,7 @@ def markdown(table: list[dict], meta: dict) -> str:
         f"- device: {meta['device']}; torch {meta['torch']}; python {meta['python']}; "
         f"threads {meta['threads']}; klkern {meta['klkern']}; date {meta['date']}",
         f"- command: `{meta['command']}`",
+        *([f"- optimizer arguments beyond the defaults: {meta['optimizer_args']}"] if meta.get("optimizer_args") else []),
         "",
         "Final validation loss (mean +- std over seeds, [min, max]); time per training step "
         "(median, forward+backward+optimizer) and per optimizer step (mean); optimizer state.",
@@ -446,6 +448,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
                    help="override a learning rate, e.g. --lr klshampoo=3e-3 (repeatable)")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--set", action="append", default=[], metavar="OPT.KEY=VALUE",
+                   help="extra optimizer argument, e.g. --set klshampoo.init_factor=1e-3 (repeatable)")
     p.add_argument("--data", help="train on this text file instead of the stdlib sources")
     p.add_argument("--max-bytes", type=int, default=0,
                    help="cap on corpus bytes (default: 4 MB for the stdlib, whole --data file)")
@@ -483,6 +487,21 @@ def read_runs(path: Path) -> list[dict]:
     return list(runs.values())
 
 
+def optimizer_args(args) -> dict:
+    """{optimizer: {argument: value}} from --set OPT.KEY=VALUE."""
+    out: dict = {}
+    for item in args.set:
+        target, _, value = item.partition("=")
+        name, _, key = target.partition(".")
+        if name not in OPTIMIZERS or not key or not value:
+            raise SystemExit(f"--set expects OPT.KEY=VALUE with OPT in {', '.join(OPTIMIZERS)}; got {item!r}")
+        try:
+            out.setdefault(name, {})[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out.setdefault(name, {})[key] = value
+    return out
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.replot:
@@ -503,6 +522,7 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"unknown optimizer {n!r}; choose from {', '.join(OPTIMIZERS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     lrs = learning_rates(args)
+    extras = optimizer_args(args)
     device = torch.device(args.device)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"train_lm_{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
@@ -519,7 +539,8 @@ def main(argv=None) -> list[dict]:
         for name in names:
             for seed in seeds:
                 result = train_one(name, seed, lrs[name], cfg, data, device,
-                                   progress=not args.no_progress, on_row=writer.writerow)
+                                   progress=not args.no_progress, on_row=writer.writerow,
+                                   extra=extras.get(name))
                 fh.flush()
                 results.append(result)
 
@@ -532,7 +553,7 @@ def main(argv=None) -> list[dict]:
                    else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "klkern": klkern.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d"), "optimizer_args": extras,
         "command": " ".join(["python bench/train_lm.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     (out / "summary.md").write_text(markdown(table, meta))

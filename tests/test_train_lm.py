@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,13 @@ def test_bad_arguments(corpus, tmp_path):
         train_lm.main(["--preset", "tiny", "--data", str(corpus), "--optimizers", "adam"])
     with pytest.raises(SystemExit, match="OPT=LR"):
         train_lm.main(["--preset", "tiny", "--data", str(corpus), "--lr", "klshampoo"])
+    with pytest.raises(SystemExit, match="OPT.KEY=VALUE"):
+        train_lm.main(["--preset", "tiny", "--data", str(corpus), "--set", "klshampoo=1"])
+    args = train_lm.parse_args(["--set", "klshampoo.init_factor=1e-3", "--set", "soap.betas=(0.9, 0.99)"])
+    assert train_lm.optimizer_args(args) == {"klshampoo": {"init_factor": 1e-3}, "soap": {"betas": (0.9, 0.99)}}
+    opt = train_lm.make_optimizer("klshampoo", [torch.nn.Parameter(torch.zeros(2, 2))], 1e-2,
+                                  train_lm.PRESETS["tiny"], {"init_factor": 1e-3})
+    assert opt.param_groups[0]["init_factor"] == 1e-3
     small = tmp_path / "small.txt"
     small.write_text("abc")
     with pytest.raises(SystemExit, match="corpus too small"):
