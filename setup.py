@@ -15,8 +15,17 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _skip_extension(reason: str) -> None:
+    print(f"klkern: skipping the CUDA extension klkern._C: {reason}", file=sys.stderr)
+
+
 def _cuda_extension():
-    """(ext_modules, cmdclass) for klkern._C, or ([], {}) with the reason printed."""
+    """(ext_modules, cmdclass) for klkern._C, or ([], {}) with the reason printed.
+
+    The extension is optional: when its build fails, one line says why and the
+    package installs as pure Python (klkern/_ext.py can still JIT-build it on
+    first CUDA use, else batched_qr falls back to torch.linalg.qr).
+    """
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         return [], {}
@@ -24,18 +33,45 @@ def _cuda_extension():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("klkern: torch is not importable at build time; skipping the CUDA extension klkern._C", file=sys.stderr)
+        _skip_extension("torch is not importable at build time")
         return [], {}
     if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
-        print("klkern: no CUDA build of torch or no CUDA toolkit; skipping the CUDA extension klkern._C", file=sys.stderr)
+        _skip_extension("no CUDA build of torch or no CUDA toolkit")
         return [], {}
+    # nvcc 13 has no sm_70; without a GPU at build time torch cannot pick the archs itself.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext = cpp_extension.CUDAExtension(
-        "klkern._C",
-        sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-    )
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """BuildExtension whose failure (compiler, toolkit, version checks) does not fail the install."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as err:  # noqa: BLE001 - any failure: install without the extension
+                _skip_extension(f"build failed ({_first_line(err)})")
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as err:  # noqa: BLE001
+                _skip_extension(f"build failed ({_first_line(err)})")
+
+    try:
+        ext = cpp_extension.CUDAExtension(
+            "klkern._C",
+            sources,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            optional=True,  # setuptools then skips copying a missing build output
+        )
+    except Exception as err:  # noqa: BLE001 - e.g. OSError when CUDA_HOME is unusable
+        _skip_extension(f"cannot configure it ({_first_line(err)})")
+        return [], {}
+    return [ext], {"build_ext": OptionalBuildExtension}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 ext_modules, cmdclass = _cuda_extension()

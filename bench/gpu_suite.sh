@@ -9,6 +9,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+# The QR extension JIT-builds on first CUDA use (klkern/_ext.py) when not prebuilt.
+[ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
+export KLKERN_CACHE="${KLKERN_CACHE:-/tmp/klkern_cache}"
 pip install --no-deps --no-build-isolation -e . 2>&1 | tail -3
 slug=$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 out="bench/results/gpu_${slug}"
@@ -28,14 +31,14 @@ PY
 cat "$out/environment.txt"
 status=0
 # 1. Correctness on CUDA: the whole suite (Triton kernels, QR extension, optimizers).
-timeout 240 python -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.txt" | tail -15 || status=1
+timeout 300 python -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/tests.txt" | tail -15 || status=1
 # 2. Fused-operation microbenchmarks vs eager torch.
 timeout 180 python -m pytest -q -p no:cacheprovider bench/test_kernel_bench.py \
     --benchmark-json="$out/kernels.json" --benchmark-columns=median,min,max 2>&1 | tail -5 || status=1
 [ -f "$out/kernels.json" ] && python bench/summarize_kernel_bench.py "$out/kernels.json" > "$out/kernels.md" && cat "$out/kernels.md"
 # 3. Whole step on the GPT-2-small parameter set, GEMM floor, peak memory.
 timeout 150 python bench/step_bench.py --out "$out" || status=1
-# 4. Batched QR extension vs torch.linalg.qr (when its benchmark exists).
-if [ -f bench/qr_bench.py ]; then timeout 120 python bench/qr_bench.py --out "$out" || status=1; fi
+# 4. Batched QR extension vs torch.linalg.qr and the householder_product route.
+timeout 120 python bench/qr_bench.py --out-dir "$out" || status=1
 echo "gpu_suite: results in $out (status $status)"
 exit $status

@@ -5,7 +5,8 @@ to the implementation, so results are deterministic and comparable across
 backends:
 
 * QR returns the explicit Q with ``diag(R) >= 0`` (each column of Q is flipped
-  where LAPACK's R has a negative diagonal entry).
+  where LAPACK's R has a negative diagonal entry). On CUDA it runs the batched
+  kernels of csrc/ (``klkern._C``, see klkern/_ext.py) when available.
 * The symmetric eigendecomposition returns eigenvalues and eigenvector columns
   in DESCENDING eigenvalue order, retrying in float64 when the float32 solver
   fails.
@@ -14,6 +15,8 @@ backends:
 from __future__ import annotations
 
 import torch
+
+from ._ext import qr_extension
 
 __all__ = ["batched_qr", "eigh_descending", "EighFailure"]
 
@@ -28,6 +31,17 @@ def batched_qr(A: torch.Tensor) -> torch.Tensor:
     Computed in at least float32 and returned in ``A``'s dtype (float32 or
     float64). Column j of Q is multiplied by sign(R_jj) (+1 where R_jj == 0),
     which makes Q unique for full-rank input.
+
+    Backends: a CUDA tensor uses the CUDA extension (one batched Householder
+    QR for the whole stack, csrc/batched_qr_kernels.cu) when it is built or
+    can be JIT-built, unless ``KLKERN_NO_EXT=1`` or autograd needs to track
+    ``A``; everything else uses ``torch.linalg.qr`` plus the sign fix. The
+    two agree to rounding on full-rank input.
+
+    Non-finite input: a matrix of the batch that holds a NaN or Inf (or whose
+    R gets a non-finite diagonal) returns an all-NaN Q; the other matrices of
+    the batch are computed as if it were absent. Rank-deficient input is fine
+    (Q stays orthonormal; a zero column gives R_jj = 0 and a positive sign).
     """
     if A.dim() < 2:
         raise ValueError(f"batched_qr: A must have at least 2 dims, got shape {tuple(A.shape)}")
@@ -35,10 +49,20 @@ def batched_qr(A: torch.Tensor) -> torch.Tensor:
     if m < n:
         raise ValueError(f"batched_qr: A must have m >= n, got shape {tuple(A.shape)}")
     work = A if A.dtype in (torch.float32, torch.float64) else A.float()
+    if work.is_cuda and work.numel() > 0 and not (work.requires_grad and torch.is_grad_enabled()):
+        op = qr_extension()
+        if op is not None:
+            return op(work.reshape(-1, m, n)).reshape(work.shape)
+    return _torch_qr(work)
+
+
+def _torch_qr(work: torch.Tensor) -> torch.Tensor:
+    """The torch fallback: torch.linalg.qr, sign fix, NaN rule (same contract as the kernels)."""
     Q, R = torch.linalg.qr(work, mode="reduced")
-    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return Q * sign.unsqueeze(-2)
+    diag = torch.diagonal(R, dim1=-2, dim2=-1)
+    Q = Q * torch.where(diag < 0, -1.0, 1.0).to(Q.dtype).unsqueeze(-2)
+    finite = torch.isfinite(diag).all(-1) & torch.isfinite(work).flatten(-2).all(-1)
+    return Q.masked_fill(~finite[..., None, None], float("nan"))
 
 
 def eigh_descending(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,207 @@
+"""Batched QR on CUDA: klkern's extension vs torch.linalg.qr.
+
+    python bench/qr_bench.py [--quick] [--dtype float32] [--shapes 24x768x768,48x1024x1024]
+
+For each batch shape (default: the issue's (24, 768, 768), (48, 1024, 1024),
+(12, 3072, 3072), (8, 4096, 4096)) it times, with CUDA events (warm-up
+calls, then the median of --reps calls):
+
+* ``klkern``: torch.ops.klkern.batched_qr, the CUDA extension (one call for
+  the whole batch; the JIT build, if any, happens in the warm-up);
+* ``torch``: torch.linalg.qr plus the sign fix (klkern's fallback);
+* ``householder``: torch.geqrf + torch.linalg.householder_product plus the
+  sign fix, the other torch route to an explicit Q.
+
+Every result is checked: ||Q^T Q - I||_max and ||Q R - A||_F / ||A||_F with
+R = Q^T A (in float64), against the issue's 1e-5 bound for float32. Writes
+bench/results/qr_<device>.json and .md with device, torch/CUDA versions,
+commit and date. Targets (H100, float32): klkern at least 5x faster than
+torch.linalg.qr on the first two shapes, at least 2x on (8, 4096, 4096).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from klkern import _ext  # noqa: E402
+
+DEFAULT_SHAPES = [(24, 768, 768), (48, 1024, 1024), (12, 3072, 3072), (8, 4096, 4096)]
+TARGETS = {(24, 768, 768): 5.0, (48, 1024, 1024): 5.0, (8, 4096, 4096): 2.0}  # speedup vs torch.linalg.qr
+ACCURACY_BOUND = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def sign_fix(Q: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    return Q * torch.where(diag < 0, -1.0, 1.0).to(Q.dtype).unsqueeze(-2)
+
+
+def torch_qr(A: torch.Tensor) -> torch.Tensor:
+    Q, R = torch.linalg.qr(A)
+    return sign_fix(Q, torch.diagonal(R, dim1=-2, dim2=-1))
+
+
+def householder_qr(A: torch.Tensor) -> torch.Tensor:
+    H, tau = torch.geqrf(A)
+    return sign_fix(torch.linalg.householder_product(H, tau), torch.diagonal(H, dim1=-2, dim2=-1))
+
+
+def time_ms(fn, A: torch.Tensor, reps: int, warmup: int) -> tuple[float, torch.Tensor]:
+    out = None
+    for _ in range(warmup):
+        out = fn(A)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(A)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), out
+
+
+@torch.no_grad()
+def accuracy(Q: torch.Tensor, A: torch.Tensor) -> dict:
+    Qd, Ad = Q.double(), A.double()
+    n = A.shape[-1]
+    orth = (Qd.mT @ Qd - torch.eye(n, dtype=torch.float64, device=A.device)).abs().amax().item()
+    R = Qd.mT @ Ad
+    recon = ((Qd @ R - Ad).norm() / Ad.norm()).item()
+    min_diag = torch.diagonal(R, dim1=-2, dim2=-1).amin().item()
+    return {"orth_max": orth, "recon_rel": recon, "min_diag_R": min_diag, "finite": bool(torch.isfinite(Q).all())}
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = tuple(int(x) for x in item.lower().split("x"))
+        if len(parts) != 3 or parts[1] < parts[2]:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: expected BxMxN with M >= N")
+        shapes.append(parts)
+    return shapes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 warm-up call and 3 timed calls per route")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per route (default 7, --quick 3)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="comma list of BxMxN")
+    parser.add_argument("--no-householder", action="store_true", help="skip the geqrf + householder_product route")
+    parser.add_argument("--out-dir", default=os.path.join("bench", "results"))
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        sys.exit("qr_bench: needs a CUDA device (torch.cuda.is_available() is False; torch "
+                 f"{torch.__version__}, CUDA {torch.version.cuda}); nothing measured")
+    op = _ext.qr_extension()
+    if op is None:
+        sys.exit("qr_bench: the klkern CUDA extension is unavailable (see the warning above, or KLKERN_NO_EXT "
+                 "is set); nothing measured")
+    dtype = getattr(torch, args.dtype)
+    reps = args.reps or (3 if args.quick else 7)
+    warmup = 1 if args.quick else 2
+    device_name = torch.cuda.get_device_name()
+    routes = {"klkern": op, "torch": torch_qr}
+    if not args.no_householder:
+        routes["householder"] = householder_qr
+
+    rows = []
+    for shape in args.shapes:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        A = torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+        row = {"shape": list(shape), "dtype": args.dtype}
+        results = {}
+        for name, fn in routes.items():
+            ms, Q = time_ms(fn, A, reps, warmup)
+            row[f"{name}_ms"] = ms
+            row[f"{name}_accuracy"] = accuracy(Q, A)
+            results[name] = Q
+            del Q
+        row["speedup_vs_torch"] = row["torch_ms"] / row["klkern_ms"]
+        if "householder" in routes:
+            row["speedup_vs_householder"] = row["householder_ms"] / row["klkern_ms"]
+        row["max_abs_diff_vs_torch"] = (results["klkern"] - results["torch"]).abs().amax().item()
+        acc = row["klkern_accuracy"]
+        row["accurate"] = acc["finite"] and max(acc["orth_max"], acc["recon_rel"]) < ACCURACY_BOUND[dtype]
+        target = TARGETS.get(tuple(shape)) if dtype == torch.float32 else None
+        row["target_speedup"] = target
+        row["meets_target"] = None if target is None else row["speedup_vs_torch"] >= target
+        rows.append(row)
+        extra = f"  householder {row['householder_ms']:9.2f} ms" if "householder" in routes else ""
+        print(f"{str(tuple(shape)):20s} klkern {row['klkern_ms']:9.2f} ms  torch {row['torch_ms']:9.2f} ms{extra}  "
+              f"speedup {row['speedup_vs_torch']:6.2f}x  orth {acc['orth_max']:.1e}  recon {acc['recon_rel']:.1e}",
+              flush=True)
+        del A, results
+        torch.cuda.empty_cache()
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "reps": reps,
+        "warmup": warmup,
+        "timing": "CUDA events around one call, median of reps, after warm-up calls",
+        "command": "python bench/qr_bench.py" + (" --quick" if args.quick else ""),
+    }
+    base = os.path.join(args.out_dir, f"qr_{slug(device_name)}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(base + ".json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+    lines = [
+        "# Batched QR: klkern CUDA extension vs torch.linalg.qr",
+        "",
+        f"- device: {device_name}; torch {meta['torch']}; CUDA {meta['cuda']}; {args.dtype}",
+        f"- date: {meta['date']}; commit: {meta['commit']}",
+        f"- {meta['timing']} ({reps} reps, {warmup} warm-up); command: `{meta['command']}`",
+        "- every route includes the sign fix (diag(R) >= 0); accuracy in float64: "
+        "orth = max|Q^T Q - I|, recon = ||Q Q^T A - A|| / ||A||",
+        "",
+        "| batch shape | klkern ms | torch.linalg.qr ms | speedup | target | householder ms | klkern orth | klkern recon |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = "-" if r["target_speedup"] is None else (
+            f">= {r['target_speedup']:g}x: {'met' if r['meets_target'] else 'MISSED'}")
+        hh = f"{r['householder_ms']:.2f}" if "householder_ms" in r else "-"
+        acc = r["klkern_accuracy"]
+        lines.append(f"| {tuple(r['shape'])} | {r['klkern_ms']:.2f} | {r['torch_ms']:.2f} | "
+                     f"{r['speedup_vs_torch']:.2f}x | {target} | {hh} | {acc['orth_max']:.1e} | {acc['recon_rel']:.1e} |")
+    with open(base + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"wrote {base}.json and {base}.md")
+    bad = [tuple(r["shape"]) for r in rows if not r["accurate"]]
+    if bad:
+        print(f"qr_bench: klkern results above the accuracy bound for {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
