@@ -221,7 +221,13 @@ def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool) -> None:
         if update_lam:
             others = [j + 1 for j in range(nd) if j != k]
             new_lams[k] = (W * W).mean(dim=others) if others else W * W
-    for k, proj in new_lams.items():
+    lam_ema_(bufs, new_lams, hp)
+
+
+def lam_ema_(bufs, projections: dict, hp) -> None:
+    """Step 5 from the projections: lam_k <- beta2 lam_k + (1 - beta2) proj_k, then the floor."""
+    beta2 = hp["factor_beta"]
+    for k, proj in projections.items():
         lam = bufs[f"lam{k}"]
         lam.mul_(beta2).add_(proj, alpha=1 - beta2)
         _floor(lam, hp["eigval_clamp"])

@@ -28,13 +28,7 @@ def _kl_factors_and_lams(bufs, Gr, proj, hp) -> None:
     lam_a, lam_b = bufs["lam0"], bufs["lam1"]
     K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n)
     K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True)
-    for lam, p in ((lam_a, proj[0]), (lam_b, proj[1])):
-        lam.mul_(beta2).add_(p, alpha=1 - beta2)
-        F._floor(lam, hp["eigval_clamp"])
-
-
-def _finish(U, write, scale):
-    return (None, scale) if write is not None else (U, scale)
+    F.lam_ema_(bufs, {0: proj[0], 1: proj[1]}, hp)
 
 
 def _write_args(write, scale):
@@ -56,7 +50,7 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
     _kl_factors_and_lams(bufs, Gr, proj, hp)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
-    return _finish(U, write, 1.0)
+    return U, 1.0  # U is None when the kernel wrote the parameters
 
 
 def klshampoo_step(bufs, G, mask, hp, t, write=None):
@@ -80,7 +74,7 @@ def soap_step(bufs, G, mask, hp, t, write=None):
     K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask), sort_v=True))
-    return _finish(U, write, scale)
+    return U, scale
 
 
 def shampoo_step(bufs, G, mask, hp, t, write=None):

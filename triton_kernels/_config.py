@@ -48,6 +48,10 @@ def syrk_tiles(d: int, k: int) -> dict:
     return dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=3)
 
 
+# dtypes of state the kernels read and write (bases, factors, moments); lam is float32.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def check_stack(name: str, t: torch.Tensor, shape: tuple, dtypes=(torch.float32,)) -> None:
     """Launcher input check: a (B, ...) stack of the expected shape and dtype on one device."""
     if not isinstance(t, torch.Tensor):

@@ -160,7 +160,6 @@ def batched_gemm(A, B, *, out=None, transpose_a=False, transpose_b=False, prolog
         raise ValueError("batched_gemm: prologue PRO_KL needs lam_a and lam_b")
     if prologue == PRO_ADAM and (v is None or v.shape != At.shape):
         raise ValueError("batched_gemm: prologue PRO_ADAM needs v of A's shape")
-    row_sums = col_sums = None
     if proj_inv is not None:
         row_part = torch.empty(batch, M, tiles_n, dtype=torch.float32, device=A.device)
         col_part = torch.empty(batch, N, tiles_m, dtype=torch.float32, device=A.device)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ._config import check_stack, rotation_precision
+from ._config import STATE_DTYPES, check_stack, rotation_precision
 from .gemm import PRO_ADAM, PRO_KL, ParamTable, batched_gemm
-
-_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def precondition(X: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, eps: float, lam=None, v=None,
@@ -27,9 +25,9 @@ def precondition(X: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, eps: 
     if X.dim() != 3:
         raise ValueError(f"precondition: X must be a (B, m, n) stack, got shape {tuple(X.shape)}")
     B, m, n = X.shape
-    check_stack("X", X, (B, m, n), _STATE_DTYPES)
-    check_stack("Q_a", Q_a, (B, m, m), _STATE_DTYPES)
-    check_stack("Q_b", Q_b, (B, n, n), _STATE_DTYPES)
+    check_stack("X", X, (B, m, n), STATE_DTYPES)
+    check_stack("Q_a", Q_a, (B, m, m), STATE_DTYPES)
+    check_stack("Q_b", Q_b, (B, n, n), STATE_DTYPES)
     if (lam is None) == (v is None):
         raise ValueError("precondition: pass exactly one of lam=(lam_a, lam_b) (KL-Shampoo) or v (Adam)")
     if lam is not None:
@@ -37,7 +35,7 @@ def precondition(X: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, eps: 
         check_stack("lam_b", lam[1], (B, n))
         scale = dict(prologue=PRO_KL, lam_a=lam[0], lam_b=lam[1])
     else:
-        check_stack("v", v, (B, m, n), _STATE_DTYPES)
+        check_stack("v", v, (B, m, n), STATE_DTYPES)
         scale = dict(prologue=PRO_ADAM, v=v)
     if params is not None:
         if len(params.views) != B or params.shape != (m, n):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._config import FACTOR_PRECISION, check_stack, rotation_precision
+from ._config import FACTOR_PRECISION, STATE_DTYPES, check_stack, rotation_precision
 from .gemm import batched_gemm
-
-_STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def rotate_project(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, lam=None,
@@ -35,8 +33,8 @@ def rotate_project(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, lam
         raise ValueError(f"rotate_project: G must be a (B, m, n) stack, got shape {tuple(G.shape)}")
     B, m, n = G.shape
     check_stack("G", G, (B, m, n), (torch.float32, torch.bfloat16, torch.float16))
-    check_stack("Q_a", Q_a, (B, m, m), _STATE_DTYPES)
-    check_stack("Q_b", Q_b, (B, n, n), _STATE_DTYPES)
+    check_stack("Q_a", Q_a, (B, m, m), STATE_DTYPES)
+    check_stack("Q_b", Q_b, (B, n, n), STATE_DTYPES)
     inv = None
     if lam is not None:
         check_stack("lam_a", lam[0], (B, m))
@@ -44,7 +42,7 @@ def rotate_project(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, lam
         inv = (1.0 / lam[0], 1.0 / lam[1])
     for name, t in (("momentum", momentum), ("second_moment", second_moment)):
         if t is not None:
-            check_stack(name, t, (B, m, n), _STATE_DTYPES)
+            check_stack(name, t, (B, m, n), STATE_DTYPES)
     if out is None:
         out = torch.empty(B, m, n, dtype=torch.float32, device=G.device)
     # The projection needs the factor precision; the rotation alone may use the opt-in.
