@@ -8,8 +8,8 @@ the tests compare against; ``klkern.linalg`` holds the QR and
 eigendecomposition conventions.
 """
 
-from . import linalg, reference
+from . import analysis, linalg, reference
 from .optimizers import KLSOAP, SOAP, KLShampoo, Shampoo
 
-__all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo", "linalg", "reference"]
+__all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo", "analysis", "linalg", "reference"]
 __version__ = "0.1.0"
