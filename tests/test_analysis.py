@@ -50,6 +50,16 @@ MONOTONE_SLACK = 1e-14
 # helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Every matrix here is at most 20 x 20: intra-op threads only add start-up
+    cost, and stall when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
