@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from . import _precision
 from .linalg import EighFailure, batched_qr, eigh_descending
 
 __all__ = ["ALGORITHMS"]
@@ -36,34 +37,37 @@ __all__ = ["ALGORITHMS"]
 # batched tensor helpers
 
 
-def _mode_mul(X: torch.Tensor, A: torch.Tensor, k: int) -> torch.Tensor:
-    """Per batch element b: X[b] x_k A[b] (mode k of X[b] multiplied by A[b])."""
+def _mode_mul(X: torch.Tensor, A: torch.Tensor, k: int, mode: str = "highest") -> torch.Tensor:
+    """Per batch element b: X[b] x_k A[b] (mode k of X[b] multiplied by A[b]), the product
+    at precision ``mode`` (klkern._precision)."""
     B, shape = X.shape[0], X.shape[1:]
     nd = len(shape)
     r = A.shape[-2]
+    mm = _precision.bmm
     if nd == 1:
-        return (A @ X.unsqueeze(-1)).squeeze(-1)
+        return mm(A, X.unsqueeze(-1), mode).squeeze(-1)
     if k == 0:
-        return (A @ X.reshape(B, shape[0], -1)).reshape(B, r, *shape[1:])
+        return mm(A, X.reshape(B, shape[0], -1), mode).reshape(B, r, *shape[1:])
     if k == nd - 1:
-        return (X.reshape(B, -1, shape[-1]) @ A.mT).reshape(B, *shape[:-1], r)
+        return mm(X.reshape(B, -1, shape[-1]), A.mT, mode).reshape(B, *shape[:-1], r)
     moved = X.movedim(k + 1, -1)
-    out = moved.reshape(B, -1, shape[k]) @ A.mT
+    out = mm(moved.reshape(B, -1, shape[k]), A.mT, mode)
     return out.reshape(*moved.shape[:-1], r).movedim(-1, k + 1)
 
 
-def _rotate(X: torch.Tensor, Qs: list) -> torch.Tensor:
-    """X x_k Q_k^T for every mode with a basis (Q_a^T X Q_b in 2-D)."""
-    for k, Q in enumerate(Qs):
-        if Q is not None:
-            X = _mode_mul(X, Q.mT, k)
+def _rotate(X: torch.Tensor, Qs: list, mode: str = "highest") -> torch.Tensor:
+    """X x_k Q_k^T for every mode with a basis (Q_a^T X Q_b in 2-D). The last mode goes
+    first, as in the kernels ((X Q_b) first), so both paths round the same intermediates."""
+    for k in reversed(range(len(Qs))):
+        if Qs[k] is not None:
+            X = _mode_mul(X, Qs[k].mT, k, mode)
     return X
 
 
-def _rotate_back(X: torch.Tensor, Qs: list) -> torch.Tensor:
-    for k, Q in enumerate(Qs):
-        if Q is not None:
-            X = _mode_mul(X, Q, k)
+def _rotate_back(X: torch.Tensor, Qs: list, mode: str = "highest") -> torch.Tensor:
+    for k in reversed(range(len(Qs))):
+        if Qs[k] is not None:
+            X = _mode_mul(X, Qs[k], k, mode)
     return X
 
 
@@ -72,17 +76,18 @@ def _unfold(X: torch.Tensor, k: int) -> torch.Tensor:
     return X.movedim(k + 1, 1).reshape(X.shape[0], X.shape[k + 1], -1)
 
 
-def _gram_(R: torch.Tensor, X: torch.Tensor, k: int, beta: float, alpha: float) -> torch.Tensor:
-    """R <- beta R + alpha X_(k) X_(k)^T in place (no copy of X for the first/last mode)."""
+def _gram_(R: torch.Tensor, X: torch.Tensor, k: int, beta: float, alpha: float,
+           mode: str = "highest", left: torch.Tensor | None = None) -> torch.Tensor:
+    """R <- beta R + alpha L_(k) X_(k)^T in place, L = ``left`` (default X; KL's weighted
+    gradient), without copying X for the first/last mode; the product at precision ``mode``."""
+    L = X if left is None else left
     B, shape = X.shape[0], X.shape[1:]
     if k == 0:
-        A = X.reshape(B, shape[0], -1)
-        return R.baddbmm_(A, A.mT, beta=beta, alpha=alpha)
+        return _precision.baddbmm_(R, L.reshape(B, shape[0], -1), X.reshape(B, shape[0], -1).mT, beta, alpha, mode)
     if k == len(shape) - 1:
-        A = X.reshape(B, -1, shape[-1])
-        return R.baddbmm_(A.mT, A, beta=beta, alpha=alpha)
-    A = _unfold(X, k)
-    return R.baddbmm_(A, A.mT, beta=beta, alpha=alpha)
+        return _precision.baddbmm_(R, L.reshape(B, -1, shape[-1]).mT, X.reshape(B, -1, shape[-1]), beta, alpha,
+                                   mode)
+    return _precision.baddbmm_(R, _unfold(L, k), _unfold(X, k).mT, beta, alpha, mode)
 
 
 def _along(vec: torch.Tensor, k: int, nd: int) -> torch.Tensor:
@@ -206,8 +211,9 @@ def _carry(bufs: dict, name: str, Ps: list) -> None:
 
 def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool) -> None:
     """Steps 4 and 5 in the rotated basis, every mode from the old lam:
-    R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) W_(k)^T with W = Gr / sqrt(prod_{j!=k} lam_j),
-    lam_k <- beta2 lam_k + (1-beta2) mean_{other modes}(W^2), then the floor."""
+    R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) Gr_(k)^T with W = Gr / prod_{j!=k} lam_j
+    (the weights on one side, as the kernel applies them),
+    lam_k <- beta2 lam_k + (1-beta2) mean_{other modes}(W * Gr), then the floor."""
     beta2 = hp["factor_beta"]
     nd = Gr.dim() - 1
     N = Gr[0].numel()
@@ -215,12 +221,12 @@ def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool) -> None:
     new_lams = {}
     for k in _modes(mask):
         inv = _lam_product(lams, nd, skip=k)
-        W = Gr if inv is None else Gr * torch.rsqrt(inv)
+        W = Gr if inv is None else Gr / inv
         R = _load(bufs, f"R{k}")
-        _store(bufs, f"R{k}", _gram_(R, W, k, beta2, (1 - beta2) * Gr.shape[k + 1] / N))
+        _store(bufs, f"R{k}", _gram_(R, Gr, k, beta2, (1 - beta2) * Gr.shape[k + 1] / N, hp["factor_mode"], W))
         if update_lam:
             others = [j + 1 for j in range(nd) if j != k]
-            new_lams[k] = (W * W).mean(dim=others) if others else W * W
+            new_lams[k] = (W * Gr).mean(dim=others) if others else W * Gr
     lam_ema_(bufs, new_lams, hp)
 
 
@@ -255,14 +261,14 @@ def klshampoo_init(G, mask, hp):
 def klshampoo_step(bufs, G, mask, hp, t):
     nd = G.dim() - 1
     Qs = _bases(bufs, mask)
-    Gr = _rotate(G, Qs)
+    Gr = _rotate(G, Qs, hp["rotation_mode"])
     M = _load(bufs, "exp_avg")  # rotated momentum: Q^T M Q
     M.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
     _store(bufs, "exp_avg", M)
     lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
     prod = _lam_product(lams, nd)
     D = 1.0 / (torch.sqrt(prod) + hp["eps"])
-    U = _rotate_back(M * D, Qs)
+    U = _rotate_back(M * D, Qs, hp["rotation_mode"])
     idealized = hp["eigenbasis"] == "eigh"
     _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized)
     if t % hp["precondition_frequency"] == 0:
@@ -321,8 +327,8 @@ def _rotated_adam(bufs, Gr, hp):
 
 def klsoap_step(bufs, G, mask, hp, t):
     Qs = _bases(bufs, mask)
-    Gr = _rotate(G, Qs)
-    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs)
+    Gr = _rotate(G, Qs, hp["rotation_mode"])
+    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
     _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True)
     if t % hp["precondition_frequency"] == 0:
         _carry(bufs, "exp_avg", _refresh_rotated(bufs, mask, Qs))
@@ -348,11 +354,11 @@ def _bias_scale(hp, t) -> float:
 
 def soap_step(bufs, G, mask, hp, t):
     Qs = _bases(bufs, mask)
-    Gr = _rotate(G, Qs)
-    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs)
+    Gr = _rotate(G, Qs, hp["rotation_mode"])
+    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
     beta2 = hp["factor_beta"]
     for k in _modes(mask):  # GG_k in its eigenbasis: Q^T G G^T Q = Gr_(k) Gr_(k)^T
-        _store(bufs, f"R{k}", _gram_(_load(bufs, f"R{k}"), Gr, k, beta2, 1 - beta2))
+        _store(bufs, f"R{k}", _gram_(_load(bufs, f"R{k}"), Gr, k, beta2, 1 - beta2, hp["factor_mode"]))
     if t % hp["precondition_frequency"] == 0:
         _carry(bufs, "exp_avg", _refresh_rotated(bufs, mask, Qs, sort_v=True))
     return U, _bias_scale(hp, t)
@@ -414,8 +420,8 @@ def shampoo_step(bufs, G, mask, hp, t):
     if t < hp["precondition_frequency"]:
         return A, 1.0
     P = m
-    for k in _modes(mask):
-        P = _mode_mul(P, _load(bufs, f"root{k}"), k)
+    for k in reversed(_modes(mask)):  # last mode first, as the kernels do
+        P = _mode_mul(P, _load(bufs, f"root{k}"), k, hp["rotation_mode"])
     return shampoo_graft(P, A, hp), 1.0
 
 

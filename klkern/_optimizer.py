@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _backend
+from . import _backend, _precision
 from ._blocking import plan_for
 from ._functional import ALGORITHMS
 from ._options import build_defaults, factor_beta, validate_group
@@ -162,8 +162,12 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         used: dict[tuple, _Slot] = {}
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group, used)
+        # Every product runs in true fp32 unless it follows the group's matmul_precision
+        # (klkern._precision), whatever torch's global setting is.
+        self._global_modes = _precision.snapshot()
+        with _precision.torch_precision("highest"):
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group, used)
         self._slots = used
         return loss
 
@@ -253,6 +257,9 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         Returns (U, scale), or (None, scale) when the kernels already wrote the
         parameters (every block of every member parameter is in this batch and
         no global normalisation of U is needed)."""
+        mode = _precision.resolve(group["matmul_precision"], G.device, self._global_modes)
+        # Shampoo inverts its factors' eigenvalues: its factor products stay fp32.
+        hp = dict(hp, rotation_mode=mode, factor_mode="highest" if path == "shampoo" else mode)
         if path != "adamw" and _backend.resolve(self.backend, G.device) == "triton":
             from . import _triton_path
 

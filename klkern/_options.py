@@ -32,6 +32,7 @@ COMMON_DEFAULTS: dict = dict(
     block_size=None,
     state_dtype=torch.float32,
     large_dim_policy="adamw",
+    matmul_precision=None,
 )
 
 DEFAULTS: dict[str, dict] = {
@@ -113,6 +114,9 @@ def validate_group(algorithm: str, group: dict) -> None:
         _fail("data_format", group["data_format"], "must be 'channels_first' or 'channels_last'")
     if group["state_dtype"] not in _STATE_DTYPES:
         _fail("state_dtype", group["state_dtype"], "must be torch.float32, torch.bfloat16 or torch.float16")
+    if group["matmul_precision"] not in (None, "highest", "high", "medium"):
+        _fail("matmul_precision", group["matmul_precision"],
+              "must be None (follow torch.get_float32_matmul_precision()), 'highest', 'high' or 'medium'")
     if group["large_dim_policy"] not in ("adamw", "identity"):
         _fail("large_dim_policy", group["large_dim_policy"], "must be 'adamw' or 'identity'")
     if algorithm in ("klshampoo", "klsoap"):

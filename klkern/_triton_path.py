@@ -15,6 +15,7 @@ import torch
 
 from . import _functional as F
 from . import triton_kernels as K
+from .triton_kernels._config import intermediate_dtype
 
 
 def supports(path: str, block_shape: tuple, mask) -> bool:
@@ -26,8 +27,9 @@ def _kl_factors_and_lams(bufs, Gr, proj, hp) -> None:
     beta2 = hp["factor_beta"]
     _, m, n = Gr.shape
     lam_a, lam_b = bufs["lam0"], bufs["lam1"]
-    K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n)
-    K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True)
+    mode = hp["factor_mode"]
+    K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n, precision=mode)
+    K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True, precision=mode)
     F.lam_ema_(bufs, {0: proj[0], 1: proj[1]}, hp)
 
 
@@ -43,10 +45,11 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
     Qa, Qb = bufs["Q0"], bufs["Q1"]
     lam = (bufs["lam0"], bufs["lam1"])
     m, v = bufs["exp_avg"], bufs["exp_avg_sq"] if adam else None
+    mode = hp["rotation_mode"]
     Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m, beta1=hp["beta1"], second_moment=v,
-                                beta2=hp["beta2"])
+                                beta2=hp["beta2"], precision=mode)
     scaling = dict(v=v) if adam else dict(lam=lam)
-    U = K.precondition(m, Qa, Qb, eps=hp["eps"], **scaling, **_write_args(write, 1.0))
+    U = K.precondition(m, Qa, Qb, eps=hp["eps"], **scaling, **_write_args(write, 1.0), precision=mode)
     _kl_factors_and_lams(bufs, Gr, proj, hp)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
@@ -67,19 +70,22 @@ def soap_step(bufs, G, mask, hp, t, write=None):
     Qa, Qb = bufs["Q0"], bufs["Q1"]
     m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
     scale = F._bias_scale(hp, t)
-    Gr, _ = K.rotate_project(G, Qa, Qb, momentum=m, beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"])
-    U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, scale))
+    mode, fmode = hp["rotation_mode"], hp["factor_mode"]
+    Gr, _ = K.rotate_project(G, Qa, Qb, momentum=m, beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"],
+                             precision=mode)
+    U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, scale), precision=mode)
     beta2 = hp["factor_beta"]
-    K.factor_ema_(bufs["R0"], Gr, None, beta2, 1 - beta2)
-    K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True)
+    K.factor_ema_(bufs["R0"], Gr, None, beta2, 1 - beta2, precision=fmode)
+    K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True, precision=fmode)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask), sort_v=True))
     return U, scale
 
 
 def shampoo_step(bufs, G, mask, hp, t, write=None):
-    """Factor EMAs (one triangle) and the two-sided product L_root M R_root in kernels;
-    roots, moments and grafting in torch (grafting needs ||P|| before any write)."""
+    """Factor EMAs (one triangle, true fp32: Shampoo inverts their eigenvalues) and the
+    two-sided product L_root M R_root in kernels; roots, moments and grafting in torch
+    (grafting needs ||P|| before any write)."""
     beta2 = hp["factor_beta"]
     K.factor_ema_(bufs["L0"], G, None, beta2, 1 - beta2)
     K.factor_ema_(bufs["L1"], G, None, beta2, 1 - beta2, transpose_x=True)
@@ -88,8 +94,11 @@ def shampoo_step(bufs, G, mask, hp, t, write=None):
     m, A = F.shampoo_moments(bufs, G, hp, t)
     if t < hp["precondition_frequency"]:
         return A, 1.0
-    T = K.batched_gemm(m, bufs["root1"], out=torch.empty_like(m))
-    P = K.batched_gemm(bufs["root0"], T, out=torch.empty_like(m))
+    mode = hp["rotation_mode"]
+    # m R_root^T (R_root is symmetric up to rounding; the torch path multiplies by the transpose too)
+    T = K.batched_gemm(m, bufs["root1"], transpose_b=True, precision=mode,
+                       out=torch.empty(m.shape, dtype=intermediate_dtype(mode), device=m.device))
+    P = K.batched_gemm(bufs["root0"], T, out=torch.empty(m.shape, device=m.device), precision=mode)
     return F.shampoo_graft(P, A, hp), 1.0
 
 

@@ -18,42 +18,96 @@ import torch
 
 from ._ext import qr_extension
 
-__all__ = ["batched_qr", "eigh_descending", "EighFailure"]
+__all__ = ["batched_qr", "cholqr2", "eigh_descending", "EighFailure", "QR_METHODS"]
 
 
 class EighFailure(RuntimeError):
     """Raised when the eigendecomposition fails in float32 and in float64."""
 
 
-def batched_qr(A: torch.Tensor) -> torch.Tensor:
-    """Q factor of a Householder QR of ``A`` (..., m, n), m >= n, with diag(R) >= 0.
+QR_METHODS = ("auto", "extension", "torch", "cholqr2")
+
+# CholeskyQR2 accepts a matrix when its Q is orthonormal to this (max |Q^T Q - I|, in float64);
+# it then agrees with Householder to ~1e-15. A matrix above it (condition beyond ~1e7, rank
+# deficiency) falls back to Householder.
+CHOLQR2_ORTH_TOL = 1e-10
+
+
+def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Q factor of a QR of ``A`` (..., m, n), m >= n, with diag(R) >= 0.
 
     Computed in at least float32 and returned in ``A``'s dtype (float32 or
     float64). Column j of Q is multiplied by sign(R_jj) (+1 where R_jj == 0),
     which makes Q unique for full-rank input.
 
-    Backends: a CUDA tensor uses the CUDA extension (one batched Householder
-    QR for the whole stack, csrc/batched_qr_kernels.cu) when it is built or
-    can be JIT-built, unless ``KLKERN_NO_EXT=1`` or autograd needs to track
-    ``A``; everything else uses ``torch.linalg.qr`` plus the sign fix. The
-    two agree to rounding on full-rank input.
+    ``method``:
+
+    * "auto" (default): "extension" for CUDA tensors when the extension is
+      built or can be JIT-built (unless ``KLKERN_NO_EXT=1`` or autograd needs
+      to track ``A``), "torch" otherwise;
+    * "extension": one batched blocked Householder QR for the whole stack on
+      CUDA (csrc/batched_qr_kernels.cu); a clear error when unavailable;
+    * "torch": ``torch.linalg.qr`` (Householder) plus the sign fix;
+    * "cholqr2": CholeskyQR2 in float64 (``Q = A R^-1`` from the Cholesky
+      factor of ``A^T A``, twice), batched matrix products, Cholesky and
+      triangular solves; each matrix whose Cholesky fails or whose Q is not
+      orthonormal to ``CHOLQR2_ORTH_TOL`` is redone by Householder.
+
+    All methods agree to rounding on full-rank input.
 
     Non-finite input: a matrix of the batch that holds a NaN or Inf (or whose
     R gets a non-finite diagonal) returns an all-NaN Q; the other matrices of
     the batch are computed as if it were absent. Rank-deficient input is fine
     (Q stays orthonormal; a zero column gives R_jj = 0 and a positive sign).
     """
+    if method not in QR_METHODS:
+        raise ValueError(f"batched_qr: invalid method={method!r}; must be one of {QR_METHODS}")
     if A.dim() < 2:
         raise ValueError(f"batched_qr: A must have at least 2 dims, got shape {tuple(A.shape)}")
     m, n = A.shape[-2], A.shape[-1]
     if m < n:
         raise ValueError(f"batched_qr: A must have m >= n, got shape {tuple(A.shape)}")
     work = A if A.dtype in (torch.float32, torch.float64) else A.float()
-    if work.is_cuda and work.numel() > 0 and not (work.requires_grad and torch.is_grad_enabled()):
-        op = qr_extension()
-        if op is not None:
-            return op(work.reshape(-1, m, n)).reshape(work.shape)
+    if method == "cholqr2":
+        return cholqr2(work)[0]
+    if method == "torch" or work.numel() == 0:
+        return _torch_qr(work)
+    usable = work.is_cuda and not (work.requires_grad and torch.is_grad_enabled())
+    op = qr_extension() if usable else None
+    if op is not None:
+        return op(work.reshape(-1, m, n)).reshape(work.shape)
+    if method == "extension":
+        why = ("it needs CUDA tensors that autograd does not track" if not usable else
+               "the CUDA extension is not available (KLKERN_NO_EXT=1, or it could not be built: see the "
+               "warning above)")
+        raise RuntimeError(f"batched_qr(method='extension'): {why}; use method='auto', 'torch' or 'cholqr2'")
     return _torch_qr(work)
+
+
+def cholqr2(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 of a float32/float64 stack, in float64, with the per-matrix Householder fallback.
+
+    Returns ``(Q, used)`` where ``used`` (batch shape, bool) marks the matrices
+    that CholeskyQR2 answered (False: Householder, or a non-finite matrix).
+    """
+    m, n = work.shape[-2], work.shape[-1]
+    X = work.reshape(-1, m, n).double()
+    finite = torch.isfinite(X).flatten(1).all(1)
+    Q = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+    ok = finite.clone()
+    for _ in range(2):  # Q <- Q R^-1 with R = L^T, L L^T = Q^T Q
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        ok &= info == 0
+        L = torch.where(ok[:, None, None], L, torch.eye(n, dtype=X.dtype, device=X.device))
+        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    orth = (Q.mT @ Q - eye).abs().flatten(1).amax(1) if n else torch.zeros_like(ok, dtype=X.dtype)
+    ok &= orth <= CHOLQR2_ORTH_TOL  # False for NaN too
+    Q = Q.to(work.dtype)
+    redo = ~ok
+    if bool(redo.any()):
+        Q[redo] = _torch_qr(work.reshape(-1, m, n)[redo])
+    return Q.reshape(work.shape), ok.reshape(work.shape[:-2])
 
 
 def _torch_qr(work: torch.Tensor) -> torch.Tensor:

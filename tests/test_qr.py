@@ -1,9 +1,11 @@
 """Batched QR: klkern.linalg.batched_qr, its torch transcription, and the CUDA kernels.
 
-Four implementations of the same contract (Q with diag(R) >= 0, NaN rule)
+Five implementations of the same contract (Q with diag(R) >= 0, NaN rule)
 run the same checks on the CPU:
 
 * ``fallback``: klkern.linalg.batched_qr on CPU tensors (torch.linalg.qr);
+* ``cholqr2``: batched_qr(method="cholqr2"), CholeskyQR2 in float64 with the
+  per-matrix Householder fallback;
 * ``blocked`` / ``blocked_nb4``: klkern._qr_blocked, the step-by-step torch
   transcription of csrc/batched_qr_kernels.cu (nb=4 crosses many panels on
   small shapes);
@@ -143,13 +145,15 @@ def emulated_qr(lib, A: torch.Tensor) -> torch.Tensor:
     return q.reshape(A.shape).clone()
 
 
-IMPLS = ["fallback", "blocked", "blocked_nb4", "emulated"]
+IMPLS = ["fallback", "cholqr2", "blocked", "blocked_nb4", "emulated"]
 
 
 @pytest.fixture(params=IMPLS)
 def qr_impl(request):
     if request.param == "fallback":
         return linalg.batched_qr
+    if request.param == "cholqr2":
+        return functools.partial(linalg.batched_qr, method="cholqr2")
     if request.param == "blocked":
         return blocked_householder_qr
     if request.param == "blocked_nb4":
@@ -244,6 +248,36 @@ def test_non_contiguous_input(qr_impl, view):
     Q = qr_impl(A)
     assert_qr_of(Q, A)
     torch.testing.assert_close(Q, qr_impl(A.contiguous()), rtol=0, atol=1e-7)
+
+
+def test_cholqr2_answers_well_conditioned_and_falls_back_per_matrix():
+    """CholeskyQR2 itself answers well-conditioned matrices (no fallback), and only the
+    ill-conditioned (cond 1e12), rank-deficient and non-finite ones of a batch fall back."""
+    good = well_conditioned((3, 40, 33), torch.float32)
+    Q, used = linalg.cholqr2(good)
+    assert used.all()
+    assert (Q - sign_normalised_torch_qr(good)).abs().max().item() < MATCH_TOL[torch.float32]
+    U, _ = torch.linalg.qr(torch.randn(40, 33, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(33, 33, dtype=torch.float64))
+    mixed = torch.stack([good[0].double(), (U * torch.logspace(0, -12, 33, dtype=torch.float64)) @ V.mT,
+                         good[1].double(), good[2].double(), good[2].double()])
+    mixed[3, :, 7] = mixed[3, :, 2]  # rank deficient
+    mixed[4, 0, 0] = float("nan")
+    Q, used = linalg.cholqr2(mixed)
+    assert used.tolist() == [True, False, True, False, False]
+    assert_qr_of(Q[:4], mixed[:4])
+    assert torch.isnan(Q[4]).all()
+
+
+def test_qr_methods_and_errors():
+    A = well_conditioned((2, 9, 6), torch.float64)
+    ref = sign_normalised_torch_qr(A)
+    for method in ("auto", "torch", "cholqr2"):
+        assert (linalg.batched_qr(A, method=method) - ref).abs().max().item() < MATCH_TOL[torch.float64]
+    with pytest.raises(ValueError, match="method='householder'"):
+        linalg.batched_qr(A, method="householder")
+    with pytest.raises(RuntimeError, match="method='extension'.*CUDA tensors"):
+        linalg.batched_qr(A, method="extension")
 
 
 def test_implementations_agree(emulated_lib):

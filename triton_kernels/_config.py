@@ -1,52 +1,206 @@
-"""Tile sizes and precision settings shared by klkern's Triton kernels.
+"""Tile tables, product precision and launching, shared by klkern's Triton kernels.
 
-One documented table instead of autotuning: ``triton.autotune`` with more
-than one config does not run under ``TRITON_INTERPRET=1``, which is how CI
-exercises these kernels, and a table keeps launches reproducible.
+Tiles: one documented table per kernel and product precision instead of
+autotuning: ``triton.autotune`` with more than one config does not run under
+``TRITON_INTERPRET=1`` (how CI runs these kernels), and a table keeps
+launches reproducible and lets CI compile every entry for real GPUs
+(``compile_check.py``). Each entry was chosen so that it compiles for sm_80
+and sm_90 without register spills and within the shared memory of an A100.
+
+Precision: the optimizer's mode ("highest", "high", "medium"; see
+klkern/_precision.py) becomes the ``DOT`` constexpr of a kernel: "ieee"
+(true fp32 on FMA units), "tf32" or "bf16" (tensor cores; fp32
+accumulation). Under the interpreter ``tl.dot`` ignores ``input_precision``
+and multiplies bf16 wrongly, so the kernels round their operands themselves
+(``EMULATE``) and multiply in fp32: bf16 always, TF32 when
+``klkern._precision.emulate_tf32_off_gpu(True)`` asks for it.
+
+Launching: :func:`launch` runs a kernel with the GPU table's tiles (the
+interpreter's own tiles under ``TRITON_INTERPRET``) and, while
+:func:`recording` is active, records what was launched (kernel, argument
+types and specialisations, constexprs, the GPU tiles), which is how
+compile_check.py finds the variants the optimizers really launch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Factor and eigenvalue math: true fp32 products. TF32 (10-bit mantissa)
-# turns small KL eigenvalue estimates negative.
-FACTOR_PRECISION = "ieee"
+# The optimizer's precision mode -> the kernels' DOT constexpr.
+DOTS = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
 
 
-def rotation_precision() -> str:
-    """Precision of the rotation products (Q^T G Q and Q (.) Q^T).
-
-    "ieee" (default) or "tf32" through KLKERN_ROTATION_PRECISION=tf32: a
-    documented opt-in that trades accuracy of the update direction for speed;
-    the factor EMA always stays in ieee.
-    """
-    value = os.environ.get("KLKERN_ROTATION_PRECISION", "ieee")
-    if value not in ("ieee", "tf32"):
-        raise ValueError(f"KLKERN_ROTATION_PRECISION={value!r}: must be 'ieee' or 'tf32'")
-    return value
-
-
-def gemm_tiles(m: int, n: int, k: int) -> dict:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) product."""
-    if INTERPRET:  # few, large programs: the interpreter costs ~1.5 ms per program
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    if min(m, n) >= 1024:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-
-
-def syrk_tiles(d: int, k: int) -> dict:
+def dot_constexprs(mode: str) -> dict:
+    """DOT and EMULATE for a precision mode ("highest", "high", "medium")."""
+    if mode not in DOTS:
+        raise ValueError(f"precision {mode!r}: must be one of {tuple(DOTS)}")
+    dot = DOTS[mode]
+    emulate = False
     if INTERPRET:
-        return dict(BLOCK=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    if d >= 1024:
-        return dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        from klkern._precision import emulating_tf32
 
+        emulate = dot == "bf16" or (dot == "tf32" and emulating_tf32())
+    return dict(DOT=dot, EMULATE=emulate)
+
+
+def intermediate_dtype(mode: str) -> torch.dtype:
+    """dtype of a product that only feeds the next product: bf16 under "medium" (it would be
+    rounded to bf16 when loaded anyway, so storing it so is exact and halves its traffic).
+    float32 under the interpreter, whose bf16 stores truncate: the next product's operand
+    emulation then rounds it to nearest even, as a GPU's store does."""
+    return torch.bfloat16 if mode == "medium" and not INTERPRET else torch.float32
+
+
+# Tile tables. Per kernel ("gemm": the batched product, "syrk": the factor EMA)
+# and product precision, (smallest size, config) in increasing size order; the
+# last entry whose size is <= the key applies (keys: min(M, N) for products, d
+# for the factor EMA). When a launch's sizes or strides are not all 1 or
+# multiples of 16, triton cannot prove its accesses aligned, loads element by
+# element and needs more registers: such launches take the UNALIGNED entry.
+# num_warps, num_stages and maxnreg are launch options; maxnreg=255 stops
+# ptxas from trading a few bytes of spills for occupancy, which it otherwise
+# does for several of these variants on sm_80.
+#
+# Every entry compiles without spills for sm_80 and sm_90 and fits an A100's
+# shared memory for every variant the optimizers launch (compile_check.py).
+# Notable limits found that way: 128x128 product tiles spill on sm_80 (255
+# registers) for the heaviest epilogues (KL-SOAP: Gr, m, v and the projection),
+# so the large product tiles are 128x64; bf16 128x64x64 with the Adam prologue
+# needs 176 KB of shared memory (> 163 KB on an A100); the fp32 factor EMA
+# spills at 128-wide tiles.
+def _tiles(**cfg) -> dict:
+    return dict(cfg, maxnreg=255)
+
+
+GEMM_TILES: dict[str, list] = {
+    "ieee": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)),
+             (1024, _tiles(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2))],
+    "tf32": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)),
+             (1024, _tiles(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3))],
+    "bf16": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)),
+             (1024, _tiles(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3))],
+}
+SYRK_TILES: dict[str, list] = {
+    "ieee": [(0, _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2))],
+    "tf32": [(0, _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=3)),
+             (1024, _tiles(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3))],
+    "bf16": [(0, _tiles(BLOCK=64, BLOCK_K=64, num_warps=8, num_stages=3)),
+             (1024, _tiles(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3))],
+}
+UNALIGNED_TILES: dict[str, dict] = {
+    "gemm": {"ieee": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=8, num_warps=8, num_stages=2),
+             "tf32": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+             "bf16": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)},
+    "syrk": {"ieee": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2),
+             "tf32": _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=2),
+             "bf16": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2)},
+}
+TILE_TABLES = {"gemm": GEMM_TILES, "syrk": SYRK_TILES}
+
+# The interpreter costs ~1.5 ms per program: few, large programs.
+_INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK=32, num_warps=4, num_stages=1)
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+def aligned(*sizes: int) -> bool:
+    """Whether triton specialises all of ``sizes`` (dimensions and strides) as aligned: 1 or a multiple of 16."""
+    return all(s == 1 or s % 16 == 0 for s in sizes)
+
+
+def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True) -> dict:
+    """The GPU tile config of ``table`` ("gemm" or "syrk") for precision ``dot`` at ``size``."""
+    if not is_aligned:
+        return dict(UNALIGNED_TILES[table][dot])
+    chosen = None
+    for least, cfg in TILE_TABLES[table][dot]:
+        if size >= least:
+            chosen = cfg
+    return dict(chosen)
+
+
+def table_entries(table: str, dot: str, is_aligned: bool) -> list:
+    """Every config a launch of this kind could get (what compile_check compiles)."""
+    if not is_aligned:
+        return [dict(UNALIGNED_TILES[table][dot])]
+    return [dict(cfg) for _, cfg in TILE_TABLES[table][dot]]
+
+
+def run_tiles(cfg: dict) -> dict:
+    """The tiles and options a launch in this process uses: ``cfg``, or the interpreter's."""
+    if not INTERPRET:
+        return dict(cfg)
+    return {key: _INTERPRETER_TILES[key] for key in cfg if key != "maxnreg"}
+
+
+# ---------------------------------------------------------------- launching and recording
+
+_RECORD: dict = {"log": None, "execute": True}
+
+
+@contextlib.contextmanager
+def recording(execute: bool = True):
+    """Collect a description of every launch made inside the block (a list, yielded).
+
+    ``execute=False`` records without running the kernels (their outputs are
+    left unwritten): which kernels an optimizer step launches, with which
+    arguments and constexprs, depends on shapes, dtypes and options only."""
+    previous = dict(_RECORD)
+    log: list = []
+    _RECORD.update(log=log, execute=execute)
+    try:
+        yield log
+    finally:
+        _RECORD.update(previous)
+
+
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+               torch.int64: "i64", torch.float64: "fp64"}
+
+
+def _describe_arg(value):
+    """(triton type, specialisation) of a runtime argument: "1" (int equal to 1),
+    "16" (int or pointer divisible by 16) or "" (none), as triton's JIT specialises."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPE_NAMES[value.dtype], "16" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):
+        return "u1", ""
+    if isinstance(value, int):
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        return kind, "1" if value == 1 else ("16" if value % 16 == 0 else "")
+    if isinstance(value, float):
+        return "fp32", ""
+    raise TypeError(f"cannot describe kernel argument of type {type(value).__name__}")
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict, table: str, is_aligned: bool) -> None:
+    """``kernel[grid](*args, **constexprs, **run_tiles(cfg))``: the GPU tiles ``cfg``, or the
+    interpreter's (the caller computed ``grid`` and any tile-count arguments from
+    ``run_tiles(cfg)``); records the launch with ``cfg`` (from table ``table``, its aligned or
+    unaligned part) while :func:`recording` is active."""
+    log = _RECORD["log"]
+    if log is not None:
+        fn = getattr(kernel, "fn", kernel)
+        # What a GPU launch would compile: the interpreter's operand emulation is off there.
+        gpu = dict(constexprs, EMULATE=False) if "EMULATE" in constexprs else constexprs
+        log.append({
+            "kernel": f"{fn.__module__}:{fn.__qualname__}",
+            "args": [_describe_arg(a) for a in args],
+            "constexprs": {k: (v if isinstance(v, (bool, int, str)) else {"tl_dtype": str(v)})
+                           for k, v in gpu.items()},
+            "tiles": dict(cfg),
+            "table": table,
+            "aligned": is_aligned,
+        })
+    if _RECORD["execute"]:
+        kernel[grid](*args, **constexprs, **run_tiles(cfg))
+
+
+# ---------------------------------------------------------------- input checks
 
 # dtypes of state the kernels read and write (bases, factors, moments); lam is float32.
 STATE_DTYPES = (torch.float32, torch.bfloat16)

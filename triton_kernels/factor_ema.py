@@ -7,7 +7,8 @@ the other side for KL-Shampoo/KL-SOAP; no weights for SOAP and Shampoo).
 Only tiles on and below the diagonal are computed (SYRK shape); each
 off-diagonal tile is written to both its place and its mirror, so the
 result is exactly symmetric outside the diagonal tiles. The EMA reads the
-old R tile from the lower triangle (R is symmetric). Products in true fp32.
+old R tile from the lower triangle (R is symmetric). The product's operands
+follow ``precision`` (see _config.py); the weights are applied in fp32 first.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import FACTOR_PRECISION, syrk_tiles
+from ._config import aligned, dot_constexprs, launch, pick_tiles, run_tiles
+from .gemm import dot_acc, dot_operand
 
 
 @triton.jit
@@ -24,7 +26,7 @@ def _factor_ema_kernel(
     R, X, W, PAIRS, d, K,
     s_rb, s_rm, s_rn, s_xb, s_xd, s_xk, s_wb,
     beta, alpha,
-    HAS_W: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr, DOT: tl.constexpr, EMULATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -39,13 +41,13 @@ def _factor_ema_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         xi = tl.load(X + b * s_xb + rows[:, None] * s_xd + ks[None, :] * s_xk,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        xj = tl.load(X + b * s_xb + cols[:, None] * s_xd + ks[None, :] * s_xk,
-                     mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xj = tl.load(X + b * s_xb + ks[:, None] * s_xk + cols[None, :] * s_xd,
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_W:
             w = tl.load(W + b * s_wb + ks, mask=k_ok, other=0.0)
-            xi = xi * w[None, :]
-        acc = tl.dot(xi, tl.trans(xj), acc, input_precision=PRECISION)
+            xi = xi.to(tl.float32) * w[None, :]
+        acc = dot_acc(dot_operand(xi, DOT, EMULATE), dot_operand(xj, DOT, EMULATE), acc, DOT, EMULATE)
     mask = row_ok[:, None] & col_ok[None, :]
     lower = R + b * s_rb + rows[:, None] * s_rm + cols[None, :] * s_rn
     old = tl.load(lower, mask=mask, other=0.0).to(tl.float32)
@@ -69,11 +71,12 @@ def _tile_pairs(tiles: int, device) -> torch.Tensor:
 
 
 def factor_ema_(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None, beta: float,
-                alpha: float, transpose_x: bool = False) -> torch.Tensor:
+                alpha: float, transpose_x: bool = False, precision: str = "highest") -> torch.Tensor:
     """In place: ``R <- beta R + alpha X diag(weights) X^T`` per batch element.
 
     R: (B, d, d) float32 or bfloat16 (symmetric); X: (B, d, K), or (B, K, d)
-    with ``transpose_x`` (then ``X^T diag(w) X``); weights: (B, K) float32 or None.
+    with ``transpose_x`` (then ``X^T diag(w) X``); weights: (B, K) float32 or None;
+    ``precision``: the product's operands ("highest", "high", "medium").
     """
     Xd = X.transpose(1, 2) if transpose_x else X
     if R.dim() != 3 or Xd.dim() != 3 or R.shape[0] != Xd.shape[0] or R.shape[1] != R.shape[2] \
@@ -83,14 +86,14 @@ def factor_ema_(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None, 
     if weights is not None and (weights.shape != (batch, K) or weights.dtype != torch.float32):
         raise ValueError(f"factor_ema_: weights must be float32 of shape {(batch, K)}, got "
                          f"{weights.dtype} {tuple(weights.shape)}")
-    cfg = syrk_tiles(d, K)
-    tiles = triton.cdiv(d, cfg["BLOCK"])
+    dots = dot_constexprs(precision)
+    is_aligned = aligned(d, K, *R.stride(), *Xd.stride(), *(weights.stride() if weights is not None else ()))
+    cfg = pick_tiles("syrk", dots["DOT"], d, is_aligned)
+    tiles = triton.cdiv(d, run_tiles(cfg)["BLOCK"])
     pairs = _tile_pairs(tiles, R.device)
-    _factor_ema_kernel[(tiles * (tiles + 1) // 2, batch)](
-        R, Xd, weights if weights is not None else Xd, pairs, d, K,
-        R.stride(0), R.stride(1), R.stride(2), Xd.stride(0), Xd.stride(1), Xd.stride(2),
-        weights.stride(0) if weights is not None else 0,
-        float(beta), float(alpha),
-        HAS_W=weights is not None, PRECISION=FACTOR_PRECISION, **cfg,
-    )
+    args = (R, Xd, weights if weights is not None else Xd, pairs, d, K,
+            R.stride(0), R.stride(1), R.stride(2), Xd.stride(0), Xd.stride(1), Xd.stride(2),
+            weights.stride(0) if weights is not None else 0, float(beta), float(alpha))
+    launch(_factor_ema_kernel, (tiles * (tiles + 1) // 2, batch), args, dict(HAS_W=weights is not None, **dots), cfg,
+           "syrk", is_aligned)
     return R

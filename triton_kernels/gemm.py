@@ -9,6 +9,8 @@ constexpr flags, so each variant compiles to straight-line code:
 prologue on A (applied to every A tile as it is loaded):
   * ``PRO_KL``: ``A_ij / (sqrt(lam_a_i * lam_b_j) + eps)`` (KL-Shampoo's D),
   * ``PRO_ADAM``: ``A_ij / (sqrt(V_ij) + eps)`` (SOAP/KL-SOAP direction m / (sqrt(v) + eps)).
+the product itself (``DOT``, see _config.py): "ieee" true fp32, "tf32" or
+"bf16" operands on tensor cores; the prologue math is fp32 before the cast.
 epilogue on the output tile (``Gr`` when this is the second rotation product):
   * ``STORE_C``: write C,
   * ``HAS_MOM``: ``MOM <- beta1 MOM + (1 - beta1) C`` (rotated momentum / first moment),
@@ -29,11 +31,46 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import gemm_tiles
+from ._config import aligned, dot_constexprs, launch, pick_tiles, run_tiles
 
 PRO_NONE, PRO_KL, PRO_ADAM = 0, 1, 2
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def dot_operand(x, DOT: tl.constexpr, EMULATE: tl.constexpr):
+    """A tile as the product consumes it: fp32 ("ieee"/"tf32") or bf16; under EMULATE
+    (the interpreter) rounded to bf16 / TF32 with integer arithmetic and held in fp32
+    (the interpreter's own fp32 -> bf16 conversion truncates; a GPU rounds to nearest even)."""
+    if DOT == "bf16":
+        if EMULATE:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        else:
+            x = x.to(tl.bfloat16)
+    else:
+        x = x.to(tl.float32)
+        if DOT == "tf32":
+            if EMULATE:  # cvt.rna.tf32.f32: round to nearest, ties away from zero
+                bits = x.to(tl.uint32, bitcast=True)
+                x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b with operands from :func:`dot_operand`."""
+    if EMULATE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    elif DOT == "bf16":
+        acc = tl.dot(a, b, acc)
+    elif DOT == "tf32":
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -47,7 +84,7 @@ def _gemm_kernel(
     PTRS, PSTRIDES, step, decay,
     PRO: tl.constexpr, STORE_C: tl.constexpr, HAS_MOM: tl.constexpr, HAS_V2: tl.constexpr,
     HAS_PROJ: tl.constexpr, EPI_PARAM: tl.constexpr, W_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -65,16 +102,15 @@ def _gemm_kernel(
         k_ok = ks < K
         a_mask = row_ok[:, None] & k_ok[None, :]
         a = tl.load(A + b * s_ab + rows[:, None] * s_am + ks[None, :] * s_ak, mask=a_mask, other=0.0)
-        a = a.to(tl.float32)
         if PRO == 1:
             lam_col = tl.load(LAM_B + b * s_lbb + ks, mask=k_ok, other=1.0)
-            a = a / (tl.sqrt(lam_row[:, None] * lam_col[None, :]) + eps)
+            a = a.to(tl.float32) / (tl.sqrt(lam_row[:, None] * lam_col[None, :]) + eps)
         if PRO == 2:
             v = tl.load(V + b * s_vb + rows[:, None] * s_vm + ks[None, :] * s_vk, mask=a_mask, other=0.0)
-            a = a / (tl.sqrt(v.to(tl.float32)) + eps)
+            a = a.to(tl.float32) / (tl.sqrt(v.to(tl.float32)) + eps)
         bt = tl.load(B + b * s_bb + ks[:, None] * s_bk + cols[None, :] * s_bn,
-                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = dot_acc(dot_operand(a, DOT, EMULATE), dot_operand(bt, DOT, EMULATE), acc, DOT, EMULATE)
 
     out_mask = row_ok[:, None] & col_ok[None, :]
     if STORE_C:
@@ -138,13 +174,14 @@ def _strides3(t):
 def batched_gemm(A, B, *, out=None, transpose_a=False, transpose_b=False, prologue=PRO_NONE,
                  lam_a=None, lam_b=None, v=None, eps=0.0, momentum=None, beta1=0.0,
                  second_moment=None, beta2=0.0, proj_inv=None, params: ParamTable | None = None,
-                 step=0.0, decay=1.0, precision="ieee"):
+                 step=0.0, decay=1.0, precision="highest"):
     """``P(A) @ B`` per batch element with the fused prologue/epilogue (see module doc).
 
     A: (Bt, M, K) (or (Bt, K, M) with ``transpose_a``), B: (Bt, K, N) (or
-    (Bt, N, K) with ``transpose_b``). Returns ``out`` (written when given),
-    and with ``proj_inv=(inv_a, inv_b)`` also the projection sums
-    ``(row_sums (Bt, M), col_sums (Bt, N))``.
+    (Bt, N, K) with ``transpose_b``). ``precision`` ("highest", "high",
+    "medium") sets the product's operands (SPEC "Precision"). Returns ``out``
+    (written when given), and with ``proj_inv=(inv_a, inv_b)`` also the
+    projection sums ``(row_sums (Bt, M), col_sums (Bt, N))``.
     """
     At = A.transpose(1, 2) if transpose_a else A
     Bm = B.transpose(1, 2) if transpose_b else B
@@ -152,20 +189,25 @@ def batched_gemm(A, B, *, out=None, transpose_a=False, transpose_b=False, prolog
     if Bm.shape[0] != batch or Bm.shape[1] != K:
         raise ValueError(f"batched_gemm: shapes {tuple(At.shape)} @ {tuple(Bm.shape)} do not match")
     N = Bm.shape[2]
-    cfg = gemm_tiles(M, N, K)
-    tiles_m, tiles_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    dots = dot_constexprs(precision)
     dummy = At  # never dereferenced when its flag is off
     zero3 = (0, 0, 0)
+    vt = v.transpose(1, 2) if (v is not None and transpose_a) else v
+    strides = [*_strides3(At), *_strides3(Bm)] + [
+        s for t in (out, vt, momentum, second_moment) if t is not None for s in _strides3(t)] + [
+        t.stride(0) for t in (lam_a, lam_b) + (tuple(proj_inv) if proj_inv is not None else ()) if t is not None]
+    is_aligned = aligned(M, N, K, *strides)
+    cfg = pick_tiles("gemm", dots["DOT"], min(M, N), is_aligned)
     if prologue == PRO_KL and (lam_a is None or lam_b is None):
         raise ValueError("batched_gemm: prologue PRO_KL needs lam_a and lam_b")
     if prologue == PRO_ADAM and (v is None or v.shape != At.shape):
         raise ValueError("batched_gemm: prologue PRO_ADAM needs v of A's shape")
+    run = run_tiles(cfg)
+    tiles_m, tiles_n = triton.cdiv(M, run["BLOCK_M"]), triton.cdiv(N, run["BLOCK_N"])
     if proj_inv is not None:
         row_part = torch.empty(batch, M, tiles_n, dtype=torch.float32, device=A.device)
         col_part = torch.empty(batch, N, tiles_m, dtype=torch.float32, device=A.device)
-    vt = v.transpose(1, 2) if (v is not None and transpose_a) else v
-    grid = (tiles_m * tiles_n, batch)
-    _gemm_kernel[grid](
+    args = (
         At, Bm, out if out is not None else dummy, M, N, K,
         *_strides3(At), *_strides3(Bm), *(_strides3(out) if out is not None else zero3),
         lam_a if lam_a is not None else dummy, lam_b if lam_b is not None else dummy,
@@ -181,11 +223,13 @@ def batched_gemm(A, B, *, out=None, transpose_a=False, transpose_b=False, prolog
         tiles_m, tiles_n,
         params.ptrs if params is not None else dummy, params.strides if params is not None else dummy,
         float(step), float(decay),
+    )
+    constexprs = dict(
         PRO=prologue, STORE_C=out is not None, HAS_MOM=momentum is not None,
         HAS_V2=second_moment is not None, HAS_PROJ=proj_inv is not None, EPI_PARAM=params is not None,
-        W_DTYPE=_TL_DTYPES[params.dtype] if params is not None else tl.float32,
-        PRECISION=precision, **cfg,
+        W_DTYPE=_TL_DTYPES[params.dtype] if params is not None else tl.float32, **dots,
     )
+    launch(_gemm_kernel, (tiles_m * tiles_n, batch), args, constexprs, cfg, "gemm", is_aligned)
     if proj_inv is not None:
         row_sums, col_sums = row_part.sum(-1), col_part.sum(-1)
         return out, (row_sums, col_sums)

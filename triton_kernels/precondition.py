@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ._config import STATE_DTYPES, check_stack, rotation_precision
+from ._config import STATE_DTYPES, check_stack, intermediate_dtype
 from .gemm import PRO_ADAM, PRO_KL, ParamTable, batched_gemm
 
 
 def precondition(X: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, eps: float, lam=None, v=None,
                  params: ParamTable | None = None, step: float = 0.0, decay: float = 1.0,
-                 out: torch.Tensor | None = None):
-    """U (or None when written into ``params``). Exactly one of ``lam=(lam_a, lam_b)`` and ``v``."""
+                 out: torch.Tensor | None = None, precision: str = "highest"):
+    """U (or None when written into ``params``). Exactly one of ``lam=(lam_a, lam_b)`` and ``v``;
+    ``precision`` ("highest", "high", "medium") sets both products' operands."""
     if X.dim() != 3:
         raise ValueError(f"precondition: X must be a (B, m, n) stack, got shape {tuple(X.shape)}")
     B, m, n = X.shape
@@ -45,9 +46,8 @@ def precondition(X: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, eps: 
             raise ValueError("precondition: parameters and state are on different devices")
     elif out is None:
         out = torch.empty(B, m, n, dtype=torch.float32, device=X.device)
-    precision = rotation_precision()
     T = batched_gemm(X, Q_b, transpose_b=True, eps=eps, precision=precision,
-                     out=torch.empty(B, m, n, dtype=torch.float32, device=X.device), **scale)
+                     out=torch.empty(B, m, n, dtype=intermediate_dtype(precision), device=X.device), **scale)
     batched_gemm(Q_a, T, out=None if params is not None else out, params=params, step=step,
                  decay=decay, precision=precision)
     return None if params is not None else out

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import torch
 
-from ._config import FACTOR_PRECISION, STATE_DTYPES, check_stack, rotation_precision
+from ._config import STATE_DTYPES, check_stack, intermediate_dtype
 from .gemm import batched_gemm
 
 
 def rotate_project(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, lam=None,
                    momentum=None, beta1: float = 0.0, second_moment=None, beta2: float = 0.0,
-                   out: torch.Tensor | None = None):
+                   out: torch.Tensor | None = None, precision: str = "highest"):
     """Returns ``(Gr, proj)``; ``proj`` is ``(proj_a, proj_b)`` when ``lam=(lam_a, lam_b)`` is given.
 
     G: (B, m, n) float32/bfloat16/float16; Q_a: (B, m, m), Q_b: (B, n, n)
     float32/bfloat16; lam_a (B, m), lam_b (B, n) float32; momentum and
     second_moment (B, m, n) float32/bfloat16, updated in place
     (``beta1 M + (1 - beta1) Gr`` and ``beta2 v + (1 - beta2) Gr^2``).
+    ``precision`` ("highest", "high", "medium") sets the products' operands; the
+    projection's squares and sums are fp32 in every mode.
     """
     if G.dim() != 3:
         raise ValueError(f"rotate_project: G must be a (B, m, n) stack, got shape {tuple(G.shape)}")
@@ -45,9 +47,7 @@ def rotate_project(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, *, lam
             check_stack(name, t, (B, m, n), STATE_DTYPES)
     if out is None:
         out = torch.empty(B, m, n, dtype=torch.float32, device=G.device)
-    # The projection needs the factor precision; the rotation alone may use the opt-in.
-    precision = FACTOR_PRECISION if lam is not None else rotation_precision()
-    T = batched_gemm(G, Q_b, out=torch.empty(B, m, n, dtype=torch.float32, device=G.device),
+    T = batched_gemm(G, Q_b, out=torch.empty(B, m, n, dtype=intermediate_dtype(precision), device=G.device),
                      precision=precision)
     result = batched_gemm(Q_a, T, transpose_a=True, out=out, momentum=momentum, beta1=beta1,
                           second_moment=second_moment, beta2=beta2, proj_inv=inv, precision=precision)

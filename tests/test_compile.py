@@ -1,0 +1,203 @@
+"""Every GPU kernel compiled for real GPUs (sm_80, sm_90) without a GPU.
+
+Triton: ``klkern.triton_kernels.compile_check`` records the kernel launches
+that steps of all four optimizers make (every matmul precision, state dtype,
+parameter dtype, normalize_grads, blocks that cannot write the parameters,
+aligned and unaligned shapes), expands each over its tile table, and compiles
+the variants with ``triton.compile`` for sm_80 and sm_90 in a process
+without the interpreter. A variant passes when it compiles, fits the
+architecture's shared memory, does not spill, and uses tensor cores exactly
+when its precision asks for them.
+
+By default a representative subset is compiled (per kernel, precision, tile
+entry and alignment: the variant with the most fused work, i.e. the highest
+register pressure; about 35 compilations, ~30 s on 2 cores); ``-m slow``
+compiles all of them (about 540 compilations, several minutes), which is too
+long for every CI run.
+
+CUDA (csrc/): ``nvcc --resource-usage`` for sm_80 and sm_90 must match the
+committed csrc/resource_usage.txt (regenerate with
+``python tests/test_compile.py --update``) and show no spills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from klkern import _backend
+
+ROOT = Path(__file__).resolve().parent.parent
+RESOURCE_FILE = ROOT / "csrc" / "resource_usage.txt"
+ARCHS = "80,90"
+
+needs_triton = pytest.mark.skipif(_backend.triton_import_error() is not None, reason="needs triton")
+
+
+def _env(interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def _tool(*args, interpret: bool, timeout: int):
+    return subprocess.run([sys.executable, "-m", "klkern.triton_kernels.compile_check", *args], cwd=ROOT,
+                          env=_env(interpret), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """The recorded variants (a subprocess under the interpreter)."""
+    if _backend.triton_import_error() is not None:
+        pytest.skip("needs triton")
+    path = tmp_path_factory.mktemp("variants") / "variants.json"
+    done = _tool("record", str(path), interpret=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return path
+
+
+def _compile(variants: Path, tmp_path: Path, subset: str, timeout: int) -> tuple[list, str]:
+    report = tmp_path / "report.json"
+    done = _tool("compile", str(variants), "--arch", ARCHS, "--subset", subset, "--out", str(report),
+                 "--md", str(tmp_path / "report.md"), interpret=False, timeout=timeout)
+    rows = json.loads(report.read_text())["rows"] if report.is_file() else []
+    return rows, done.stdout + done.stderr
+
+
+@needs_triton
+def test_recorded_variants_cover_what_the_optimizers_launch(variants):
+    """The recording saw every precision, every kernel, parameter writes in every dtype,
+    the non-writing path, unaligned shapes, and both tile-table entries."""
+    recorded = json.loads(variants.read_text())
+    kernels = {(v["kernel"].split(":")[-1], v["constexprs"]["DOT"]) for v in recorded}
+    assert kernels == {(k, d) for k in ("_gemm_kernel", "_factor_ema_kernel") for d in ("ieee", "tf32", "bf16")}
+    gemm = [v["constexprs"] for v in recorded if v["kernel"].endswith("_gemm_kernel")]
+    written = {c["W_DTYPE"]["tl_dtype"] for c in gemm if c["EPI_PARAM"]}
+    assert written == {"fp32", "bf16", "fp16"}
+    assert any(c["STORE_C"] and not c["EPI_PARAM"] and c["PRO"] for c in gemm)  # U returned, not written
+    assert {c["PRO"] for c in gemm} == {0, 1, 2}
+    assert any(c["HAS_PROJ"] and c["HAS_V2"] for c in gemm)  # KL-SOAP's epilogue
+    assert {v["aligned"] for v in recorded} == {True, False}
+    assert not any(c.get("EMULATE") for v in recorded for c in [v["constexprs"]])
+    sizes = {json.dumps(v["tiles"], sort_keys=True) for v in recorded if v["kernel"].endswith("_gemm_kernel")
+             and v["aligned"] and v["constexprs"]["DOT"] == "bf16"}
+    assert len(sizes) == 2  # both entries of the table
+
+
+@needs_triton
+def test_representative_variants_compile_without_spills(variants, tmp_path):
+    rows, log = _compile(variants, tmp_path, "representative", timeout=900)
+    assert rows, log
+    from klkern.triton_kernels.compile_check import problems
+
+    bad = {f"{r['kernel']} {r['constexprs']} {r['tiles']} sm_{r['arch']}": problems(r) for r in rows if problems(r)}
+    assert not bad, bad
+    by_dot = {}
+    for r in rows:
+        by_dot.setdefault((r["constexprs"]["DOT"], r["arch"]), []).append(r["mma"] + r["wgmma"])
+    for arch in (80, 90):
+        assert min(by_dot[("tf32", arch)]) > 0 and min(by_dot[("bf16", arch)]) > 0
+        assert max(by_dot[("ieee", arch)]) == 0
+    # sm_90 uses the Hopper instruction for the tensor-core products
+    assert all(r["wgmma"] > 0 for r in rows if r["arch"] == 90 and r["constexprs"]["DOT"] != "ieee")
+    assert all("registers" in r and "spill_stores" in r for r in rows)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_every_variant_compiles_without_spills(variants, tmp_path):
+    rows, log = _compile(variants, tmp_path, "all", timeout=3600)
+    assert rows, log
+    from klkern.triton_kernels.compile_check import problems
+
+    bad = [(r["kernel"], r["constexprs"], r["tiles"], r["arch"], problems(r)) for r in rows if problems(r)]
+    assert not bad, bad
+
+
+@needs_triton
+def test_the_check_catches_spills_and_shared_memory(variants, tmp_path):
+    """The check can fail: a 128x128 product tile with KL-SOAP's epilogue spills on sm_80, and
+    a 256x256x64 bf16 tile needs more shared memory than an A100 has."""
+    recorded = json.loads(variants.read_text())
+    heavy = next(v for v in recorded if v["kernel"].endswith("_gemm_kernel") and v["aligned"]
+                 and v["constexprs"]["DOT"] == "tf32" and v["constexprs"]["HAS_PROJ"] and v["constexprs"]["HAS_V2"])
+    bad = [dict(heavy, tiles=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3, maxnreg=255)),
+           dict(heavy, tiles=dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, maxnreg=255),
+                constexprs=dict(heavy["constexprs"], DOT="bf16"))]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    rows, log = _compile(path, tmp_path, "all", timeout=600)
+    from klkern.triton_kernels.compile_check import problems
+
+    found = {(r["tiles"]["BLOCK_N"], r["arch"]): " ".join(problems(r)) for r in rows}
+    assert "spill" in found[(128, 80)], found
+    assert "shared memory" in found[(256, 80)], found
+
+
+# ---------------------------------------------------------------------------- csrc/ with nvcc
+
+
+def nvcc_resource_usage() -> str:
+    """``nvcc --resource-usage`` of csrc/batched_qr_kernels.cu for sm_80 and sm_90, one line per kernel."""
+    out = ROOT / "build" / "resource_usage.o"
+    out.parent.mkdir(exist_ok=True)
+    cmd = ["nvcc", "-c", "-O3", "--resource-usage", "-gencode", "arch=compute_80,code=sm_80",
+           "-gencode", "arch=compute_90,code=sm_90", str(ROOT / "csrc" / "batched_qr_kernels.cu"), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout + done.stderr
+    version = re.search(r"release ([\d.]+)", subprocess.run(["nvcc", "--version"], capture_output=True,
+                                                            text=True).stdout).group(1)
+    rows = []
+    for block in re.split(r"ptxas info\s+: Compiling entry function ", text)[1:]:
+        mangled, arch = re.match(r"'(\S+)' for '(sm_\d+)'", block).groups()
+        kernel = _demangle(mangled)
+        regs = int(re.search(r"Used (\d+) registers", block).group(1))
+        stack, stores, loads = map(int, re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block).groups())
+        smem = re.search(r"(\d+) bytes smem", block)
+        rows.append(f"{arch} {kernel}: registers {regs}, stack {stack} B, spill stores {stores} B, "
+                    f"spill loads {loads} B, static shared {int(smem.group(1)) if smem else 0} B")
+    header = [f"# nvcc {version} --resource-usage -O3 of csrc/batched_qr_kernels.cu (sm_80, sm_90).",
+              "# Regenerate: python tests/test_compile.py --update. Dynamic shared memory is sized at",
+              "# launch and checked there against the device's opt-in maximum (see the launcher)."]
+    return "\n".join(header + sorted(rows)) + "\n"
+
+
+def _demangle(mangled: str) -> str:
+    filt = shutil.which("c++filt")
+    if filt:
+        name = subprocess.run([filt, mangled], capture_output=True, text=True).stdout.strip()
+        name = re.sub(r"^void ", "", name)
+        name = re.sub(r"\(anonymous namespace\)::", "", name)
+        return name.split("(")[0]
+    return mangled
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_csrc_resource_usage_is_recorded_and_spill_free():
+    current = nvcc_resource_usage()
+    for line in current.splitlines():
+        if not line.startswith("#"):
+            assert "stack 0 B, spill stores 0 B, spill loads 0 B" in line, line
+    committed = RESOURCE_FILE.read_text()
+    if committed.splitlines()[0] != current.splitlines()[0]:
+        pytest.skip(f"csrc/resource_usage.txt was recorded with another nvcc ({committed.splitlines()[0]})")
+    assert current == committed, "csrc/ changed: run python tests/test_compile.py --update and commit the file"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--update"]:
+        RESOURCE_FILE.write_text(nvcc_resource_usage())
+        print(RESOURCE_FILE.read_text())
+    else:
+        sys.exit("usage: python tests/test_compile.py --update")
