@@ -11,6 +11,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,6 +76,26 @@ def _first_line(err: BaseException) -> str:
 
 
 ext_modules, cmdclass = _cuda_extension()
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also ships csrc/ inside the package (klkern/csrc/), so that an installed
+    wheel can JIT-build the QR extension on first CUDA use (klkern/_ext.py)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "klkern", "csrc")
+        os.makedirs(target, exist_ok=True)
+        for source in _csrc_files():
+            self.copy_file(source, os.path.join(target, os.path.basename(source)))
+
+
+def _csrc_files() -> list:
+    return sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
+                  + glob.glob(os.path.join(ROOT, "csrc", "*.h")))
+
+
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
     long_description = fh.read()

@@ -2,12 +2,16 @@
 
 Each case is a stack of B same-shape blocks. The eager reference of each
 fused operation is what the torch path does for the same work, one torch
-op at a time (fp32, TF32 off).
+op at a time, its products at the given matmul precision through the torch
+path's own product function (klkern._precision.bmm: "highest" true fp32,
+"high" TF32, "medium" bf16 operands with fp32 results).
 """
 
 from __future__ import annotations
 
 import torch
+
+from klkern._precision import bmm
 
 # (B, m, n): GPT-2-small and 1B-class block shapes, stacks of 12.
 SHAPES = [(12, 768, 768), (12, 768, 3072), (12, 2048, 2048), (12, 2048, 8192), (12, 4096, 4096)]
@@ -29,8 +33,8 @@ def make(B, m, n, device="cuda", seed=0):
     return dict(G=G, Qa=Qa, Qb=Qb, lam_a=lam_a, lam_b=lam_b, M=M, Ra=Ra + Ra.mT, Rb=Rb + Rb.mT, W=W)
 
 
-def eager_rotate_project(c, beta1=0.95):
-    Gr = c["Qa"].mT @ c["G"] @ c["Qb"]
+def eager_rotate_project(c, mode="highest", beta1=0.95):
+    Gr = bmm(c["Qa"].mT, bmm(c["G"], c["Qb"], mode), mode)
     c["M"].mul_(beta1).add_(Gr, alpha=1 - beta1)
     sq = Gr * Gr
     proj_a = (sq / c["lam_b"][:, None, :]).mean(2)
@@ -38,25 +42,23 @@ def eager_rotate_project(c, beta1=0.95):
     return Gr, proj_a, proj_b
 
 
-def eager_factor_ema(c, Gr, beta2=0.95):
+def eager_factor_ema(c, Gr, mode="highest", beta2=0.95):
     n = Gr.shape[2]
-    W = Gr * torch.rsqrt(c["lam_b"])[:, None, :]
-    return c["Ra"].baddbmm_(W, W.mT, beta=beta2, alpha=(1 - beta2) / n)
+    W = Gr / c["lam_b"][:, None, :]
+    return c["Ra"].mul_(beta2).add_(bmm(W, Gr.mT, mode), alpha=(1 - beta2) / n)
 
 
-def eager_precondition(c, lr=1e-3, wd=0.01, eps=1e-8):
+def eager_precondition(c, mode="highest", lr=1e-3, wd=0.01, eps=1e-8):
     D = 1.0 / (torch.sqrt(c["lam_a"][:, :, None] * c["lam_b"][:, None, :]) + eps)
-    U = c["Qa"] @ (c["M"] * D) @ c["Qb"].mT
+    U = bmm(c["Qa"], bmm(c["M"] * D, c["Qb"].mT, mode), mode)
     c["W"].add_(U, alpha=-lr)
     c["W"].add_(c["W"], alpha=-lr * wd)
     return c["W"]
 
 
-def gemm_floor(c):
+def gemm_floor(c, mode="highest"):
     """The products a 2-D KL-Shampoo step cannot avoid: 2 for Gr, 2 for U, 2 factor products."""
-    T = c["G"] @ c["Qb"]
-    Gr = c["Qa"].mT @ T
-    torch.bmm(Gr, Gr.mT)
-    torch.bmm(Gr.mT, Gr)
-    T2 = c["M"] @ c["Qb"].mT
-    return c["Qa"] @ T2
+    Gr = bmm(c["Qa"].mT, bmm(c["G"], c["Qb"], mode), mode)
+    bmm(Gr, Gr.mT, mode)
+    bmm(Gr.mT, Gr, mode)
+    return bmm(c["Qa"], bmm(c["M"], c["Qb"].mT, mode), mode)

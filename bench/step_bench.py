@@ -1,17 +1,26 @@
-"""Whole-step GPU benchmark: KL-Shampoo (and the others) on a GPT-2-small (124M) parameter set.
+"""Whole-step GPU benchmark on a GPT-2-small (124M) parameter set, at every matmul precision.
 
-    python bench/step_bench.py [--steps 20] [--out bench/results]
+    python bench/step_bench.py [--steps 20] [--precisions highest,high,medium] [--out DIR]
+    python bench/step_bench.py --device cpu --model tiny --steps 2   # smoke run (interpreter, no GPU)
 
-For each optimizer, the torch path and the Triton path step the same 124M
-parameter set (12 layers of (2304, 768), (768, 768), (3072, 768),
-(768, 3072) weights, biases and LayerNorms, position embeddings (1024, 768),
-token embeddings (50257, 768) which take the AdamW path) with random
-gradients, side by side in one process. Reported: median and mean step
-time over ``--steps`` timed steps (precondition_frequency 10: the mean
-includes refreshes), their ratio, peak memory above the parameters and
-gradients during a step, and the "GEMM floor": cuBLAS time (TF32 off) of
-the six matrix products per preconditioned block that a step cannot avoid.
-Writes ``gpu_step_<device>.json`` and ``.md``.
+For each matmul precision (SPEC "Precision": "highest" true fp32, "high"
+TF32, "medium" bf16 operands) and each optimizer, the torch path and the
+Triton path step the same parameter set (12 layers of (2304, 768),
+(768, 768), (3072, 768), (768, 3072) weights, biases and LayerNorms,
+position embeddings (1024, 768); token embeddings (50257, 768), which take
+the AdamW path, or for SOAP an unrotated 50257 side) with random gradients,
+side by side in one process, at the same precision. Reported per row:
+median and mean step time over ``--steps`` timed steps (precondition
+frequency 10: the mean includes refreshes), the Triton/torch speedup, the
+achieved TFLOP/s of the step's matrix products (counted from the shapes: per
+preconditioned mode of size d of a block of N entries, 2 N d for each
+rotation, each rotation back and each factor product; refreshes not counted)
+against the device's peak at that precision, peak memory above the
+parameters and gradients, and the cuBLAS time of the same products at the
+same precision (the "GEMM floor"). A second table times
+``precondition_frequency=1`` (an eigenbasis refresh every step, the setting of
+recent KL-SOAP speedrun records). Writes ``step_<device>.json`` and ``.md``
+under ``--out`` as each table completes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,8 +41,31 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
+from klkern import _precision  # noqa: E402
+from klkern._blocking import plan_for  # noqa: E402
 
-torch.backends.cuda.matmul.allow_tf32 = False
+# Dense peak TFLOP/s per precision (vendor data sheets; fp32 = FMA units, no sparsity).
+PEAKS = {
+    "H100 SXM": {"highest": 67.0, "high": 494.7, "medium": 989.4},
+    "H100 PCIe": {"highest": 51.2, "high": 378.0, "medium": 756.0},
+    "H200": {"highest": 67.0, "high": 494.7, "medium": 989.4},
+    "A100": {"highest": 19.5, "high": 156.0, "medium": 312.0},
+}
+
+
+def device_peaks(name: str) -> dict | None:
+    if "H200" in name:
+        return PEAKS["H200"]
+    if "H100" in name:
+        return PEAKS["H100 PCIe"] if "PCIe" in name else PEAKS["H100 SXM"]
+    if "A100" in name:
+        return PEAKS["A100"]
+    return None
+
+
+def tiny_shapes():
+    """A few small blocks (aligned, unaligned, a bias) for the CPU smoke run."""
+    return [(32, 32), (32,), (20, 24), (48, 32)]
 
 
 def gpt2_small_shapes():
@@ -43,116 +76,179 @@ def gpt2_small_shapes():
     return shapes + [(768,), (768,)]
 
 
+def step_flops(opt) -> float:
+    """Matrix-product FLOPs of one (non-refresh) step, from the block plans of ``opt``."""
+    total = 0.0
+    per_mode = 4.0 if opt.algorithm == "shampoo" else 6.0  # products of 2 N d per preconditioned mode
+    for group in opt.param_groups:
+        for p in group["params"]:
+            plan = plan_for(p.shape, group)
+            if plan.adamw:
+                continue
+            for block, mask in zip(plan.extract(p.detach()), plan.masks):
+                n = block.numel()
+                total += sum(per_mode * n * d for d, on in zip(block.shape, mask) if on)
+    return total
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_steps(opt, params, grads, steps):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    device = params[0].device
     times = []
     for i in range(steps + 2):
         for p, g in zip(params, grads):
             p.grad = g
-        torch.cuda.synchronize()
-        start.record()
+        _sync(device)
+        t0 = time.perf_counter()
         opt.step()
-        end.record()
-        torch.cuda.synchronize()
+        _sync(device)
         if i >= 2:  # the initialisation step and one warm-up (kernel compilation) step
-            times.append(start.elapsed_time(end))
+            times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def gemm_floor_ms(shapes, reps=5):
-    """cuBLAS time of the 6 unavoidable products per 2-D preconditioned block, stacked per shape."""
+def gemm_floor_ms(shapes, mode, device, reps=5):
+    """cuBLAS time of the 6 products per 2-D preconditioned block at ``mode`` (operand casts
+    included, as the torch path does them), stacked per shape."""
     groups = {}
     for s in shapes:
         if len(s) == 2 and max(s) <= 10000:
             groups[s] = groups.get(s, 0) + 1
-    tensors = []
-    for (m, n), B in groups.items():
-        tensors.append([torch.randn(B, m, n, device="cuda"), torch.randn(B, m, m, device="cuda"),
-                        torch.randn(B, n, n, device="cuda")])
+    tensors = [[torch.randn(B, m, n, device=device), torch.randn(B, m, m, device=device),
+                torch.randn(B, n, n, device=device)] for (m, n), B in groups.items()]
+    mm = _precision.bmm
 
     def run():
         for G, Qa, Qb in tensors:
-            Gr = Qa.mT @ (G @ Qb)
-            torch.bmm(Gr, Gr.mT)
-            torch.bmm(Gr.mT, Gr)
-            Qa @ (Gr @ Qb.mT)
+            Gr = mm(Qa.mT, mm(G, Qb, mode), mode)
+            mm(Gr, Gr.mT, mode)
+            mm(Gr.mT, Gr, mode)
+            mm(Qa, mm(Gr, Qb.mT, mode), mode)
 
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start.record()
+    with _precision.torch_precision("highest"):
         run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--optimizers", default="KLShampoo,KLSOAP,SOAP,Shampoo")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("step_bench.py needs a CUDA GPU (run bench/gpu_suite.sh on a GPU machine)")
-    shapes = gpt2_small_shapes()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, device="cuda", generator=g) * 0.02) for s in shapes]
-    grads = [torch.randn(*s, device="cuda", generator=g) * 1e-3 for s in shapes]
-    n_params = sum(p.numel() for p in params)
-    rows = []
-    for name in args.optimizers.split(","):
-        row = {"optimizer": name}
-        for backend in ("torch", "triton"):
-            work = [torch.nn.Parameter(p.detach().clone()) for p in params]
-            opt = getattr(klkern, name)(work, backend=backend)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            times = time_steps(opt, work, grads, args.steps)
-            row[f"{backend}_median_ms"] = statistics.median(times)
-            row[f"{backend}_mean_ms"] = statistics.fmean(times)
-            row[f"{backend}_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            row[f"{backend}_state_mib"] = opt.state_bytes() / 2**20
-            del opt, work
-            torch.cuda.empty_cache()
-        row["speedup_median"] = row["torch_median_ms"] / row["triton_median_ms"]
-        row["speedup_mean"] = row["torch_mean_ms"] / row["triton_mean_ms"]
-        rows.append(row)
-        print(row, flush=True)
-    floor = gemm_floor_ms(shapes)
-    for row in rows:
-        row["triton_over_floor"] = row["triton_median_ms"] / floor
+def measure(name, backend, mode, params, grads, steps, **kw):
+    work = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = getattr(klkern, name)(work, backend=backend, matmul_precision=mode, **kw)
+    cuda = work[0].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = time_steps(opt, work, grads, steps)
+    row = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+           "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0,
+           "state_mib": opt.state_bytes() / 2**20, "flops": step_flops(opt)}
+    del opt, work
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def meta_info(args, n_params, device):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
     import triton
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, smoke run)"
+    return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "python": platform.python_version(), "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "params": n_params, "steps": args.steps, "gemm_floor_ms": floor}
+            "params": n_params, "steps": args.steps}
+
+
+def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
+    (out / f"step_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows, "freq1": freq1}, indent=1) + "\n")
+    peaks = device_peaks(meta["device"]) or {}
+    lines = [f"# Whole-step benchmark, GPT-2-small parameter set ({meta['params'] / 1e6:.1f}M), {meta['device']}",
+             "", f"- torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, commit {meta['commit']}, "
+             f"{meta['date']}; {meta['steps']} timed steps; `python bench/step_bench.py`",
+             "- TFLOP/s: the step's matrix products (6 per preconditioned mode, 4 for Shampoo; refreshes not "
+             "counted) over the median step time; peak: dense vendor figure at that precision"
+             + (f" ({peaks})" if peaks else " (unknown device: no peak)"),
+             "- floor: cuBLAS time of the same products for the 2-D blocks, at the same precision", "",
+             "## precondition_frequency 10", "",
+             "| precision | optimizer | torch median ms | triton median ms | speedup (median) | speedup (mean) | "
+             "triton TFLOP/s | % of peak | GEMM floor ms | triton / floor | peak extra MiB torch / triton |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tflops = r["flops"] / (r["triton"]["median_ms"] * 1e-3) / 1e12
+        pct = f"{100 * tflops / peaks[r['precision']]:.1f}" if peaks else "-"
+        lines.append(
+            f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | {r['triton']['median_ms']:.2f} | "
+            f"{r['torch']['median_ms'] / r['triton']['median_ms']:.2f} | "
+            f"{r['torch']['mean_ms'] / r['triton']['mean_ms']:.2f} | {tflops:.1f} | {pct} | "
+            f"{r['floor_ms']:.2f} | {r['triton']['median_ms'] / r['floor_ms']:.2f} | "
+            f"{r['torch']['peak_extra_mib']:.0f} / {r['triton']['peak_extra_mib']:.0f} |")
+    if freq1:
+        lines += ["", "## precondition_frequency 1 (a refresh every step)", "",
+                  "| precision | optimizer | torch median ms | triton median ms | speedup |", "|---|---|---|---|---|"]
+        for r in freq1:
+            lines.append(f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | "
+                         f"{r['triton']['median_ms']:.2f} | {r['torch']['median_ms'] / r['triton']['median_ms']:.2f} |")
+    (out / f"step_{slug}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--optimizers", default="KLShampoo,KLSOAP,SOAP,Shampoo")
+    ap.add_argument("--precisions", default="highest,high,medium")
+    ap.add_argument("--freq1-optimizers", default="KLSOAP,KLShampoo")
+    ap.add_argument("--freq1-steps", type=int, default=10)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    ap.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("step_bench.py needs a CUDA GPU (run bench/gpu_suite.sh on a GPU machine)")
+    shapes = gpt2_small_shapes() if args.model == "gpt2-small" else tiny_shapes()
+    g = torch.Generator(device=device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, device=device, generator=g) * 0.02) for s in shapes]
+    grads = [torch.randn(*s, device=device, generator=g) * 1e-3 for s in shapes]
+    meta = meta_info(args, sum(p.numel() for p in params), device)
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu_step_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Whole-step benchmark, GPT-2-small parameter set ({n_params / 1e6:.1f}M), {meta['device']}", "",
-             f"- torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, commit {commit}, "
-             f"{meta['date']}; {args.steps} timed steps, precondition_frequency 10",
-             f"- GEMM floor (6 products per 2-D block, cuBLAS fp32, TF32 off): {floor:.2f} ms", "",
-             "| optimizer | torch median ms | triton median ms | speedup (median) | speedup (mean) | "
-             "triton / GEMM floor | peak extra MiB torch | peak extra MiB triton |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['optimizer']} | {r['torch_median_ms']:.2f} | {r['triton_median_ms']:.2f} | "
-                     f"{r['speedup_median']:.2f} | {r['speedup_mean']:.2f} | {r['triton_over_floor']:.2f} | "
-                     f"{r['torch_peak_extra_mib']:.0f} | {r['triton_peak_extra_mib']:.0f} |")
-    (out / f"gpu_step_{slug}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    rows, freq1 = [], []
+    for mode in args.precisions.split(","):
+        floor = gemm_floor_ms(shapes, mode, device)
+        for name in args.optimizers.split(","):
+            row = {"precision": mode, "optimizer": name, "floor_ms": floor}
+            for backend in ("torch", "triton"):
+                row[backend] = measure(name, backend, mode, params, grads, args.steps)
+            row["flops"] = row["triton"]["flops"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(out, slug, meta, rows, freq1)
+    for mode in args.precisions.split(","):
+        for name in filter(None, args.freq1_optimizers.split(",")):
+            row = {"precision": mode, "optimizer": name}
+            for backend in ("torch", "triton"):
+                row[backend] = measure(name, backend, mode, params, grads, args.freq1_steps,
+                                       precondition_frequency=1)
+            freq1.append(row)
+            print(json.dumps(row), flush=True)
+            write(out, slug, meta, rows, freq1)
+    print((out / f"step_{slug}.md").read_text())
 
 
 if __name__ == "__main__":

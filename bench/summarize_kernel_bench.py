@@ -16,24 +16,26 @@ def main(path: str) -> str:
     for b in data["benchmarks"]:
         m = re.match(r"test_(\w+)\[(.+)\]", b["name"])
         op, params = m.group(1), m.group(2).split("-")
-        impl = params[-1] if params[-1] in ("eager", "triton") else "floor"
+        impl = next((p for p in params if p in ("eager", "triton")), "floor")
+        mode = next(p for p in params if p in ("highest", "high", "medium"))
         shape = next(p for p in params if "x" in p)
-        med[(op, shape, impl)] = b["stats"]["median"] * 1e3
+        med[(mode, op, shape, impl)] = b["stats"]["median"] * 1e3
     machine = data.get("machine_info", {})
     lines = [f"# Fused-operation microbenchmarks ({machine.get('gpu', '')})", "",
              f"- source: {path}; datetime {data.get('datetime', '')}; commit "
              f"{data.get('commit_info', {}).get('id', 'unknown')[:10]}",
-             "- median of 10 synchronised calls, one call = one stack of B same-shape blocks", "",
-             "| operation | B x m x n | eager ms | triton ms | speedup |", "|---|---|---|---|---|"]
-    for (op, shape, impl), t in sorted(med.items()):
+             "- median of 10 synchronised calls, one call = one stack of B same-shape blocks; eager and "
+             "Triton at the same matmul precision", "",
+             "| precision | operation | B x m x n | eager ms | triton ms | speedup |", "|---|---|---|---|---|---|"]
+    for (mode, op, shape, impl), t in sorted(med.items()):
         if impl != "eager":
             continue
-        tri = med.get((op, shape, "triton"))
+        tri = med.get((mode, op, shape, "triton"))
         if tri:
-            lines.append(f"| {op} | {shape} | {t:.3f} | {tri:.3f} | {t / tri:.2f} |")
-    for (op, shape, impl), t in sorted(med.items()):
+            lines.append(f"| {mode} | {op} | {shape} | {t:.3f} | {tri:.3f} | {t / tri:.2f} |")
+    for (mode, op, shape, impl), t in sorted(med.items()):
         if impl == "floor":
-            lines.append(f"| GEMM floor (6 products) | {shape} | {t:.3f} | | |")
+            lines.append(f"| {mode} | GEMM floor (6 products) | {shape} | {t:.3f} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@ GPU only. Run from the repository root (bench/gpu_suite.sh does):
     python -m pytest bench/test_kernel_bench.py --benchmark-json=OUT.json -p no:cacheprovider
 
 Each benchmark is one call of the operation on a stack of 12 same-shape
-blocks, synchronised; TF32 is off for the eager side (the kernels use true
-fp32 for factor math too).
+blocks, synchronised, at one matmul precision ("highest", "high", "medium");
+the eager side runs its products at the same precision (kernel_cases.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import kernel_cases as C  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks")
 
-torch.backends.cuda.matmul.allow_tf32 = False
+PRECISIONS = ["highest", "high", "medium"]
 
 
 def _sync(fn):
@@ -43,45 +43,52 @@ def case(request):
 
 
 def _bench(benchmark, fn):
-    fn()  # compile / warm up
-    torch.cuda.synchronize()
-    benchmark.pedantic(_sync(fn), rounds=10, iterations=1, warmup_rounds=2)
+    from klkern._precision import torch_precision
+
+    with torch_precision("highest"):  # products not routed through a mode stay fp32, as in a step
+        fn()  # compile / warm up
+        torch.cuda.synchronize()
+        benchmark.pedantic(_sync(fn), rounds=10, iterations=1, warmup_rounds=2)
 
 
+@pytest.mark.parametrize("mode", PRECISIONS)
 @pytest.mark.parametrize("impl", ["eager", "triton"])
-def test_rotate_project(benchmark, case, impl):
+def test_rotate_project(benchmark, case, impl, mode):
     from klkern import triton_kernels as K
     if impl == "eager":
-        _bench(benchmark, lambda: C.eager_rotate_project(case))
+        _bench(benchmark, lambda: C.eager_rotate_project(case, mode))
     else:
         _bench(benchmark, lambda: K.rotate_project(case["G"], case["Qa"], case["Qb"],
                                                     lam=(case["lam_a"], case["lam_b"]),
-                                                    momentum=case["M"], beta1=0.95))
+                                                    momentum=case["M"], beta1=0.95, precision=mode))
 
 
+@pytest.mark.parametrize("mode", PRECISIONS)
 @pytest.mark.parametrize("impl", ["eager", "triton"])
-def test_factor_ema(benchmark, case, impl):
+def test_factor_ema(benchmark, case, impl, mode):
     from klkern import triton_kernels as K
     Gr = case["G"]
     if impl == "eager":
-        _bench(benchmark, lambda: C.eager_factor_ema(case, Gr))
+        _bench(benchmark, lambda: C.eager_factor_ema(case, Gr, mode))
     else:
         inv = 1.0 / case["lam_b"]
         n = Gr.shape[2]
-        _bench(benchmark, lambda: K.factor_ema_(case["Ra"], Gr, inv, 0.95, 0.05 / n))
+        _bench(benchmark, lambda: K.factor_ema_(case["Ra"], Gr, inv, 0.95, 0.05 / n, precision=mode))
 
 
+@pytest.mark.parametrize("mode", PRECISIONS)
 @pytest.mark.parametrize("impl", ["eager", "triton"])
-def test_precondition(benchmark, case, impl):
+def test_precondition(benchmark, case, impl, mode):
     from klkern import triton_kernels as K
     if impl == "eager":
-        _bench(benchmark, lambda: C.eager_precondition(case))
+        _bench(benchmark, lambda: C.eager_precondition(case, mode))
     else:
         table = K.ParamTable(list(case["W"].unbind(0)))
         _bench(benchmark, lambda: K.precondition(case["M"], case["Qa"], case["Qb"], eps=1e-8,
                                                   lam=(case["lam_a"], case["lam_b"]), params=table,
-                                                  step=1e-3, decay=1 - 1e-5))
+                                                  step=1e-3, decay=1 - 1e-5, precision=mode))
 
 
-def test_gemm_floor(benchmark, case):
-    _bench(benchmark, lambda: C.gemm_floor(case))
+@pytest.mark.parametrize("mode", PRECISIONS)
+def test_gemm_floor(benchmark, case, mode):
+    _bench(benchmark, lambda: C.gemm_floor(case, mode))

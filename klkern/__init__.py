@@ -5,11 +5,21 @@
 
 ``klkern.reference`` is the literal transcription of the specification that
 the tests compare against; ``klkern.linalg`` holds the QR and
-eigendecomposition conventions.
+eigendecomposition conventions; ``klkern.check()`` (or ``python -m
+klkern.check``) runs every available path against the reference.
 """
 
 from . import analysis, linalg, reference
 from .optimizers import KLSOAP, SOAP, KLShampoo, Shampoo
 
-__all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo", "analysis", "linalg", "reference"]
+__all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo", "analysis", "check", "linalg", "reference"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # klkern.check is imported on first use, so that `python -m klkern.check` runs it fresh.
+    if name == "check":
+        import importlib
+
+        return importlib.import_module(".check", __name__)
+    raise AttributeError(f"module 'klkern' has no attribute {name!r}")

@@ -7,11 +7,11 @@
 2. A CPU build of torch (``torch.version.cuda is None``): None, silently;
    there are no CUDA tensors to accelerate.
 3. ``import klkern._C``: the extension built by setup.py.
-4. Otherwise a JIT build of csrc/ with ``torch.utils.cpp_extension.load``
+4. Otherwise a JIT build of the sources (``klkern/csrc/`` in an installed
+   wheel, the clone's ``csrc/`` in an editable install) with ``torch.utils.cpp_extension.load``
    into ``$KLKERN_CACHE`` (default ``~/.cache/klkern``), in a subfolder per
    torch/CUDA version; later processes reuse it (about 15 s the first time).
-5. If that fails (no toolkit, no sources because klkern is not an editable
-   install, a compile error): one RuntimeWarning naming the reason, then None,
+5. If that fails (no toolkit, a compile error): one RuntimeWarning naming the reason, then None,
    and callers use torch.linalg.qr.
 
 Only ``klkern.linalg.batched_qr`` calls it, and only for CUDA tensors, so
@@ -29,7 +29,13 @@ import torch
 
 __all__ = ["qr_extension", "CSRC", "SOURCES"]
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+def _sources_dir() -> Path:
+    """csrc/ inside the installed package (wheels ship it there), else the clone's csrc/."""
+    here = Path(__file__).resolve().parent
+    return here / "csrc" if (here / "csrc").is_dir() else here.parent / "csrc"
+
+
+CSRC = _sources_dir()
 SOURCES = ("batched_qr_kernels.cu", "batched_qr.cpp")
 JIT_NAME = "klkern_C"
 
@@ -99,7 +105,7 @@ def jit_build():
     sources = [CSRC / name for name in SOURCES]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
-        raise RuntimeError(f"CUDA sources not found ({', '.join(missing)}); install klkern from a clone with -e")
+        raise RuntimeError(f"CUDA sources not found ({', '.join(missing)}); reinstall klkern (its wheel ships them)")
     build_dir = cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _backend, _precision
+from . import _backend, _guard, _precision
 from ._blocking import plan_for
 from ._functional import ALGORITHMS
 from ._options import build_defaults, factor_beta, validate_group
@@ -140,8 +140,11 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         defaults = build_defaults(self.algorithm, hyperparameters, type(self).__name__)
         self.backend = backend
         self._slots: dict[tuple, _Slot] = {}
-        self.nonfinite_skipped = 0  # parameter-steps skipped for a NaN/Inf gradient
-        self._warned_nonfinite = False
+        # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/_guard.py)
+        self.nonfinite_skipped = 0
+        self._warned = set()  # causes already warned about (each once)
+        self._kernels_proven: set = set()  # Triton step variants that ran (backend="auto")
+        self._kernels_failed: dict = {}  # Triton step variants that failed -> the reason
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -162,52 +165,68 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         used: dict[tuple, _Slot] = {}
+        params, at_risk = self._checked_params()
+        guard = _guard.StepGuard()
         # Every product runs in true fp32 unless it follows the group's matmul_precision
         # (klkern._precision), whatever torch's global setting is.
         self._global_modes = _precision.snapshot()
         with _precision.torch_precision("highest"):
             for index, group in enumerate(self.param_groups):
-                self._step_group(index, group, used)
+                self._step_group(index, group, used, params[index], at_risk, guard)
+            rolled_back = guard.finish(self.state)
         self._slots = used
+        if rolled_back:
+            self.nonfinite_skipped += len(rolled_back)
+            self._warn_once("rollback", (
+                f"{type(self).__name__}: a step made the state or the update of parameters of shape "
+                f"{[tuple(p.shape) for p in rolled_back]} non-finite (or above {_guard.STATE_LIMIT:g}); those "
+                "blocks were rolled back to their previous state and skipped for this step (counted in "
+                "optimizer.nonfinite_skipped; this warning is shown once)"))
         return loss
 
-    def _checked_params(self, group: dict) -> list[torch.Tensor]:
+    def _warn_once(self, cause: str, message: str) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _checked_params(self) -> tuple[list[list], set]:
+        """Per group, the parameters to step (a gradient, finite); and the ids of those whose
+        gradient is large enough to guard (klkern/_guard.py). One host sync per device."""
         params = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (parameter of shape "
-                    f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
-                )
-            if p.grad.is_complex():
-                raise RuntimeError(f"{type(self).__name__} does not support complex gradients (shape {tuple(p.shape)})")
-            params.append(p)
-        if not params:
-            return params
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).tolist()
-        if all(finite):
-            return params
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                        f"{tuple(p.shape)}); use a dense embedding (sparse=False)"
+                    )
+                if p.grad.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} does not support complex gradients "
+                                       f"(shape {tuple(p.shape)})")
+                params.append(p)
+        finite, large = _guard.grad_checks(params) if params else ([], [])
         skipped = [tuple(p.shape) for p, ok in zip(params, finite) if not ok]
-        self.nonfinite_skipped += len(skipped)
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
+        if skipped:
+            self.nonfinite_skipped += len(skipped)
+            self._warn_once("gradient", (
                 f"{type(self).__name__}: gradient with NaN/Inf for parameters of shape {skipped}; "
                 "these parameters and their state are left unchanged for this step (counted in "
-                "optimizer.nonfinite_skipped; this warning is shown once)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return [p for p, ok in zip(params, finite) if ok]
+                "optimizer.nonfinite_skipped; this warning is shown once)"))
+        keep = {id(p) for p, ok in zip(params, finite) if ok}
+        at_risk = {id(p) for p, big in zip(params, large) if big}
+        per_group = [[p for p in group["params"] if id(p) in keep] for group in self.param_groups]
+        return per_group, at_risk
 
-    def _step_group(self, index: int, group: dict, used: dict) -> None:
+    def _step_group(self, index: int, group: dict, used: dict, params: list, at_risk: set,
+                    guard: _guard.StepGuard) -> None:
         hp = _hyper(self.algorithm, group)
         init_batches: dict[tuple, list] = defaultdict(list)
         step_batches: dict[tuple, list] = defaultdict(list)
         pending: dict[int, list] = {}
-        for p in self._checked_params(group):
+        always = _guard.unbounded(self.algorithm, group)
+        for p in params:
             plan = plan_for(p.shape, group)
             grads = plan.extract(p.grad)
             state = self.state[p]
@@ -221,6 +240,12 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 key = (path, tuple(G.shape), plan.masks[i], G.device, G.dtype, state["step"])
                 (init_batches if fresh else step_batches)[key].append((p, i, G))
 
+        def guarded(members) -> bool:
+            return always or any(id(p) in at_risk for p, _, _ in members)
+
+        def plans(members) -> dict:
+            return {id(p): pending[id(p)][1] for p, _, _ in members}
+
         for key, members in init_batches.items():
             path, mask = key[0], key[2]
             G = torch.stack([G for _, _, G in members]).float()
@@ -230,6 +255,9 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 self.state[p]["blocks"][i] = block
             slot_key = (index, key[:5]) + tuple(id(b) for b in blocks)
             self._slots[slot_key] = used[slot_key] = _Slot.adopt(blocks, bufs)
+            if guarded(members):
+                guard.add("init", bufs, None, members, plans(members),
+                          _guard.block_flags(bufs, None, None, G.shape[0], G.device))
             if self.algorithm == "shampoo":  # Shampoo has no initialisation-only step
                 step_batches[key].extend(members)
 
@@ -242,7 +270,16 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 slot = _Slot.stack(blocks)
             used[slot_key] = slot
             G = torch.stack([G for _, _, G in members]).float()
+            before = None
+            if guarded(members):
+                before = guard.copy_bufs(slot.bufs)
+                guard.keep_params(p for p, _, _ in members)
             U, scale = self._run_step(path, slot.bufs, G, mask, hp, t, members, pending, group)
+            if before is not None:
+                written = None if U is not None else [
+                    pending[id(p)][1].extract(p.detach())[i] for p, i, _ in members]
+                guard.add("step", slot.bufs, before, members, plans(members),
+                          _guard.block_flags(slot.bufs, U, written, G.shape[0], G.device))
             for b, (p, i, _) in enumerate(members):
                 entry = pending[id(p)]
                 entry[2][i] = _WRITTEN if U is None else U[b]
@@ -267,8 +304,42 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 write = None
                 if path in _triton_path.WRITES and not group["normalize_grads"]:
                     write = _param_table(members, pending, group)
-                return _triton_path.STEPS[path](bufs, G, mask, hp, t, write=write)
+                step = _triton_path.STEPS[path]
+                if _backend.requested(self.backend) != "auto":
+                    return step(bufs, G, mask, hp, t, write=write)
+                variant = (path, tuple(G.shape[1:]), mask, G.device, mode, hp["state_dtype"],
+                           write[0].dtype if write else None, path == "shampoo" and t >= hp["precondition_frequency"])
+                if variant in self._kernels_proven:
+                    return step(bufs, G, mask, hp, t, write=write)
+                if variant not in self._kernels_failed:
+                    result = self._first_kernel_step(variant, step, bufs, G, mask, hp, t, write, members)
+                    if result is not None:
+                        return result
         return ALGORITHMS[path][1](bufs, G, mask, hp, t)
+
+    def _first_kernel_step(self, variant, step, bufs, G, mask, hp, t, write, members):
+        """A Triton step variant's first run under backend="auto": on any failure (compilation,
+        launch, shared memory, driver) restore what it touched, warn once naming the cause, and
+        return None so that this batch, and this variant from then on, use the torch path."""
+        before = {name: buf.clone() for name, buf in bufs.items()}
+        params = {id(p): (p, p.detach().clone()) for p, _, _ in members} if write else {}
+        try:
+            result = step(bufs, G, mask, hp, t, write=write)
+        except Exception as err:  # noqa: BLE001 - any kernel failure: the torch path takes over
+            for name, buf in bufs.items():
+                buf.copy_(before[name])
+            for p, saved in params.values():
+                p.detach().copy_(saved)
+            text = str(err).strip().splitlines()
+            reason = f"{type(err).__name__}: {text[0] if text else ''}"
+            self._kernels_failed[variant] = reason
+            self._warn_once(f"kernel:{reason}", (
+                f"{type(self).__name__}: the Triton kernels failed ({reason}) for {variant[0]} blocks of shape "
+                f"{variant[1]} on {variant[3]}; this step and the later ones use the torch path for them "
+                "(same math). backend='triton' raises instead; run `python -m klkern.check` to see what fails."))
+            return None
+        self._kernels_proven.add(variant)
+        return result
 
     @staticmethod
     def _apply(p: torch.Tensor, plan, updates: list, scale: float, group: dict) -> None:

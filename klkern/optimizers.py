@@ -29,12 +29,25 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
 * ``large_dim_policy`` ("adamw"; SOAP: "identity"): a parameter with a mode
   above ``max_precond_dim`` takes the AdamW path ("adamw") or leaves that mode
   unrotated with an identity factor and unit eigenvalues ("identity").
+* ``matmul_precision`` (None): precision of the rotation and preconditioning
+  products and (except Shampoo's) of the factor products: None follows
+  ``torch.get_float32_matmul_precision()`` at every step; "highest" (true
+  fp32), "high" (TF32 where the hardware has it) or "medium" (bf16 operands)
+  override it. Accumulation, eigenvalue estimates, QR and eigendecompositions
+  stay fp32 (see klkern/_precision.py).
 * ``backend`` ("auto"): "auto" (fused Triton kernels for CUDA parameters when
   Triton is installed, the torch path otherwise), "torch" (the batched torch
   path, any device) or "triton" (the kernels, else a clear error; on CPU
   tensors only under ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND``
   environment variable overrides it. The kernels handle 2-D blocks with both
-  modes preconditioned; other blocks and the AdamW path use torch.
+  modes preconditioned; other blocks and the AdamW path use torch. Under
+  "auto" a kernel that fails to compile or launch is replaced by the torch
+  path (one warning); "triton" raises.
+
+A step never poisons the state: a NaN/Inf gradient skips its parameter, and
+a block whose new state or update would be non-finite (a finite gradient can
+overflow) is rolled back and skipped; both are counted in
+``optimizer.nonfinite_skipped`` and warned about once (klkern/_guard.py).
 
 1-D parameters (and parameters sent to the AdamW path) get
 ``m/(sqrt(v)+eps)`` with Adam moments from ``betas``, the bias-corrected step

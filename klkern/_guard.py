@@ -1,0 +1,155 @@
+"""No step poisons the optimizer state: guarded batches, snapshots and rollback.
+
+A finite gradient can still make a step's state or update non-finite (its
+squares and outer products overflow float32 from entries of ~1e19 up), and
+later steps would spread that to every parameter. klkern therefore
+*guards* a batch of blocks when one of its parameters is at risk:
+
+* its gradient's largest magnitude exceeds ``GRAD_SAFE`` (1e5), or
+* its group's hyperparameters do not bound the update (``eps < 1e-16``; for
+  Shampoo also ``eps ** (-2 * exponent) > 1e16``).
+
+A guarded batch's state and its parameters are copied before the step; after
+it, one fused reduction per stacked buffer gives each block a flag: its new
+state is finite and at most ``STATE_LIMIT`` (1e30) in magnitude, and its
+update (or, when a kernel wrote the parameter, the new parameter values) is
+finite. At the end of the step, with one host synchronisation for all
+guarded batches, every block that fails is restored: its state, its slice of
+the parameter and, when all of a parameter's blocks fail, its step count (a
+parameter whose initialisation fails is left uninitialised). The optimizer
+counts the affected parameters in ``nonfinite_skipped`` and warns once.
+
+Why unguarded steps need no check: with every gradient entry at most
+``GRAD_SAFE`` and the state at most ``STATE_LIMIT``, every term a step adds
+is bounded. For a block of m x n <= 1e4 x 1e4 (``max_precond_dim``):
+|Gr| <= ||G||_F <= 1e9; KL factor and eigenvalue terms <= |Gr|^2 c^2 <=
+1.6e25 (c <= 4000: lam >= 1/c^2); SOAP's and Shampoo's Gram terms <=
+n |Gr|^2 <= 1e22; KL's update <= sqrt(mn) |M| c^2 <= 1.6e20; an Adam
+direction <= |m| / eps <= 1e25 (eps >= 1e-16); Shampoo's roots <=
+eps^-p. EMAs are convex combinations, so the state stays below
+``STATE_LIMIT`` and every product of it (refreshes included) is finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+__all__ = ["GRAD_SAFE", "STATE_LIMIT", "grad_checks", "unbounded", "block_flags", "StepGuard"]
+
+GRAD_SAFE = 1e5
+STATE_LIMIT = 1e30
+
+
+def grad_checks(params: list) -> tuple[list[bool], list[bool]]:
+    """(finite, large) per parameter: its gradient has no NaN/Inf; its largest magnitude exceeds
+    GRAD_SAFE. One fused reduction and one host synchronisation per device."""
+    by_device: dict = defaultdict(list)
+    for index, p in enumerate(params):
+        by_device[p.grad.device].append(index)
+    amax = [0.0] * len(params)
+    for device, indices in by_device.items():
+        values = torch.stack([params[i].grad.detach().abs().amax().float() if params[i].grad.numel()
+                              else torch.zeros((), device=device) for i in indices]).tolist()
+        for i, value in zip(indices, values):
+            amax[i] = value
+    finite = [math.isfinite(a) for a in amax]
+    return finite, [f and a > GRAD_SAFE for f, a in zip(finite, amax)]
+
+
+def unbounded(algorithm: str, group: dict) -> bool:
+    """Whether the group's hyperparameters leave the update unbounded (every batch is guarded)."""
+    eps = group["eps"]
+    if eps < 1e-16:
+        return True
+    return algorithm == "shampoo" and eps ** (-2 * group["exponent"]) > 1e16
+
+
+def block_flags(bufs: dict, U, written: list | None, batch: int, device) -> torch.Tensor:
+    """(batch,) bool: the block's state is finite and <= STATE_LIMIT, its update finite, and the
+    parameter views a kernel wrote (``written``) finite."""
+    parts = [buf.detach().reshape(batch, -1).abs().amax(1).float() for buf in bufs.values()
+             if buf.is_floating_point() and buf.numel()]
+    ok = torch.ones(batch, dtype=torch.bool, device=device)
+    if parts:
+        ok &= torch.stack(parts).amax(0) <= STATE_LIMIT  # NaN compares False
+    if U is not None:
+        ok &= torch.isfinite(U.reshape(batch, -1)).all(1)
+    if written:
+        ok &= torch.stack([torch.isfinite(v).all() for v in written]).to(device)
+    return ok
+
+
+class StepGuard:
+    """The guarded batches of one step: their snapshots, flags, and the rollback at the end."""
+
+    def __init__(self):
+        self.records: list = []
+        self.param_copies: dict[int, tuple] = {}
+
+    def keep_params(self, params) -> None:
+        """Copy each parameter (once per step) before anything in the step writes it."""
+        for p in params:
+            if id(p) not in self.param_copies:
+                self.param_copies[id(p)] = (p, p.detach().clone())
+
+    @staticmethod
+    def copy_bufs(bufs: dict) -> dict:
+        return {name: buf.clone() for name, buf in bufs.items()}
+
+    def add(self, kind: str, bufs: dict, before: dict | None, members: list, plans: dict, flags) -> None:
+        """``kind`` "init" (the batch's state was just created) or "step"; ``members`` the
+        (param, block index, G) of the batch; ``plans`` id(param) -> block plan."""
+        self.records.append((kind, bufs, before, members, plans, flags))
+
+    def finish(self, state: dict) -> list:
+        """Roll back every failing block (one host synchronisation per device); returns the
+        parameters affected."""
+        if not self.records:
+            return []
+        by_device: dict = defaultdict(list)
+        for r, record in enumerate(self.records):
+            by_device[record[5].device].append(r)
+        ok: dict[int, list] = {}
+        for indices in by_device.values():
+            flat = torch.cat([self.records[r][5] for r in indices]).tolist()
+            for r in indices:
+                n = self.records[r][5].numel()
+                ok[r], flat = flat[:n], flat[n:]
+        failed_blocks: dict[int, set] = defaultdict(set)
+        reset: dict[int, torch.Tensor] = {}
+        for r, (kind, bufs, before, members, plans, _) in enumerate(self.records):
+            for b, (p, i, _) in enumerate(members):
+                if ok[r][b]:
+                    continue
+                if kind == "init":
+                    reset[id(p)] = p
+                    continue
+                failed_blocks[id(p)].add(i)
+                for name, buf in bufs.items():
+                    buf[b].copy_(before[name][b])
+        affected = []
+        for pid, blocks in failed_blocks.items():
+            p, copy = self.param_copies[pid]
+            plan = self._plan_of(pid)
+            views, saved = plan.extract(p.detach()), plan.extract(copy)
+            for i in blocks:
+                views[i].copy_(saved[i])
+            if len(blocks) == len(plan.masks) and pid not in reset:
+                state[p]["step"] -= 1
+            affected.append(p)
+        for pid, p in reset.items():
+            state.pop(p, None)
+            if pid in self.param_copies:
+                p.detach().copy_(self.param_copies[pid][1])
+            if pid not in failed_blocks:
+                affected.append(p)
+        return affected
+
+    def _plan_of(self, pid: int):
+        for _, _, _, members, plans, _ in self.records:
+            if pid in plans:
+                return plans[pid]
+        raise KeyError(pid)
