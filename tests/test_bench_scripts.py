@@ -1,0 +1,98 @@
+"""The GPU benchmark scripts, run on the CPU so that their logic is tested before a GPU runs them.
+
+step_bench.py and qr_bench.py take ``--device cpu`` (tiny shapes, the Triton
+path through the interpreter); the kernel-benchmark summary is fed a
+synthetic pytest-benchmark file; gpu_suite.sh must refuse at once without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from klkern import _backend
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _run(args, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.skipif(_backend.triton_import_error() is not None, reason="needs triton")
+def test_step_bench_smoke(tmp_path):
+    done = _run(["bench/step_bench.py", "--device", "cpu", "--model", "tiny", "--steps", "1",
+                 "--optimizers", "KLShampoo,Shampoo", "--precisions", "highest,medium",
+                 "--freq1-optimizers", "KLSOAP", "--freq1-steps", "1", "--out", str(tmp_path)],
+                {"TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(next(tmp_path.glob("step_*.json")).read_text())
+    assert [(r["precision"], r["optimizer"]) for r in data["rows"]] == [
+        ("highest", "KLShampoo"), ("highest", "Shampoo"), ("medium", "KLShampoo"), ("medium", "Shampoo")]
+    assert len(data["freq1"]) == 2 and {"device", "torch", "triton", "commit", "date"} <= set(data["meta"])
+    md = next(tmp_path.glob("step_*.md")).read_text()
+    assert "precondition_frequency 1" in md and "TFLOP/s" in md
+
+
+def test_step_flops_counts_the_products():
+    import step_bench
+
+    import klkern
+
+    params = [torch.nn.Parameter(torch.zeros(6, 4)), torch.nn.Parameter(torch.zeros(5)),
+              torch.nn.Parameter(torch.zeros(3, 2, 4))]
+    # 2-D: 6 products of 2 N d per mode; the 1-D bias takes the AdamW path; 3-D: three modes
+    expect_kl = 6 * 24 * (6 + 4) + 6 * 24 * (3 + 2 + 4)
+    assert step_bench.step_flops(klkern.KLShampoo(params)) == expect_kl
+    assert step_bench.step_flops(klkern.Shampoo(params)) == expect_kl * 4 / 6
+    assert step_bench.device_peaks("NVIDIA H100 80GB HBM3")["medium"] == 989.4
+    assert step_bench.device_peaks("NVIDIA H100 PCIe")["highest"] == 51.2
+    assert step_bench.device_peaks("Some GPU") is None
+
+
+def test_qr_bench_smoke(tmp_path):
+    done = _run(["bench/qr_bench.py", "--device", "cpu", "--shapes", "2x40x33", "--quick", "--out-dir",
+                 str(tmp_path)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(next(tmp_path.glob("qr_*.json")).read_text())
+    row = data["rows"][0]
+    assert {"torch_ms", "cholqr2_ms", "householder_ms"} <= set(row)
+    assert all(row["accurate"].values())
+
+
+def test_kernel_bench_summary(tmp_path):
+    import summarize_kernel_bench
+
+    benchmarks = []
+    for mode in ("highest", "medium"):
+        for op in ("rotate_project", "precondition"):
+            for impl, ms in (("eager", 2.0), ("triton", 1.0)):
+                benchmarks.append({"name": f"test_{op}[12x768x768-{impl}-{mode}]", "stats": {"median": ms / 1e3}})
+        benchmarks.append({"name": f"test_gemm_floor[12x768x768-{mode}]", "stats": {"median": 0.5e-3}})
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"benchmarks": benchmarks, "machine_info": {}, "datetime": "now"}))
+    table = summarize_kernel_bench.main(str(path))
+    assert "| medium | precondition | 12x768x768 | 2.000 | 1.000 | 2.00 |" in table
+    assert "| highest | GEMM floor (6 products) | 12x768x768 | 0.500 |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_suite_refuses_without_a_gpu():
+    start = time.perf_counter()
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout.strip().count("\n") == 0 and "no CUDA GPU" in done.stdout
+    assert done.stderr == ""
+    assert time.perf_counter() - start < 30
+    assert not list((ROOT / "bench" / "results").glob("gpu_*/suite.txt"))
