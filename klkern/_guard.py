@@ -43,15 +43,15 @@ GRAD_SAFE = 1e5
 STATE_LIMIT = 1e30
 
 
-def grad_checks(params: list) -> tuple[list[bool], list[bool]]:
-    """(finite, large) per parameter: its gradient has no NaN/Inf; its largest magnitude exceeds
-    GRAD_SAFE. One fused reduction and one host synchronisation per device."""
+def grad_checks(grads: list) -> tuple[list[bool], list[bool]]:
+    """(finite, large) per gradient: it has no NaN/Inf; its largest magnitude exceeds GRAD_SAFE.
+    One fused reduction and one host synchronisation per device."""
     by_device: dict = defaultdict(list)
-    for index, p in enumerate(params):
-        by_device[p.grad.device].append(index)
-    amax = [0.0] * len(params)
+    for index, g in enumerate(grads):
+        by_device[g.device].append(index)
+    amax = [0.0] * len(grads)
     for device, indices in by_device.items():
-        values = torch.stack([params[i].grad.detach().abs().amax().float() if params[i].grad.numel()
+        values = torch.stack([grads[i].detach().abs().amax().float() if grads[i].numel()
                               else torch.zeros((), device=device) for i in indices]).tolist()
         for i, value in zip(indices, values):
             amax[i] = value
@@ -87,22 +87,18 @@ class StepGuard:
 
     def __init__(self):
         self.records: list = []
-        self.param_copies: dict[int, tuple] = {}
-
-    def keep_params(self, params) -> None:
-        """Copy each parameter (once per step) before anything in the step writes it."""
-        for p in params:
-            if id(p) not in self.param_copies:
-                self.param_copies[id(p)] = (p, p.detach().clone())
 
     @staticmethod
     def copy_bufs(bufs: dict) -> dict:
         return {name: buf.clone() for name, buf in bufs.items()}
 
-    def add(self, kind: str, bufs: dict, before: dict | None, members: list, plans: dict, flags) -> None:
+    def add(self, kind: str, bufs: dict, before: dict | None, members: list, views: list, saved_views: list | None,
+            blocks_of: dict, flags: torch.Tensor) -> None:
         """``kind`` "init" (the batch's state was just created) or "step"; ``members`` the
-        (param, block index, G) of the batch; ``plans`` id(param) -> block plan."""
-        self.records.append((kind, bufs, before, members, plans, flags))
+        (param, block index, G) of the batch, ``views`` their parameter views, ``saved_views``
+        copies of those taken before the step, ``blocks_of`` id(param) -> its number of blocks
+        stepped on this rank; ``flags`` from :func:`block_flags`."""
+        self.records.append((kind, bufs, before, members, views, saved_views, blocks_of, flags))
 
     def finish(self, state: dict) -> list:
         """Roll back every failing block (one host synchronisation per device); returns the
@@ -111,45 +107,34 @@ class StepGuard:
             return []
         by_device: dict = defaultdict(list)
         for r, record in enumerate(self.records):
-            by_device[record[5].device].append(r)
+            by_device[record[7].device].append(r)
         ok: dict[int, list] = {}
         for indices in by_device.values():
-            flat = torch.cat([self.records[r][5] for r in indices]).tolist()
+            flat = torch.cat([self.records[r][7] for r in indices]).tolist()
             for r in indices:
-                n = self.records[r][5].numel()
+                n = self.records[r][7].numel()
                 ok[r], flat = flat[:n], flat[n:]
-        failed_blocks: dict[int, set] = defaultdict(set)
+        failed: dict[int, list] = {}
         reset: dict[int, torch.Tensor] = {}
-        for r, (kind, bufs, before, members, plans, _) in enumerate(self.records):
-            for b, (p, i, _) in enumerate(members):
+        blocks_of: dict[int, int] = {}
+        for r, (kind, bufs, before, members, views, saved_views, counts, _) in enumerate(self.records):
+            blocks_of.update(counts)
+            for b, (p, _, _) in enumerate(members):
                 if ok[r][b]:
                     continue
                 if kind == "init":
                     reset[id(p)] = p
                     continue
-                failed_blocks[id(p)].add(i)
+                failed.setdefault(id(p), [p, 0])[1] += 1
                 for name, buf in bufs.items():
                     buf[b].copy_(before[name][b])
-        affected = []
-        for pid, blocks in failed_blocks.items():
-            p, copy = self.param_copies[pid]
-            plan = self._plan_of(pid)
-            views, saved = plan.extract(p.detach()), plan.extract(copy)
-            for i in blocks:
-                views[i].copy_(saved[i])
-            if len(blocks) == len(plan.masks) and pid not in reset:
+                views[b].copy_(saved_views[b])
+        affected = {}
+        for pid, (p, count) in failed.items():
+            if count == blocks_of[pid] and pid not in reset:
                 state[p]["step"] -= 1
-            affected.append(p)
+            affected[pid] = p
         for pid, p in reset.items():
             state.pop(p, None)
-            if pid in self.param_copies:
-                p.detach().copy_(self.param_copies[pid][1])
-            if pid not in failed_blocks:
-                affected.append(p)
-        return affected
-
-    def _plan_of(self, pid: int):
-        for _, _, _, members, plans, _ in self.records:
-            if pid in plans:
-                return plans[pid]
-        raise KeyError(pid)
+            affected[pid] = p
+        return list(affected.values())

@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _backend, _guard, _precision
+from . import _backend, _distributed, _guard, _precision
 from ._blocking import plan_for
 from ._functional import ALGORITHMS
 from ._options import build_defaults, factor_beta, validate_group
@@ -107,8 +107,8 @@ _WRITTEN = object()  # marks a block whose update a kernel applied to the parame
 
 
 def _param_table(members: list, pending: dict, group: dict):
-    """(ParamTable of the blocks' views into their parameters, lr, wd), or None when
-    some parameter has blocks outside this batch or a block is not a view of it."""
+    """(ParamTable of the blocks' views into their parameters, lr, wd), or None when some
+    parameter has blocks (of this rank) outside this batch or a block is not a view of it."""
     from .triton_kernels import ParamTable
 
     count: dict[int, int] = defaultdict(int)
@@ -116,11 +116,11 @@ def _param_table(members: list, pending: dict, group: dict):
         count[id(p)] += 1
     views = []
     for p, i, _ in members:
-        plan = pending[id(p)][1]
-        if count[id(p)] != len(plan.masks):
+        _, plan, _, tensor, expected = pending[id(p)]
+        if count[id(p)] != len(expected):
             return None
-        view = plan.extract(p.detach())[i]
-        if view.dim() != 2 or view.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+        view = plan.extract(tensor.detach())[i]
+        if view.dim() != 2 or view.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
             return None
         views.append(view)
     if any(v.dtype != views[0].dtype for v in views) or views[0].dtype not in (
@@ -134,11 +134,20 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
 
     algorithm = ""
 
-    def __init__(self, params, *, backend: str = "auto", **hyperparameters):
+    def __init__(self, params, *, backend: str = "auto", process_group=None,
+                 communication_dtype: torch.dtype = torch.float32, **hyperparameters):
         if backend not in _backend.BACKENDS:
             raise ValueError(f"invalid backend={backend!r}: must be one of {_backend.BACKENDS}")
+        if process_group is not None:
+            _distributed.check_process_group(process_group)
+        if communication_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"invalid communication_dtype={communication_dtype!r}: must be torch.float32 "
+                             "(exact) or torch.bfloat16 (the updates are rounded)")
         defaults = build_defaults(self.algorithm, hyperparameters, type(self).__name__)
         self.backend = backend
+        self.process_group = process_group
+        self.communication_dtype = communication_dtype
+        self._split: _distributed.ReplicatedSplit | None = None
         self._slots: dict[tuple, _Slot] = {}
         # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/_guard.py)
         self.nonfinite_skipped = 0
@@ -165,15 +174,20 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         used: dict[tuple, _Slot] = {}
+        split = self._replicated_split()
         params, at_risk = self._checked_params()
         guard = _guard.StepGuard()
         # Every product runs in true fp32 unless it follows the group's matmul_precision
         # (klkern._precision), whatever torch's global setting is.
         self._global_modes = _precision.snapshot()
         with _precision.torch_precision("highest"):
+            if split is not None:
+                split.before_step()
             for index, group in enumerate(self.param_groups):
                 self._step_group(index, group, used, params[index], at_risk, guard)
             rolled_back = guard.finish(self.state)
+            if split is not None:
+                split.exchange()  # every rank calls it every step, whatever it skipped
         self._slots = used
         if rolled_back:
             self.nonfinite_skipped += len(rolled_back)
@@ -183,6 +197,18 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 "blocks were rolled back to their previous state and skipped for this step (counted in "
                 "optimizer.nonfinite_skipped; this warning is shown once)"))
         return loss
+
+    def _replicated_split(self) -> _distributed.ReplicatedSplit | None:
+        """The block-to-rank assignment (``process_group`` given), built once from the shapes."""
+        if self.process_group is None:
+            return None
+        if self._split is None:
+            if any(_distributed.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+                raise ValueError("process_group is for replicated (DDP) parameters; these are DTensors (FSDP2), "
+                                 "whose shards klkern preconditions locally: pass process_group=None")
+            self._split = _distributed.ReplicatedSplit(self.process_group, self.communication_dtype,
+                                                       self.algorithm, self.param_groups)
+        return self._split
 
     def _warn_once(self, cause: str, message: str) -> None:
         if cause not in self._warned:
@@ -206,7 +232,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support complex gradients "
                                        f"(shape {tuple(p.shape)})")
                 params.append(p)
-        finite, large = _guard.grad_checks(params) if params else ([], [])
+        finite, large = _guard.grad_checks([_distributed.local(p.grad) for p in params]) if params else ([], [])
         skipped = [tuple(p.shape) for p, ok in zip(params, finite) if not ok]
         if skipped:
             self.nonfinite_skipped += len(skipped)
@@ -226,25 +252,36 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         step_batches: dict[tuple, list] = defaultdict(list)
         pending: dict[int, list] = {}
         always = _guard.unbounded(self.algorithm, group)
+        split = self._split
         for p in params:
-            plan = plan_for(p.shape, group)
-            grads = plan.extract(p.grad)
+            tensor = _distributed.local(p)  # a DTensor's local shard; the parameter itself otherwise
+            if tensor.numel() == 0:
+                continue
+            plan = plan_for(tensor.shape, group)
+            grads = plan.extract(_distributed.local(p.grad))
+            mine = [i for i in range(len(grads)) if split is None or split.owns(p, i)]
+            if not mine:
+                continue
             state = self.state[p]
             path = "adamw" if plan.adamw else self.algorithm
             fresh = "step" not in state
             if fresh:
                 state["step"] = 0
                 state["blocks"] = [None] * len(grads)
-            pending[id(p)] = [p, plan, [None] * len(grads)]
-            for i, G in enumerate(grads):
+            pending[id(p)] = [p, plan, {}, tensor, set(mine)]
+            for i in mine:
+                G = grads[i]
                 key = (path, tuple(G.shape), plan.masks[i], G.device, G.dtype, state["step"])
                 (init_batches if fresh else step_batches)[key].append((p, i, G))
 
         def guarded(members) -> bool:
             return always or any(id(p) in at_risk for p, _, _ in members)
 
-        def plans(members) -> dict:
-            return {id(p): pending[id(p)][1] for p, _, _ in members}
+        def views(members) -> list:
+            return [pending[id(p)][1].extract(pending[id(p)][3].detach())[i] for p, i, _ in members]
+
+        def blocks_of(members) -> dict:
+            return {id(p): len(pending[id(p)][4]) for p, _, _ in members}
 
         for key, members in init_batches.items():
             path, mask = key[0], key[2]
@@ -256,7 +293,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             slot_key = (index, key[:5]) + tuple(id(b) for b in blocks)
             self._slots[slot_key] = used[slot_key] = _Slot.adopt(blocks, bufs)
             if guarded(members):
-                guard.add("init", bufs, None, members, plans(members),
+                guard.add("init", bufs, None, members, views(members), None, blocks_of(members),
                           _guard.block_flags(bufs, None, None, G.shape[0], G.device))
             if self.algorithm == "shampoo":  # Shampoo has no initialisation-only step
                 step_batches[key].extend(members)
@@ -270,22 +307,21 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 slot = _Slot.stack(blocks)
             used[slot_key] = slot
             G = torch.stack([G for _, _, G in members]).float()
-            before = None
+            before = saved_views = None
             if guarded(members):
                 before = guard.copy_bufs(slot.bufs)
-                guard.keep_params(p for p, _, _ in members)
+                saved_views = [v.clone() for v in views(members)]
             U, scale = self._run_step(path, slot.bufs, G, mask, hp, t, members, pending, group)
             if before is not None:
-                written = None if U is not None else [
-                    pending[id(p)][1].extract(p.detach())[i] for p, i, _ in members]
-                guard.add("step", slot.bufs, before, members, plans(members),
-                          _guard.block_flags(slot.bufs, U, written, G.shape[0], G.device))
+                guard.add("step", slot.bufs, before, members, views(members), saved_views, blocks_of(members),
+                          _guard.block_flags(slot.bufs, U, None if U is not None else views(members),
+                                             G.shape[0], G.device))
             for b, (p, i, _) in enumerate(members):
                 entry = pending[id(p)]
                 entry[2][i] = _WRITTEN if U is None else U[b]
-                if all(u is not None for u in entry[2]):
+                if len(entry[2]) == len(entry[4]):
                     if U is not None:
-                        self._apply(entry[0], entry[1], entry[2], scale, group)
+                        self._apply(entry[3], entry[1], entry[2], scale, group)
                     self.state[p]["step"] = t
 
     def _run_step(self, path, bufs, G, mask, hp, t, members, pending, group):
@@ -312,24 +348,24 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 if variant in self._kernels_proven:
                     return step(bufs, G, mask, hp, t, write=write)
                 if variant not in self._kernels_failed:
-                    result = self._first_kernel_step(variant, step, bufs, G, mask, hp, t, write, members)
+                    result = self._first_kernel_step(variant, step, bufs, G, mask, hp, t, write)
                     if result is not None:
                         return result
         return ALGORITHMS[path][1](bufs, G, mask, hp, t)
 
-    def _first_kernel_step(self, variant, step, bufs, G, mask, hp, t, write, members):
+    def _first_kernel_step(self, variant, step, bufs, G, mask, hp, t, write):
         """A Triton step variant's first run under backend="auto": on any failure (compilation,
         launch, shared memory, driver) restore what it touched, warn once naming the cause, and
         return None so that this batch, and this variant from then on, use the torch path."""
         before = {name: buf.clone() for name, buf in bufs.items()}
-        params = {id(p): (p, p.detach().clone()) for p, _, _ in members} if write else {}
+        written = [(view, view.clone()) for view in write[0].views] if write else []
         try:
             result = step(bufs, G, mask, hp, t, write=write)
         except Exception as err:  # noqa: BLE001 - any kernel failure: the torch path takes over
             for name, buf in bufs.items():
                 buf.copy_(before[name])
-            for p, saved in params.values():
-                p.detach().copy_(saved)
+            for view, saved in written:
+                view.copy_(saved)
             text = str(err).strip().splitlines()
             reason = f"{type(err).__name__}: {text[0] if text else ''}"
             self._kernels_failed[variant] = reason
@@ -342,34 +378,106 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         return result
 
     @staticmethod
-    def _apply(p: torch.Tensor, plan, updates: list, scale: float, group: dict) -> None:
-        """Steps 7-8: optional normalisation, W <- W - lr*scale*U, W <- W - lr*wd*W."""
-        U = plan.assemble(updates)
-        if group["normalize_grads"]:
-            U = U / (1e-30 + torch.sqrt(torch.mean(U * U)))
+    def _apply(p: torch.Tensor, plan, updates: dict, scale: float, group: dict) -> None:
+        """Steps 7-8: optional normalisation, W <- W - lr*scale*U, W <- W - lr*wd*W.
+
+        ``updates`` maps block index -> U for the blocks of ``p`` this rank stepped: all of
+        them (the whole parameter at once) or, for a parameter split across ranks, some
+        (each written into its view of the parameter)."""
+        if len(updates) == len(plan.masks):
+            targets = [(p, plan.assemble([updates[i] for i in range(len(plan.masks))]))]
+        else:
+            views = plan.extract(p.detach())
+            targets = [(views[i], U) for i, U in updates.items()]
         lr = float(group["lr"])
         wd = group["weight_decay"]
-        W = p if p.dtype == torch.float32 else p.float()
-        W.add_(U, alpha=-lr * scale)
-        if wd != 0:
-            W.add_(W, alpha=-lr * wd)
-        if W is not p:
-            p.copy_(W)
+        for target, U in targets:
+            if group["normalize_grads"]:
+                U = U / (1e-30 + torch.sqrt(torch.mean(U * U)))
+            W = target if target.dtype == torch.float32 else target.float()
+            W.add_(U, alpha=-lr * scale)
+            if wd != 0:
+                W.add_(W, alpha=-lr * wd)
+            if W is not target:
+                target.copy_(W)
 
     # ------------------------------------------------------------ state dict
+
+    def _distributed(self) -> bool:
+        return self.process_group is not None or any(
+            _distributed.is_dtensor(p) for g in self.param_groups for p in g["params"])
+
+    def _block_key_prefix(self, p) -> str:
+        """FSDP2: a shard's blocks are keyed by the shard's first row, so that keys are unique
+        across ranks and a different sharding cannot be loaded by mistake."""
+        return f"{_distributed.shard_offset(p)}:" if _distributed.is_dtensor(p) else ""
+
+    def state_dict(self) -> dict:
+        """torch.optim's state dict. With ``process_group`` or DTensor parameters (FSDP2) it
+        holds this rank's blocks only, as ``{"step": tensor, "blocks": {key: state}}`` with keys
+        unique across ranks (the block index; for a shard, its first row and the index), which is
+        the form torch.distributed.checkpoint saves without duplicates: see :meth:`init_state`."""
+        sd = super().state_dict()
+        if not self._distributed():
+            return sd
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for index, value in sd["state"].items():
+            if "blocks" not in value:
+                state[index] = value
+                continue
+            prefix = self._block_key_prefix(params[index])
+            state[index] = {"step": torch.tensor(float(value["step"])),
+                            "blocks": {f"{prefix}{i}": block for i, block in enumerate(value["blocks"])
+                                       if block is not None}}
+        return {**sd, "state": state}
+
+    def init_state(self) -> None:
+        """Allocate the state of every block this rank steps, as a first step from a zero gradient
+        would; for loading a checkpoint into it (torch.distributed.checkpoint loads in place)::
+
+            opt.init_state()
+            sd = {"optim": opt.state_dict()}
+            torch.distributed.checkpoint.load(sd, checkpoint_id=path)
+            opt.load_state_dict(sd["optim"])
+        """
+        split = self._replicated_split()
+        with torch.no_grad(), _precision.torch_precision("highest"):
+            for group in self.param_groups:
+                hp = dict(_hyper(self.algorithm, group), rotation_mode="highest", factor_mode="highest")
+                for p in group["params"]:
+                    tensor = _distributed.local(p)
+                    if tensor.numel() == 0 or "step" in self.state[p]:
+                        continue
+                    plan = plan_for(tensor.shape, group)
+                    mine = [i for i in range(len(plan.masks)) if split is None or split.owns(p, i)]
+                    if not mine:
+                        continue
+                    blocks = [None] * len(plan.masks)
+                    path = "adamw" if plan.adamw else self.algorithm
+                    for i in mine:
+                        G = torch.zeros((1,) + plan.block_shape(i), device=tensor.device)
+                        bufs = ALGORITHMS[path][0](G, plan.masks[i], hp)
+                        blocks[i] = {name: buf[0].clone() for name, buf in bufs.items()}
+                    self.state[p] = {"step": 0, "blocks": blocks}
+        self._slots = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict` (from any device).
 
         Unlike torch.optim's default, state tensors keep their saved dtype
         (float32 factors stay float32 for bf16 parameters); they are copied to
-        the device of their parameter.
+        the device of their parameter. A rank keeps the blocks it steps: with
+        ``process_group``, a state saved on another number of ranks (or on one
+        process) loads, since blocks are keyed by their index; for FSDP2 shards
+        the saved blocks must belong to this rank's shard (same sharding).
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         id_map = dict(zip(saved_ids, params))
+        split = self._replicated_split()
 
         def to_device(value, device):
             if isinstance(value, torch.Tensor):
@@ -384,8 +492,42 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             if key not in id_map:
                 raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
             param = id_map[key]
-            self.state[param] = to_device(value, param.device)
+            value = to_device(value, _distributed.local(param).device)
+            if "blocks" in value:
+                value = self._own_blocks(param, value, split)
+                if value is None:
+                    continue
+            self.state[param] = value
         self._slots = {}
+
+    def _own_blocks(self, param, value: dict, split) -> dict | None:
+        """A loaded parameter state reduced to the blocks this rank steps (list form, step an int)."""
+        step = value["step"]
+        step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+        blocks = value["blocks"]
+        if isinstance(blocks, dict):
+            prefix = self._block_key_prefix(param)
+            by_index = {}
+            for k, block in blocks.items():
+                if not str(k).startswith(prefix):
+                    raise ValueError(
+                        f"loaded state dict: block {k!r} of a parameter of shape {tuple(param.shape)} belongs to "
+                        f"another shard (this rank's blocks start with {prefix!r}): FSDP2 shards are "
+                        "preconditioned locally, so a checkpoint loads only with the same sharding (world size)")
+                by_index[int(str(k)[len(prefix):])] = block
+            plan_len = len(plan_for(_distributed.local(param).shape, self._group_of(param)).masks)
+            blocks = [by_index.get(i) for i in range(plan_len)]
+        mine = [i for i in range(len(blocks)) if split is None or split.owns(param, i)]
+        if not mine:
+            return None
+        missing = [i for i in mine if blocks[i] is None]
+        if missing:
+            raise ValueError(f"loaded state dict has no state for blocks {missing} of a parameter of shape "
+                             f"{tuple(param.shape)} that this rank steps")
+        return {**value, "step": step, "blocks": [b if i in mine else None for i, b in enumerate(blocks)]}
+
+    def _group_of(self, param) -> dict:
+        return next(g for g in self.param_groups if any(p is param for p in g["params"]))
 
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state (stacked buffers counted once)."""

@@ -1,0 +1,209 @@
+"""The preconditioner work split across ranks (``process_group=``), and FSDP2 shards.
+
+Replicated parameters (DDP, ``process_group`` given). Every rank holds every
+parameter and, after DDP's all-reduce, the same gradients. Each block (one
+Kronecker problem; a whole parameter when its update cannot be written block
+by block: ``normalize_grads``, or a block layout that is not a view of the
+parameter) is assigned to one rank, once, from the shapes alone: greedy
+largest-cost-first onto the least-loaded rank (ties: the lower rank), with
+the cost of a block its per-step matrix products plus its amortised refresh
+(:func:`block_cost`). A rank allocates state for its own blocks only and
+computes their updates, refreshes included; then one ``all_gather`` of a
+flat buffer (``communication_dtype``) gives every rank the new values of
+every block. In float32 these are the new parameter values themselves, so the
+ranks stay bit-identical to each other and equal single-process training to
+float32 rounding; in bfloat16 they are the updates (new minus old), which
+every rank, the owner included, adds to its parameter, so the ranks stay
+identical and only the updates are rounded.
+
+FSDP2 (``fully_shard``): parameters are DTensors sharded on dim 0. Each rank
+preconditions its local shard as its own parameter (its own blocks), with no
+communication, as Distributed Shampoo's fully-shard distributor does. The
+block boundaries then follow the shard boundaries: a (m, n) weight sharded
+over W ranks is preconditioned as the row blocks of ``torch.chunk(W, 0)``,
+which equals klkern on one process with ``block_size`` = rows per shard when
+the other modes are at most that size (and ``normalize_grads`` normalises
+each shard's update).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._blocking import plan_for
+
+__all__ = ["ReplicatedSplit", "block_cost", "assign", "is_dtensor", "local", "shard_offset", "check_process_group"]
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a rank computes on: a DTensor's local shard (sharing its storage), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_offset(t) -> int:
+    """The first row (dim 0) of a DTensor's local shard in the global tensor."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        return int(compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1][0])
+    except (ImportError, AttributeError, TypeError):  # the torch.chunk rule FSDP2 shards with
+        import torch.distributed as dist
+
+        rows = -(-t.shape[0] // dist.get_world_size())
+        return min(dist.get_rank() * rows, t.shape[0])
+
+
+def check_process_group(process_group) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group given but torch.distributed is not initialized: call "
+                         "torch.distributed.init_process_group first (or pass process_group=None)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(f"invalid process_group={process_group!r}: must be a torch.distributed.ProcessGroup, "
+                         "e.g. torch.distributed.group.WORLD, or None")
+
+
+def block_cost(algorithm: str, path: str, shape: tuple, mask: tuple, frequency: int) -> float:
+    """Work of one block per step: its matrix products (2 N d per product and preconditioned mode
+    of size d: 6 for KL-Shampoo, KL-SOAP and SOAP, 4 for Shampoo) plus its refresh (about 10 d^3:
+    QR or eigendecomposition and the products around it) every ``frequency`` steps; an AdamW block
+    costs a few operations per entry."""
+    n = math.prod(shape)
+    if path == "adamw":
+        return 10.0 * n
+    per_mode = 4.0 if algorithm == "shampoo" else 6.0
+    dims = [d for d, on in zip(shape, mask) if on]
+    return sum(per_mode * n * d + 10.0 * d**3 / frequency for d in dims) + 10.0 * n
+
+
+def assign(costs: list[float], world: int) -> list[int]:
+    """Owner rank of each unit: greedy, largest cost first, onto the least-loaded rank (ties by
+    index and by rank, so every rank computes the same assignment)."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for u in sorted(range(len(costs)), key=lambda u: (-costs[u], u)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[u] = r
+        load[r] += costs[u]
+    return owner
+
+
+class ReplicatedSplit:
+    """Which rank steps which block of replicated parameters, and the exchange of new values."""
+
+    def __init__(self, process_group, communication_dtype: torch.dtype, algorithm: str, param_groups: list):
+        import torch.distributed as dist
+
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world = dist.get_world_size(process_group)
+        self.dtype = communication_dtype
+        units, costs = [], []  # a unit: [(param, block index), ...] assigned together
+        self.plans: dict[int, object] = {}
+        self.params: list = []
+        for group in param_groups:
+            for p in group["params"]:
+                plan = plan_for(p.shape, group)
+                self.plans[id(p)] = plan
+                self.params.append(p)
+                path = "adamw" if plan.adamw else algorithm
+                cost = [block_cost(algorithm, path, plan.block_shape(i), plan.masks[i], group["precondition_frequency"])
+                        for i in range(len(plan.masks))]
+                if group["normalize_grads"] or not _blocks_are_views(p, plan):
+                    units.append([(p, i) for i in range(len(plan.masks))])
+                    costs.append(sum(cost))
+                else:
+                    for i, c in enumerate(cost):
+                        units.append([(p, i)])
+                        costs.append(c)
+        owners = assign(costs, self.world)
+        self.owner: dict[tuple, int] = {}
+        self.load = [0.0] * self.world
+        for unit, r, c in zip(units, owners, costs):
+            for p, i in unit:
+                self.owner[(id(p), i)] = r
+            self.load[r] += c
+        # per rank, its blocks in a fixed order: (param, block index, numel)
+        self.layout: list[list] = [[] for _ in range(self.world)]
+        for p in self.params:
+            plan = self.plans[id(p)]
+            for i in range(len(plan.masks)):
+                self.layout[self.owner[(id(p), i)]].append((p, i, math.prod(plan.block_shape(i))))
+        self.sizes = [sum(n for _, _, n in blocks) for blocks in self.layout]
+        self.padded = max(self.sizes) if self.sizes else 0
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"process_group: all parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device = next(iter(devices)) if devices else torch.device("cpu")
+        self.old: list | None = None
+
+    def owns(self, p, i: int) -> bool:
+        return self.owner[(id(p), i)] == self.rank
+
+    def owns_whole(self, p) -> bool:
+        plan = self.plans[id(p)]
+        return all(self.owns(p, i) for i in range(len(plan.masks)))
+
+    def _views(self, rank: int) -> list[torch.Tensor]:
+        return [self.plans[id(p)].extract(p.detach())[i] for p, i, _ in self.layout[rank]]
+
+    def before_step(self) -> None:
+        """bfloat16 exchange: remember this rank's blocks, to send their updates."""
+        if self.dtype != torch.float32:
+            self.old = [v.detach().to(torch.float32, copy=True) for v in self._views(self.rank)]
+
+    def bytes_per_step(self) -> int:
+        """Bytes each rank receives per step (the all-gather of the padded buffers)."""
+        return (self.world - 1) * self.padded * torch.empty((), dtype=self.dtype).element_size()
+
+    def exchange(self) -> None:
+        """One all_gather: every rank gets the new values (float32) or updates (bfloat16) of every block."""
+        import torch.distributed as dist
+
+        if self.world == 1 or self.padded == 0:
+            return
+        mine = self._views(self.rank)
+        send = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
+        if mine:
+            values = [v.reshape(-1).to(torch.float32) for v in mine]
+            if self.dtype != torch.float32:
+                values = [v - o.reshape(-1) for v, o in zip(values, self.old)]
+            send[: self.sizes[self.rank]].copy_(torch.cat(values))
+        received = torch.empty(self.world * self.padded, dtype=self.dtype, device=self.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # name by torch version
+        gather(received, send, group=self.group)
+        for r in range(self.world):
+            if r == self.rank and self.dtype == torch.float32:
+                continue  # the owner already holds exactly these values
+            offset = r * self.padded
+            views = self._views(r)
+            old = self.old if r == self.rank else None
+            for k, (view, (_, _, n)) in enumerate(zip(views, self.layout[r])):
+                piece = received[offset: offset + n].view(view.shape).to(torch.float32)
+                offset += n
+                if self.dtype == torch.float32:
+                    view.copy_(piece)
+                elif old is not None:  # the owner: its old value plus the rounded update
+                    view.copy_(old[k].view(view.shape) + piece)
+                else:
+                    view.copy_(view.to(torch.float32) + piece)
+        self.old = None
+
+
+def _blocks_are_views(p: torch.Tensor, plan) -> bool:
+    """Whether writing a block of ``plan.extract(p)`` writes the parameter (no copy in the layout)."""
+    if plan.trivial:
+        return True
+    storage = p.detach().untyped_storage().data_ptr()
+    return all(b.untyped_storage().data_ptr() == storage for b in plan.extract(p.detach()))

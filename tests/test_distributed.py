@@ -1,0 +1,333 @@
+"""klkern across processes: the DDP split (process_group=), FSDP2 shards, distributed checkpoints.
+
+Each test spawns 2 or 3 processes (3: uneven splits) with gloo on 127.0.0.1,
+a free port, a 60 s collective timeout and a 300 s deadline for the whole
+group, after which the processes are killed and the test fails. One spawn
+runs several checks; each rank writes its results to a file the parent reads.
+
+Tolerances: TRAJ_RTOL = 1e-5 bounds the relative difference of 30-step
+float32 trajectories (6 refreshes) between the split and one process: they
+compute the same math on differently stacked batches, so they differ by
+float32 roundoff (measured ~1e-6, as for the torch path against the
+reference). DDP_RTOL = 1e-4 where DDP's all-reduce also changes the summation
+order of the gradients (and the Adam of KL-SOAP and SOAP in the rotated basis
+amplifies one-ulp gradient differences: the FSDP2 test therefore rounds the
+reference's gradients as FSDP2's average does).
+Bit-identical
+where the arithmetic is identical (ranks among themselves, a resumed run
+against an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import klkern
+
+TRAJ_RTOL = 1e-5
+DDP_RTOL = 1e-4
+OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
+STEPS = 30
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+# ---------------------------------------------------------------------------- harness
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, outdir, scenario):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        result = SCENARIOS[scenario](rank, world, Path(outdir))
+        torch.save(result, Path(outdir) / f"{scenario}-{rank}.pt")
+        dist.barrier()  # nobody tears down its connections while another rank still works
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, scenario: str, outdir: Path, deadline_s: float = 300.0) -> list:
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), scenario), nprocs=world,
+                             join=False, start_method="spawn")
+    stop = time.monotonic() + deadline_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > stop:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{scenario} with {world} processes did not finish within {deadline_s} s")
+    return [torch.load(outdir / f"{scenario}-{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+# ---------------------------------------------------------------------------- models and data
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 16))
+
+
+def _batch(step, rows=64, inputs=16, outputs=16):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(rows, inputs, generator=gen), torch.randn(rows, outputs, generator=gen)
+
+
+def _train(model, opt, steps, start=0, data=_batch, grad_hook=None):
+    for t in range(start, start + steps):
+        X, Y = data(t)
+        opt.zero_grad()
+        (model(X) - Y).pow(2).mean().backward()
+        if grad_hook is not None:
+            grad_hook(t, model)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _opt(name, params, **kw):
+    kw = dict(dict(lr=1e-2, precondition_frequency=5, block_size=8), **kw)
+    return getattr(klkern, name)(params, **kw)
+
+
+# ---------------------------------------------------------------------------- scenarios (run on every rank)
+
+
+def scenario_ddp(rank, world, outdir):
+    out = {}
+    for name in OPTIMIZERS:
+        model = _mlp()
+        opt = _opt(name, model.parameters(), process_group=dist.group.WORLD)
+        params = _train(model, opt, STEPS)
+        entry = {"params": params, "state_bytes": opt.state_bytes(), "load": opt._split.load,
+                 "bytes_per_step": opt._split.bytes_per_step(),
+                 "owned": sum(b is not None for st in opt.state.values() for b in st["blocks"])}
+        if rank == 0:  # the single-process run, same model and data
+            single = _mlp()
+            single_opt = _opt(name, single.parameters())
+            entry["single"] = _train(single, single_opt, STEPS)
+            entry["single_state_bytes"] = single_opt.state_bytes()
+        out[name] = entry
+    # under DDP: each rank its own quarter of the batch; one process sees the whole batch
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
+    shard = lambda t: tuple(x.chunk(world)[rank] for x in _batch(t, rows=60))  # noqa: E731
+    out["ddp"] = _train(model, opt, STEPS, data=shard)
+    if rank == 0:
+        single = _mlp()
+        out["ddp_single"] = _train(single, _opt("KLShampoo", single.parameters()), STEPS,
+                                   data=lambda t: _batch(t, rows=60))
+    # bf16 communication: the ranks stay identical, the updates are rounded
+    model = _mlp()
+    out["bf16"] = _train(model, _opt("KLSOAP", model.parameters(), process_group=dist.group.WORLD,
+                                     communication_dtype=torch.bfloat16), STEPS)
+    return out
+
+
+def _fsdp_model(world, seed=0):
+    """Weights (8W, 8) and (8W^2, 8W): every shard is a square block (full-rank factors, see
+    test_optimizers.py), and its other mode is at most the rows per shard."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8 * world), torch.nn.Tanh(),
+                               torch.nn.Linear(8 * world, 8 * world * world))
+
+
+def _fsdp_data(world):
+    return lambda step: _batch(step, rows=64, inputs=8, outputs=8 * world * world)
+
+
+def scenario_fsdp(rank, world, outdir):
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    # FSDP2 averages the ranks' gradients (all from the same batch) as (g + ... + g) / W, which is
+    # (W g) / W rounded twice; the one-process reference rounds its gradients the same way.
+    average = lambda t, model: [p.grad.mul_(world).div_(world) for p in model.parameters()]  # noqa: E731
+    for name in OPTIMIZERS:
+        model = _fsdp_model(world)
+        fully_shard(model)
+        opt = getattr(klkern, name)(model.parameters(), lr=1e-2, precondition_frequency=5)
+        _train(model, opt, 20, data=_fsdp_data(world))
+        out[name] = {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
+                     "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()]}
+        if rank == 0:
+            # one process, each weight in its own group with block_size = rows per shard
+            single = _fsdp_model(world)
+            groups = [{"params": [p], "block_size": -(-p.shape[0] // world) if p.dim() == 2 else None}
+                      for p in single.parameters()]
+            out[name]["single"] = _train(single, getattr(klkern, name)(groups, lr=1e-2, precondition_frequency=5),
+                                         20, data=_fsdp_data(world), grad_hook=average)
+            unsplit = _fsdp_model(world)  # the same without the shard boundaries: other math
+            out[name]["unsplit"] = _train(unsplit, getattr(klkern, name)(unsplit.parameters(), lr=1e-2,
+                                                                          precondition_frequency=5),
+                                          20, data=_fsdp_data(world), grad_hook=average)
+    return out
+
+
+def scenario_checkpoint(rank, world, outdir):
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = outdir / f"ckpt-world{world}"
+    model = _mlp()
+    opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
+    _train(model, opt, 8)
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(ckpt))
+    uninterrupted = _train(model, opt, 8, start=8)
+
+    resumed_model = _mlp(seed=1)  # other weights: everything must come from the checkpoint
+    resumed = _opt("KLShampoo", resumed_model.parameters(), process_group=dist.group.WORLD)
+    resumed.init_state()
+    sd = {"model": resumed_model.state_dict(), "optim": resumed.state_dict()}
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    resumed_model.load_state_dict(sd["model"])
+    resumed.load_state_dict(sd["optim"])
+    out = {"uninterrupted": uninterrupted, "resumed": _train(resumed_model, resumed, 8, start=8)}
+
+    # another world size: the world-2 checkpoint resumed here, against one process resumed from it
+    other = outdir / "ckpt-world2"
+    if world != 2 and other.exists():
+        model = _mlp(seed=1)
+        opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
+        opt.init_state()
+        sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+        dcp.load(sd, checkpoint_id=str(other))
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optim"])
+        out["resharded"] = _train(model, opt, 8, start=8)
+        solo = dist.new_group([0])
+        if rank == 0:
+            model = _mlp(seed=1)
+            opt = _opt("KLShampoo", model.parameters(), process_group=solo)
+            opt.init_state()
+            sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+            dcp.load(sd, checkpoint_id=str(other), process_group=solo)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["optim"])
+            out["resharded_single"] = _train(model, opt, 8, start=8)
+    return out
+
+
+def scenario_nan(rank, world, outdir):
+    """A NaN gradient on rank 1 only (all its parameters, one step): the ranks stay identical."""
+    model = _mlp()
+    opt = _opt("KLSOAP", model.parameters(), process_group=dist.group.WORLD)
+
+    def poison(t, model):
+        if t == 5 and rank == 1:
+            for p in model.parameters():
+                p.grad[0].fill_(float("nan"))
+
+    checks = []
+    for t in range(10):
+        _train(model, opt, 1, start=t, grad_hook=poison)
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        checks.append(all(torch.equal(g, gathered[0]) for g in gathered) and bool(torch.isfinite(flat).all()))
+    return {"identical_every_step": checks, "skipped": opt.nonfinite_skipped}
+
+
+SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "checkpoint": scenario_checkpoint, "nan": scenario_nan}
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_split_equals_one_process(world, tmp_path):
+    results = spawn(world, "ddp", tmp_path)
+    for name in OPTIMIZERS:
+        single = results[0][name]["single"]
+        for rank in range(world):  # every rank holds the same parameters, bit for bit
+            for a, b in zip(results[rank][name]["params"], results[0][name]["params"]):
+                assert torch.equal(a, b), (name, rank)
+        for a, b in zip(results[0][name]["params"], single):
+            assert _rel(a, b) < TRAJ_RTOL, (name, _rel(a, b))
+        moved = max(_rel(a, b) for a, b in zip(single, _mlp().parameters()))
+        assert moved > 1e-2, (name, moved)  # the comparison is between real trajectories
+        # the state is split: each rank holds about 1/world of it
+        total = results[0][name]["single_state_bytes"]
+        per_rank = [results[r][name]["state_bytes"] for r in range(world)]
+        assert abs(sum(per_rank) - total) <= 0.02 * total, (name, per_rank, total)
+        assert max(per_rank) <= 1.25 * total / world, (name, per_rank, total)
+        assert sum(results[r][name]["owned"] for r in range(world)) == 15  # 12 weight blocks + 3 biases
+        assert results[0][name]["bytes_per_step"] > 0
+    for a, b in zip(results[0]["ddp"], results[0]["ddp_single"]):
+        assert _rel(a, b) < DDP_RTOL
+    for rank in range(world):
+        for a, b in zip(results[rank]["bf16"], results[0]["bf16"]):
+            assert torch.equal(a, b)
+    for a, b in zip(results[0]["bf16"], results[0]["KLSOAP"]["single"]):
+        assert 0 < _rel(a, b) < 5e-2  # rounded updates: close, not equal
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_shards_are_preconditioned_locally(world, tmp_path):
+    results = spawn(world, "fsdp", tmp_path)
+    for name in OPTIMIZERS:
+        rows = [s[0] for s in results[0][name]["local_shapes"]]
+        assert rows == [8, 8, 8 * world, 8 * world]  # each rank preconditions its shards
+        tol = TRAJ_RTOL
+        params = results[0][name]["params"]
+        to_split = max(_rel(a, b) for a, b in zip(params, results[0][name]["single"]))
+        assert to_split < tol, (name, to_split)
+        # the shard boundaries matter: one process without them is much further away
+        to_unsplit = max(_rel(a, b) for a, b in zip(params, results[0][name]["unsplit"]))
+        assert to_unsplit > 5 * to_split, (name, to_split, to_unsplit)
+
+
+def test_checkpoint_round_trip_and_resharding(tmp_path):
+    two = spawn(2, "checkpoint", tmp_path)
+    for rank in range(2):
+        for a, b in zip(two[rank]["resumed"], two[rank]["uninterrupted"]):
+            assert torch.equal(a, b)
+    three = spawn(3, "checkpoint", tmp_path)
+    for rank in range(3):
+        for a, b in zip(three[rank]["resumed"], three[rank]["uninterrupted"]):
+            assert torch.equal(a, b)
+        for a, b in zip(three[rank]["resharded"], three[0]["resharded_single"]):
+            assert _rel(a, b) < TRAJ_RTOL
+
+
+def test_nan_on_one_rank_keeps_ranks_in_sync(tmp_path):
+    results = spawn(2, "nan", tmp_path)
+    for r in results:
+        assert all(r["identical_every_step"])
+    assert results[1]["skipped"] == 6 and results[0]["skipped"] == 0
+
+
+def test_assignment_is_balanced_and_deterministic():
+    from klkern._distributed import assign, block_cost
+
+    costs = [block_cost("klshampoo", "klshampoo", (768, 768), (True, True), 10)] * 8 + \
+            [block_cost("klshampoo", "klshampoo", (3072, 768), (True, True), 10)] * 2 + [1.0] * 5
+    for world in (1, 2, 3, 4):
+        owner = assign(costs, world)
+        assert owner == assign(costs, world)
+        load = [sum(c for c, o in zip(costs, owner) if o == r) for r in range(world)]
+        assert max(load) - min(load) <= max(costs)  # the greedy bound
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        klkern.KLShampoo([torch.nn.Parameter(torch.zeros(2, 2))], process_group=object())
+    with pytest.raises(ValueError, match="communication_dtype"):
+        klkern.KLShampoo([torch.nn.Parameter(torch.zeros(2, 2))], communication_dtype=torch.float16)
