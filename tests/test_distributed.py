@@ -171,6 +171,15 @@ def scenario_fsdp(rank, world, outdir):
         _train(model, opt, 20, data=_fsdp_data(world))
         out[name] = {"params": [p.full_tensor().detach().clone() for p in model.parameters()],
                      "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()]}
+        # a state saved with another sharding (blocks keyed by another first row) is refused
+        sd = opt.state_dict()
+        for value in sd["state"].values():
+            value["blocks"] = {f"999:{k.split(':')[1]}": v for k, v in value["blocks"].items()}
+        try:
+            opt.load_state_dict(sd)
+            out[name]["refused"] = ""
+        except ValueError as err:
+            out[name]["refused"] = str(err)
         if rank == 0:
             # one process, each weight in its own group with block_size = rows per shard
             single = _fsdp_model(world)
@@ -286,6 +295,7 @@ def test_ddp_split_equals_one_process(world, tmp_path):
 def test_fsdp2_shards_are_preconditioned_locally(world, tmp_path):
     results = spawn(world, "fsdp", tmp_path)
     for name in OPTIMIZERS:
+        assert "same sharding" in results[0][name]["refused"]
         rows = [s[0] for s in results[0][name]["local_shapes"]]
         assert rows == [8, 8, 8 * world, 8 * world]  # each rank preconditions its shards
         tol = TRAJ_RTOL
