@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
     if args.steps:
         cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in train_lm.OPTIMIZERS]
+    unknown = [n for n in names if n not in train_lm.ALL_OPTIMIZERS]
     if unknown:
-        raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {', '.join(train_lm.OPTIMIZERS)}")
+        raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {', '.join(train_lm.ALL_OPTIMIZERS)}")
     grid = [float(x) for x in args.grid.split(",") if x.strip()]
     device = torch.device(args.device)
     data = train_lm.load_data(args, cfg)
@@ -110,6 +110,13 @@ def main(argv=None) -> dict:
         ok = {lr: v for lr, v in tried.items() if math.isfinite(v)}
         if ok:
             best[name] = float(min(ok, key=ok.get))
+    for name, per in cached.items():  # optimizers swept before (same preset, config, corpus) stay
+        if name not in losses:
+            losses[name] = per
+            ok = {float(lr): v for lr, v in per.items() if v is not None and math.isfinite(v)}
+            if ok:
+                best[name] = min(ok, key=ok.get)
+    names = [n for n in dict.fromkeys([*cached, *names])]
     columns = sorted({float(lr) for per in losses.values() for lr in per})
 
     stem.parent.mkdir(parents=True, exist_ok=True)

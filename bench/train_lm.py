@@ -53,6 +53,11 @@ import klkern  # noqa: E402
 from klkern._optimizer import tensor_bytes  # noqa: E402
 
 OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograft")
+# The initialisation study (bench/results/init_study.md): KL-Shampoo and KL-SOAP with the
+# scale-free eigenvalue initialisations of klkern (init_factor="rms" / "debiased") and with the
+# prototype's constant 0.1 (which stays one argument away whatever the default is).
+VARIANTS = ("klshampoo-rms", "klshampoo-debiased", "klshampoo-0.1", "klsoap-rms", "klsoap-debiased", "klsoap-0.1")
+ALL_OPTIMIZERS = OPTIMIZERS + VARIANTS
 
 
 # --------------------------------------------------------------------------- config
@@ -84,6 +89,9 @@ PRESETS = {
     # A few seconds per run; the tests use it.
     "tiny": Config(n_layer=1, n_head=2, d_model=16, context=16, batch_size=4,
                    steps=12, eval_every=4, eval_batches=2),
+    # The same model on characters of a text (the Shakespeare corpus in the experiments).
+    "shakespeare-cpu": Config(n_layer=3, n_head=4, d_model=96, context=64, batch_size=16,
+                              steps=500, eval_every=50, eval_batches=8, tokens="chars"),
     # nanoGPT shakespeare-char (the SOAP gradient-whitening paper's setting):
     # 6 layers, 6 heads, 384 dims, context 256, ~10.6M parameters. For a GPU.
     "shakespeare-char": Config(n_layer=6, n_head=6, d_model=384, context=256, batch_size=64,
@@ -214,22 +222,29 @@ class GPT(nn.Module):
 # --------------------------------------------------------------------------- optimizers
 
 
-def make_optimizer(name: str, params, lr: float, cfg: Config, extra: dict | None = None):
-    common = dict(lr=lr, weight_decay=cfg.weight_decay, **(extra or {}))
+def optimizer_spec(name: str, cfg: Config) -> tuple:
+    """(class, keyword arguments) of a named optimizer of the comparison, before --set."""
+    common = dict(weight_decay=cfg.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, betas=ADAMW_BETAS, **common)
+        return torch.optim.AdamW, dict(common, betas=ADAMW_BETAS)
     shared = dict(common, precondition_frequency=cfg.precondition_frequency)
-    if name == "klshampoo":
-        return klkern.KLShampoo(params, **shared)
-    if name == "klsoap":
-        return klkern.KLSOAP(params, **shared)
-    if name == "soap":
-        return klkern.SOAP(params, **shared)
-    if name == "shampoo":
-        return klkern.Shampoo(params, grafting="adam", **shared)
-    if name == "shampoo-nograft":
-        return klkern.Shampoo(params, grafting="none", **shared)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    base, _, init = name.partition("-")
+    classes = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP,
+               "shampoo": klkern.Shampoo}
+    if name not in ALL_OPTIMIZERS or base not in classes:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
+    if base == "shampoo":
+        return klkern.Shampoo, dict(shared, grafting="none" if init == "nograft" else "adam")
+    if init:
+        shared["init_factor"] = float(init) if init[0].isdigit() else init
+    return classes[base], shared
+
+
+def make_optimizer(name: str, params, lr: float, cfg: Config, extra: dict | None = None):
+    """The optimizer ``name`` with learning rate ``lr``; ``extra`` (from --set) overrides any of
+    its arguments, the defaults of the comparison included (e.g. adamw.betas)."""
+    cls, kwargs = optimizer_spec(name, cfg)
+    return cls(params, **{**kwargs, "lr": lr, **(extra or {})})
 
 
 def state_bytes(opt) -> int:
@@ -251,6 +266,17 @@ def lr_at(step: int, cfg: Config) -> float:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def kl_of(opt) -> float | str:
+    """The numel-weighted mean of the per-entry KL objective over the preconditioned parameters
+    (klkern's optimizer.diagnostics()), or "" for optimizers without one."""
+    if not hasattr(opt, "diagnostics"):
+        return ""
+    sizes = {i: p.numel() for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    pairs = [(stats["kl"], sizes[key]) for key, stats in opt.diagnostics().items()
+             if "kl" in stats and math.isfinite(stats["kl"])]
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else ""
 
 
 @torch.no_grad()
@@ -294,7 +320,7 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
     rows, wall, opt_time, diverged = [], 0.0, 0.0, False
     step_times = []
     row = {"optimizer": name, "seed": seed, "lr": lr, "step": 0, "train_loss": "",
-           "val_loss": evaluate(model, val, val_starts, cfg, device), "wall_time_s": 0.0}
+           "val_loss": evaluate(model, val, val_starts, cfg, device), "wall_time_s": 0.0, "kl": ""}
     rows.append(row)
     if on_row:
         on_row(row)
@@ -323,7 +349,8 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
         if not math.isfinite(train_loss) or (val_loss is not None and not math.isfinite(val_loss)):
             diverged = True
         row = {"optimizer": name, "seed": seed, "lr": lr, "step": step, "train_loss": train_loss,
-               "val_loss": "" if val_loss is None else val_loss, "wall_time_s": wall}
+               "val_loss": "" if val_loss is None else val_loss, "wall_time_s": wall,
+               "kl": "" if val_loss is None else kl_of(opt)}
         rows.append(row)
         if on_row:
             on_row(row)
@@ -349,7 +376,20 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
 # --------------------------------------------------------------------------- reports
 
 
+def steps_to(run: dict, target: float) -> float:
+    """First step at which the run's validation loss reaches ``target`` (linear between
+    evaluations), or inf."""
+    evals = [(r["step"], r["val_loss"]) for r in run["rows"] if r["val_loss"] != ""]
+    for (s0, v0), (s1, v1) in zip(evals, evals[1:]):
+        if v1 <= target:
+            return float(s1) if v0 == v1 else s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
+    return math.inf
+
+
 def summarize(results: list[dict]) -> list[dict]:
+    adamw = [r["final_val_loss"] for r in results if r["optimizer"] == "adamw"
+             and math.isfinite(r["final_val_loss"])]
+    target = statistics.fmean(adamw) if adamw else None
     table = []
     for name in dict.fromkeys(r["optimizer"] for r in results):
         runs = [r for r in results if r["optimizer"] == name]
@@ -366,6 +406,8 @@ def summarize(results: list[dict]) -> list[dict]:
             "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
             "opt_ms_per_step": statistics.median(r["opt_ms_per_step"] for r in runs),
             "state_mib": runs[0]["state_mib"],
+            "target": target,
+            "steps_to_target": ([steps_to(r, target) for r in runs] if target is not None else None),
         })
     return table
 
@@ -385,17 +427,23 @@ def markdown(table: list[dict], meta: dict) -> str:
         "Final validation loss (mean +- std over seeds, [min, max]); time per training step "
         "(median, forward+backward+optimizer) and per optimizer step (mean); optimizer state.",
         "",
-        "| optimizer | lr | seeds | final val loss | [min, max] | ms/step | optimizer ms/step | state MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "Steps to target: the step at which the validation loss first reaches AdamW's final "
+        "validation loss (mean over its seeds; linear between evaluations), per seed.",
+        "",
+        "| optimizer | lr | seeds | final val loss | [min, max] | steps to AdamW's final loss | ms/step | "
+        "optimizer ms/step | state MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         loss = (f"{r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f}"
                 if math.isfinite(r["val_loss_mean"]) else "diverged")
         if r["diverged"]:
             loss += f" ({r['diverged']} of {r['seeds']} diverged)"
+        reach = "-" if r.get("steps_to_target") is None else ", ".join(
+            "not reached" if not math.isfinite(x) else f"{x:.0f}" for x in r["steps_to_target"])
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g} | {r['seeds']} | {loss} | "
-            f"[{r['val_loss_min']:.4f}, {r['val_loss_max']:.4f}] | {r['ms_per_step']:.1f} | "
+            f"[{r['val_loss_min']:.4f}, {r['val_loss_max']:.4f}] | {reach} | {r['ms_per_step']:.1f} | "
             f"{r['opt_ms_per_step']:.1f} | {r['state_mib']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -408,10 +456,10 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[train]')", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     colors = {}
     for r in results:
-        color = colors.setdefault(r["optimizer"], f"C{len(colors)}")
+        color = colors.setdefault(r["optimizer"], f"C{len(colors) % 10}")
         evals = [row for row in r["rows"] if row["val_loss"] != ""]
         label = r["optimizer"] if r["seed"] == min(x["seed"] for x in results
                                                    if x["optimizer"] == r["optimizer"]) else None
@@ -419,8 +467,17 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
                      alpha=0.8, label=label)
         axes[1].plot([e["wall_time_s"] for e in evals], [e["val_loss"] for e in evals], color=color,
                      alpha=0.8, label=label)
+        kls = [(e["step"], e["kl"]) for e in evals if e.get("kl") not in ("", None)]
+        if kls:
+            axes[2].plot([s for s, _ in kls], [k for _, k in kls], color=color, alpha=0.8, label=label)
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("KL objective per entry (EMA; lower fits better)")
+    axes[2].set_title("preconditioner fit (optimizer.diagnostics()['kl'])", fontsize=9)
+    axes[2].grid(alpha=0.3)
+    if axes[2].lines:
+        axes[2].legend(fontsize=8)
     finals = [r["final_val_loss"] for r in results if math.isfinite(r["final_val_loss"])]
-    for ax, xlabel in zip(axes, ("step", "training wall time (s)")):
+    for ax, xlabel in zip(axes[:2], ("step", "training wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
         starts = [r["rows"][0]["val_loss"] for r in results if r["rows"] and r["rows"][0]["step"] == 0]
@@ -443,7 +500,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help=f"comma-separated subset of {','.join(OPTIMIZERS)}")
+                   help=f"comma-separated subset of {','.join(ALL_OPTIMIZERS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
                    help="override a learning rate, e.g. --lr klshampoo=3e-3 (repeatable)")
@@ -463,10 +520,12 @@ def parse_args(argv=None):
 
 def learning_rates(args) -> dict:
     lrs = dict(DEFAULT_LR.get(args.preset, DEFAULT_LR["cpu"]))
+    for name in ALL_OPTIMIZERS:  # a variant without a swept rate starts from its base optimizer's
+        lrs.setdefault(name, lrs.get(name.split("-")[0], 3e-3))
     for item in args.lr:
         name, _, value = item.partition("=")
-        if name not in OPTIMIZERS or not value:
-            raise SystemExit(f"--lr expects OPT=LR with OPT in {', '.join(OPTIMIZERS)}; got {item!r}")
+        if name not in ALL_OPTIMIZERS or not value:
+            raise SystemExit(f"--lr expects OPT=LR with OPT in {', '.join(ALL_OPTIMIZERS)}; got {item!r}")
         lrs[name] = float(value)
     return lrs
 
@@ -479,6 +538,7 @@ def read_runs(path: Path) -> list[dict]:
             row["step"] = int(row["step"])
             row["wall_time_s"] = float(row["wall_time_s"])
             row["val_loss"] = float(row["val_loss"]) if row["val_loss"] else ""
+            row["kl"] = float(row["kl"]) if row.get("kl") else ""
             key = (row["optimizer"], int(row["seed"]))
             runs.setdefault(key, {"optimizer": key[0], "seed": key[1], "rows": []})["rows"].append(row)
     for r in runs.values():
@@ -493,8 +553,8 @@ def optimizer_args(args) -> dict:
     for item in args.set:
         target, _, value = item.partition("=")
         name, _, key = target.partition(".")
-        if name not in OPTIMIZERS or not key or not value:
-            raise SystemExit(f"--set expects OPT.KEY=VALUE with OPT in {', '.join(OPTIMIZERS)}; got {item!r}")
+        if name not in ALL_OPTIMIZERS or not key or not value:
+            raise SystemExit(f"--set expects OPT.KEY=VALUE with OPT in {', '.join(ALL_OPTIMIZERS)}; got {item!r}")
         try:
             out.setdefault(name, {})[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -518,8 +578,8 @@ def main(argv=None) -> list[dict]:
         cfg = replace(cfg, steps=args.steps, eval_every=min(cfg.eval_every, args.steps))
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     for n in names:
-        if n not in OPTIMIZERS:
-            raise SystemExit(f"unknown optimizer {n!r}; choose from {', '.join(OPTIMIZERS)}")
+        if n not in ALL_OPTIMIZERS:
+            raise SystemExit(f"unknown optimizer {n!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     lrs = learning_rates(args)
     extras = optimizer_args(args)
@@ -534,7 +594,7 @@ def main(argv=None) -> list[dict]:
     results = []
     with open(out / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["optimizer", "seed", "lr", "step", "train_loss",
-                                                "val_loss", "wall_time_s"])
+                                                "val_loss", "wall_time_s", "kl"])
         writer.writeheader()
         for name in names:
             for seed in seeds:

@@ -150,10 +150,59 @@ def _floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
 
 
 def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
+    """Zero-filled state; eigenvalue estimates (lam*) and the KL diagnostics (kl*) are float32."""
     return {
-        name: torch.zeros(shape, dtype=torch.float32 if name.startswith("lam") else state_dtype, device=G.device)
+        name: torch.zeros(shape, dtype=torch.float32 if name.startswith(("lam", "kl")) else state_dtype,
+                          device=G.device)
         for name, shape in names_shapes.items()
     }
+
+
+# --------------------------------------------------------------------------
+# the KL objective of each block's estimate, tracked every step (optimizer.diagnostics())
+
+KL_TRACK_BETA = 0.9  # EMA over steps of the per-entry KL objective
+
+
+def _kl_names(B: int) -> dict:
+    return {"kl": (B,), "kl_weight": (B,)}
+
+
+def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
+    """Fold the KL objective of the block's current estimate, evaluated on the incoming
+    rotated gradient ``Gr`` (before the estimate sees it), into an EMA over steps.
+
+    The estimate is S = kron_k Q_k diag(lam_k) Q_k^T (``lams[k]`` (B, d_k), None for a mode
+    without one) at its KL-optimal overall scale, so that estimates of any scale compare; per
+    entry: 0.5 (log(q / N) + logdet / N + 1) with q = ||Gr / sqrt(prod lam)||^2 and
+    logdet = sum_k (N / d_k) sum log lam_k (see klkern.analysis.kl_objective)."""
+    B, shape = Gr.shape[0], Gr.shape[1:]
+    nd, N = len(shape), Gr[0].numel()
+    prod = _lam_product(lams, nd)
+    q = (Gr * Gr if prod is None else Gr * Gr / prod).reshape(B, -1).sum(1)
+    logdet = Gr.new_zeros(B)
+    for k, lam in enumerate(lams):
+        if lam is not None:
+            logdet = logdet + (N / shape[k]) * torch.log(lam).sum(1)
+    objective = 0.5 * (torch.log(torch.clamp(q / N, min=1e-30)) + logdet / N + 1.0)
+    bufs["kl"].mul_(KL_TRACK_BETA).add_(objective, alpha=1 - KL_TRACK_BETA)
+    bufs["kl_weight"].mul_(KL_TRACK_BETA).add_(1 - KL_TRACK_BETA)
+
+
+def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, shape: tuple) -> None:
+    """:func:`track_kl_` for the KL variants from mode k's eigenvalue projection
+    proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
+    kernels too): ||Gr / sqrt(prod lam)||^2 = (N / d_k) sum_i proj_k_i / lam_k_i."""
+    B = proj.shape[0]
+    N = math.prod(shape)
+    q = (N / shape[k]) * (proj / lams[k]).sum(1)
+    logdet = proj.new_zeros(B)
+    for j, lam in enumerate(lams):
+        if lam is not None:
+            logdet = logdet + (N / shape[j]) * torch.log(lam).sum(1)
+    objective = 0.5 * (torch.log(torch.clamp(q / N, min=1e-30)) + logdet / N + 1.0)
+    bufs["kl"].mul_(KL_TRACK_BETA).add_(objective, alpha=1 - KL_TRACK_BETA)
+    bufs["kl_weight"].mul_(KL_TRACK_BETA).add_(1 - KL_TRACK_BETA)
 
 
 def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
@@ -209,7 +258,7 @@ def _carry(bufs: dict, name: str, Ps: list) -> None:
         _store(bufs, name, _rotate(_load(bufs, name), Ps))
 
 
-def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool) -> None:
+def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool, t: int) -> None:
     """Steps 4 and 5 in the rotated basis, every mode from the old lam:
     R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) Gr_(k)^T with W = Gr / prod_{j!=k} lam_j
     (the weights on one side, as the kernel applies them),
@@ -224,19 +273,39 @@ def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool) -> None:
         W = Gr if inv is None else Gr / inv
         R = _load(bufs, f"R{k}")
         _store(bufs, f"R{k}", _gram_(R, Gr, k, beta2, (1 - beta2) * Gr.shape[k + 1] / N, hp["factor_mode"], W))
-        if update_lam:
-            others = [j + 1 for j in range(nd) if j != k]
-            new_lams[k] = (W * Gr).mean(dim=others) if others else W * Gr
-    lam_ema_(bufs, new_lams, hp)
+        others = [j + 1 for j in range(nd) if j != k]
+        new_lams[k] = (W * Gr).mean(dim=others) if others else W * Gr
+    first = _modes(mask)[0]
+    kl_from_projection_(bufs, new_lams[first], lams, first, tuple(Gr.shape[1:]))
+    if update_lam:
+        lam_ema_(bufs, new_lams, hp, t)
 
 
-def lam_ema_(bufs, projections: dict, hp) -> None:
-    """Step 5 from the projections: lam_k <- beta2 lam_k + (1 - beta2) proj_k, then the floor."""
+def lam_ema_(bufs, projections: dict, hp, t: int) -> None:
+    """Step 5 from the projections: lam_k <- (1 - w) lam_k + w proj_k, then the floor, with
+    w = 1 - beta2, or its bias-corrected (1 - beta2) / (1 - beta2^t) for init_factor="debiased"."""
     beta2 = hp["factor_beta"]
+    weight = (1 - beta2) / (1 - beta2**t) if hp.get("init_factor") == "debiased" else 1 - beta2
     for k, proj in projections.items():
         lam = bufs[f"lam{k}"]
-        lam.mul_(beta2).add_(proj, alpha=1 - beta2)
+        lam.mul_(1 - weight).add_(proj, alpha=weight)
         _floor(lam, hp["eigval_clamp"])
+
+
+def _init_lams_(bufs, G, mask, hp) -> None:
+    """Step 0 eigenvalue estimates (reference.init_eigenvalues): init_factor in every entry,
+    or for "rms"/"debiased" mean(G^2)^(1/K) per block (K preconditioned modes), floored."""
+    rule = hp["init_factor"]
+    modes = _modes(mask)
+    if isinstance(rule, str):
+        value = G.double().pow(2).reshape(G.shape[0], -1).mean(1).pow(1.0 / len(modes)).float()
+    for k in modes:
+        lam = bufs[f"lam{k}"]
+        if isinstance(rule, str):
+            lam.copy_(value.unsqueeze(1).expand_as(lam))
+            _floor(lam, hp["eigval_clamp"])
+        else:
+            lam.fill_(rule)
 
 
 # --------------------------------------------------------------------------
@@ -245,7 +314,7 @@ def lam_ema_(bufs, projections: dict, hp) -> None:
 
 def klshampoo_init(G, mask, hp):
     N = G[0].numel()
-    extra = {"exp_avg": tuple(G.shape)}
+    extra = {"exp_avg": tuple(G.shape), **_kl_names(G.shape[0])}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
     scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
@@ -253,8 +322,8 @@ def klshampoo_init(G, mask, hp):
     for k in _modes(mask):
         if hp["eigenbasis"] == "eigh":
             bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp["eigval_clamp"]))
-        else:
-            bufs[f"lam{k}"].fill_(hp["init_factor"])
+    if hp["eigenbasis"] != "eigh":
+        _init_lams_(bufs, G, mask, hp)
     return bufs
 
 
@@ -270,7 +339,7 @@ def klshampoo_step(bufs, G, mask, hp, t):
     D = 1.0 / (torch.sqrt(prod) + hp["eps"])
     U = _rotate_back(M * D, Qs, hp["rotation_mode"])
     idealized = hp["eigenbasis"] == "eigh"
-    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized)
+    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t)
     if t % hp["precondition_frequency"] == 0:
         if idealized:
             Ps = _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"])
@@ -305,13 +374,12 @@ def _refresh_exact(bufs, mask, Qs, eigval_clamp) -> list:
 
 def klsoap_init(G, mask, hp):
     N = G[0].numel()
-    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}
+    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0])}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
     scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
     bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
-    for k in _modes(mask):
-        bufs[f"lam{k}"].fill_(hp["init_factor"])
+    _init_lams_(bufs, G, mask, hp)
     return bufs
 
 
@@ -329,7 +397,7 @@ def klsoap_step(bufs, G, mask, hp, t):
     Qs = _bases(bufs, mask)
     Gr = _rotate(G, Qs, hp["rotation_mode"])
     U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
-    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True)
+    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True, t=t)
     if t % hp["precondition_frequency"] == 0:
         _carry(bufs, "exp_avg", _refresh_rotated(bufs, mask, Qs))
     return U, 1.0
@@ -340,10 +408,18 @@ def klsoap_step(bufs, G, mask, hp, t):
 
 
 def soap_init(G, mask, hp):
-    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}
+    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0])}
     scale = lambda k: 1 - hp["factor_beta"]  # noqa: E731
     bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
     return bufs
+
+
+def soap_track_kl_(bufs, Gr, mask) -> None:
+    """SOAP's estimate for the KL diagnostic: its eigenbasis with the eigenvalues diag(R_k) of
+    its Gram factors (before this step's update)."""
+    lams = [torch.diagonal(_load(bufs, f"R{k}"), dim1=-2, dim2=-1).clamp(min=1e-30) if on else None
+            for k, on in enumerate(mask)]
+    track_kl_(bufs, Gr, lams)
 
 
 def _bias_scale(hp, t) -> float:
@@ -356,6 +432,7 @@ def soap_step(bufs, G, mask, hp, t):
     Qs = _bases(bufs, mask)
     Gr = _rotate(G, Qs, hp["rotation_mode"])
     U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
+    soap_track_kl_(bufs, Gr, mask)
     beta2 = hp["factor_beta"]
     for k in _modes(mask):  # GG_k in its eigenbasis: Q^T G G^T Q = Gr_(k) Gr_(k)^T
         _store(bufs, f"R{k}", _gram_(_load(bufs, f"R{k}"), Gr, k, beta2, 1 - beta2, hp["factor_mode"]))
@@ -369,7 +446,7 @@ def soap_step(bufs, G, mask, hp, t):
 
 
 def shampoo_init(G, mask, hp):
-    shapes = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}
+    shapes = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0])}
     for k in _modes(mask):
         d = G.shape[k + 1]
         shapes[f"L{k}"] = (G.shape[0], d, d)
@@ -377,15 +454,24 @@ def shampoo_init(G, mask, hp):
     return _new_state(G, shapes, hp["state_dtype"])
 
 
-def shampoo_roots_(bufs, mask, hp) -> None:
-    """root_k <- (max(L_k, 0) + eps I)^-p by eigendecomposition (previous root where it fails)."""
+def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None) -> None:
+    """root_k <- (max(L_k, 0) + eps I)^-p by eigendecomposition (previous root where it fails).
+
+    With ``G``, the KL diagnostic of Shampoo's estimate kron_k (L_k + eps)^(2p) is tracked here,
+    where its eigendecomposition exists (on this step's gradient, which L already includes)."""
+    Qs: list = [None] * len(mask)
+    lams: list = [None] * len(mask)
     for k in _modes(mask):
         previous = _load(bufs, f"root{k}")
         evals, Q, ok = _eigh_stack(_load(bufs, f"L{k}"), None)
-        root = (Q * (evals.clamp(min=0) + hp["eps"]).pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
+        shifted = evals.clamp(min=0) + hp["eps"]
+        root = (Q * shifted.pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
         if ok is not None:  # keep the previous root where the solve failed
             root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
         _store(bufs, f"root{k}", root)
+        Qs[k], lams[k] = Q, shifted.pow(2 * hp["exponent"])
+    if G is not None:
+        track_kl_(bufs, _rotate(G, Qs), lams)
 
 
 def shampoo_moments(bufs, G, hp, t):
@@ -415,7 +501,7 @@ def shampoo_step(bufs, G, mask, hp, t):
     for k in _modes(mask):
         _store(bufs, f"L{k}", _gram_(_load(bufs, f"L{k}"), G, k, beta2, 1 - beta2))
     if t % hp["precondition_frequency"] == 0:
-        shampoo_roots_(bufs, mask, hp)
+        shampoo_roots_(bufs, mask, hp, G)
     m, A = shampoo_moments(bufs, G, hp, t)
     if t < hp["precondition_frequency"]:
         return A, 1.0

@@ -529,6 +529,16 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
     def _group_of(self, param) -> dict:
         return next(g for g in self.param_groups if any(p is param for p in g["params"]))
 
+    def diagnostics(self, named_parameters=None) -> dict:
+        """Per parameter (keyed by its index, or by name given ``model.named_parameters()``):
+        ``kl`` (EMA of the per-entry KL objective of its covariance estimate; lower fits
+        better), ``eig_min``/``eig_max`` (its eigenvalue estimates), ``staleness`` (off-diagonal
+        energy of Q^T S Q relative to its diagonal) and ``update_rms``; AdamW-path parameters
+        have ``update_rms`` only. One host synchronisation per device (klkern/_diagnostics.py)."""
+        from . import _diagnostics
+
+        return _diagnostics.collect(self, named_parameters)
+
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state (stacked buffers counted once)."""
         return tensor_bytes(self.state)

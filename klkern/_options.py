@@ -45,6 +45,9 @@ DEFAULTS: dict[str, dict] = {
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Scale-free initialisations of the KL eigenvalue estimates (reference.init_eigenvalues).
+INIT_RULES = ("rms", "debiased")
+
 
 def build_defaults(algorithm: str, overrides: dict, owner: str) -> dict:
     """The algorithm's defaults updated by the constructor's keyword arguments."""
@@ -120,8 +123,10 @@ def validate_group(algorithm: str, group: dict) -> None:
     if group["large_dim_policy"] not in ("adamw", "identity"):
         _fail("large_dim_policy", group["large_dim_policy"], "must be 'adamw' or 'identity'")
     if algorithm in ("klshampoo", "klsoap"):
-        if not _real(group["init_factor"]) or group["init_factor"] <= 0:
-            _fail("init_factor", group["init_factor"], "must be a finite number > 0")
+        init = group["init_factor"]
+        if not (init in INIT_RULES or (_real(init) and init > 0)):
+            _fail("init_factor", init, f"must be a finite number > 0 (every initial eigenvalue estimate) or one of "
+                                       f"{INIT_RULES} (scale-free, from the first gradient)")
         if not _real(group["eigval_clamp"]) or group["eigval_clamp"] <= 0:
             _fail("eigval_clamp", group["eigval_clamp"], "must be a finite number > 0")
     if algorithm == "klshampoo" and group["eigenbasis"] not in ("qr", "eigh"):

@@ -22,15 +22,17 @@ def supports(path: str, block_shape: tuple, mask) -> bool:
     return path in STEPS and len(block_shape) == 2 and all(mask)
 
 
-def _kl_factors_and_lams(bufs, Gr, proj, hp) -> None:
-    """Steps 4-5 from the old lam: weighted factor EMAs (one triangle each), then lam EMA + floor."""
+def _kl_factors_and_lams(bufs, Gr, proj, hp, t) -> None:
+    """Steps 4-5 from the old lam: weighted factor EMAs (one triangle each), the KL diagnostic,
+    then lam EMA + floor."""
     beta2 = hp["factor_beta"]
     _, m, n = Gr.shape
     lam_a, lam_b = bufs["lam0"], bufs["lam1"]
     mode = hp["factor_mode"]
     K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n, precision=mode)
     K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True, precision=mode)
-    F.lam_ema_(bufs, {0: proj[0], 1: proj[1]}, hp)
+    F.kl_from_projection_(bufs, proj[0], [lam_a, lam_b], 0, (m, n))
+    F.lam_ema_(bufs, {0: proj[0], 1: proj[1]}, hp, t)
 
 
 def _write_args(write, scale):
@@ -50,7 +52,7 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
                                 beta2=hp["beta2"], precision=mode)
     scaling = dict(v=v) if adam else dict(lam=lam)
     U = K.precondition(m, Qa, Qb, eps=hp["eps"], **scaling, **_write_args(write, 1.0), precision=mode)
-    _kl_factors_and_lams(bufs, Gr, proj, hp)
+    _kl_factors_and_lams(bufs, Gr, proj, hp, t)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
     return U, 1.0  # U is None when the kernel wrote the parameters
@@ -74,6 +76,7 @@ def soap_step(bufs, G, mask, hp, t, write=None):
     Gr, _ = K.rotate_project(G, Qa, Qb, momentum=m, beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"],
                              precision=mode)
     U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, scale), precision=mode)
+    F.soap_track_kl_(bufs, Gr, mask)
     beta2 = hp["factor_beta"]
     K.factor_ema_(bufs["R0"], Gr, None, beta2, 1 - beta2, precision=fmode)
     K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True, precision=fmode)
@@ -90,7 +93,7 @@ def shampoo_step(bufs, G, mask, hp, t, write=None):
     K.factor_ema_(bufs["L0"], G, None, beta2, 1 - beta2)
     K.factor_ema_(bufs["L1"], G, None, beta2, 1 - beta2, transpose_x=True)
     if t % hp["precondition_frequency"] == 0:
-        F.shampoo_roots_(bufs, mask, hp)
+        F.shampoo_roots_(bufs, mask, hp, G)
     m, A = F.shampoo_moments(bufs, G, hp, t)
     if t < hp["precondition_frequency"]:
         return A, 1.0

@@ -144,9 +144,31 @@ def kl_init_factors(G: torch.Tensor, mask, beta2: float) -> list:
     return out
 
 
-def init_eigenvalues(d: int, init_factor: float, like: torch.Tensor) -> torch.Tensor:
-    """First step: lam_k = init_factor in every entry."""
-    return torch.full((d,), float(init_factor), dtype=like.dtype, device=like.device)
+def init_eigenvalues(G: torch.Tensor, mask, init_factor, eigval_clamp: float) -> list:
+    """First step: the eigenvalue estimates of every preconditioned mode.
+
+    * ``init_factor`` a number (SPEC, the prototype): lam_k = init_factor in every entry;
+    * "rms" or "debiased": scale-free, from the first gradient: every entry of every
+      preconditioned mode's lam_k is mean(G^2) ** (1 / K) (K = number of preconditioned
+      modes), so that prod_k lam_k = mean(G^2) matches the gradient's second moment,
+      floored like step 5.
+    """
+    if isinstance(init_factor, str):
+        modes = sum(1 for on in mask if on)
+        value = float(torch.mean(G.double() ** 2)) ** (1.0 / modes)
+        return [eigval_floor(torch.full((d,), value, dtype=G.dtype, device=G.device), eigval_clamp) if on else None
+                for d, on in zip(G.shape, mask)]
+    return [torch.full((d,), float(init_factor), dtype=G.dtype, device=G.device) if on else None
+            for d, on in zip(G.shape, mask)]
+
+
+def eigenvalue_weight(beta2: float, t: int, init_factor) -> float:
+    """The weight of the new projection in step 5: 1 - beta2, or for init_factor="debiased" the
+    bias-corrected (1 - beta2) / (1 - beta2^t): lam is then the weighted mean of the projections
+    seen so far (the initial value only weights the first projection, then has no weight)."""
+    if init_factor == "debiased":
+        return (1 - beta2) / (1 - beta2**t)
+    return 1 - beta2
 
 
 def kl_scaling(lams: list, ndim: int, eps: float) -> torch.Tensor:
@@ -180,11 +202,13 @@ def kl_factor_update(Ss: list, G: torch.Tensor, Qs: list, lams: list, beta2: flo
     return out
 
 
-def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float) -> list:
+def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weight: float | None = None) -> list:
     """Step 5 (Claim 3), before the floor: with Gr = rotate(G),
 
-    lam_k <- beta2 lam_k + (1-beta2) * mean over the other modes of Gr^2 / prod_{j!=k} lam_j.
+    lam_k <- beta2 lam_k + (1-beta2) * mean over the other modes of Gr^2 / prod_{j!=k} lam_j
+    (``weight`` replaces 1 - beta2 and beta2 by 1 - weight: see :func:`eigenvalue_weight`).
     """
+    weight = 1 - beta2 if weight is None else weight
     Gr = rotate(G, Qs)
     out = []
     for k, lam in enumerate(lams):
@@ -194,7 +218,7 @@ def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float) -> li
         others = [j for j in range(G.dim()) if j != k]
         weighted = Gr**2 / lam_product(lams, G.dim(), skip=k)
         proj = weighted.mean(dim=others) if others else weighted
-        out.append(beta2 * lam + (1 - beta2) * proj)
+        out.append((1 - weight) * lam + weight * proj)
     return out
 
 
@@ -356,7 +380,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
             lams, Qs = [e[0] for e in eig], [e[1] for e in eig]
         else:
             Qs = [init_eigenbasis(s) if s is not None else None for s in S]
-            lams = [init_eigenvalues(G.shape[k], group["init_factor"], G) if on else None for k, on in enumerate(mask)]
+            lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"])
         return {"exp_avg": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams}
 
     def _block_step(self, b, G, mask, group, t):
@@ -367,7 +391,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
         S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)  # step 4
         idealized = group["eigenbasis"] == "eigh"
         if not idealized:  # step 5
-            lams = eigenvalue_update(b["lam"], G, b["Q"], beta2)
+            lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
             b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
         b["S"] = S
         if t % group["precondition_frequency"] == 0:  # step 6
@@ -392,7 +416,7 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
     def _init_preconditioned(self, G, mask, group):
         S = kl_init_factors(G, mask, factor_beta(group))
         Qs = [init_eigenbasis(s) if s is not None else None for s in S]
-        lams = [init_eigenvalues(G.shape[k], group["init_factor"], G) if on else None for k, on in enumerate(mask)]
+        lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"])
         return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams}
 
     def _block_step(self, b, G, mask, group, t):
@@ -402,7 +426,7 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
         U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
         S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)
-        lams = eigenvalue_update(b["lam"], G, b["Q"], beta2)
+        lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
         b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
         b["S"] = S
         if t % group["precondition_frequency"] == 0:

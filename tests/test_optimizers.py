@@ -239,3 +239,30 @@ def test_long_trajectory_matches_reference(name):
     any error in the math gives O(1) differences."""
     p_fast, p_ref, _ = run_pair(name, [(48, 48), (6, 8, 10), (40,)], steps=200)
     assert_trajectories_match(p_fast, p_ref, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["klshampoo", "klsoap"])
+@pytest.mark.parametrize("rule", ["rms", "debiased"])
+def test_scale_free_initialisations_match_reference(name, rule):
+    p_fast, p_ref, _ = run_pair(name, [(8, 8), (4, 5, 6), (7,)], steps=20, init_factor=rule,
+                                precondition_frequency=5)
+    assert_trajectories_match(p_fast, p_ref)
+
+
+def test_scale_free_initialisation_rules():
+    """rms: prod_k lam_k = mean(G^2) (each mode mean(G^2)^(1/K)), floored; debiased: the first
+    projection replaces the initial value entirely, later ones average as a bias-corrected EMA."""
+    from klkern import reference as R
+
+    G = torch.randn(6, 4, 5) * 3e-2
+    lams = R.init_eigenvalues(G, (True, False, True), "rms", 4000.0)
+    assert lams[1] is None
+    assert torch.allclose(lams[0][0] * lams[2][0], (G**2).mean(), rtol=1e-5)
+    tiny = R.init_eigenvalues(torch.full((3, 3), 1e-9), (True, True), "rms", 4000.0)
+    assert torch.all(tiny[0] == 1 / 100)  # the floor 1/c^2, c = max(10, min(3, 4000)) = 10
+    assert R.eigenvalue_weight(0.95, 1, "debiased") == pytest.approx(1.0)
+    assert R.eigenvalue_weight(0.95, 2, "debiased") == pytest.approx(0.05 / (1 - 0.95**2))
+    assert R.eigenvalue_weight(0.95, 7, 0.1) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="init_factor='tiny'"):
+        import klkern
+        klkern.KLShampoo([torch.nn.Parameter(torch.zeros(2, 2))], init_factor="tiny")

@@ -162,8 +162,9 @@ def test_products_follow_the_mode_and_the_rest_stays_fp32(monkeypatch):
     monkeypatch.setattr(_precision, "baddbmm_", spy(_precision.baddbmm_))
     # two steps with a refresh every step. KL-Shampoo / SOAP: init 2 factor products (fp32);
     # step 2: 2 rotations, 2 back, 2 factor products (mode), 2 carries of the moment (fp32).
-    # Shampoo, each step: 2 factor products (fp32), 2 preconditioning products (mode).
-    for name, expect in (("KLShampoo", (6, 4)), ("SOAP", (6, 4)), ("Shampoo", (4, 4))):
+    # Shampoo, each step: 2 factor products (fp32), 2 preconditioning products (mode), and at its
+    # refresh (here every step) 2 rotations of G for the KL diagnostic (fp32).
+    for name, expect in (("KLShampoo", (6, 4)), ("SOAP", (6, 4)), ("Shampoo", (4, 8))):
         seen.clear()
         p = torch.nn.Parameter(torch.randn(8, 6))
         opt = getattr(klkern, name)([p], backend="torch", matmul_precision="medium", precondition_frequency=1)

@@ -45,7 +45,7 @@ def test_round_trip_is_exact(name, state_dtype):
     for p in resumed:
         for block in opt2.state[p]["blocks"]:
             for key, value in block.items():
-                expected = torch.float32 if key.startswith("lam") else state_dtype
+                expected = torch.float32 if key.startswith(("lam", "kl")) else state_dtype
                 assert value.dtype == expected, key
 
 

@@ -137,3 +137,36 @@ def test_lr_sweep_picks_lowest_loss_and_extends_edges(corpus, tmp_path):
     losses = json.loads((tmp_path / "b.json").read_text())["final_val_loss"]["adamw"]
     assert set(losses) == {"1e-05", "0.0001", "0.0003"}
     assert best == {"adamw": 3e-4} and losses["0.0003"] < losses["0.0001"] < losses["1e-05"]
+
+
+def test_every_argument_settable_the_same_way():
+    """--set overrides the comparison's own defaults too (adamw.betas used to fail with
+    "multiple values for keyword argument 'betas'")."""
+    cfg = train_lm.PRESETS["tiny"]
+    p = [torch.nn.Parameter(torch.zeros(3, 3))]
+    opt = train_lm.make_optimizer("adamw", p, 1e-3, cfg, {"betas": (0.8, 0.9)})
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+    opt = train_lm.make_optimizer("shampoo", p, 1e-3, cfg, {"grafting": "none", "weight_decay": 0.5})
+    assert opt.param_groups[0]["grafting"] == "none" and opt.param_groups[0]["weight_decay"] == 0.5
+    for name, rule in (("klshampoo-rms", "rms"), ("klsoap-debiased", "debiased"), ("klshampoo-0.1", 0.1)):
+        assert train_lm.make_optimizer(name, p, 1e-3, cfg).param_groups[0]["init_factor"] == rule
+
+
+def test_steps_to_target_and_kl_logging(corpus, tmp_path):
+    run = {"rows": [{"step": 0, "val_loss": 5.0}, {"step": 10, "val_loss": ""}, {"step": 20, "val_loss": 3.0},
+                    {"step": 40, "val_loss": 1.0}]}
+    assert train_lm.steps_to(run, 4.0) == 10.0  # halfway between the evaluations at 0 and 20
+    assert train_lm.steps_to(run, 2.0) == 30.0
+    assert train_lm.steps_to(run, 0.5) == float("inf")
+    table = train_lm.main(["--preset", "tiny", "--data", str(corpus), "--seeds", "0", "--optimizers",
+                           "adamw,klshampoo", "--out", str(tmp_path), "--no-progress",
+                           "--lr", "adamw=1e-2", "--lr", "klshampoo=3e-2"])
+    kl_row = next(r for r in table if r["optimizer"] == "klshampoo")
+    assert kl_row["target"] == next(r for r in table if r["optimizer"] == "adamw")["val_loss_mean"]
+    assert len(kl_row["steps_to_target"]) == 1
+    with open(tmp_path / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    kls = [float(r["kl"]) for r in rows if r["optimizer"] == "klshampoo" and r["kl"]]
+    assert kls and all(math.isfinite(k) for k in kls)
+    assert not any(r["kl"] for r in rows if r["optimizer"] == "adamw")
+    assert "steps to AdamW's final loss" in (tmp_path / "summary.md").read_text()

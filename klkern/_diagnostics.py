@@ -1,0 +1,145 @@
+"""``optimizer.diagnostics()``: how well each parameter's preconditioner fits its gradients.
+
+Per parameter (aggregated over its blocks, weighted by their sizes):
+
+* ``kl``: the KL objective of the block's covariance estimate on the
+  gradients it preconditions (SPEC "Idealized and diagnostic modes", per
+  entry, at the estimate's KL-optimal overall scale so that every optimizer's
+  estimate compares; lower is a better fit), an EMA over steps
+  (klkern._functional.track_kl_): evaluated every step, before the estimate
+  sees the gradient, for KL-Shampoo, KL-SOAP and SOAP (whose estimate is its
+  eigenbasis with the eigenvalues diag(Q^T GG Q)); for Shampoo at each root
+  refresh, on that step's gradient (NaN before the first refresh);
+* ``eig_min``, ``eig_max``: the range of the eigenvalue estimates (KL:
+  ``lam``; SOAP: diag(Q^T GG Q); Shampoo: the eigenvalues of its factors);
+* ``staleness``: how stale the eigenbasis is, the off-diagonal energy of
+  Q^T S Q relative to its diagonal, ||offdiag||_F^2 / ||diag||^2 (0: Q
+  diagonalises the current factor S), mean over modes and blocks;
+* ``update_rms``: the RMS of the update direction the current state gives
+  (before the learning rate; rotations preserve the Frobenius norm, so for
+  the rotated optimizers it needs no matrix product).
+
+A parameter on the AdamW path has ``update_rms`` only. Everything is computed
+as tensors and read back with one host synchronisation per device; Shampoo's
+staleness and eigenvalue range need an eigendecomposition of each factor per
+call (its state keeps no eigenbasis).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ._blocking import plan_for
+from ._distributed import local
+from ._functional import _lam_product
+
+__all__ = ["collect"]
+
+
+def _offdiag_ratio(R: torch.Tensor) -> torch.Tensor:
+    diag = torch.diagonal(R, dim1=-2, dim2=-1)
+    total = (R * R).sum()
+    on = (diag * diag).sum()
+    return (total - on) / on.clamp(min=1e-30)
+
+
+def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, group: dict, t: int) -> dict:
+    """0-d tensors: kl (per entry), eig_min, eig_max, staleness, and the update's squared norm."""
+    f = {k: v.float() for k, v in block.items()}
+    beta1, beta2 = group["betas"]
+    eps = group["eps"]
+    bias = math.sqrt(1 - beta2**t) / (1 - beta1**t) if t > 0 else 1.0
+    out: dict = {}
+    if path == "adamw":
+        scale = bias if group.get("correct_bias", True) else 1.0
+        out["update_sq"] = ((f["exp_avg"] / (f["exp_avg_sq"].sqrt() + eps)) ** 2).sum() * scale**2
+        return out
+    modes = [k for k, on in enumerate(mask) if on]
+    if algorithm in ("klshampoo", "klsoap"):
+        eigs = [f[f"lam{k}"] for k in modes]
+        factors = [f[f"R{k}"] for k in modes]
+    elif algorithm == "soap":
+        factors = [f[f"R{k}"] for k in modes]
+        eigs = [torch.diagonal(R) for R in factors]
+    else:  # shampoo: the basis in use is the eigenbasis of its roots
+        eigs, factors = [], []
+        for k in modes:
+            L = f[f"L{k}"]
+            eigs.append(torch.linalg.eigvalsh(L))
+            _, Q = torch.linalg.eigh(f[f"root{k}"])
+            factors.append(Q.mT @ L @ Q)
+    out["eig_min"] = torch.stack([e.min() for e in eigs]).min()
+    out["eig_max"] = torch.stack([e.max() for e in eigs]).max()
+    out["staleness"] = torch.stack([_offdiag_ratio(R) for R in factors]).mean()
+    weight = f["kl_weight"]
+    out["kl"] = torch.where(weight > 0, f["kl"] / weight.clamp(min=1e-30), torch.full_like(weight, float("nan")))
+    if algorithm == "klshampoo":
+        lams = [f[f"lam{k}"] if on else None for k, on in enumerate(mask)]
+        D = 1.0 / (torch.sqrt(_lam_product([lam.unsqueeze(0) if lam is not None else None for lam in lams],
+                                           len(shape))[0]) + eps)
+        out["update_sq"] = ((f["exp_avg"] * D) ** 2).sum()
+    elif algorithm in ("klsoap", "soap"):
+        scale = bias if algorithm == "soap" and group.get("correct_bias", True) else 1.0
+        out["update_sq"] = ((f["exp_avg"] / (f["exp_avg_sq"].sqrt() + eps)) ** 2).sum() * scale**2
+    else:
+        A = f["exp_avg"] / (f["exp_avg_sq"].sqrt() + eps) * bias
+        if group["grafting"] == "adam" or t < group["precondition_frequency"]:
+            out["update_sq"] = (A * A).sum()  # grafting: ||U|| = ||A|| (and A itself before any root)
+        else:
+            P = f["exp_avg"]
+            for k in reversed(modes):
+                P = torch.movedim(torch.tensordot(f[f"root{k}"], P, dims=([1], [k])), 0, k)
+            out["update_sq"] = (P * P).sum()
+    return out
+
+
+def collect(opt, named_parameters=None) -> dict:
+    """The diagnostics of every parameter with state: {name or index: {statistic: float}}."""
+    names = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
+    pending: list = []  # (key, statistic, 0-d tensor)
+    index = -1
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                index += 1
+                state = opt.state.get(p)
+                if not state or "blocks" not in state:
+                    continue
+                key = names.get(id(p), index)
+                tensor = local(p)
+                plan = plan_for(tensor.shape, group)
+                path = "adamw" if plan.adamw else opt.algorithm
+                sums: dict = defaultdict(list)
+                numel = 0
+                for i, block in enumerate(state["blocks"]):
+                    if block is None:
+                        continue
+                    shape = plan.block_shape(i)
+                    n = math.prod(shape)
+                    numel += n
+                    stats = _block_stats(opt.algorithm, path, block, shape, plan.masks[i], group, state["step"])
+                    for name, value in stats.items():
+                        sums[name].append((value, n))
+                if not numel:
+                    continue
+                device = tensor.device
+                pending.append((key, "update_rms", torch.sqrt(torch.stack([v for v, _ in sums["update_sq"]]).sum()
+                                                              / numel).to(device)))
+                if path == "adamw":
+                    continue
+                pending.append((key, "kl", (torch.stack([v * n for v, n in sums["kl"]]).sum() / numel).to(device)))
+                pending.append((key, "eig_min", torch.stack([v for v, _ in sums["eig_min"]]).min().to(device)))
+                pending.append((key, "eig_max", torch.stack([v for v, _ in sums["eig_max"]]).max().to(device)))
+                pending.append((key, "staleness", torch.stack([v for v, _ in sums["staleness"]]).mean().to(device)))
+    by_device: dict = defaultdict(list)
+    for entry in pending:
+        by_device[entry[2].device].append(entry)
+    out: dict = {}
+    for entries in by_device.values():
+        values = torch.stack([v.float() for _, _, v in entries]).tolist()  # the one host sync
+        for (key, name, _), value in zip(entries, values):
+            out.setdefault(key, {})[name] = value
+    return out
