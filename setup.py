@@ -113,7 +113,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy", "triton>=3.6"],
+        # wheel: tests/test_wheel.py builds the wheel without build isolation (no download)
+        "test": ["pytest", "pytest-benchmark", "numpy", "triton>=3.6", "wheel"],
         "triton": ["triton>=3.6"],
         "train": ["tqdm", "matplotlib"],
     },

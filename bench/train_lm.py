@@ -471,7 +471,7 @@ def plot(results: list[dict], path: Path, title: str) -> bool:
         if kls:
             axes[2].plot([s for s, _ in kls], [k for _, k in kls], color=color, alpha=0.8, label=label)
     axes[2].set_xlabel("step")
-    axes[2].set_ylabel("KL objective per entry (EMA; lower fits better)")
+    axes[2].set_ylabel("KL objective vs. isotropic, per entry (lower fits better)")
     axes[2].set_title("preconditioner fit (optimizer.diagnostics()['kl'])", fontsize=9)
     axes[2].grid(alpha=0.3)
     if axes[2].lines:

@@ -3,9 +3,11 @@
 Per parameter (aggregated over its blocks, weighted by their sizes):
 
 * ``kl``: the KL objective of the block's covariance estimate on the
-  gradients it preconditions (SPEC "Idealized and diagnostic modes", per
-  entry, at the estimate's KL-optimal overall scale so that every optimizer's
-  estimate compares; lower is a better fit), an EMA over steps
+  gradients it preconditions (SPEC "Idealized and diagnostic modes"), per
+  entry, minus that of an isotropic estimate c I, both at their KL-optimal
+  scale: in expectation KL(E[gg^T], S) - KL(E[gg^T], c I), so 0 means no
+  better than the identity, lower is a better fit, and neither the gradients'
+  nor the estimate's scale matters (optimizers compare). An EMA over steps
   (klkern._functional.track_kl_): evaluated every step, before the estimate
   sees the gradient, for KL-Shampoo, KL-SOAP and SOAP (whose estimate is its
   eigenbasis with the eigenvalues diag(Q^T GG Q)); for Shampoo at each root

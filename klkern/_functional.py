@@ -173,34 +173,38 @@ def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
     rotated gradient ``Gr`` (before the estimate sees it), into an EMA over steps.
 
     The estimate is S = kron_k Q_k diag(lam_k) Q_k^T (``lams[k]`` (B, d_k), None for a mode
-    without one) at its KL-optimal overall scale, so that estimates of any scale compare; per
-    entry: 0.5 (log(q / N) + logdet / N + 1) with q = ||Gr / sqrt(prod lam)||^2 and
-    logdet = sum_k (N / d_k) sum log lam_k (see klkern.analysis.kl_objective)."""
-    B, shape = Gr.shape[0], Gr.shape[1:]
-    nd, N = len(shape), Gr[0].numel()
-    prod = _lam_product(lams, nd)
-    q = (Gr * Gr if prod is None else Gr * Gr / prod).reshape(B, -1).sum(1)
-    logdet = Gr.new_zeros(B)
+    without one). What is tracked is its objective minus that of an isotropic estimate c I,
+    both at their KL-optimal overall scale, per entry:
+
+        0.5 (log(q / ||Gr||^2) + logdet / N),  q = ||Gr / sqrt(prod lam)||^2,
+        logdet = sum_k (N / d_k) sum log lam_k  (klkern.analysis.kl_objective)
+
+    In expectation this is KL(E[gg^T], S) - KL(E[gg^T], c I): 0 for an estimate no better
+    than the identity, negative when it captures the gradients' structure. It does not
+    depend on the scale of the gradients or of the estimate, so optimizers compare."""
+    B, shape = Gr.shape[0], tuple(Gr.shape[1:])
+    prod = _lam_product(lams, len(shape))
+    squares = (Gr * Gr).reshape(B, -1)
+    q = squares.sum(1) if prod is None else (Gr * Gr / prod).reshape(B, -1).sum(1)
+    _fold_kl_(bufs, q, squares.sum(1), lams, shape)
+
+
+def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, shape: tuple,
+                        energy: torch.Tensor) -> None:
+    """:func:`track_kl_` for the KL variants from mode k's eigenvalue projection
+    proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
+    kernels too): q = (N / d_k) sum_i proj_k_i / lam_k_i; ``energy`` = ||G||^2 = ||Gr||^2."""
+    _fold_kl_(bufs, (math.prod(shape) / shape[k]) * (proj / lams[k]).sum(1), energy, lams, shape)
+
+
+def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, shape: tuple) -> None:
+    N = math.prod(shape)
+    logdet = torch.zeros_like(q)
     for k, lam in enumerate(lams):
         if lam is not None:
             logdet = logdet + (N / shape[k]) * torch.log(lam).sum(1)
-    objective = 0.5 * (torch.log(torch.clamp(q / N, min=1e-30)) + logdet / N + 1.0)
-    bufs["kl"].mul_(KL_TRACK_BETA).add_(objective, alpha=1 - KL_TRACK_BETA)
-    bufs["kl_weight"].mul_(KL_TRACK_BETA).add_(1 - KL_TRACK_BETA)
-
-
-def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, shape: tuple) -> None:
-    """:func:`track_kl_` for the KL variants from mode k's eigenvalue projection
-    proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
-    kernels too): ||Gr / sqrt(prod lam)||^2 = (N / d_k) sum_i proj_k_i / lam_k_i."""
-    B = proj.shape[0]
-    N = math.prod(shape)
-    q = (N / shape[k]) * (proj / lams[k]).sum(1)
-    logdet = proj.new_zeros(B)
-    for j, lam in enumerate(lams):
-        if lam is not None:
-            logdet = logdet + (N / shape[j]) * torch.log(lam).sum(1)
-    objective = 0.5 * (torch.log(torch.clamp(q / N, min=1e-30)) + logdet / N + 1.0)
+    ratio = torch.clamp(q, min=1e-30) / torch.clamp(energy, min=1e-30)
+    objective = 0.5 * (torch.log(ratio) + logdet / N)
     bufs["kl"].mul_(KL_TRACK_BETA).add_(objective, alpha=1 - KL_TRACK_BETA)
     bufs["kl_weight"].mul_(KL_TRACK_BETA).add_(1 - KL_TRACK_BETA)
 
@@ -276,7 +280,8 @@ def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool, t: int) ->
         others = [j + 1 for j in range(nd) if j != k]
         new_lams[k] = (W * Gr).mean(dim=others) if others else W * Gr
     first = _modes(mask)[0]
-    kl_from_projection_(bufs, new_lams[first], lams, first, tuple(Gr.shape[1:]))
+    kl_from_projection_(bufs, new_lams[first], lams, first, tuple(Gr.shape[1:]),
+                        (Gr * Gr).reshape(Gr.shape[0], -1).sum(1))
     if update_lam:
         lam_ema_(bufs, new_lams, hp, t)
 

@@ -76,7 +76,11 @@ class KLShampoo(ShampooFamilyOptimizer):
 
     Arguments (besides the shared ones listed in :mod:`klkern.optimizers`):
 
-    * ``init_factor`` (0.1): initial value of every eigenvalue estimate.
+    * ``init_factor`` (0.1): initial value of every eigenvalue estimate; or "rms"
+      (scale-free: every entry of each preconditioned mode's ``lam`` is
+      mean(G_0^2)^(1/K) from the first gradient, K preconditioned modes, floored),
+      or "debiased" (the same start, then a bias-corrected eigenvalue EMA, weight
+      (1 - beta2) / (1 - beta2^t): the start only weights the first projection).
     * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
       bounds ``lam^-1/2`` by ``c_k``.
     * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
@@ -96,7 +100,8 @@ class KLSOAP(ShampooFamilyOptimizer):
     ``Q_a [m / (sqrt(v) + eps)] Q_b^T`` with ``m`` and ``v`` Adam moments of the
     rotated gradient (``v`` with ``betas[1]``, no bias correction). ``m`` is
     carried into the new basis at a refresh, ``v`` is not.
-    Extra arguments: ``init_factor`` (0.1), ``eigval_clamp`` (4000).
+    Extra arguments: ``init_factor`` (0.1, or "rms" / "debiased" as for
+    :class:`KLShampoo`), ``eigval_clamp`` (4000).
     """
 
     algorithm = "klsoap"

@@ -194,6 +194,20 @@ def scenario_fsdp(rank, world, outdir):
     return out
 
 
+def _resume(ckpt, group=None):
+    """A fresh model and optimizer (other initial weights) loaded from a DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _mlp(seed=1)  # other weights: everything must come from the checkpoint
+    opt = _opt("KLShampoo", model.parameters(), process_group=group or dist.group.WORLD)
+    opt.init_state()
+    sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(sd, checkpoint_id=str(ckpt), **({"process_group": group} if group is not None else {}))
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+    return model, opt
+
+
 def scenario_checkpoint(rank, world, outdir):
     import torch.distributed.checkpoint as dcp
 
@@ -202,38 +216,14 @@ def scenario_checkpoint(rank, world, outdir):
     opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
     _train(model, opt, 8)
     dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(ckpt))
-    uninterrupted = _train(model, opt, 8, start=8)
-
-    resumed_model = _mlp(seed=1)  # other weights: everything must come from the checkpoint
-    resumed = _opt("KLShampoo", resumed_model.parameters(), process_group=dist.group.WORLD)
-    resumed.init_state()
-    sd = {"model": resumed_model.state_dict(), "optim": resumed.state_dict()}
-    dcp.load(sd, checkpoint_id=str(ckpt))
-    resumed_model.load_state_dict(sd["model"])
-    resumed.load_state_dict(sd["optim"])
-    out = {"uninterrupted": uninterrupted, "resumed": _train(resumed_model, resumed, 8, start=8)}
-
+    out = {"uninterrupted": _train(model, opt, 8, start=8), "resumed": _train(*_resume(ckpt), 8, start=8)}
     # another world size: the world-2 checkpoint resumed here, against one process resumed from it
     other = outdir / "ckpt-world2"
     if world != 2 and other.exists():
-        model = _mlp(seed=1)
-        opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
-        opt.init_state()
-        sd = {"model": model.state_dict(), "optim": opt.state_dict()}
-        dcp.load(sd, checkpoint_id=str(other))
-        model.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optim"])
-        out["resharded"] = _train(model, opt, 8, start=8)
+        out["resharded"] = _train(*_resume(other), 8, start=8)
         solo = dist.new_group([0])
         if rank == 0:
-            model = _mlp(seed=1)
-            opt = _opt("KLShampoo", model.parameters(), process_group=solo)
-            opt.init_state()
-            sd = {"model": model.state_dict(), "optim": opt.state_dict()}
-            dcp.load(sd, checkpoint_id=str(other), process_group=solo)
-            model.load_state_dict(sd["model"])
-            opt.load_state_dict(sd["optim"])
-            out["resharded_single"] = _train(model, opt, 8, start=8)
+            out["resharded_single"] = _train(*_resume(other, solo), 8, start=8)
     return out
 
 

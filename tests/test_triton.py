@@ -327,4 +327,5 @@ def test_triton_path_tracks_the_same_kl_objective():
     a, b = torch_opt.diagnostics(), triton_opt.diagnostics()
     for key in a:
         if "kl" in a[key]:
-            assert b[key]["kl"] == pytest.approx(a[key]["kl"], rel=1e-5)
+            # a difference of O(1) float32 terms (log-ratio, logdet / N): absolute 1e-6
+            assert b[key]["kl"] == pytest.approx(a[key]["kl"], rel=1e-5, abs=1e-6)

@@ -1,0 +1,137 @@
+"""The eigenvalue-initialisation study of KL-Shampoo and KL-SOAP, on two tasks.
+
+    python bench/init_study.py --shakespeare ../shared/data/shakespeare_complete.txt
+
+Three initialisations of the eigenvalue estimates ``lam`` (klkern's
+``init_factor``): the prototype's constant 0.1, "rms" (every entry
+mean(G_0^2)^(1/K) from the first gradient, so that the Kronecker estimate
+starts at the gradient's own scale) and "debiased" (the same start, then a
+bias-corrected EMA: the starting value weights only the first projection).
+Against them: AdamW, SOAP and Shampoo with and without grafting.
+
+Protocol, on each task (the CPU preset on the standard library's sources,
+and the same model on the characters of the Shakespeare corpus):
+
+1. learning rate only, the same grid for every optimizer, one run per rate with
+   seed 100 and validation windows that the evaluation does not use
+   (bench/lr_sweep.py, whose cached runs are reused);
+2. the best rate of each, 3 evaluation seeds (0, 1, 2), bench/train_lm.py;
+3. on the first task, one longer run (4x the steps, seed 0) of the main
+   optimizers, to see whether the early advantage over AdamW persists.
+
+Writes bench/results/init_study.md (the tables, every command) and the
+folders of each step's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+REL = Path("bench") / "results"  # paths in the recorded commands, relative to the repository
+NAMES = ["adamw", "klshampoo-0.1", "klshampoo-rms", "klshampoo-debiased", "klsoap-0.1", "klsoap-rms",
+         "klsoap-debiased", "soap", "shampoo", "shampoo-nograft"]
+
+
+def run(cmd: list, log: list) -> None:
+    log.append(" ".join(cmd))
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shakespeare", required=True, help="the Shakespeare text file (not shipped with klkern)")
+    ap.add_argument("--only", choices=("sweep", "eval", "long", "report"), action="append",
+                    help="run only these stages (default: all)")
+    ap.add_argument("--tasks", default="stdlib,shakespeare", help="the tasks whose sweep and evaluation run")
+    args = ap.parse_args(argv)
+    stages = args.only or ["sweep", "eval", "long", "report"]
+    tasks = {"stdlib": ["--preset", "cpu"],
+             "shakespeare": ["--preset", "shakespeare-cpu", "--data", args.shakespeare]}
+    log: list = []
+    best: dict = {}
+    for task, opts in tasks.items():
+        sweep = RESULTS / f"lr_sweep_{task}"
+        if "sweep" in stages and task in args.tasks.split(","):
+            run(["bench/lr_sweep.py", *opts, "--optimizers", ",".join(NAMES), "--out",
+                 str(REL / f"lr_sweep_{task}"), "--no-progress"], log)
+        if sweep.with_suffix(".json").exists():
+            best[task] = json.loads(sweep.with_suffix(".json").read_text())["best"]
+        if "eval" in stages and task in args.tasks.split(","):
+            lrs = [f"--lr={n}={best[task][n]:g}" for n in NAMES if n in best[task]]
+            run(["bench/train_lm.py", *opts, "--optimizers", ",".join(n for n in NAMES if n in best[task]),
+                 "--out", str(REL / f"init_study_{task}"), "--no-progress", *lrs], log)
+    if "long" in stages:
+        names = ["adamw", "soap", "klshampoo-debiased", "klsoap-debiased", "shampoo", "klshampoo-0.1"]
+        lrs = [f"--lr={n}={best['stdlib'][n]:g}" for n in names]
+        run(["bench/train_lm.py", *tasks["stdlib"], "--steps", "2000", "--seeds", "0", "--optimizers",
+             ",".join(names), "--out", str(REL / "init_study_stdlib_long"), "--no-progress", *lrs], log)
+    (RESULTS / "init_study_commands.txt").open("a").write("".join(f"python {c}\n" for c in log))
+    if "report" in stages:
+        report(best)
+
+
+def _table(folder: Path) -> list:
+    return json.loads((folder / "summary.json").read_text())["table"]
+
+
+def _early_kl(folder: Path, name: str, step: int) -> float:
+    """Mean over seeds of the logged KL objective at ``step``."""
+    import csv
+
+    values = []
+    with open(folder / "runs.csv") as fh:
+        for row in csv.DictReader(fh):
+            if row["optimizer"] == name and int(row["step"]) == step and row.get("kl"):
+                values.append(float(row["kl"]))
+    return sum(values) / len(values) if values else math.nan
+
+
+def report(best: dict) -> None:
+    lines = ["# Initialising KL-Shampoo's and KL-SOAP's eigenvalue estimates", "",
+             "`python bench/init_study.py --shakespeare FILE` (commands in `init_study_commands.txt`). "
+             "Learning rate tuned alone, on the same grid for every optimizer, with a seed and validation "
+             "windows the evaluation does not use (`lr_sweep_<task>.md`); evaluation on seeds 0, 1, 2.", ""]
+    for task in ("stdlib", "shakespeare"):
+        folder = RESULTS / f"init_study_{task}"
+        if not (folder / "summary.json").exists():
+            continue
+        table = _table(folder)
+        lines += [f"## Task: {task}", "",
+                  "| optimizer | lr | final val loss (3 seeds) | steps to AdamW's final loss | KL objective at step "
+                  "50 | at the end | optimizer ms/step |", "|---|---|---|---|---|---|---|"]
+        steps = json.loads((folder / "summary.json").read_text())["meta"]["config"]["steps"]
+        for r in table:
+            reach = "-" if r.get("steps_to_target") is None else ", ".join(
+                "never" if not math.isfinite(x) else f"{x:.0f}" for x in r["steps_to_target"])
+            loss = (f"{r['val_loss_mean']:.3f} +- {r['val_loss_std']:.3f}" if math.isfinite(r["val_loss_mean"])
+                    else "diverged")
+            kl50, kl_end = _early_kl(folder, r["optimizer"], 50), _early_kl(folder, r["optimizer"], steps)
+            fmt = lambda x: "-" if not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
+            lines.append(f"| {r['optimizer']} | {r['lr']:g} | {loss} | {reach} | {fmt(kl50)} | {fmt(kl_end)} | "
+                         f"{r['opt_ms_per_step']:.1f} |")
+        lines.append("")
+    folder = RESULTS / "init_study_stdlib_long"
+    if (folder / "summary.json").exists():
+        lines += ["## Longer horizon: task stdlib, 2000 steps (4x), seed 0", "",
+                  "| optimizer | lr | final val loss | steps to AdamW's final loss |", "|---|---|---|---|"]
+        for r in _table(folder):
+            reach = ", ".join("never" if not math.isfinite(x) else f"{x:.0f}" for x in (r.get("steps_to_target") or []))
+            lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss_mean']:.3f} | {reach or '-'} |")
+        lines.append("")
+    (RESULTS / "init_study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
