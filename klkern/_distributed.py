@@ -110,6 +110,7 @@ class ReplicatedSplit:
         self.world = dist.get_world_size(process_group)
         self.dtype = communication_dtype
         units, costs = [], []  # a unit: [(param, block index), ...] assigned together
+        self.whole: set[int] = set()  # parameters assigned (and exchanged) as a whole
         self.plans: dict[int, object] = {}
         self.params: list = []
         for group in param_groups:
@@ -123,6 +124,7 @@ class ReplicatedSplit:
                 if group["normalize_grads"] or not _blocks_are_views(p, plan):
                     units.append([(p, i) for i in range(len(plan.masks))])
                     costs.append(sum(cost))
+                    self.whole.add(id(p))
                 else:
                     for i, c in enumerate(cost):
                         units.append([(p, i)])
@@ -134,10 +136,14 @@ class ReplicatedSplit:
             for p, i in unit:
                 self.owner[(id(p), i)] = r
             self.load[r] += c
-        # per rank, its blocks in a fixed order: (param, block index, numel)
+        # per rank, what it sends, in a fixed order: (param, block index or None for the whole
+        # parameter, numel)
         self.layout: list[list] = [[] for _ in range(self.world)]
         for p in self.params:
             plan = self.plans[id(p)]
+            if id(p) in self.whole:
+                self.layout[self.owner[(id(p), 0)]].append((p, None, p.numel()))
+                continue
             for i in range(len(plan.masks)):
                 self.layout[self.owner[(id(p), i)]].append((p, i, math.prod(plan.block_shape(i))))
         self.sizes = [sum(n for _, _, n in blocks) for blocks in self.layout]
@@ -156,7 +162,9 @@ class ReplicatedSplit:
         return all(self.owns(p, i) for i in range(len(plan.masks)))
 
     def _views(self, rank: int) -> list[torch.Tensor]:
-        return [self.plans[id(p)].extract(p.detach())[i] for p, i, _ in self.layout[rank]]
+        """What ``rank`` sends: views of its blocks in the parameters, or whole parameters."""
+        return [p.detach() if i is None else self.plans[id(p)].extract(p.detach())[i]
+                for p, i, _ in self.layout[rank]]
 
     def before_step(self) -> None:
         """bfloat16 exchange: remember this rank's blocks, to send their updates."""

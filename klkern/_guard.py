@@ -92,13 +92,25 @@ class StepGuard:
     def copy_bufs(bufs: dict) -> dict:
         return {name: buf.clone() for name, buf in bufs.items()}
 
-    def add(self, kind: str, bufs: dict, before: dict | None, members: list, views: list, saved_views: list | None,
+    def add(self, kind: str, bufs: dict, before: dict | None, members: list, places: list, saved: list | None,
             blocks_of: dict, flags: torch.Tensor) -> None:
         """``kind`` "init" (the batch's state was just created) or "step"; ``members`` the
-        (param, block index, G) of the batch, ``views`` their parameter views, ``saved_views``
-        copies of those taken before the step, ``blocks_of`` id(param) -> its number of blocks
-        stepped on this rank; ``flags`` from :func:`block_flags`."""
-        self.records.append((kind, bufs, before, members, views, saved_views, blocks_of, flags))
+        (param, block index, G) of the batch, ``places`` their (tensor, plan) (the tensor the
+        update is written to: the parameter or its local shard), ``saved`` copies of their blocks
+        taken before the step, ``blocks_of`` id(param) -> its number of blocks stepped on this
+        rank; ``flags`` from :func:`block_flags`."""
+        self.records.append((kind, bufs, before, members, places, saved, blocks_of, flags))
+
+    @staticmethod
+    def restore_block(tensor: torch.Tensor, plan, i: int, saved: torch.Tensor) -> None:
+        """Write a saved block back into the parameter (through the block layout when it is a copy)."""
+        blocks = plan.extract(tensor.detach())
+        if blocks[i].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            blocks[i].copy_(saved)
+            return
+        blocks = [b.clone() for b in blocks]
+        blocks[i] = saved
+        tensor.detach().copy_(plan.assemble(blocks))
 
     def finish(self, state: dict) -> list:
         """Roll back every failing block (one host synchronisation per device); returns the
@@ -117,7 +129,7 @@ class StepGuard:
         failed: dict[int, list] = {}
         reset: dict[int, torch.Tensor] = {}
         blocks_of: dict[int, int] = {}
-        for r, (kind, bufs, before, members, views, saved_views, counts, _) in enumerate(self.records):
+        for r, (kind, bufs, before, members, places, saved, counts, _) in enumerate(self.records):
             blocks_of.update(counts)
             for b, (p, _, _) in enumerate(members):
                 if ok[r][b]:
@@ -128,7 +140,7 @@ class StepGuard:
                 failed.setdefault(id(p), [p, 0])[1] += 1
                 for name, buf in bufs.items():
                     buf[b].copy_(before[name][b])
-                views[b].copy_(saved_views[b])
+                self.restore_block(*places[b], members[b][1], saved[b])
         affected = {}
         for pid, (p, count) in failed.items():
             if count == blocks_of[pid] and pid not in reset:

@@ -277,8 +277,11 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         def guarded(members) -> bool:
             return always or any(id(p) in at_risk for p, _, _ in members)
 
-        def views(members) -> list:
-            return [pending[id(p)][1].extract(pending[id(p)][3].detach())[i] for p, i, _ in members]
+        def places(members) -> list:
+            return [(pending[id(p)][3], pending[id(p)][1]) for p, _, _ in members]
+
+        def param_blocks(members) -> list:  # the parameter blocks (views, or copies for a copying layout)
+            return [plan.extract(tensor.detach())[i] for (tensor, plan), (_, i, _) in zip(places(members), members)]
 
         def blocks_of(members) -> dict:
             return {id(p): len(pending[id(p)][4]) for p, _, _ in members}
@@ -293,7 +296,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             slot_key = (index, key[:5]) + tuple(id(b) for b in blocks)
             self._slots[slot_key] = used[slot_key] = _Slot.adopt(blocks, bufs)
             if guarded(members):
-                guard.add("init", bufs, None, members, views(members), None, blocks_of(members),
+                guard.add("init", bufs, None, members, places(members), None, blocks_of(members),
                           _guard.block_flags(bufs, None, None, G.shape[0], G.device))
             if self.algorithm == "shampoo":  # Shampoo has no initialisation-only step
                 step_batches[key].extend(members)
@@ -307,14 +310,14 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 slot = _Slot.stack(blocks)
             used[slot_key] = slot
             G = torch.stack([G for _, _, G in members]).float()
-            before = saved_views = None
+            before = saved = None
             if guarded(members):
                 before = guard.copy_bufs(slot.bufs)
-                saved_views = [v.clone() for v in views(members)]
+                saved = [b.clone() for b in param_blocks(members)]
             U, scale = self._run_step(path, slot.bufs, G, mask, hp, t, members, pending, group)
             if before is not None:
-                guard.add("step", slot.bufs, before, members, views(members), saved_views, blocks_of(members),
-                          _guard.block_flags(slot.bufs, U, None if U is not None else views(members),
+                guard.add("step", slot.bufs, before, members, places(members), saved, blocks_of(members),
+                          _guard.block_flags(slot.bufs, U, None if U is not None else param_blocks(members),
                                              G.shape[0], G.device))
             for b, (p, i, _) in enumerate(members):
                 entry = pending[id(p)]

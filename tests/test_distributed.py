@@ -138,6 +138,22 @@ def scenario_ddp(rank, world, outdir):
         single = _mlp()
         out["ddp_single"] = _train(single, _opt("KLShampoo", single.parameters()), STEPS,
                                    data=lambda t: _batch(t, rows=60))
+    # a block layout that copies (channels_last + merge_dims): such a parameter goes to one rank whole
+    def layout_run(group):
+        torch.manual_seed(7)
+        params = [torch.nn.Parameter(torch.randn(4, 3, 2, 6)), torch.nn.Parameter(torch.randn(8, 8))]
+        target = [torch.randn(p.shape) for p in params]
+        opt = klkern.SOAP(params, lr=1e-2, merge_dims=True, max_precond_dim=18, data_format="channels_last",
+                          block_size=4, precondition_frequency=3, **({"process_group": group} if group else {}))
+        for t in range(10):
+            for p, y in zip(params, target):
+                p.grad = (p.detach() - y) * (1 + 0.1 * t)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    out["layout"] = layout_run(dist.group.WORLD)
+    if rank == 0:
+        out["layout_single"] = layout_run(None)
     # bf16 communication: the ranks stay identical, the updates are rounded
     model = _mlp()
     out["bf16"] = _train(model, _opt("KLSOAP", model.parameters(), process_group=dist.group.WORLD,
@@ -274,6 +290,9 @@ def test_ddp_split_equals_one_process(world, tmp_path):
         assert results[0][name]["bytes_per_step"] > 0
     for a, b in zip(results[0]["ddp"], results[0]["ddp_single"]):
         assert _rel(a, b) < DDP_RTOL
+    for rank in range(world):
+        for a, b, c in zip(results[rank]["layout"], results[0]["layout_single"], results[0]["layout"]):
+            assert torch.equal(a, c) and _rel(a, b) < TRAJ_RTOL
     for rank in range(world):
         for a, b in zip(results[rank]["bf16"], results[0]["bf16"]):
             assert torch.equal(a, b)

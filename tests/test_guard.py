@@ -270,3 +270,29 @@ def test_grad_safe_and_state_limit_are_consistent():
     assert gr**2 * c**2 < _guard.STATE_LIMIT
     assert d * gr**2 < _guard.STATE_LIMIT
     assert math.sqrt(d * d) * gr * c**2 < _guard.STATE_LIMIT
+
+
+def test_rollback_through_a_copying_block_layout():
+    """merge_dims on a channels_last 4-D weight: its blocks are copies, not views; a rolled-back
+    block is still written back into the parameter, and the other blocks keep their update."""
+    torch.manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(4, 3, 2, 6))
+    opt = klkern.KLShampoo([p], lr=1e-2, merge_dims=True, max_precond_dim=18, data_format="channels_last",
+                           block_size=4)
+    plan = klkern._blocking.plan_for(p.shape, opt.param_groups[0])
+    assert not plan.trivial and len(plan.masks) > 1
+    assert plan.extract(p.detach())[0].untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+    for _ in range(2):
+        p.grad = torch.randn(p.shape)
+        opt.step()
+    before = [b.clone() for b in plan.extract(p.detach())]
+    grad = torch.randn(p.shape)
+    blocks = plan.extract(grad)  # copies: scale block 0 through the layout
+    blocks[0].mul_(1e21)
+    p.grad = plan.assemble(blocks)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        opt.step()
+    after = plan.extract(p.detach())
+    assert torch.equal(after[0], before[0])
+    assert not torch.equal(after[-1], before[-1])
+    assert torch.isfinite(p).all()
