@@ -16,12 +16,10 @@ initialisation step) and one more warm-up step are not timed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import klkern  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 from klkern import reference  # noqa: E402
 from klkern._optimizer import tensor_bytes  # noqa: E402
 
@@ -61,13 +60,6 @@ def time_optimizer(cls, steps: int, seed: int = 0):
             times.append(elapsed)
     return times, state_bytes(opt)
 
-
-def git_commit() -> str:
-    try:
-        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None):
@@ -106,7 +98,7 @@ def main(argv=None):
         )
 
     meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        date=utc_now(),
         commit=git_commit(),
         device=f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} cores",

@@ -13,12 +13,10 @@ bench/results/diagnostics_cost_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 from klkern import _functional  # noqa: E402
 
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)]
@@ -81,15 +80,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     rows = [measure(name, device, args.steps) for name in ("KLShampoo", "KLSOAP", "SOAP", "Shampoo")]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     name = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     meta = {"device": name, "torch": torch.__version__, "commit": commit, "steps": args.steps,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": utc_now()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if device.type == "cpu" else "cuda"

@@ -32,7 +32,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 from klkern._distributed import assign, block_cost  # noqa: E402
 
 LAYER = [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)]
@@ -201,14 +201,10 @@ def main(argv=None):
                    for gpus in (64, 1024) for bs in (None, 1024) for cb in (4, 2)]
     for p, cb in zip(projections, [4, 2] * 4):
         p["comm_bytes"] = cb
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     meta = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores), gloo, 1 thread per process",
             "torch": torch.__version__, "commit": commit, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_now(),
             "steps": args.steps, "gpu_rate": args.gpu_rate, "bandwidth": args.bandwidth}
     (out / "dist_step_cpu.json").write_text(json.dumps(
         {"meta": meta, "measured": measured, "calibration": calibration, "projection": projections}, indent=1) + "\n")

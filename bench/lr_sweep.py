@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_lm  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 LADDER = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
 
     losses: dict[str, dict[str, float]] = {}
     best: dict[str, float] = {}
+    commit = git_commit()  # taken before the runs: the code they ran
     for name in names:
         tried = {lr: run(name, lr) for lr in grid}
         for _ in range(args.extend):
@@ -121,14 +122,15 @@ def main(argv=None) -> dict:
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {**key, "grid": grid, "source": data["source"],
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "commit": commit, "date": utc_now(),
             "command": "python bench/lr_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     lines = [f"# lr sweep: preset `{args.preset}`", "",
              f"- one run per (optimizer, lr), seed {SWEEP_SEED}, validation windows seed {SWEEP_VAL_SEED}, "
              f"{cfg.steps} steps; grid {', '.join(f'{x:g}' for x in grid)} for every optimizer, "
              "extended along the half-decade ladder where the best rate was on an edge (`-`: not run); "
              "`div`: the loss became non-finite",
-             f"- corpus: {data['source']} (sha256 {data['sha256']}); torch {meta['torch']}; date {meta['date']}",
+             f"- corpus: {data['source']} (sha256 {data['sha256']}); torch {meta['torch']}; "
+             f"commit {meta['commit']}; date {meta['date']}",
              f"- command: `{meta['command']}`", "",
              "Final validation loss; **bold** = the default chosen for train_lm.py.", "",
              "| optimizer | " + " | ".join(f"{lr:g}" for lr in columns) + " |",

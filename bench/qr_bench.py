@@ -26,12 +26,10 @@ torch.linalg.qr on the first two shapes, at least 2x on (8, 4096, 4096).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -39,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from klkern import _ext  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 
 DEFAULT_SHAPES = [(24, 768, 768), (48, 1024, 1024), (12, 3072, 3072), (8, 4096, 4096)]
 TARGETS = {(24, 768, 768): 5.0, (48, 1024, 1024): 5.0, (8, 4096, 4096): 2.0}  # speedup vs torch.linalg.qr
@@ -92,14 +91,6 @@ def accuracy(Q: torch.Tensor, A: torch.Tensor) -> dict:
     min_diag = torch.diagonal(R, dim1=-2, dim2=-1).amin().item()
     return {"orth_max": orth, "recon_rel": recon, "min_diag_R": min_diag, "finite": bool(torch.isfinite(Q).all())}
 
-
-def git_commit() -> str:
-    try:
-        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def slug(name: str) -> str:
@@ -177,8 +168,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "date": utc_now(),
+        "commit": git_commit(full=True),
         "device": device_name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -26,12 +26,10 @@ under ``--out`` as each table completes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 from klkern import _precision  # noqa: E402
 from klkern._blocking import plan_for  # noqa: E402
 
@@ -160,17 +159,13 @@ def measure(name, backend, mode, params, grads, steps, **kw):
 
 
 def meta_info(args, n_params, device):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = git_commit()
     import triton
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, smoke run)"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "python": platform.python_version(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_now(),
             "params": n_params, "steps": args.steps}
 
 

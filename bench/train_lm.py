@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # run from a clone without installing
     sys.path.insert(0, str(ROOT))
 
 import klkern  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
 from klkern._optimizer import tensor_bytes  # noqa: E402
 
 OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograft")
@@ -104,7 +105,15 @@ PRESETS = {
 # without a sweep fall back to "cpu"'s values.
 DEFAULT_LR = {
     "cpu": {"adamw": 3e-3, "klshampoo": 1e-2, "klsoap": 1e-2, "soap": 1e-2,
-            "shampoo": 1e-2, "shampoo-nograft": 1e-4},
+            "shampoo": 1e-2, "shampoo-nograft": 1e-4,
+            # bench/results/lr_sweep_stdlib.md (the initialisation study)
+            "klshampoo-0.1": 1e-2, "klshampoo-rms": 3e-2, "klshampoo-debiased": 1e-2,
+            "klsoap-0.1": 1e-2, "klsoap-rms": 1e-2, "klsoap-debiased": 1e-2},
+    # bench/results/lr_sweep_shakespeare.md
+    "shakespeare-cpu": {"adamw": 3e-3, "klshampoo": 1e-2, "klsoap": 1e-2, "soap": 1e-2, "shampoo": 1e-2,
+                        "shampoo-nograft": 1e-4, "klshampoo-0.1": 1e-2, "klshampoo-rms": 1e-2,
+                        "klshampoo-debiased": 1e-2, "klsoap-0.1": 1e-2, "klsoap-rms": 1e-2,
+                        "klsoap-debiased": 1e-2},
 }
 
 ADAMW_BETAS = (0.9, 0.95)  # the nanoGPT setting; klkern optimizers keep their defaults
@@ -420,7 +429,8 @@ def markdown(table: list[dict], meta: dict) -> str:
         f"{meta['tokens']} tokens, vocab {meta['vocab']}, 90/10 train/val split",
         f"- model: {meta['params']} parameters; config: {meta['config']}",
         f"- device: {meta['device']}; torch {meta['torch']}; python {meta['python']}; "
-        f"threads {meta['threads']}; klkern {meta['klkern']}; date {meta['date']}",
+        f"threads {meta['threads']}; klkern {meta['klkern']}; commit {meta.get('commit', 'unknown')}; "
+        f"date {meta['date']}",
         f"- command: `{meta['command']}`",
         *([f"- optimizer arguments beyond the defaults: {meta['optimizer_args']}"] if meta.get("optimizer_args") else []),
         "",
@@ -591,6 +601,7 @@ def main(argv=None) -> list[dict]:
     print(f"corpus: {data['source']}: {data['bytes']} bytes, {len(data['train'])} train / "
           f"{len(data['val'])} val tokens, vocab {data['vocab']}", file=sys.stderr)
 
+    commit = git_commit()  # taken before the runs: the code they ran
     results = []
     with open(out / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["optimizer", "seed", "lr", "step", "train_loss",
@@ -613,7 +624,7 @@ def main(argv=None) -> list[dict]:
                    else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "klkern": klkern.__version__,
-        "date": time.strftime("%Y-%m-%d"), "optimizer_args": extras,
+        "commit": commit, "date": utc_now(), "optimizer_args": extras,
         "command": " ".join(["python bench/train_lm.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     (out / "summary.md").write_text(markdown(table, meta))
