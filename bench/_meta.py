@@ -1,4 +1,4 @@
-"""What every result file under bench/results records: the commit it ran at and when."""
+"""Shared by the benchmarks: the provenance every result file records (commit, date), and timing."""
 from __future__ import annotations
 
 import datetime
@@ -26,3 +26,25 @@ def git_commit(full: bool = False) -> str:
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def sync(device) -> None:
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` calls, the device synchronised around each."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

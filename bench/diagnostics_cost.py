@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,26 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, median_ms, utc_now  # noqa: E402
 from klkern import _functional  # noqa: E402
 
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)]
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device, reps):
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def measure(name: str, device, steps: int) -> dict:
@@ -58,15 +40,15 @@ def measure(name: str, device, steps: int) -> dict:
         p.grad = g
     opt.step()
     opt.step()
-    with_kl = _median_ms(opt.step, device, steps)
+    with_kl = median_ms(opt.step, device, steps)
     saved = (_functional.track_kl_, _functional.kl_from_projection_)
     _functional.track_kl_ = lambda *a, **k: None
     _functional.kl_from_projection_ = lambda *a, **k: None
     try:
-        without_kl = _median_ms(opt.step, device, steps)
+        without_kl = median_ms(opt.step, device, steps)
     finally:
         _functional.track_kl_, _functional.kl_from_projection_ = saved
-    diag = _median_ms(opt.diagnostics, device, max(3, steps // 2))
+    diag = median_ms(opt.diagnostics, device, max(3, steps // 2))
     return {"optimizer": name, "step_ms": with_kl, "step_without_kl_tracking_ms": without_kl,
             "tracking_overhead": with_kl / without_kl - 1, "diagnostics_ms": diag,
             "diagnostics_over_step": diag / with_kl}

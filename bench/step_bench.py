@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, median_ms, sync, utc_now  # noqa: E402
 from klkern import _precision  # noqa: E402
 from klkern._blocking import plan_for  # noqa: E402
 
@@ -90,21 +90,16 @@ def step_flops(opt) -> float:
     return total
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(opt, params, grads, steps):
     device = params[0].device
     times = []
     for i in range(steps + 2):
         for p, g in zip(params, grads):
             p.grad = g
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         opt.step()
-        _sync(device)
+        sync(device)
         if i >= 2:  # the initialisation step and one warm-up (kernel compilation) step
             times.append((time.perf_counter() - t0) * 1e3)
     return times
@@ -130,14 +125,7 @@ def gemm_floor_ms(shapes, mode, device, reps=5):
 
     with _precision.torch_precision("highest"):
         run()
-        times = []
-        for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            run()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return median_ms(run, device, reps)
 
 
 def measure(name, backend, mode, params, grads, steps, **kw):
