@@ -8,6 +8,7 @@ synthetic pytest-benchmark file; gpu_suite.sh must refuse at once without a GPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,17 @@ def test_step_flops_counts_the_products():
     assert step_bench.device_peaks("NVIDIA H100 80GB HBM3")["medium"] == 989.4
     assert step_bench.device_peaks("NVIDIA H100 PCIe")["highest"] == 51.2
     assert step_bench.device_peaks("Some GPU") is None
+
+
+def test_diagnostics_cost_smoke(tmp_path):
+    done = _run(["bench/diagnostics_cost.py", "--model", "tiny", "--steps", "2", "--out", str(tmp_path)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((tmp_path / "diagnostics_cost_cpu_tiny.json").read_text())
+    assert [r["optimizer"] for r in data["rows"]] == ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
+    for row in data["rows"]:
+        assert all(math.isfinite(v) and v > 0 for k, v in row.items() if k.endswith("_ms")), row
+    assert {"device", "torch", "commit", "date"} <= set(data["meta"])
+    assert "refreshing step" in (tmp_path / "diagnostics_cost_cpu_tiny.md").read_text()
 
 
 def test_qr_bench_smoke(tmp_path):
