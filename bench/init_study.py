@@ -122,6 +122,12 @@ def report(best: dict) -> None:
         meta = json.loads((folder / "summary.json").read_text())["meta"]
         steps = meta["config"]["steps"]
         lines.insert(len(lines) - 3, _run_line(meta))
+        sweep = RESULTS / f"lr_sweep_{task}.json"
+        if sweep.exists():
+            smeta = json.loads(sweep.read_text())["meta"]
+            lines.insert(len(lines) - 3, f"- learning rates from `lr_sweep_{task}.md`: commit "
+                         f"{smeta.get('commit', 'not recorded (run before result files recorded it)')}; "
+                         f"{smeta['date']}")
         for r in table:
             reach = "-" if r.get("steps_to_target") is None else ", ".join(
                 "never" if not math.isfinite(x) else f"{x:.0f}" for x in r["steps_to_target"])
