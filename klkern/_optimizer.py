@@ -535,9 +535,12 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
     def diagnostics(self, named_parameters=None) -> dict:
         """Per parameter (keyed by its index, or by name given ``model.named_parameters()``):
         ``kl`` (EMA of the per-entry KL objective of its covariance estimate relative to an
-        isotropic one; 0: no better than the identity, lower fits better), ``eig_min``/``eig_max`` (its eigenvalue estimates), ``staleness`` (off-diagonal
-        energy of Q^T S Q relative to its diagonal) and ``update_rms``; AdamW-path parameters
-        have ``update_rms`` only. One host synchronisation per device (klkern/_diagnostics.py)."""
+        isotropic one; 0: no better than the identity, lower fits better), ``eig_min``/``eig_max``
+        (its eigenvalue estimates), ``staleness`` (off-diagonal energy of Q^T S Q relative to its
+        diagonal) and ``update_rms``; AdamW-path parameters have ``update_rms`` only. One host
+        synchronisation per device (klkern/_diagnostics.py). Cheap for KL-Shampoo, KL-SOAP and
+        SOAP (a fraction of a step); for Shampoo, whose state keeps no eigenbasis, a call
+        eigendecomposes every factor and root, about the cost of one root refresh."""
         from . import _diagnostics
 
         return _diagnostics.collect(self, named_parameters)
