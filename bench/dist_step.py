@@ -164,7 +164,7 @@ def project(algorithm, gpus, block_size, rate, bandwidth, comm_bytes):
     return {"gpus": gpus, "block_size": block_size, "blocks": len(blocks), "params": params,
             "replicated_ms": replicated * 1e3, "split_compute_ms": compute * 1e3, "split_comm_ms": comm * 1e3,
             "split_ms": (compute + comm) * 1e3, "largest_block_ms": max(costs) / rate * 1e3,
-            "busy_ranks": sum(1 for x in load if x > 0)}
+            "busy_ranks": sum(1 for x in load if x > 0), "comm_bytes": comm_bytes}
 
 
 def main(argv=None):
@@ -199,8 +199,6 @@ def main(argv=None):
     calibration = calibrate(args.optimizers.split(",")[0].partition(":")[0])
     projections = [project("klshampoo", gpus, bs, args.gpu_rate, args.bandwidth, cb)
                    for gpus in (64, 1024) for bs in (None, 1024) for cb in (4, 2)]
-    for p, cb in zip(projections, [4, 2] * 4):
-        p["comm_bytes"] = cb
     commit = git_commit()
     meta = {"device": f"cpu ({platform.machine()}, {os.cpu_count()} cores), gloo, 1 thread per process",
             "torch": torch.__version__, "commit": commit, "python": platform.python_version(),

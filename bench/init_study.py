@@ -86,20 +86,21 @@ def _run_line(meta: dict) -> str:
             f"{meta['date']}; corpus {meta['source']} (sha256 {meta['sha256']})")
 
 
-def _table(folder: Path) -> list:
-    return json.loads((folder / "summary.json").read_text())["table"]
+def _summary(folder: Path) -> tuple[dict, list]:
+    data = json.loads((folder / "summary.json").read_text())
+    return data["meta"], data["table"]
 
 
-def _early_kl(folder: Path, name: str, step: int) -> float:
-    """Mean over seeds of the logged KL objective at ``step``."""
+def _kl_by_step(folder: Path) -> dict:
+    """(optimizer, step) -> mean over seeds of the logged KL objective, from runs.csv (read once)."""
     import csv
 
-    values = []
+    values: dict = {}
     with open(folder / "runs.csv") as fh:
         for row in csv.DictReader(fh):
-            if row["optimizer"] == name and int(row["step"]) == step and row.get("kl"):
-                values.append(float(row["kl"]))
-    return sum(values) / len(values) if values else math.nan
+            if row.get("kl"):
+                values.setdefault((row["optimizer"], int(row["step"])), []).append(float(row["kl"]))
+    return {key: sum(v) / len(v) for key, v in values.items()}
 
 
 def report(best: dict) -> None:
@@ -115,35 +116,34 @@ def report(best: dict) -> None:
         folder = RESULTS / f"init_study_{task}"
         if not (folder / "summary.json").exists():
             continue
-        table = _table(folder)
-        lines += [f"## Task: {task}", "",
-                  "| optimizer | lr | final val loss (3 seeds) | steps to AdamW's final loss | KL objective at step "
-                  "50 | at the end | optimizer ms/step |", "|---|---|---|---|---|---|---|"]
-        meta = json.loads((folder / "summary.json").read_text())["meta"]
+        meta, table = _summary(folder)
         steps = meta["config"]["steps"]
-        lines.insert(len(lines) - 3, _run_line(meta))
+        lines += [f"## Task: {task}", _run_line(meta)]
         sweep = RESULTS / f"lr_sweep_{task}.json"
         if sweep.exists():
             smeta = json.loads(sweep.read_text())["meta"]
-            lines.insert(len(lines) - 3, f"- learning rates from `lr_sweep_{task}.md`: commit "
+            lines.append(f"- learning rates from `lr_sweep_{task}.md`: commit "
                          f"{smeta.get('commit', 'not recorded (run before result files recorded it)')}; "
                          f"{smeta['date']}")
+        lines += ["", "| optimizer | lr | final val loss (3 seeds) | steps to AdamW's final loss | KL objective at "
+                  "step 50 | at the end | optimizer ms/step |", "|---|---|---|---|---|---|---|"]
+        kl = _kl_by_step(folder)
         for r in table:
             reach = "-" if r.get("steps_to_target") is None else ", ".join(
                 "never" if not math.isfinite(x) else f"{x:.0f}" for x in r["steps_to_target"])
             loss = (f"{r['val_loss_mean']:.3f} +- {r['val_loss_std']:.3f}" if math.isfinite(r["val_loss_mean"])
                     else "diverged")
-            kl50, kl_end = _early_kl(folder, r["optimizer"], 50), _early_kl(folder, r["optimizer"], steps)
+            kl50, kl_end = (kl.get((r["optimizer"], s), math.nan) for s in (50, steps))
             fmt = lambda x: "-" if not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
             lines.append(f"| {r['optimizer']} | {r['lr']:g} | {loss} | {reach} | {fmt(kl50)} | {fmt(kl_end)} | "
                          f"{r['opt_ms_per_step']:.1f} |")
         lines.append("")
     folder = RESULTS / "init_study_stdlib_long"
     if (folder / "summary.json").exists():
-        lines += ["## Longer horizon: task stdlib, 2000 steps (4x), seed 0", "",
-                  _run_line(json.loads((folder / "summary.json").read_text())["meta"]), "",
+        meta, table = _summary(folder)
+        lines += ["## Longer horizon: task stdlib, 2000 steps (4x), seed 0", "", _run_line(meta), "",
                   "| optimizer | lr | final val loss | steps to AdamW's final loss |", "|---|---|---|---|"]
-        for r in _table(folder):
+        for r in table:
             reach = ", ".join("never" if not math.isfinite(x) else f"{x:.0f}" for x in (r.get("steps_to_target") or []))
             lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['val_loss_mean']:.3f} | {reach or '-'} |")
         lines.append("")

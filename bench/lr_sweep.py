@@ -57,6 +57,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _best(losses: dict):
+    """The rate with the lowest finite final loss; None when every run diverged."""
+    ok = {lr: v for lr, v in losses.items() if math.isfinite(v)}
+    return min(ok, key=ok.get) if ok else None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = train_lm.PRESETS[args.preset]
@@ -95,10 +101,9 @@ def main(argv=None) -> dict:
     for name in names:
         tried = {lr: run(name, lr) for lr in grid}
         for _ in range(args.extend):
-            ok = {lr: v for lr, v in tried.items() if math.isfinite(v)}
-            if not ok:
+            lr = _best(tried)
+            if lr is None:
                 break
-            lr = min(ok, key=ok.get)
             lower = [x for x in LADDER if x < min(tried) * 0.99]
             higher = [x for x in LADDER if x > max(tried) * 1.01]
             if lr == min(tried) and lower:
@@ -108,15 +113,15 @@ def main(argv=None) -> dict:
             else:
                 break
         losses[name] = {f"{lr:g}": tried[lr] for lr in sorted(tried)}
-        ok = {lr: v for lr, v in tried.items() if math.isfinite(v)}
-        if ok:
-            best[name] = float(min(ok, key=ok.get))
+        lr = _best(tried)
+        if lr is not None:
+            best[name] = float(lr)
     for name, per in cached.items():  # optimizers swept before (same preset, config, corpus) stay
         if name not in losses:
             losses[name] = per
-            ok = {float(lr): v for lr, v in per.items() if v is not None and math.isfinite(v)}
-            if ok:
-                best[name] = min(ok, key=ok.get)
+            lr = _best({float(lr): v for lr, v in per.items() if v is not None})
+            if lr is not None:
+                best[name] = lr
     names = [n for n in dict.fromkeys([*cached, *names])]
     columns = sorted({float(lr) for per in losses.values() for lr in per})
 

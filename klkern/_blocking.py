@@ -88,6 +88,10 @@ class BlockPlan:
         view = self.view(tensor)
         return [view[tuple(slice(a, b) for a, b in block)] for block in self.blocks]
 
+    def blocks_are_views(self, tensor: torch.Tensor) -> bool:
+        """Whether every block of ``extract(tensor)`` writes into ``tensor`` (no copy in the layout)."""
+        return self.trivial or all(writes_into(b, tensor) for b in self.extract(tensor))
+
     def assemble(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`extract`: a parameter-shaped tensor from its blocks."""
         if self.trivial:
@@ -99,6 +103,12 @@ class BlockPlan:
             permuted = tuple(self.shape[i] for i in _CHANNELS_LAST_PERM)
             return view.reshape(permuted).permute(_CHANNELS_LAST_INV)
         return view.reshape(self.shape)
+
+
+def writes_into(block: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether ``block`` (one of ``plan.extract(tensor)``) shares ``tensor``'s storage, so that
+    writing the block writes the tensor (False where the block layout made a copy)."""
+    return block.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
 
 
 def _chunks(size: int, block_size: int | None) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ import torch
 
 from ._blocking import plan_for
 from ._distributed import local
-from ._functional import _lam_product
+from ._functional import _lam_product, _rotate_back
 
 __all__ = ["collect"]
 
@@ -91,9 +91,8 @@ def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, gro
         if group["grafting"] == "adam" or t < group["precondition_frequency"]:
             out["update_sq"] = (A * A).sum()  # grafting: ||U|| = ||A|| (and A itself before any root)
         else:
-            P = f["exp_avg"]
-            for k in reversed(modes):
-                P = torch.movedim(torch.tensordot(f[f"root{k}"], P, dims=([1], [k])), 0, k)
+            roots = [f[f"root{k}"].unsqueeze(0) if on else None for k, on in enumerate(mask)]
+            P = _rotate_back(f["exp_avg"].unsqueeze(0), roots)  # m x_k root_k, as the step computes it
             out["update_sq"] = (P * P).sum()
     return out
 

@@ -121,7 +121,7 @@ class ReplicatedSplit:
                 path = "adamw" if plan.adamw else algorithm
                 cost = [block_cost(algorithm, path, plan.block_shape(i), plan.masks[i], group["precondition_frequency"])
                         for i in range(len(plan.masks))]
-                if group["normalize_grads"] or not _blocks_are_views(p, plan):
+                if group["normalize_grads"] or not plan.blocks_are_views(p.detach()):
                     units.append([(p, i) for i in range(len(plan.masks))])
                     costs.append(sum(cost))
                     self.whole.add(id(p))
@@ -156,10 +156,6 @@ class ReplicatedSplit:
 
     def owns(self, p, i: int) -> bool:
         return self.owner[(id(p), i)] == self.rank
-
-    def owns_whole(self, p) -> bool:
-        plan = self.plans[id(p)]
-        return all(self.owns(p, i) for i in range(len(plan.masks)))
 
     def _views(self, rank: int) -> list[torch.Tensor]:
         """What ``rank`` sends: views of its blocks in the parameters, or whole parameters."""
@@ -209,9 +205,6 @@ class ReplicatedSplit:
         self.old = None
 
 
-def _blocks_are_views(p: torch.Tensor, plan) -> bool:
-    """Whether writing a block of ``plan.extract(p)`` writes the parameter (no copy in the layout)."""
-    if plan.trivial:
-        return True
-    storage = p.detach().untyped_storage().data_ptr()
-    return all(b.untyped_storage().data_ptr() == storage for b in plan.extract(p.detach()))
+def owned_blocks(split: ReplicatedSplit | None, p, count: int) -> list[int]:
+    """The indices of ``p``'s ``count`` blocks this rank steps (all of them without a split)."""
+    return [i for i in range(count) if split is None or split.owns(p, i)]

@@ -189,11 +189,12 @@ def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
     _fold_kl_(bufs, q, squares.sum(1), lams, shape)
 
 
-def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, shape: tuple,
-                        energy: torch.Tensor) -> None:
+def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, Gr: torch.Tensor) -> None:
     """:func:`track_kl_` for the KL variants from mode k's eigenvalue projection
     proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
-    kernels too): q = (N / d_k) sum_i proj_k_i / lam_k_i; ``energy`` = ||G||^2 = ||Gr||^2."""
+    kernels too): q = (N / d_k) sum_i proj_k_i / lam_k_i, against ||Gr||^2 = ||G||^2."""
+    shape = tuple(Gr.shape[1:])
+    energy = (Gr * Gr).reshape(Gr.shape[0], -1).sum(1)
     _fold_kl_(bufs, (math.prod(shape) / shape[k]) * (proj / lams[k]).sum(1), energy, lams, shape)
 
 
@@ -280,8 +281,7 @@ def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool, t: int) ->
         others = [j + 1 for j in range(nd) if j != k]
         new_lams[k] = (W * Gr).mean(dim=others) if others else W * Gr
     first = _modes(mask)[0]
-    kl_from_projection_(bufs, new_lams[first], lams, first, tuple(Gr.shape[1:]),
-                        (Gr * Gr).reshape(Gr.shape[0], -1).sum(1))
+    kl_from_projection_(bufs, new_lams[first], lams, first, Gr)
     if update_lam:
         lam_ema_(bufs, new_lams, hp, t)
 
@@ -510,9 +510,8 @@ def shampoo_step(bufs, G, mask, hp, t):
     m, A = shampoo_moments(bufs, G, hp, t)
     if t < hp["precondition_frequency"]:
         return A, 1.0
-    P = m
-    for k in reversed(_modes(mask)):  # last mode first, as the kernels do
-        P = _mode_mul(P, _load(bufs, f"root{k}"), k, hp["rotation_mode"])
+    roots = [_load(bufs, f"root{k}") if on else None for k, on in enumerate(mask)]
+    P = _rotate_back(m, roots, hp["rotation_mode"])  # m x_k root_k, last mode first as the kernels do
     return shampoo_graft(P, A, hp), 1.0
 
 

@@ -37,6 +37,8 @@ from collections import defaultdict
 
 import torch
 
+from ._blocking import writes_into
+
 __all__ = ["GRAD_SAFE", "STATE_LIMIT", "grad_checks", "unbounded", "block_flags", "StepGuard"]
 
 GRAD_SAFE = 1e5
@@ -105,7 +107,7 @@ class StepGuard:
     def restore_block(tensor: torch.Tensor, plan, i: int, saved: torch.Tensor) -> None:
         """Write a saved block back into the parameter (through the block layout when it is a copy)."""
         blocks = plan.extract(tensor.detach())
-        if blocks[i].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        if writes_into(blocks[i], tensor):
             blocks[i].copy_(saved)
             return
         blocks = [b.clone() for b in blocks]

@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 from . import _backend, _distributed, _guard, _precision
-from ._blocking import plan_for
+from ._blocking import plan_for, writes_into
 from ._functional import ALGORITHMS
 from ._options import build_defaults, factor_beta, validate_group
 
@@ -120,7 +120,7 @@ def _param_table(members: list, pending: dict, group: dict):
         if count[id(p)] != len(expected):
             return None
         view = plan.extract(tensor.detach())[i]
-        if view.dim() != 2 or view.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+        if view.dim() != 2 or not writes_into(view, tensor):
             return None
         views.append(view)
     if any(v.dtype != views[0].dtype for v in views) or views[0].dtype not in (
@@ -259,7 +259,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 continue
             plan = plan_for(tensor.shape, group)
             grads = plan.extract(_distributed.local(p.grad))
-            mine = [i for i in range(len(grads)) if split is None or split.owns(p, i)]
+            mine = _distributed.owned_blocks(split, p, len(grads))
             if not mine:
                 continue
             state = self.state[p]
@@ -453,7 +453,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     if tensor.numel() == 0 or "step" in self.state[p]:
                         continue
                     plan = plan_for(tensor.shape, group)
-                    mine = [i for i in range(len(plan.masks)) if split is None or split.owns(p, i)]
+                    mine = _distributed.owned_blocks(split, p, len(plan.masks))
                     if not mine:
                         continue
                     blocks = [None] * len(plan.masks)
@@ -520,7 +520,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 by_index[int(str(k)[len(prefix):])] = block
             plan_len = len(plan_for(_distributed.local(param).shape, self._group_of(param)).masks)
             blocks = [by_index.get(i) for i in range(plan_len)]
-        mine = [i for i in range(len(blocks)) if split is None or split.owns(param, i)]
+        mine = _distributed.owned_blocks(split, param, len(blocks))
         if not mine:
             return None
         missing = [i for i in mine if blocks[i] is None]

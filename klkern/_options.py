@@ -11,6 +11,8 @@ from numbers import Real
 
 import torch
 
+from ._precision import PRECISIONS
+
 __all__ = ["COMMON_DEFAULTS", "DEFAULTS", "build_defaults", "validate_group", "factor_beta"]
 
 # Shared by all four optimizers. lr/betas/eps/weight_decay/precondition_frequency
@@ -120,7 +122,7 @@ def validate_group(algorithm: str, group: dict) -> None:
         _fail("data_format", group["data_format"], "must be 'channels_first' or 'channels_last'")
     if group["state_dtype"] not in _STATE_DTYPES:
         _fail("state_dtype", group["state_dtype"], "must be torch.float32, torch.bfloat16 or torch.float16")
-    if group["matmul_precision"] not in (None, "highest", "high", "medium"):
+    if group["matmul_precision"] not in (None, *PRECISIONS):
         _fail("matmul_precision", group["matmul_precision"],
               "must be None (follow torch.get_float32_matmul_precision()), 'highest', 'high' or 'medium'")
     if group["large_dim_policy"] not in ("adamw", "identity"):

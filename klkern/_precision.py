@@ -63,10 +63,7 @@ def global_precision(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cpu":
         value = torch.backends.mkldnn.matmul.fp32_precision
         return {"bf16": "medium", "tf32": "high"}.get(value, "highest")
-    value = torch.backends.cuda.matmul.fp32_precision
-    if value == "none":
-        value = torch.backends.fp32_precision
-    return "high" if value == "tf32" else "highest"
+    return "high" if _effective(torch.backends.cuda.matmul.fp32_precision) == "tf32" else "highest"
 
 
 def snapshot() -> dict:

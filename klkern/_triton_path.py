@@ -31,7 +31,7 @@ def _kl_factors_and_lams(bufs, Gr, proj, hp, t) -> None:
     mode = hp["factor_mode"]
     K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n, precision=mode)
     K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True, precision=mode)
-    F.kl_from_projection_(bufs, proj[0], [lam_a, lam_b], 0, (m, n), (Gr * Gr).reshape(Gr.shape[0], -1).sum(1))
+    F.kl_from_projection_(bufs, proj[0], [lam_a, lam_b], 0, Gr)
     F.lam_ema_(bufs, {0: proj[0], 1: proj[1]}, hp, t)
 
 

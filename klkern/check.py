@@ -173,9 +173,9 @@ def _qr_error(method: str, device: torch.device, dtype: torch.dtype) -> float:
 # ------------------------------------------------------------------ driver
 
 
-def check(quick: bool = False, verbose: bool = False) -> list[dict]:
+def check(quick: bool = False) -> list[dict]:
     """Run every available path against the reference; return the table's rows."""
-    from klkern import _backend, _ext
+    from klkern import _backend, _ext, _precision
 
     table = _Table()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -197,7 +197,7 @@ def check(quick: bool = False, verbose: bool = False) -> list[dict]:
             table.skip("triton kernels", "cpu", "no GPU; set TRITON_INTERPRET=1 to check them in the interpreter")
     for device in triton_devices:
         label = "cuda" if device.type == "cuda" else "cpu (interpreter)"
-        for mode in ("highest", "high", "medium"):
+        for mode in _precision.PRECISIONS:
             results: dict = {}
 
             def kernels(mode=mode, device=device, results=results):

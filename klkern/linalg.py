@@ -95,12 +95,12 @@ def cholqr2(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     finite = torch.isfinite(X).flatten(1).all(1)
     Q = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
     ok = finite.clone()
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
     for _ in range(2):  # Q <- Q R^-1 with R = L^T, L L^T = Q^T Q
         L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
         ok &= info == 0
-        L = torch.where(ok[:, None, None], L, torch.eye(n, dtype=X.dtype, device=X.device))
+        L = torch.where(ok[:, None, None], L, eye)
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
-    eye = torch.eye(n, dtype=X.dtype, device=X.device)
     orth = (Q.mT @ Q - eye).abs().flatten(1).amax(1) if n else torch.zeros_like(ok, dtype=X.dtype)
     ok &= orth <= CHOLQR2_ORTH_TOL  # False for NaN too
     Q = Q.to(work.dtype)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import klkern
+from _helpers import mlp, rel_err
 
 TRAJ_RTOL = 1e-5
 DDP_RTOL = 1e-4
@@ -76,18 +77,7 @@ def spawn(world: int, scenario: str, outdir: Path, deadline_s: float = 300.0) ->
     return [torch.load(outdir / f"{scenario}-{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
-
 # ---------------------------------------------------------------------------- models and data
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 16))
 
 
 def _batch(step, rows=64, inputs=16, outputs=16):
@@ -117,25 +107,25 @@ def _opt(name, params, **kw):
 def scenario_ddp(rank, world, outdir):
     out = {}
     for name in OPTIMIZERS:
-        model = _mlp()
+        model = mlp()
         opt = _opt(name, model.parameters(), process_group=dist.group.WORLD)
         params = _train(model, opt, STEPS)
         entry = {"params": params, "state_bytes": opt.state_bytes(), "load": opt._split.load,
                  "bytes_per_step": opt._split.bytes_per_step(),
                  "owned": sum(b is not None for st in opt.state.values() for b in st["blocks"])}
         if rank == 0:  # the single-process run, same model and data
-            single = _mlp()
+            single = mlp()
             single_opt = _opt(name, single.parameters())
             entry["single"] = _train(single, single_opt, STEPS)
             entry["single_state_bytes"] = single_opt.state_bytes()
         out[name] = entry
     # under DDP: each rank its own quarter of the batch; one process sees the whole batch
-    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
     opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
     shard = lambda t: tuple(x.chunk(world)[rank] for x in _batch(t, rows=60))  # noqa: E731
     out["ddp"] = _train(model, opt, STEPS, data=shard)
     if rank == 0:
-        single = _mlp()
+        single = mlp()
         out["ddp_single"] = _train(single, _opt("KLShampoo", single.parameters()), STEPS,
                                    data=lambda t: _batch(t, rows=60))
     # a block layout that copies (channels_last + merge_dims): such a parameter goes to one rank whole
@@ -155,7 +145,7 @@ def scenario_ddp(rank, world, outdir):
     if rank == 0:
         out["layout_single"] = layout_run(None)
     # bf16 communication: the ranks stay identical, the updates are rounded
-    model = _mlp()
+    model = mlp()
     out["bf16"] = _train(model, _opt("KLSOAP", model.parameters(), process_group=dist.group.WORLD,
                                      communication_dtype=torch.bfloat16), STEPS)
     return out
@@ -214,7 +204,7 @@ def _resume(ckpt, group=None):
     """A fresh model and optimizer (other initial weights) loaded from a DCP checkpoint."""
     import torch.distributed.checkpoint as dcp
 
-    model = _mlp(seed=1)  # other weights: everything must come from the checkpoint
+    model = mlp(seed=1)  # other weights: everything must come from the checkpoint
     opt = _opt("KLShampoo", model.parameters(), process_group=group or dist.group.WORLD)
     opt.init_state()
     sd = {"model": model.state_dict(), "optim": opt.state_dict()}
@@ -228,7 +218,7 @@ def scenario_checkpoint(rank, world, outdir):
     import torch.distributed.checkpoint as dcp
 
     ckpt = outdir / f"ckpt-world{world}"
-    model = _mlp()
+    model = mlp()
     opt = _opt("KLShampoo", model.parameters(), process_group=dist.group.WORLD)
     _train(model, opt, 8)
     dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(ckpt))
@@ -245,7 +235,7 @@ def scenario_checkpoint(rank, world, outdir):
 
 def scenario_nan(rank, world, outdir):
     """A NaN gradient on rank 1 only (all its parameters, one step): the ranks stay identical."""
-    model = _mlp()
+    model = mlp()
     opt = _opt("KLSOAP", model.parameters(), process_group=dist.group.WORLD)
 
     def poison(t, model):
@@ -278,8 +268,8 @@ def test_ddp_split_equals_one_process(world, tmp_path):
             for a, b in zip(results[rank][name]["params"], results[0][name]["params"]):
                 assert torch.equal(a, b), (name, rank)
         for a, b in zip(results[0][name]["params"], single):
-            assert _rel(a, b) < TRAJ_RTOL, (name, _rel(a, b))
-        moved = max(_rel(a, b) for a, b in zip(single, _mlp().parameters()))
+            assert rel_err(a, b) < TRAJ_RTOL, (name, rel_err(a, b))
+        moved = max(rel_err(a, b) for a, b in zip(single, mlp().parameters()))
         assert moved > 1e-2, (name, moved)  # the comparison is between real trajectories
         # the state is split: each rank holds about 1/world of it
         total = results[0][name]["single_state_bytes"]
@@ -289,15 +279,15 @@ def test_ddp_split_equals_one_process(world, tmp_path):
         assert sum(results[r][name]["owned"] for r in range(world)) == 15  # 12 weight blocks + 3 biases
         assert results[0][name]["bytes_per_step"] > 0
     for a, b in zip(results[0]["ddp"], results[0]["ddp_single"]):
-        assert _rel(a, b) < DDP_RTOL
+        assert rel_err(a, b) < DDP_RTOL
     for rank in range(world):
         for a, b, c in zip(results[rank]["layout"], results[0]["layout_single"], results[0]["layout"]):
-            assert torch.equal(a, c) and _rel(a, b) < TRAJ_RTOL
+            assert torch.equal(a, c) and rel_err(a, b) < TRAJ_RTOL
     for rank in range(world):
         for a, b in zip(results[rank]["bf16"], results[0]["bf16"]):
             assert torch.equal(a, b)
     for a, b in zip(results[0]["bf16"], results[0]["KLSOAP"]["single"]):
-        assert 0 < _rel(a, b) < 5e-2  # rounded updates: close, not equal
+        assert 0 < rel_err(a, b) < 5e-2  # rounded updates: close, not equal
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -309,10 +299,10 @@ def test_fsdp2_shards_are_preconditioned_locally(world, tmp_path):
         assert rows == [8, 8, 8 * world, 8 * world]  # each rank preconditions its shards
         tol = TRAJ_RTOL
         params = results[0][name]["params"]
-        to_split = max(_rel(a, b) for a, b in zip(params, results[0][name]["single"]))
+        to_split = max(rel_err(a, b) for a, b in zip(params, results[0][name]["single"]))
         assert to_split < tol, (name, to_split)
         # the shard boundaries matter: one process without them is much further away
-        to_unsplit = max(_rel(a, b) for a, b in zip(params, results[0][name]["unsplit"]))
+        to_unsplit = max(rel_err(a, b) for a, b in zip(params, results[0][name]["unsplit"]))
         assert to_unsplit > 5 * to_split, (name, to_split, to_unsplit)
 
 
@@ -326,7 +316,7 @@ def test_checkpoint_round_trip_and_resharding(tmp_path):
         for a, b in zip(three[rank]["resumed"], three[rank]["uninterrupted"]):
             assert torch.equal(a, b)
         for a, b in zip(three[rank]["resharded"], three[0]["resharded_single"]):
-            assert _rel(a, b) < TRAJ_RTOL
+            assert rel_err(a, b) < TRAJ_RTOL
 
 
 def test_nan_on_one_rank_keeps_ranks_in_sync(tmp_path):

@@ -36,7 +36,7 @@ import torch
 import klkern
 from klkern import _backend, _precision
 
-from _helpers import rel_err
+from _helpers import mlp, rel_err
 
 PRODUCT_RTOL = 1e-5
 # mode -> bound on the relative deviation of a 200-step trajectory from "highest"
@@ -177,18 +177,8 @@ def test_products_follow_the_mode_and_the_rest_stays_fp32(monkeypatch):
 # ---------------------------------------------------------------------------- whole trajectories
 
 
-def _model():
-    """Square weights and a fresh batch of 64 per step: every weight gradient has full rank.
-    (A rank-deficient block has rotated gradient entries that are pure roundoff, which Adam's
-    m / sqrt(v) turns into full-size steps of arbitrary sign: any perturbation, a 1e-7 one
-    included, then moves SOAP's trajectory by tens of percent, whatever the precision.)"""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
-                               torch.nn.Tanh(), torch.nn.Linear(16, 16))
-
-
 def _train(name, mode, steps, backend="torch"):
-    model = _model()
+    model = mlp()
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = getattr(klkern, name)(model.parameters(), lr=3e-3, backend=backend, matmul_precision=mode)
     gen = torch.Generator().manual_seed(1)

@@ -104,7 +104,7 @@ TILE_TABLES = {"gemm": GEMM_TILES, "syrk": SYRK_TILES}
 
 # The interpreter costs ~1.5 ms per program: few, large programs.
 _INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK=32, num_warps=4, num_stages=1)
-_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options, not constexprs
 
 
 def aligned(*sizes: int) -> bool:

@@ -49,7 +49,6 @@ from pathlib import Path
 # (of 164 / 228 KB per SM).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TENSOR_CORE_MODES = ("tf32", "bf16")
-OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options, not constexprs
 
 
 # ------------------------------------------------------------------ record
@@ -59,12 +58,14 @@ def _record_scenarios():
     """(optimizer class name, constructor kwargs, param dtype, shapes) of the recorded runs."""
     import torch
 
+    from klkern._precision import PRECISIONS
+
     # (32, 32) and (20, 24) are single blocks whose updates the kernels write into the parameters
     # (aligned and unaligned); (48, 32) splits into blocks of two shapes, which return U instead.
     shapes = [(32, 32), (20, 24), (48, 32), (24,)]
     scenarios = []
     for name in ("KLShampoo", "KLSOAP", "SOAP", "Shampoo"):
-        for precision in ("highest", "high", "medium"):
+        for precision in PRECISIONS:
             for state_dtype in (torch.float32, torch.bfloat16):
                 base = dict(matmul_precision=precision, state_dtype=state_dtype, precondition_frequency=1,
                             block_size=32)
@@ -196,6 +197,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
             if spec == "16":
                 attrs[(index,)] = [["tt.divisibility", 16]]
     tl_dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+    from ._config import OPTIONS
+
     meta = {k: v for k, v in variant["tiles"].items() if k not in OPTIONS}
     for name, value in {**variant["constexprs"], **meta}.items():
         signature[name] = "constexpr"
