@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def git_commit(full: bool = False) -> str:
     """HEAD's hash (short unless ``full``), with "+dirty" when tracked code under klkern/,
     triton_kernels/, csrc/ or bench/ (not the results in bench/results/) differs from
-    it; "unknown" outside git."""
+    it; "unknown" outside git. ``KLKERN_COMMIT`` overrides it (a copy of the tree without
+    its .git, e.g. on a lent GPU machine, is told the commit it was made from)."""
+    if os.environ.get("KLKERN_COMMIT"):
+        return os.environ["KLKERN_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", *([] if full else ["--short"]), "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, timeout=30).stdout.strip()

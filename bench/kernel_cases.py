@@ -9,12 +9,17 @@ path's own product function (klkern._precision.bmm: "highest" true fp32,
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from klkern._precision import bmm
 
-# (B, m, n): GPT-2-small and 1B-class block shapes, stacks of 12.
+# (B, m, n): GPT-2-small and 1B-class block shapes, stacks of 12; KLKERN_KERNEL_SHAPES
+# ("12x768x768,12x2048x2048") narrows them (bench/gpu_suite.py does, to fit a lease).
 SHAPES = [(12, 768, 768), (12, 768, 3072), (12, 2048, 2048), (12, 2048, 8192), (12, 4096, 4096)]
+if os.environ.get("KLKERN_KERNEL_SHAPES"):
+    SHAPES = [tuple(int(x) for x in item.split("x")) for item in os.environ["KLKERN_KERNEL_SHAPES"].split(",")]
 
 
 def make(B, m, n, device="cuda", seed=0):

@@ -60,9 +60,15 @@ def householder_qr(A: torch.Tensor) -> torch.Tensor:
 
 def time_ms(fn, A: torch.Tensor, reps: int, warmup: int) -> tuple[float, torch.Tensor]:
     out = None
-    for _ in range(warmup):
-        out = fn(A)
     cuda = A.is_cuda
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        out = fn(A)
+        if cuda:
+            torch.cuda.synchronize()
+        if time.perf_counter() - t0 > 2.0:  # slow route: one timed call is enough to rank it
+            reps = 1
+            break
     if cuda:
         torch.cuda.synchronize()
     times = []
@@ -107,6 +113,52 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def write(args, rows, routes, device, device_name, reps, warmup, not_run) -> None:
+    """The result files (rewritten after each shape, so that a run cut short keeps what it measured)."""
+    meta = {
+        "date": utc_now(),
+        "commit": git_commit(full=True),
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "reps": reps,
+        "warmup": warmup,
+        "timing": ("CUDA events" if device.type == "cuda" else "wall clock") + " around one call, median of reps, "
+                  "after warm-up calls",
+        "command": "python bench/qr_bench.py" + (" --quick" if args.quick else ""),
+        "not_run": not_run,
+    }
+    base = os.path.join(args.out_dir, f"qr_{slug(device_name)}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(base + ".json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+    names = list(routes)
+    lines = [
+        f"# Batched QR methods ({device_name})",
+        "",
+        f"- device: {device_name}; torch {meta['torch']}; CUDA {meta['cuda']}; {args.dtype}",
+        f"- date: {meta['date']}; commit: {meta['commit']}",
+        f"- {meta['timing']} ({reps} reps, {warmup} warm-up); command: `{meta['command']}`",
+        "- every route includes the sign fix (diag(R) >= 0); accuracy in float64: "
+        "orth = max|Q^T Q - I|, recon = ||Q Q^T A - A|| / ||A||"
+        + ("" if "klkern" in routes else "; the extension was unavailable, so its column is missing"),
+    ] + ([f"- not run (budget): {', '.join(not_run)}"] if not_run else []) + [
+        "",
+        "| batch shape | " + " | ".join(f"{n} ms" for n in names) + " | "
+        + " | ".join(f"{n} vs torch" for n in names if n != "torch") + " | worst orth | worst recon |",
+        "|---" * (1 + 2 * len(names)) + "|---|",
+    ]
+    for r in rows:
+        worst_orth = max(r[f"{n}_accuracy"]["orth_max"] for n in names)
+        worst_recon = max(r[f"{n}_accuracy"]["recon_rel"] for n in names)
+        lines.append(f"| {tuple(r['shape'])} | " + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in names) + " | "
+                     + " | ".join(f"{r[f'{n}_speedup_vs_torch']:.2f}x" for n in names if n != "torch")
+                     + f" | {worst_orth:.1e} | {worst_recon:.1e} |")
+    with open(base + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 warm-up call and 3 timed calls per route")
@@ -116,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-householder", action="store_true", help="skip the geqrf + householder_product route")
     parser.add_argument("--out-dir", default=os.path.join("bench", "results"))
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="seconds: start no further shape after this (0: no limit); a route whose "
+                             "warm-up call takes over 2 s is timed once")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -138,8 +193,12 @@ def main(argv=None) -> int:
     if not args.no_householder:
         routes["householder"] = householder_qr
 
-    rows = []
+    rows, not_run = [], []
+    started = time.monotonic()
     for shape in args.shapes:
+        if args.budget and time.monotonic() - started > args.budget:
+            not_run.append("x".join(map(str, shape)))
+            continue
         gen = torch.Generator(device=device).manual_seed(0)
         A = torch.randn(*shape, device=device, dtype=dtype, generator=gen)
         row = {"shape": list(shape), "dtype": args.dtype}
@@ -160,6 +219,7 @@ def main(argv=None) -> int:
         row["target_speedup"] = target
         row["meets_target"] = None if target is None else row["klkern_speedup_vs_torch"] >= target
         rows.append(row)
+        write(args, rows, routes, device, device_name, reps, warmup, not_run)
         print(f"{str(tuple(shape)):20s} " + "  ".join(
             f"{name} {row[f'{name}_ms']:9.2f} ms (orth {row[f'{name}_accuracy']['orth_max']:.1e})" for name in routes),
             flush=True)
@@ -167,47 +227,8 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    meta = {
-        "date": utc_now(),
-        "commit": git_commit(full=True),
-        "device": device_name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "dtype": args.dtype,
-        "reps": reps,
-        "warmup": warmup,
-        "timing": ("CUDA events" if device.type == "cuda" else "wall clock") + " around one call, median of reps, "
-                  "after warm-up calls",
-        "command": "python bench/qr_bench.py" + (" --quick" if args.quick else ""),
-    }
-    base = os.path.join(args.out_dir, f"qr_{slug(device_name)}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(base + ".json", "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    names = list(routes)
-    lines = [
-        f"# Batched QR methods ({device_name})",
-        "",
-        f"- device: {device_name}; torch {meta['torch']}; CUDA {meta['cuda']}; {args.dtype}",
-        f"- date: {meta['date']}; commit: {meta['commit']}",
-        f"- {meta['timing']} ({reps} reps, {warmup} warm-up); command: `{meta['command']}`",
-        "- every route includes the sign fix (diag(R) >= 0); accuracy in float64: "
-        "orth = max|Q^T Q - I|, recon = ||Q Q^T A - A|| / ||A||"
-        + ("" if "klkern" in routes else "; the extension was unavailable, so its column is missing"),
-        "",
-        "| batch shape | " + " | ".join(f"{n} ms" for n in names) + " | "
-        + " | ".join(f"{n} vs torch" for n in names if n != "torch") + " | worst orth | worst recon |",
-        "|---" * (1 + 2 * len(names)) + "|---|",
-    ]
-    for r in rows:
-        worst_orth = max(r[f"{n}_accuracy"]["orth_max"] for n in names)
-        worst_recon = max(r[f"{n}_accuracy"]["recon_rel"] for n in names)
-        lines.append(f"| {tuple(r['shape'])} | " + " | ".join(f"{r[f'{n}_ms']:.2f}" for n in names) + " | "
-                     + " | ".join(f"{r[f'{n}_speedup_vs_torch']:.2f}x" for n in names if n != "torch")
-                     + f" | {worst_orth:.1e} | {worst_recon:.1e} |")
-    with open(base + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"wrote {base}.json and {base}.md")
+    write(args, rows, routes, device, device_name, reps, warmup, not_run)
+    print(f"wrote {os.path.join(args.out_dir, 'qr_' + slug(device_name))}.json and .md")
     bad = [(tuple(r["shape"]), n) for r in rows for n, ok in r["accurate"].items() if not ok]
     if bad:
         print(f"qr_bench: results above the accuracy bound for {bad}", file=sys.stderr)

@@ -26,6 +26,7 @@ under ``--out`` as each table completes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import re
@@ -90,17 +91,19 @@ def step_flops(opt) -> float:
     return total
 
 
-def time_steps(opt, params, grads, steps):
+def time_steps(opt, params, grads, steps, warmup=2):
+    """Wall times (ms) of ``steps`` steps after ``warmup`` untimed ones (the initialisation, if
+    the optimizer has not stepped, and one that compiles the kernels)."""
     device = params[0].device
     times = []
-    for i in range(steps + 2):
+    for i in range(steps + warmup):
         for p, g in zip(params, grads):
             p.grad = g
         sync(device)
         t0 = time.perf_counter()
         opt.step()
         sync(device)
-        if i >= 2:  # the initialisation step and one warm-up (kernel compilation) step
+        if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -128,15 +131,40 @@ def gemm_floor_ms(shapes, mode, device, reps=5):
         return median_ms(run, device, reps)
 
 
+_INITIALISED: dict = {}
+
+
+def initialised(name, mode, params, grads, **kw):
+    """(parameters, state dict) of ``name`` after its first step (the initialisation: every
+    factor's eigendecomposition, seconds on a GPT-2-small set), computed once and loaded by every
+    measurement it serves. The KL optimizers' and SOAP's first step only initialises, in fp32,
+    whatever the path and precision; Shampoo's first step is an update (its key has the precision)."""
+    key = (name, mode if name == "Shampoo" else None, tuple(sorted(kw.items())))
+    if key not in _INITIALISED:
+        work = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = getattr(klkern, name)(work, backend="torch", matmul_precision=mode, **kw)
+        for p, g in zip(work, grads):
+            p.grad = g
+        opt.step()
+        _INITIALISED[key] = ([p.detach().clone() for p in work], copy.deepcopy(opt.state_dict()))
+        del opt, work
+    return _INITIALISED[key]
+
+
 def measure(name, backend, mode, params, grads, steps, **kw):
-    work = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start, state = initialised(name, mode, params, grads, **kw)
+    work = [torch.nn.Parameter(p.clone()) for p in start]
     opt = getattr(klkern, name)(work, backend=backend, matmul_precision=mode, **kw)
+    settings = [dict(g) for g in opt.param_groups]
+    opt.load_state_dict(copy.deepcopy(state))
+    for group, own in zip(opt.param_groups, settings):  # the loaded groups carry the defaults
+        group.update({k: v for k, v in own.items() if k != "params"})
     cuda = work[0].is_cuda
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = time_steps(opt, work, grads, steps)
+    times = time_steps(opt, work, grads, steps, warmup=1)
     row = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
            "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0,
            "state_mib": opt.state_bytes() / 2**20, "flops": step_flops(opt)}
@@ -157,7 +185,15 @@ def meta_info(args, n_params, device):
             "params": n_params, "steps": args.steps}
 
 
+_ORDER = {name: i for i, name in enumerate(["highest", "high", "medium", "KLShampoo", "KLSOAP", "SOAP", "Shampoo"])}
+
+
+def _sorted(rows: list) -> list:
+    return sorted(rows, key=lambda r: (_ORDER.get(r["precision"], 9), _ORDER.get(r["optimizer"], 9)))
+
+
 def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
+    rows, freq1 = _sorted(rows), _sorted(freq1)
     (out / f"step_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows, "freq1": freq1}, indent=1) + "\n")
     peaks = device_peaks(meta["device"]) or {}
     lines = [f"# Whole-step benchmark, GPT-2-small parameter set ({meta['params'] / 1e6:.1f}M), {meta['device']}",
@@ -166,7 +202,10 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
              "- TFLOP/s: the step's matrix products (6 per preconditioned mode, 4 for Shampoo; refreshes not "
              "counted) over the median step time; peak: dense vendor figure at that precision"
              + (f" ({peaks})" if peaks else " (unknown device: no peak)"),
-             "- floor: cuBLAS time of the same products for the 2-D blocks, at the same precision", "",
+             "- floor: cuBLAS time of the same products for the 2-D blocks, at the same precision"]
+    if meta.get("not_run"):
+        lines.append(f"- not run (budget): {', '.join(meta['not_run'])}")
+    lines += ["",
              "## precondition_frequency 10", "",
              "| precision | optimizer | torch median ms | triton median ms | speedup (median) | speedup (mean) | "
              "triton TFLOP/s | % of peak | GEMM floor ms | triton / floor | peak extra MiB torch / triton |",
@@ -189,6 +228,20 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
     (out / f"step_{slug}.md").write_text("\n".join(lines) + "\n")
 
 
+def jobs(optimizers: list, precisions: list, freq1_optimizers: list) -> list:
+    """(kind, precision, optimizer) in the order a budget should cut them: the KL optimizers at
+    every precision, then the refresh-every-step case at the middle precision, then the
+    baselines, then the rest of the refresh-every-step case."""
+    kl = [o for o in optimizers if o in ("KLShampoo", "KLSOAP")]
+    rest = [o for o in optimizers if o not in kl]
+    middle = "high" if "high" in precisions else precisions[0]
+    out = [("freq10", mode, name) for name in kl for mode in precisions]
+    out += [("freq1", middle, name) for name in freq1_optimizers]
+    out += [("freq10", mode, name) for name in rest for mode in precisions]
+    out += [("freq1", mode, name) for name in freq1_optimizers for mode in precisions if mode != middle]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -199,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     ap.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="seconds: start no measurement that would likely end past this (0: no limit)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -212,25 +267,38 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, freq1 = [], []
-    for mode in args.precisions.split(","):
-        floor = gemm_floor_ms(shapes, mode, device)
-        for name in args.optimizers.split(","):
-            row = {"precision": mode, "optimizer": name, "floor_ms": floor}
-            for backend in ("torch", "triton"):
+    floors: dict = {}
+    started = time.monotonic()
+    last = 0.0
+    not_run = []
+    for kind, mode, name in jobs(args.optimizers.split(","), args.precisions.split(","),
+                                 list(filter(None, args.freq1_optimizers.split(",")))):
+        elapsed = time.monotonic() - started
+        if args.budget and elapsed + last > args.budget:  # the next job would likely end past it
+            not_run.append(f"{kind} {mode} {name}")
+            continue
+        t0 = time.monotonic()
+        row = {"precision": mode, "optimizer": name}
+        if kind == "freq10":
+            if mode not in floors:
+                floors[mode] = gemm_floor_ms(shapes, mode, device)
+            row["floor_ms"] = floors[mode]
+        for backend in ("torch", "triton"):
+            if kind == "freq10":
                 row[backend] = measure(name, backend, mode, params, grads, args.steps)
-            row["flops"] = row["triton"]["flops"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            write(out, slug, meta, rows, freq1)
-    for mode in args.precisions.split(","):
-        for name in filter(None, args.freq1_optimizers.split(",")):
-            row = {"precision": mode, "optimizer": name}
-            for backend in ("torch", "triton"):
+            else:
                 row[backend] = measure(name, backend, mode, params, grads, args.freq1_steps,
                                        precondition_frequency=1)
-            freq1.append(row)
-            print(json.dumps(row), flush=True)
-            write(out, slug, meta, rows, freq1)
+        row["flops"] = row["triton"]["flops"]
+        (rows if kind == "freq10" else freq1).append(row)
+        last = time.monotonic() - t0
+        print(json.dumps(row), flush=True)
+        meta["not_run"] = not_run
+        write(out, slug, meta, rows, freq1)
+    meta["not_run"] = not_run
+    write(out, slug, meta, rows, freq1)
+    if not_run:
+        print(f"step_bench: budget of {args.budget} s reached; not run: {', '.join(not_run)}")
     print((out / f"step_{slug}.md").read_text())
 
 

@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON from bench/test_kernel_bench.py into a ratio table (Markdown).
 
-    python bench/summarize_kernel_bench.py RESULT.json > RESULT.md
+    python bench/summarize_kernel_bench.py RESULT.json [--out RESULT.md]
 """
 
 from __future__ import annotations
@@ -40,4 +40,8 @@ def main(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1]), end="")
+    text = main(sys.argv[1])
+    if len(sys.argv) == 4 and sys.argv[2] == "--out":
+        with open(sys.argv[3], "w") as fh:
+            fh.write(text)
+    print(text, end="")

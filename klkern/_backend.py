@@ -36,6 +36,32 @@ def triton_import_error() -> str | None:
     return None
 
 
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run kernels here, or None. Known: triton 3.6-3.8's
+    interpreter fails with numpy >= 2.4 ("only 0-dimensional arrays can be converted to
+    Python scalars"; fixed in triton 3.9); it needs numpy at all. Reads the installed
+    versions without importing triton: TRITON_INTERPRET must be set before triton is imported."""
+    from importlib import metadata
+
+    try:
+        triton_version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return "triton is not installed"
+    try:
+        numpy_version = metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        return "Triton's interpreter needs numpy (pip install numpy)"
+    if _version(triton_version) < (3, 9) and _version(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter fails with numpy {numpy_version} (numpy >= 2.4 "
+                "needs triton >= 3.9): install numpy<2.4 or triton>=3.9")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_driver_ok() -> bool:
     if not torch.cuda.is_available():
@@ -67,7 +93,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if device.type == "cuda":
         usable = triton_import_error() is None and _cuda_driver_ok()
     elif device.type == "cpu":
-        usable = interpreting() and triton_import_error() is None
+        usable = interpreting() and triton_import_error() is None and interpreter_problem() is None
     else:
         usable = False
     if backend == "auto":
@@ -77,6 +103,8 @@ def resolve(backend: str, device: torch.device) -> str:
     if triton_import_error() is not None:
         raise RuntimeError(f"backend='triton' but the Triton kernels cannot be imported "
                            f"({triton_import_error()}); install triton>=3.6 or use backend='auto'/'torch'")
+    if device.type == "cpu" and interpreting() and interpreter_problem():
+        raise RuntimeError(f"backend='triton' on the CPU under TRITON_INTERPRET=1: {interpreter_problem()}")
     if device.type == "cpu":
         raise RuntimeError("backend='triton' with parameters on the CPU: the kernels need a CUDA device, "
                            "or TRITON_INTERPRET=1 set before klkern is imported (slow, for tests); "

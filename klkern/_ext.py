@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ._errors import describe, summary
+
 __all__ = ["qr_extension", "CSRC", "SOURCES"]
 
 def _sources_dir() -> Path:
@@ -40,6 +42,7 @@ SOURCES = ("batched_qr_kernels.cu", "batched_qr.cpp")
 JIT_NAME = "klkern_C"
 
 _lock = threading.Lock()
+LAST_ERROR: str | None = None  # the whole error of the last failed load or build (warnings show one line)
 _state: dict = {"decided": False, "op": None}
 
 
@@ -79,9 +82,11 @@ def _load():
     try:
         return jit_build()
     except Exception as err:  # noqa: BLE001 - any failure means: use the torch fallback
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        global LAST_ERROR
+        LAST_ERROR = describe(err)
         warnings.warn(
-            f"klkern: the CUDA QR extension is unavailable ({type(err).__name__}: {reason}); "
+            f"klkern: the CUDA QR extension is unavailable ({summary(err)}; the whole error: "
+            "klkern._ext.LAST_ERROR); "
             "klkern.linalg.batched_qr uses torch.linalg.qr instead",
             RuntimeWarning,
             stacklevel=4,

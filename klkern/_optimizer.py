@@ -27,7 +27,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _backend, _distributed, _guard, _precision
+from . import _backend, _distributed, _errors, _guard, _precision
 from ._blocking import plan_for, writes_into
 from ._functional import ALGORITHMS
 from ._options import build_defaults, factor_beta, validate_group
@@ -369,9 +369,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 buf.copy_(before[name])
             for view, saved in written:
                 view.copy_(saved)
-            text = str(err).strip().splitlines()
-            reason = f"{type(err).__name__}: {text[0] if text else ''}"
-            self._kernels_failed[variant] = reason
+            reason = _errors.summary(err)
+            self._kernels_failed[variant] = _errors.describe(err)
             self._warn_once(f"kernel:{reason}", (
                 f"{type(self).__name__}: the Triton kernels failed ({reason}) for {variant[0]} blocks of shape "
                 f"{variant[1]} on {variant[3]}; this step and the later ones use the torch path for them "

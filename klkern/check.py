@@ -38,6 +38,8 @@ import types
 
 import torch
 
+from klkern._errors import describe, summary
+
 __all__ = ["check", "main"]
 
 OP_TOL = {"highest": 2e-5, "high": 5e-3, "medium": 3e-2}
@@ -63,8 +65,7 @@ class _Table:
             err = float(fn())
             row.update(max_error=err, status="ok" if err <= tol else "MISMATCH")
         except Exception as exc:  # noqa: BLE001 - the check reports, it does not crash
-            text = str(exc).strip().splitlines()
-            row.update(max_error=None, status=f"ERROR {type(exc).__name__}: {text[0] if text else ''}"[:160])
+            row.update(max_error=None, status=f"ERROR {summary(exc)}"[:300], error=describe(exc))
         row["time_ms"] = (time.perf_counter() - start) * 1e3
         self.rows.append(row)
 
@@ -189,11 +190,19 @@ def check(quick: bool = False) -> list[dict]:
         table.skip("triton kernels", "-", f"triton not importable: {_backend.triton_import_error()}")
     else:
         for device in devices:
-            if device.type == "cuda" and _backend.resolve("triton", device) == "triton":
-                triton_devices.append(device)
+            if device.type == "cuda":
+                try:
+                    _backend.resolve("triton", device)
+                    triton_devices.append(device)
+                except RuntimeError as err:  # triton imports but has no usable driver: a row, not a crash
+                    table.rows.append({"path": "triton kernels", "device": "cuda", "dtype": "-", "tolerance": None,
+                                       "max_error": None, "time_ms": 0.0, "status": f"ERROR {err}"[:300]})
             elif device.type == "cpu" and _backend.interpreting():
-                triton_devices.append(device)
-        if not triton_devices:
+                if _backend.interpreter_problem():
+                    table.skip("triton kernels", "cpu (interpreter)", _backend.interpreter_problem())
+                else:
+                    triton_devices.append(device)
+        if not triton_devices and not torch.cuda.is_available() and not _backend.interpreting():
             table.skip("triton kernels", "cpu", "no GPU; set TRITON_INTERPRET=1 to check them in the interpreter")
     for device in triton_devices:
         label = "cuda" if device.type == "cuda" else "cpu (interpreter)"

@@ -27,6 +27,29 @@ def mlp(seed: int = 0) -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(16, 16))
 
 
+def kernel_device() -> torch.device | None:
+    """Where this test process runs the Triton kernels: CUDA on a GPU machine (the interpreter is
+    off there), the CPU under the interpreter (conftest.py sets it without a GPU), else None."""
+    from klkern import _backend
+
+    if _backend.triton_import_error() is not None:
+        return None
+    if _backend.interpreting():
+        return None if _backend.interpreter_problem() else torch.device("cpu")
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def kernel_skip_reason() -> str:
+    """Why :func:`kernel_device` is None (for skip marks)."""
+    from klkern import _backend
+
+    if _backend.triton_import_error() is not None:
+        return f"triton not importable: {_backend.triton_import_error()}"
+    if _backend.interpreting() and _backend.interpreter_problem():
+        return _backend.interpreter_problem()
+    return "needs a GPU or TRITON_INTERPRET=1"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max(|b|, tiny): a relative error on the tensor's scale."""
     a, b = a.detach().double(), b.detach().double()

@@ -33,7 +33,8 @@ def test_cli_on_the_cpu_passes_with_its_table(tmp_path):
     assert done.stderr == ""  # no warnings on a machine without a GPU
 
 
-@pytest.mark.skipif(_backend.triton_import_error() is not None, reason="needs triton")
+@pytest.mark.skipif(_backend.triton_import_error() is not None or _backend.interpreter_problem() is not None,
+                    reason=f"needs triton's interpreter: {_backend.interpreter_problem()}")
 def test_cli_under_the_interpreter_checks_the_kernels():
     done = _run({"TRITON_INTERPRET": "1"}, "--quick")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -54,5 +55,5 @@ def test_a_mismatch_or_an_error_fails_the_check(monkeypatch, capsys):
     monkeypatch.setattr(check_module, "_trajectory_error", broken)
     rows = klkern.check(quick=True)
     errors = [r for r in rows if r["status"].startswith("ERROR")]
-    assert errors and "simulated driver failure" in errors[0]["status"]
+    assert any("simulated driver failure" in r["status"] for r in errors)
     assert check_module.failed(rows)

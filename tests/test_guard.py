@@ -18,11 +18,12 @@ import torch
 import klkern
 from klkern import _backend, _guard
 
+from _helpers import kernel_device, kernel_skip_reason
+
 OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
 SCALES = [1e-30, 1e-20, 1e-10, 1.0, 1e5, 1e10, 1e15, 1e18, 1e20, 1e25, 1e30]
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    _backend.triton_import_error() is not None or not (_backend.interpreting() or torch.cuda.is_available()),
-    reason="needs triton (interpreter or GPU)"))]
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(kernel_device() is None,
+                                                                     reason=kernel_skip_reason()))]
 
 
 def _random_shapes(seed: int) -> list:
@@ -57,14 +58,15 @@ def test_any_gradient_scale_keeps_state_finite(name, backend):
     for case, scale in enumerate(SCALES):
         shapes = _random_shapes(seed=case)
         gen = torch.Generator().manual_seed(100 + case)
-        params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+        device = kernel_device() if backend == "triton" else torch.device("cpu")
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen).to(device)) for s in shapes]
         opt = getattr(klkern, name)(params, backend=backend, lr=1e-2, precondition_frequency=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for t in range(6):
                 big = t == 3
                 for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen) * (scale if big else 1.0)
+                    p.grad = (torch.randn(p.shape, generator=gen) * (scale if big else 1.0)).to(device)
                 if big:
                     before_params = [p.detach().clone() for p in params]
                     skipped = opt.nonfinite_skipped
@@ -177,9 +179,8 @@ def test_unbounded_hyperparameters_are_always_guarded():
 
 # ---------------------------------------------------------------------------- kernel failure fallback
 
-needs_interpreter = pytest.mark.skipif(
-    _backend.triton_import_error() is not None or not _backend.interpreting(),
-    reason="needs the Triton interpreter")
+needs_interpreter = pytest.mark.skipif(kernel_device() != torch.device("cpu"),
+                                       reason="CPU models through the Triton interpreter")
 
 
 def _pair(monkeypatch):

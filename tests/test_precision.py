@@ -36,7 +36,7 @@ import torch
 import klkern
 from klkern import _backend, _precision
 
-from _helpers import mlp, rel_err
+from _helpers import kernel_device, kernel_skip_reason, mlp, rel_err
 
 PRODUCT_RTOL = 1e-5
 # mode -> bound on the relative deviation of a 200-step trajectory from "highest"
@@ -177,14 +177,14 @@ def test_products_follow_the_mode_and_the_rest_stays_fp32(monkeypatch):
 # ---------------------------------------------------------------------------- whole trajectories
 
 
-def _train(name, mode, steps, backend="torch"):
-    model = mlp()
+def _train(name, mode, steps, backend="torch", device="cpu"):
+    model = mlp().to(device)
     start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     opt = getattr(klkern, name)(model.parameters(), lr=3e-3, backend=backend, matmul_precision=mode)
     gen = torch.Generator().manual_seed(1)
-    W = torch.randn(16, 16, generator=gen) / 4
+    W = (torch.randn(16, 16, generator=gen) / 4).to(device)
     for _ in range(steps):
-        X = torch.randn(64, 16, generator=gen)
+        X = torch.randn(64, 16, generator=gen).to(device)
         loss = (model(X) - torch.tanh(X @ W)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -213,25 +213,25 @@ def test_trajectory_deviation_is_bounded(name, tf32_emulation):
         assert abs(loss - ref_loss) < 0.1 * ref_loss + 1e-3
 
 
-@pytest.mark.skipif(_backend.triton_import_error() is not None, reason="needs triton")
+@pytest.mark.skipif(kernel_device() is None, reason=kernel_skip_reason())
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("mode", ["high", "medium"])
 def test_triton_path_matches_torch_path_at_each_mode(name, mode, tf32_emulation):
-    """The interpreted kernels round the same operands as the torch path: 12 steps
-    (one refresh) agree to the operands' roundoff, and differ from "highest"."""
-    if not _backend.interpreting() and not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
-    torch_run, _, _ = _train(name, mode, 12, backend="torch")
-    triton_run, _, _ = _train(name, mode, 12, backend="triton")
-    highest, _, _ = _train(name, "highest", 12, backend="torch")
+    """The kernels round the same operands as the torch path (interpreted: emulated; on a GPU:
+    tensor cores against cuBLAS): 12 steps (one refresh) agree to the operands' roundoff, and
+    differ from "highest". Both paths run where the kernels run."""
+    device = kernel_device()
+    torch_run, _, _ = _train(name, mode, 12, backend="torch", device=device)
+    triton_run, _, _ = _train(name, mode, 12, backend="triton", device=device)
+    highest, _, _ = _train(name, "highest", 12, backend="torch", device=device)
     assert rel_err(triton_run, torch_run) < PATH_RTOL[mode]
     assert rel_err(triton_run, torch_run) < rel_err(torch_run, highest) / 2
 
 
 def test_kernel_rounding_matches_torch_rounding(tf32_emulation):
     """One product in the interpreter: the kernel's operand rounding equals the torch emulation."""
-    if _backend.triton_import_error() is not None or not _backend.interpreting():
-        pytest.skip("needs the Triton interpreter")
+    if kernel_device() != torch.device("cpu"):
+        pytest.skip("needs the Triton interpreter (the operand emulation is the interpreter's)")
     from klkern import triton_kernels as K
 
     gen = torch.Generator().manual_seed(3)

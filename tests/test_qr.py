@@ -58,7 +58,17 @@ DTYPES = [torch.float32, torch.float64]
 # (32 / 33 columns), several panels with a ragged last one, a 4-D stack.
 SHAPES = [(1, 1, 1), (3, 5, 5), (2, 7, 3), (4, 9, 1), (2, 32, 32), (2, 40, 33), (1, 65, 65), (2, 70, 40), (2, 3, 6, 4)]
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture
+def _real_cuda():
+    """Touch the device first: where CUDA is only reported (conftest's KLKERN_TEST_CUDA_REPORTED
+    run) the test then fails as needing a real GPU instead of on a missing extension."""
+    torch.zeros(1, device="cuda")
+
+
+def cuda(test):
+    """A test of the real extension on a GPU (skipped without one)."""
+    test = pytest.mark.usefixtures("_real_cuda")(test)
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
 
 
 def sign_normalised_torch_qr(A: torch.Tensor) -> torch.Tensor:
@@ -475,8 +485,10 @@ def test_loader_warns_once_when_the_build_fails(monkeypatch):
         raise RuntimeError("Error building extension 'klkern_C'\nlong compiler output")
 
     monkeypatch.setattr(_ext, "jit_build", failing_build)
-    with pytest.warns(RuntimeWarning, match=r"unavailable \(RuntimeError: Error building extension 'klkern_C'\).*torch\.linalg\.qr"):
+    with pytest.warns(RuntimeWarning, match=r"unavailable \(RuntimeError: Error building extension 'klkern_C'.*"
+                                            r"klkern\._ext\.LAST_ERROR\).*torch\.linalg\.qr"):
         assert _ext.qr_extension() is None
+    assert "long compiler output" in _ext.LAST_ERROR  # the whole error is kept
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _ext.qr_extension() is None  # decided once: no second warning

@@ -45,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from klkern._errors import describe, summary
+
 # Per-block shared memory limits (opt-in maximum): A100 163 KB, H100 227 KB
 # (of 164 / 228 KB per SM).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -77,16 +79,29 @@ def _record_scenarios():
 
 def record() -> list:
     """Run the scenarios under the interpreter and return the deduplicated, tile-expanded variants."""
-    import torch
-
-    import klkern
     from klkern import _backend
-
-    from . import _config
 
     if not _backend.interpreting():
         raise SystemExit("compile_check record: run with TRITON_INTERPRET=1 (launches are recorded "
                          "through the interpreter on CPU tensors)")
+    launches = []
+    # Nothing is executed, so an interpreter that cannot execute here (triton 3.6 with numpy >= 2.4)
+    # does not matter: let backend="triton" resolve on the CPU anyway.
+    problem, _backend.interpreter_problem = _backend.interpreter_problem, lambda: None
+    try:
+        launches = _record_launches()
+    finally:
+        _backend.interpreter_problem = problem
+    return expand(launches)
+
+
+def _record_launches() -> list:
+    import torch
+
+    import klkern
+
+    from . import _config
+
     launches = []
     with _config.recording(execute=False) as log:
         for name, kwargs, param_dtype, shapes in _record_scenarios():
@@ -98,7 +113,7 @@ def record() -> list:
                     p.grad = torch.randn(p.shape, generator=gen).to(param_dtype)
                 opt.step()
         launches.extend(log)
-    return expand(launches)
+    return launches
 
 
 def _key(v: dict) -> str:
@@ -213,7 +228,7 @@ def compile_variant(variant: dict, arch: int) -> dict:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # noqa: BLE001 - reported, the test fails on it
-        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        row["error"] = describe(err)
         return row
     row["compile_s"] = round(time.perf_counter() - start, 2)
     row["shared"] = int(kernel.metadata.shared)
@@ -247,7 +262,7 @@ def problems(row: dict) -> list[str]:
     """What is wrong with a compiled variant (empty when it passes every check)."""
     out = []
     if "error" in row:
-        return [f"does not compile: {row['error']}"]
+        return [f"does not compile: {summary(row['error'])}"]
     if row["shared"] > SHARED_LIMIT[row["arch"]]:
         out.append(f"shared memory {row['shared']} B > {SHARED_LIMIT[row['arch']]} B")
     if row.get("spill_stores") or row.get("spill_loads"):

@@ -70,6 +70,22 @@ def _tile_pairs(tiles: int, device) -> torch.Tensor:
     return _PAIRS[key]
 
 
+def _plan(R, Xd, weights, precision):
+    """(DOT/EMULATE constexprs, tile config, aligned) of a launch."""
+    dots = dot_constexprs(precision)
+    d, K = Xd.shape[1], Xd.shape[2]
+    is_aligned = aligned(d, K, *R.stride(), *Xd.stride(), *(weights.stride() if weights is not None else ()))
+    return dots, pick_tiles("syrk", dots["DOT"], d, is_aligned), is_aligned
+
+
+def tile_width(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None = None, transpose_x: bool = False,
+               precision: str = "highest") -> int:
+    """Rows (and columns) per tile of the :func:`factor_ema_` call with these arguments: entries
+    whose row and column tiles differ are written exactly symmetric."""
+    Xd = X.transpose(1, 2) if transpose_x else X
+    return run_tiles(_plan(R, Xd, weights, precision)[1])["BLOCK"]
+
+
 def factor_ema_(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None, beta: float,
                 alpha: float, transpose_x: bool = False, precision: str = "highest") -> torch.Tensor:
     """In place: ``R <- beta R + alpha X diag(weights) X^T`` per batch element.
@@ -86,9 +102,7 @@ def factor_ema_(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None, 
     if weights is not None and (weights.shape != (batch, K) or weights.dtype != torch.float32):
         raise ValueError(f"factor_ema_: weights must be float32 of shape {(batch, K)}, got "
                          f"{weights.dtype} {tuple(weights.shape)}")
-    dots = dot_constexprs(precision)
-    is_aligned = aligned(d, K, *R.stride(), *Xd.stride(), *(weights.stride() if weights is not None else ()))
-    cfg = pick_tiles("syrk", dots["DOT"], d, is_aligned)
+    dots, cfg, is_aligned = _plan(R, Xd, weights, precision)
     tiles = triton.cdiv(d, run_tiles(cfg)["BLOCK"])
     pairs = _tile_pairs(tiles, R.device)
     args = (R, Xd, weights if weights is not None else Xd, pairs, d, K,

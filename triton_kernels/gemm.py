@@ -162,9 +162,27 @@ class ParamTable:
         self.views = views
         self.shape = tuple(first.shape)
         self.dtype = first.dtype
-        self.ptrs = torch.tensor([v.data_ptr() for v in views], dtype=torch.int64, device=first.device)
-        self.strides = torch.tensor([s for v in views for s in v.stride()], dtype=torch.int64,
-                                    device=first.device)
+        self.ptrs, self.strides = _pointer_table(first.device, tuple(v.data_ptr() for v in views),
+                                                 tuple(s for v in views for s in v.stride()))
+
+
+# Device copies of pointer tables, keyed by their contents: a step builds the same tables
+# every time (parameters do not move), and building one on the device is a synchronising
+# host-to-device copy. A hit is always right (the key is the table); bounded in size.
+_TABLES: dict = {}
+_TABLES_MAX = 4096
+
+
+def _pointer_table(device, ptrs: tuple, strides: tuple):
+    key = (str(device), ptrs, strides)
+    hit = _TABLES.get(key)
+    if hit is None:
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.clear()
+        hit = (torch.tensor(ptrs, dtype=torch.int64, device=device),
+               torch.tensor(strides, dtype=torch.int64, device=device))
+        _TABLES[key] = hit
+    return hit
 
 
 def _strides3(t):
