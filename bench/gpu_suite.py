@@ -70,6 +70,7 @@ SUITE_KERNEL_SHAPES = "12x768x768,12x768x3072,12x2048x2048"
 
 # Tests that exercise the kernels, the QR extension and the CUDA paths (fast ones first).
 SUITE_TESTS = ["tests/test_qr.py::test_extension_on_gpu", "tests/test_qr.py::test_extension_nan_and_bad_input_on_gpu",
+               "tests/test_qr.py::test_extension_bad_input_raises_a_catchable_error",
                "tests/test_qr.py::test_klshampoo_with_and_without_extension", "tests/test_check.py",
                "tests/test_triton.py", "tests/test_precision.py", "tests/test_guard.py"]
 
@@ -93,7 +94,7 @@ def _cmd_kernels(work: Path, seconds: float):
 
 
 def _cmd_tests(work: Path, seconds: float):
-    return [_py("-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}",
+    return [_py("-m", "pytest", "-q", "-rfEs", "--durations=10", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}",
                 *SUITE_TESTS)]
 
 

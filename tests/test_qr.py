@@ -547,14 +547,26 @@ def test_extension_nan_and_bad_input_on_gpu():
     Q = op(A)
     assert torch.isnan(Q[1]).all() and torch.isfinite(Q[[0, 2]]).all()
     assert_qr_of(Q[[0, 2]], A[[0, 2]])
-    with pytest.raises(RuntimeError, match="m >= n"):
-        op(torch.randn(2, 3, 4, device="cuda"))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        op(torch.randn(2, 4, 3, device="cuda", dtype=torch.float16))
-    with pytest.raises(RuntimeError, match="3-D"):
-        op(torch.randn(4, 3, device="cuda"))
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
-        op(torch.randn(2, 4, 3))
+
+
+BAD_INPUTS = {  # the op's own input checks: (argument, the message it must raise)
+    "torch.randn(2, 3, 4, device='cuda')": "m >= n",
+    "torch.randn(2, 4, 3, device='cuda', dtype=torch.float16)": "float32 or float64",
+    "torch.randn(4, 3, device='cuda')": "3-D",
+    "torch.randn(2, 4, 3)": "CUDA tensor",
+}
+
+
+@cuda
+@pytest.mark.parametrize("arg", list(BAD_INPUTS))
+def test_extension_bad_input_raises_a_catchable_error(arg):
+    """In a fresh process: an error thrown inside the extension must reach Python as an exception
+    (a process that crashes instead fails here rather than taking the test run with it)."""
+    code = ("import torch\nfrom klkern import _ext\nop = _ext.qr_extension()\n"
+            f"try:\n    op({arg})\nexcept Exception as err:\n    print('RAISED', type(err).__name__, err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "RAISED" in proc.stdout and BAD_INPUTS[arg] in proc.stdout, proc.stdout
 
 
 @cuda
