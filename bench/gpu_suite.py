@@ -371,7 +371,12 @@ except Exception as err:
 import numpy
 out["numpy"] = numpy.__version__
 from klkern import _backend, _ext
-out["backend_cuda"] = _backend.resolve("auto", __import__("torch").device("cuda"))
+cuda = __import__("torch").device("cuda")
+try:
+    out["kernels_on_cuda"] = _backend.resolve("triton", cuda)
+except RuntimeError as err:
+    out["kernels_on_cuda"] = f"unusable: {err}"
+out["auto_on_cuda"] = {mode: _backend.resolve("auto", cuda, mode) for mode in ("highest", "high", "medium")}
 try:
     import klkern._C
     out["extension"] = "prebuilt (klkern._C)"
@@ -457,7 +462,8 @@ def header_lines(record: dict) -> str:
         f"{record.get('numpy', '?')}, python {record['python']}",
         f"- commit {record['commit']}, {record['date']}",
         f"- install: {record['install']}; klkern from {record.get('klkern', '?')}",
-        f"- Triton kernels: {kernels}; backend='auto' on CUDA resolves to {record.get('backend_cuda', '?')}",
+        f"- Triton kernels: {kernels}; backend='triton' on CUDA: {record.get('kernels_on_cuda', '?')}; "
+        f"backend='auto' on CUDA per precision: {record.get('auto_on_cuda', '?')}",
         f"- QR extension: {record.get('extension', '?')}; check: {record.get('extension_check', '-')}",
     ])
 

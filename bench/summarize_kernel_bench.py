@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -21,9 +22,14 @@ def main(path: str) -> str:
         shape = next(p for p in params if "x" in p)
         med[(mode, op, shape, impl)] = b["stats"]["median"] * 1e3
     machine = data.get("machine_info", {})
-    lines = [f"# Fused-operation microbenchmarks ({machine.get('gpu', '')})", "",
-             f"- source: {path}; datetime {data.get('datetime', '')}; commit "
-             f"{data.get('commit_info', {}).get('id', 'unknown')[:10]}",
+    # bench/conftest.py records the GPU, versions and klkern's commit (pytest-benchmark's own
+    # commit_info reads the .git of wherever it ran, which a copied tree may not have right).
+    klkern_info = machine.get("klkern", {})
+    commit = klkern_info.get("commit") or data.get("commit_info", {}).get("id", "unknown")[:10]
+    lines = [f"# Fused-operation microbenchmarks ({klkern_info.get('device', machine.get('gpu', 'device unknown'))})",
+             "",
+             f"- source: {os.path.basename(path)}; datetime {data.get('datetime', '')}; commit {commit}; "
+             f"torch {klkern_info.get('torch', '?')}, triton {klkern_info.get('triton', '?')}",
              "- median of 10 synchronised calls, one call = one stack of B same-shape blocks; eager and "
              "Triton at the same matmul precision", "",
              "| precision | operation | B x m x n | eager ms | triton ms | speedup |", "|---|---|---|---|---|---|"]

@@ -12,6 +12,8 @@
 
 #include <Python.h>
 
+#include <string>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,19 +23,32 @@
 
 namespace {
 
+// The shape as text, formatted here with std::to_string. On the first GPU machine (H200 image,
+// torch 2.11) a TORCH_CHECK message that streamed A.sizes() crashed the process (SIGSEGV)
+// instead of raising, while messages of strings only (the dtype check) raised normally; no number
+// goes through an ostream in these messages (tests/test_qr.py checks each error in a fresh process).
+std::string shape_of(const at::Tensor& A) {
+  std::string out = "[";
+  for (int64_t d = 0; d < A.dim(); ++d) {
+    if (d) out += ", ";
+    out += std::to_string(A.size(d));
+  }
+  return out + "]";
+}
+
 at::Tensor batched_qr_cuda(const at::Tensor& A) {
-  TORCH_CHECK(A.is_cuda(), "klkern::batched_qr: A must be a CUDA tensor, got device ", A.device());
-  TORCH_CHECK(A.dim() == 3, "klkern::batched_qr: A must be 3-D (batch, m, n), got shape ", A.sizes());
+  TORCH_CHECK(A.is_cuda(), "klkern::batched_qr: A must be a CUDA tensor, got device ", A.device().str());
+  TORCH_CHECK(A.dim() == 3, "klkern::batched_qr: A must be 3-D (batch, m, n), got shape ", shape_of(A));
   TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
               "klkern::batched_qr: A must be float32 or float64, got ", A.scalar_type());
   const int64_t batch = A.size(0), m = A.size(1), n = A.size(2);
-  TORCH_CHECK(m >= n, "klkern::batched_qr: A must have m >= n, got shape ", A.sizes());
+  TORCH_CHECK(m >= n, "klkern::batched_qr: A must have m >= n, got shape ", shape_of(A));
 
   c10::cuda::CUDAGuard guard(A.device());
   at::Tensor Q = at::empty({batch, m, n}, A.options());
   if (A.numel() == 0) return Q;
   const int64_t ws_bytes = klkern_batched_qr_workspace_bytes(batch, m, n, (int64_t)A.element_size());
-  TORCH_CHECK(ws_bytes >= 0, "klkern::batched_qr: unsupported shape of A ", A.sizes());
+  TORCH_CHECK(ws_bytes >= 0, "klkern::batched_qr: unsupported shape of A ", shape_of(A));
   at::Tensor work = A.clone(at::MemoryFormat::Contiguous);  // overwritten with R and the reflectors
   at::Tensor workspace = at::empty({ws_bytes}, A.options().dtype(at::kByte));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
@@ -44,7 +59,7 @@ at::Tensor batched_qr_cuda(const at::Tensor& A) {
   else
     err = klkern_batched_qr_f64(work.data_ptr<double>(), Q.data_ptr<double>(), workspace.data_ptr(), ws_bytes,
                                 batch, m, n, stream);
-  TORCH_CHECK(err == 0, "klkern::batched_qr: CUDA error for A of shape ", A.sizes(), ": ",
+  TORCH_CHECK(err == 0, "klkern::batched_qr: CUDA error for A of shape ", shape_of(A), ": ",
               klkern_cuda_error_string(err));
   return Q;
 }

@@ -4,8 +4,9 @@
 environment variable) is "auto", "torch" or "triton":
 
 * "torch": the batched torch path (_functional), on any device;
-* "auto": Triton kernels for CUDA tensors when Triton is importable and has
-  an active driver, the torch path otherwise (silently: it is the same math);
+* "auto": per device and matmul precision, the path measured faster on a GPU
+  (``AUTO_KERNELS``): today the torch path everywhere (silently: it is the
+  same math);
 * "triton": the kernels or a clear error; on CPU tensors only under
   ``TRITON_INTERPRET=1`` (the interpreter, how CI runs the kernels).
 """
@@ -18,6 +19,14 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+
+# Whether backend="auto" runs the Triton kernels for CUDA tensors at each matmul precision: where
+# they measured faster than the torch path. First GPU run (NVIDIA H200, torch 2.11, triton 3.6;
+# bench/results/gpu_nvidia-h200/step/step_nvidia-h200.md, GPT-2-small parameter set, median step):
+# the torch path was faster for all four optimizers at every precision (Triton / torch step time
+# 1.9-2.3x at "highest", 1.6-2.4x at "high", 1.1-1.8x at "medium"), so "auto" means torch until
+# tuned kernels measure faster. backend="triton" still runs them.
+AUTO_KERNELS = {"highest": False, "high": False, "medium": False}
 
 
 def interpreting() -> bool:
@@ -85,8 +94,9 @@ def requested(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """'torch' or 'triton' for state and gradients on ``device``."""
+def resolve(backend: str, device: torch.device, precision: str | None = None) -> str:
+    """'torch' or 'triton' for state and gradients on ``device`` whose products run at matmul
+    ``precision`` ("highest", "high", "medium"; None: any, i.e. "auto" never picks the kernels)."""
     backend = requested(backend)
     if backend == "torch":
         return "torch"
@@ -97,7 +107,8 @@ def resolve(backend: str, device: torch.device) -> str:
     else:
         usable = False
     if backend == "auto":
-        return "triton" if usable and device.type == "cuda" else "torch"
+        faster = AUTO_KERNELS.get(precision, False) if precision is not None else False
+        return "triton" if usable and device.type == "cuda" and faster else "torch"
     if usable:
         return "triton"
     if triton_import_error() is not None:

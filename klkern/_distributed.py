@@ -87,10 +87,11 @@ def block_cost(algorithm: str, path: str, shape: tuple, mask: tuple, frequency: 
     return sum(per_mode * n * d + 10.0 * d**3 / frequency for d in dims) + 10.0 * n
 
 
-def assign(costs: list[float], world: int) -> list[int]:
+def assign(costs: list[float], world: int, load: list[float] | None = None) -> list[int]:
     """Owner rank of each unit: greedy, largest cost first, onto the least-loaded rank (ties by
-    index and by rank, so every rank computes the same assignment)."""
-    load = [0.0] * world
+    index and by rank, so every rank computes the same assignment), starting from ``load`` (the
+    ranks' current loads; zero by default; not modified)."""
+    load = list(load) if load is not None else [0.0] * world
     owner = [0] * len(costs)
     for u in sorted(range(len(costs)), key=lambda u: (-costs[u], u)):
         r = min(range(world), key=lambda r: (load[r], r))
@@ -109,10 +110,18 @@ class ReplicatedSplit:
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
         self.dtype = communication_dtype
-        units, costs = [], []  # a unit: [(param, block index), ...] assigned together
         self.whole: set[int] = set()  # parameters assigned (and exchanged) as a whole
         self.plans: dict[int, object] = {}
         self.params: list = []
+        self.owner: dict[tuple, int] = {}
+        self.load = [0.0] * self.world
+        self.old: list | None = None
+        self.extend(algorithm, param_groups)
+
+    def extend(self, algorithm: str, param_groups: list) -> None:
+        """Assign the blocks of ``param_groups`` (new parameters) to ranks, onto the current loads,
+        leaving every earlier assignment as it was (``add_param_group`` after steps)."""
+        units, costs = [], []  # a unit: [(param, block index), ...] assigned together
         for group in param_groups:
             for p in group["params"]:
                 plan = plan_for(p.shape, group)
@@ -129,9 +138,7 @@ class ReplicatedSplit:
                     for i, c in enumerate(cost):
                         units.append([(p, i)])
                         costs.append(c)
-        owners = assign(costs, self.world)
-        self.owner: dict[tuple, int] = {}
-        self.load = [0.0] * self.world
+        owners = assign(costs, self.world, self.load)
         for unit, r, c in zip(units, owners, costs):
             for p, i in unit:
                 self.owner[(id(p), i)] = r
@@ -152,7 +159,9 @@ class ReplicatedSplit:
         if len(devices) > 1:
             raise ValueError(f"process_group: all parameters must be on one device, got {sorted(map(str, devices))}")
         self.device = next(iter(devices)) if devices else torch.device("cpu")
-        self.old: list | None = None
+        # The float32 exchange sends new values exactly: float64 parameters need a float64 buffer.
+        self.buffer_dtype = (torch.float64 if self.dtype == torch.float32
+                             and any(p.dtype == torch.float64 for p in self.params) else self.dtype)
 
     def owns(self, p, i: int) -> bool:
         return self.owner[(id(p), i)] == self.rank
@@ -165,11 +174,11 @@ class ReplicatedSplit:
     def before_step(self) -> None:
         """bfloat16 exchange: remember this rank's blocks, to send their updates."""
         if self.dtype != torch.float32:
-            self.old = [v.detach().to(torch.float32, copy=True) for v in self._views(self.rank)]
+            self.old = [v.detach().to(_work_dtype(v), copy=True) for v in self._views(self.rank)]
 
     def bytes_per_step(self) -> int:
         """Bytes each rank receives per step (the all-gather of the padded buffers)."""
-        return (self.world - 1) * self.padded * torch.empty((), dtype=self.dtype).element_size()
+        return (self.world - 1) * self.padded * torch.empty((), dtype=self.buffer_dtype).element_size()
 
     def exchange(self) -> None:
         """One all_gather: every rank gets the new values (float32) or updates (bfloat16) of every block."""
@@ -178,13 +187,13 @@ class ReplicatedSplit:
         if self.world == 1 or self.padded == 0:
             return
         mine = self._views(self.rank)
-        send = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
+        send = torch.zeros(self.padded, dtype=self.buffer_dtype, device=self.device)
         if mine:
-            values = [v.reshape(-1).to(torch.float32) for v in mine]
+            values = [v.reshape(-1).to(_work_dtype(v)) for v in mine]
             if self.dtype != torch.float32:
                 values = [v - o.reshape(-1) for v, o in zip(values, self.old)]
-            send[: self.sizes[self.rank]].copy_(torch.cat(values))
-        received = torch.empty(self.world * self.padded, dtype=self.dtype, device=self.device)
+            send[: self.sizes[self.rank]].copy_(torch.cat([v.to(self.buffer_dtype) for v in values]))
+        received = torch.empty(self.world * self.padded, dtype=self.buffer_dtype, device=self.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # name by torch version
         gather(received, send, group=self.group)
         for r in range(self.world):
@@ -194,15 +203,20 @@ class ReplicatedSplit:
             views = self._views(r)
             old = self.old if r == self.rank else None
             for k, (view, (_, _, n)) in enumerate(zip(views, self.layout[r])):
-                piece = received[offset: offset + n].view(view.shape).to(torch.float32)
+                piece = received[offset: offset + n].view(view.shape).to(_work_dtype(view))
                 offset += n
                 if self.dtype == torch.float32:
                     view.copy_(piece)
                 elif old is not None:  # the owner: its old value plus the rounded update
                     view.copy_(old[k].view(view.shape) + piece)
                 else:
-                    view.copy_(view.to(torch.float32) + piece)
+                    view.copy_(view.to(_work_dtype(view)) + piece)
         self.old = None
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 parameters (never rounded), else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def owned_blocks(split: ReplicatedSplit | None, p, count: int) -> list[int]:

@@ -54,8 +54,27 @@ def qr_extension():
         with _lock:
             if not _state["decided"]:
                 _state["op"] = _load()
+                if _state["op"] is not None:
+                    register_fake("klkern::batched_qr")
                 _state["decided"] = True
     return _state["op"]
+
+
+def register_fake(qualname: str) -> bool:
+    """Give the QR op ``qualname`` ((batch, m, n) -> Q of the same shape and dtype, contiguous)
+    a fake kernel, so that torch.compile and FakeTensorMode can trace code that calls it.
+    Returns False when one is registered already (e.g. by an earlier load in this process)."""
+    def fake(A):
+        return torch.empty(A.shape, dtype=A.dtype, device=A.device)
+
+    if qualname in _FAKES:
+        return False
+    torch.library.register_fake(qualname)(fake)
+    _FAKES.add(qualname)
+    return True
+
+
+_FAKES: set = set()
 
 
 def _registered_op():

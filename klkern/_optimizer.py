@@ -22,8 +22,9 @@ step together the buffers are rebuilt once.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 
@@ -147,22 +148,74 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.process_group = process_group
         self.communication_dtype = communication_dtype
-        self._split: _distributed.ReplicatedSplit | None = None
-        self._slots: dict[tuple, _Slot] = {}
         # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/_guard.py)
         self.nonfinite_skipped = 0
-        self._warned = set()  # causes already warned about (each once)
-        self._kernels_proven: set = set()  # Triton step variants that ran (backend="auto")
-        self._kernels_failed: dict = {}  # Triton step variants that failed -> the reason
+        self._reset_derived()
         super().__init__(params, defaults)
 
+    # What a copy (copy.deepcopy, pickle, torch.save(optimizer)) carries besides torch.optim's
+    # defaults, state and param_groups: every constructor option and public counter. Everything
+    # else is derived from them and rebuilt (_reset_derived). process_group is a communicator:
+    # a deep copy shares it, pickling refuses it (save state_dict() instead).
+    _COPIED = ("backend", "process_group", "communication_dtype", "nonfinite_skipped")
+
+    def _reset_derived(self) -> None:
+        """Structures derived from the param groups and the state, rebuilt when either changes."""
+        self._split: _distributed.ReplicatedSplit | None = None
+        self._slots: dict[tuple, _Slot] = {}
+        self._warned = set()  # causes already warned about (each once)
+        self._kernels_proven: set = set()  # Triton step variants that ran (backend="auto")
+        self._kernels_failed: dict = {}  # Triton step variants that failed -> the whole error
+
+    def __getstate__(self) -> dict:
+        if self.process_group is not None:
+            raise TypeError(f"cannot pickle a {type(self).__name__} with a process_group (a torch.distributed "
+                            "communicator): save optimizer.state_dict() instead, and pass process_group again "
+                            "when constructing the optimizer that loads it")
+        return self._getstate()
+
+    def _getstate(self) -> dict:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._COPIED}}
+
+    def __setstate__(self, state: dict) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not had_differentiable:  # torch.optim adds it for its own optimizers; a copy equals its original
+            self.defaults.pop("differentiable", None)
+        for name, value in (("backend", "auto"), ("process_group", None),
+                            ("communication_dtype", torch.float32), ("nonfinite_skipped", 0)):
+            self.__dict__.setdefault(name, value)  # pickles made before these existed
+        for group in self.param_groups:  # and groups saved before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._reset_derived()
+
+    def __deepcopy__(self, memo: dict):
+        import copy
+
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group  # the copy shares the communicator
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._getstate(), memo))
+        return new
+
     def add_param_group(self, param_group: dict) -> None:
+        """torch.optim's add_param_group, validated; a refused group leaves the optimizer as it was.
+        With ``process_group`` the new blocks are assigned to ranks at once (the old keep theirs)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        validate_group(self.algorithm, group)
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError(f"{type(self).__name__} does not support complex parameters (shape {tuple(p.shape)})")
+        try:
+            validate_group(self.algorithm, group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"{type(self).__name__} does not support complex parameters "
+                                     f"(shape {tuple(p.shape)})")
+            if self._split is not None:
+                self._split.extend(self.algorithm, [group])
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     # ------------------------------------------------------------------ step
 
@@ -336,7 +389,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         mode = _precision.resolve(group["matmul_precision"], G.device, self._global_modes)
         # Shampoo inverts its factors' eigenvalues: its factor products stay fp32.
         hp = dict(hp, rotation_mode=mode, factor_mode="highest" if path == "shampoo" else mode)
-        if path != "adamw" and _backend.resolve(self.backend, G.device) == "triton":
+        if path != "adamw" and _backend.resolve(self.backend, G.device, mode) == "triton":
             from . import _triton_path
 
             if _triton_path.supports(path, tuple(G.shape[1:]), mask):
@@ -396,7 +449,9 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         for target, U in targets:
             if group["normalize_grads"]:
                 U = U / (1e-30 + torch.sqrt(torch.mean(U * U)))
-            W = target if target.dtype == torch.float32 else target.float()
+            # float64 parameters take the float32 update without being rounded themselves (the
+            # preconditioner's math is float32, SPEC "Precision"); lower precisions go through float32.
+            W = target if target.dtype in (torch.float32, torch.float64) else target.float()
             W.add_(U, alpha=-lr * scale)
             if wd != 0:
                 W.add_(W, alpha=-lr * wd)
@@ -414,11 +469,36 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         across ranks and a different sharding cannot be loaded by mistake."""
         return f"{_distributed.shard_offset(p)}:" if _distributed.is_dtensor(p) else ""
 
+    @contextlib.contextmanager
+    def _hooks_held(self, *names: str):
+        """torch.optim's hooks ``names`` set aside (run by the caller at the right moment)."""
+        held = {name: getattr(self, name) for name in names}
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in held.items():
+                setattr(self, name, hooks)
+
     def state_dict(self) -> dict:
         """torch.optim's state dict. With ``process_group`` or DTensor parameters (FSDP2) it
         holds this rank's blocks only, as ``{"step": tensor, "blocks": {key: state}}`` with keys
         unique across ranks (the block index; for a shard, its first row and the index), which is
-        the form torch.distributed.checkpoint saves without duplicates: see :meth:`init_state`."""
+        the form torch.distributed.checkpoint saves without duplicates: see :meth:`init_state`.
+        State-dict hooks run as torch.optim runs them: pre-hooks first, post-hooks on the final
+        dictionary (a post-hook's return value replaces it)."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        with self._hooks_held("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            sd = self._state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict(self) -> dict:
         sd = super().state_dict()
         if not self._distributed():
             return sd
@@ -473,9 +553,31 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         ``process_group``, a state saved on another number of ranks (or on one
         process) loads, since blocks are keyed by their index; for FSDP2 shards
         the saved blocks must belong to this rank's shard (same sharding).
+
+        A group saved before an option existed gets the option's default (as torch.optim does),
+        and every loaded group is validated. Load-state-dict hooks run as torch.optim runs them:
+        pre-hooks on the whole dictionary (what one returns is loaded), post-hooks once it is
+        loaded.
         """
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
+            self._load_state_dict(state_dict)
+        for hook in held["_optimizer_load_state_dict_post_hooks"].values():
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group in groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            validate_group(self.algorithm, group)
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": {}})
+        self._split = None  # the loaded groups' options decide the block-to-rank assignment
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         id_map = dict(zip(saved_ids, params))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import types
@@ -228,8 +229,14 @@ def check(quick: bool = False) -> list[dict]:
                 table.run(f"qr: {method}", device.type, dname, QR_TOL[dtype],
                           lambda method=method, device=device, dtype=dtype: _qr_error(method, device, dtype))
             if device.type == "cuda":
-                if _ext.qr_extension() is None:
-                    table.skip("qr: extension", "cuda", "the CUDA extension could not be built or loaded")
+                if os.environ.get("KLKERN_NO_EXT", "0") not in ("", "0"):
+                    table.skip("qr: extension", "cuda", "disabled by KLKERN_NO_EXT")
+                elif _ext.qr_extension() is None:  # on a GPU machine a failed build is a failure
+                    table.rows.append({"path": "qr: extension", "device": "cuda", "dtype": dname, "tolerance": None,
+                                       "max_error": None, "time_ms": 0.0,
+                                       "status": f"ERROR the CUDA extension could not be built or loaded: "
+                                                 f"{summary(_ext.LAST_ERROR or 'unknown cause')}"[:300],
+                                       "error": _ext.LAST_ERROR})
                 else:
                     table.run("qr: extension", "cuda", dname, QR_TOL[dtype],
                               lambda device=device, dtype=dtype: _qr_error("extension", device, dtype))

@@ -27,6 +27,22 @@ class EighFailure(RuntimeError):
 
 QR_METHODS = ("auto", "extension", "torch", "cholqr2")
 
+# "auto" on CUDA takes the extension where it measured faster than torch.linalg.qr (first GPU run,
+# NVIDIA H200, float32, random stacks; bench/results/gpu_nvidia-h200/qr/qr_nvidia_h200.md):
+# 7.8x at (24, 768, 768), 10.7x at (48, 1024, 1024), 1.37x at (12, 3072, 3072), 0.82x at
+# (8, 4096, 4096). CholeskyQR2 was faster still at three of the four shapes on those
+# well-conditioned inputs, but it falls back to Householder on ill-conditioned ones (a factor of
+# low-rank gradients), so it stays opt-in until measured on real factors.
+AUTO_EXTENSION_MAX_N = 3072
+
+
+def auto_method(device_type: str, n: int, extension_available: bool) -> str:
+    """What method="auto" runs for an (..., m, n) stack on ``device_type``: "extension" or "torch"."""
+    if device_type == "cuda" and extension_available and n <= AUTO_EXTENSION_MAX_N:
+        return "extension"
+    return "torch"
+
+
 # CholeskyQR2 accepts a matrix when its Q is orthonormal to this (max |Q^T Q - I|, in float64);
 # it then agrees with Householder to ~1e-15. A matrix above it (condition beyond ~1e7, rank
 # deficiency) falls back to Householder.
@@ -42,9 +58,10 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
 
     ``method``:
 
-    * "auto" (default): "extension" for CUDA tensors when the extension is
-      built or can be JIT-built (unless ``KLKERN_NO_EXT=1`` or autograd needs
-      to track ``A``), "torch" otherwise;
+    * "auto" (default): "extension" for CUDA tensors with n <= 3072 when the
+      extension is built or can be JIT-built (unless ``KLKERN_NO_EXT=1`` or
+      autograd needs to track ``A``), "torch" otherwise (``auto_method``: the
+      faster of the two as measured on an H200);
     * "extension": one batched blocked Householder QR for the whole stack on
       CUDA (csrc/batched_qr_kernels.cu); a clear error when unavailable;
     * "torch": ``torch.linalg.qr`` (Householder) plus the sign fix;
@@ -74,7 +91,7 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
         return _torch_qr(work)
     usable = work.is_cuda and not (work.requires_grad and torch.is_grad_enabled())
     op = qr_extension() if usable else None
-    if op is not None:
+    if op is not None and (method == "extension" or auto_method("cuda", n, True) == "extension"):
         return op(work.reshape(-1, m, n)).reshape(work.shape)
     if method == "extension":
         why = ("it needs CUDA tensors that autograd does not track" if not usable else

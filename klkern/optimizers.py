@@ -14,7 +14,8 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
 * ``precondition_frequency`` (10): refresh period T of the eigenbases.
 * ``normalize_grads`` (False): divide each parameter's update by its RMS.
 * ``max_precond_dim`` (10000): larger modes are not preconditioned (see
-  ``large_dim_policy``).
+  ``large_dim_policy``); 0 preconditions nothing: every parameter takes the
+  AdamW path (the SOAP release's way to get Adam everywhere).
 * ``merge_dims`` (False): merge consecutive modes while their product stays
   at most ``max_precond_dim``.
 * ``precondition_1d`` (False): precondition 1-D parameters with a full factor
@@ -23,9 +24,10 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   (O, H, W, I) tensor as (O, I, H, W).
 * ``block_size`` (None): split every mode into chunks of at most this size;
   each block is an independent Kronecker problem.
-* ``state_dtype`` (torch.float32): dtype of bases, factors and moments
-  (bfloat16 halves their memory; eigenvalues, QR and eigendecompositions stay
-  float32).
+* ``state_dtype`` (torch.float32): dtype of bases, factors and moments:
+  torch.float32 or torch.bfloat16 (half the memory; eigenvalues, QR and
+  eigendecompositions stay float32). torch.float16 raises ValueError: its
+  range flushes squared gradients to zero.
 * ``large_dim_policy`` ("adamw"; SOAP: "identity"): a parameter with a mode
   above ``max_precond_dim`` takes the AdamW path ("adamw") or leaves that mode
   unrotated with an identity factor and unit eigenvalues ("identity").
@@ -35,14 +37,15 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   fp32), "high" (TF32 where the hardware has it) or "medium" (bf16 operands)
   override it. Accumulation, eigenvalue estimates, QR and eigendecompositions
   stay fp32 (see klkern/_precision.py).
-* ``backend`` ("auto"): "auto" (fused Triton kernels for CUDA parameters when
-  Triton is installed, the torch path otherwise), "torch" (the batched torch
-  path, any device) or "triton" (the kernels, else a clear error; on CPU
+* ``backend`` ("auto"): "auto" (per device and matmul precision, the path
+  measured faster on a GPU: today the torch path everywhere, see
+  ``klkern._backend.AUTO_KERNELS``), "torch" (the batched torch path, any
+  device) or "triton" (the fused Triton kernels, else a clear error; on CPU
   tensors only under ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND``
   environment variable overrides it. The kernels handle 2-D blocks with both
-  modes preconditioned; other blocks and the AdamW path use torch. Under
-  "auto" a kernel that fails to compile or launch is replaced by the torch
-  path (one warning); "triton" raises.
+  modes preconditioned; other blocks and the AdamW path use torch. Where
+  "auto" picks the kernels, one that fails to compile or launch is replaced
+  by the torch path (one warning); "triton" raises.
 
 A step never poisons the state: a NaN/Inf gradient skips its parameter, and
 a block whose new state or update would be non-finite (a finite gradient can

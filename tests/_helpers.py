@@ -45,8 +45,8 @@ def kernel_skip_reason() -> str:
 
     if _backend.triton_import_error() is not None:
         return f"triton not importable: {_backend.triton_import_error()}"
-    if _backend.interpreting() and _backend.interpreter_problem():
-        return _backend.interpreter_problem()
+    if _backend.interpreter_problem():
+        return f"needs a GPU; Triton's interpreter cannot run here: {_backend.interpreter_problem()}"
     return "needs a GPU or TRITON_INTERPRET=1"
 
 

@@ -57,3 +57,29 @@ def test_a_mismatch_or_an_error_fails_the_check(monkeypatch, capsys):
     errors = [r for r in rows if r["status"].startswith("ERROR")]
     assert any("simulated driver failure" in r["status"] for r in errors)
     assert check_module.failed(rows)
+
+
+def test_on_a_gpu_machine_a_missing_extension_or_driver_is_a_failure(monkeypatch):
+    """With CUDA present, an extension that could not be built and a triton without a driver are
+    failing rows (the GPU suite must not pass with them), not skips; KLKERN_NO_EXT=1 is a skip."""
+    from klkern import _ext
+
+    monkeypatch.setattr(check_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(check_module, "_trajectory_error", lambda *a, **k: 0.0)
+    monkeypatch.setattr(check_module, "_qr_error", lambda *a, **k: 0.0)
+
+    def no_driver(*args, **kwargs):
+        raise RuntimeError("backend='triton': no usable Triton driver for device cuda")
+
+    monkeypatch.setattr(_backend, "resolve", no_driver)
+    monkeypatch.setattr(_ext, "qr_extension", lambda: None)
+    monkeypatch.setattr(_ext, "LAST_ERROR", "RuntimeError: Error building extension\nbatched_qr.cu(3): error: boom")
+    monkeypatch.delenv("KLKERN_NO_EXT", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = klkern.check(quick=True)
+    bad = {r["path"]: r["status"] for r in check_module.failed(rows)}
+    assert "error: boom" in bad["qr: extension"]
+    assert "no usable Triton driver" in bad["triton kernels"]
+    monkeypatch.setenv("KLKERN_NO_EXT", "1")
+    rows = klkern.check(quick=True)
+    assert "qr: extension" not in {r["path"] for r in check_module.failed(rows)}

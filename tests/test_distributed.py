@@ -253,7 +253,38 @@ def scenario_nan(rank, world, outdir):
     return {"identical_every_step": checks, "skipped": opt.nonfinite_skipped}
 
 
-SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "checkpoint": scenario_checkpoint, "nan": scenario_nan}
+def scenario_groups(rank, world, outdir):
+    """add_param_group after steps with the split (the new blocks get owners, the old keep
+    theirs), and float64 parameters exchanged without rounding (both exchange dtypes)."""
+    def grown(group):
+        model = mlp()
+        layers = list(model.parameters())
+        opt = _opt("KLShampoo", layers[:4], **({"process_group": group} if group else {}))
+        _train(model, opt, 6)  # the last layer's gradients accumulate meanwhile, on every rank alike
+        opt.add_param_group({"params": layers[4:], "lr": 5e-3})
+        return _train(model, opt, 6, start=6)
+
+    def float64(group, dtype=torch.float32):
+        torch.manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(8, 8, dtype=torch.float64) + 1.0) for _ in range(3)]
+        opt = _opt("SOAP", params, block_size=None, communication_dtype=dtype,
+                   **({"process_group": group} if group else {}))
+        for t in range(6):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * t + i))
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    out = {"grown": grown(dist.group.WORLD), "float64": float64(dist.group.WORLD),
+           "float64_bf16": float64(dist.group.WORLD, torch.bfloat16)}
+    if rank == 0:
+        out["grown_single"] = grown(None)
+        out["float64_single"] = float64(None)
+    return out
+
+
+SCENARIOS = {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "checkpoint": scenario_checkpoint, "nan": scenario_nan,
+             "groups": scenario_groups}
 
 
 # ---------------------------------------------------------------------------- tests
@@ -324,6 +355,23 @@ def test_nan_on_one_rank_keeps_ranks_in_sync(tmp_path):
     for r in results:
         assert all(r["identical_every_step"])
     assert results[1]["skipped"] == 6 and results[0]["skipped"] == 0
+
+
+def test_param_groups_added_after_steps_and_float64_parameters(tmp_path):
+    """Fault: add_param_group after the first step with process_group= raised KeyError (the block
+    assignment was built once). And float64 parameters must cross the exchange unrounded: every
+    rank ends with the float64 values one process computes."""
+    results = spawn(2, "groups", tmp_path)
+    for rank in range(2):
+        for a, b in zip(results[rank]["grown"], results[0]["grown_single"]):
+            assert rel_err(a, b) < TRAJ_RTOL
+        for a, b in zip(results[rank]["float64"], results[0]["float64"]):
+            assert a.dtype == torch.float64 and torch.equal(a, b)
+        for a, b in zip(results[rank]["float64_bf16"], results[0]["float64_bf16"]):
+            assert a.dtype == torch.float64 and torch.equal(a, b)
+    for a, b in zip(results[0]["float64"], results[0]["float64_single"]):
+        assert rel_err(a, b) < TRAJ_RTOL
+        assert not torch.equal(a, a.float().double())  # bits below float32's: not rounded
 
 
 def test_assignment_is_balanced_and_deterministic():

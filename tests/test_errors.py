@@ -30,7 +30,7 @@ def _p():
         (dict(weight_decay=-0.1), "weight_decay"),
         (dict(precondition_frequency=0), "precondition_frequency"),
         (dict(precondition_frequency=2.5), "precondition_frequency"),
-        (dict(max_precond_dim=0), "max_precond_dim"),
+        (dict(max_precond_dim=-1), "max_precond_dim"),
         (dict(block_size=0), "block_size"),
         (dict(merge_dims="yes"), "merge_dims"),
         (dict(data_format="nhwc"), "data_format"),
@@ -57,6 +57,13 @@ def test_invalid_hyperparameters_name_the_argument(cls, kwargs, name):
 def test_invalid_specific_hyperparameters(cls, kwargs, name):
     with pytest.raises(ValueError, match=f"invalid {name}="):
         cls(_p(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [klkern.KLShampoo, klkern.KLSOAP, klkern.SOAP, klkern.Shampoo])
+def test_float16_state_is_refused_with_the_reason_and_the_fix(cls):
+    """float16 flushes squared gradients to zero (second moments, factors): refused, bfloat16 named."""
+    with pytest.raises(ValueError, match=r"invalid state_dtype=torch.float16.*underflows.*torch.bfloat16"):
+        cls(_p(), state_dtype=torch.float16)
 
 
 def test_invalid_param_group_value_is_caught():

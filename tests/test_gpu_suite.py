@@ -148,3 +148,17 @@ def test_without_a_gpu_it_exits_at_once_with_one_line(tmp_path):
     assert done.stderr == ""
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "x").exists()
+
+
+def test_the_cuda_probe_says_why_there_is_no_gpu(tmp_path):
+    """Not every failed probe is "no GPU": a torch that cannot be imported is named as such."""
+    broken = tmp_path / "torch"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('libcudart.so.13: cannot open shared object file')\n")
+    import os
+
+    info, why = gpu_suite.probe_cuda(dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert "torch cannot be imported" in why and "libcudart" in why
+    info, why = gpu_suite.probe_cuda(dict(os.environ))
+    if not torch.cuda.is_available():
+        assert why.startswith("no CUDA GPU") and info["torch"] == torch.__version__

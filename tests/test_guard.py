@@ -186,8 +186,8 @@ needs_interpreter = pytest.mark.skipif(kernel_device() != torch.device("cpu"),
 def _pair(monkeypatch):
     """Two identical models: one with backend="torch", one with "auto" forced onto the kernels."""
     real_resolve = _backend.resolve
-    monkeypatch.setattr(_backend, "resolve", lambda backend, device: (
-        "triton" if _backend.requested(backend) == "auto" else real_resolve(backend, device)))
+    monkeypatch.setattr(_backend, "resolve", lambda backend, device, precision=None: (
+        "triton" if _backend.requested(backend) == "auto" else real_resolve(backend, device, precision)))
     models = []
     for _ in range(2):
         torch.manual_seed(0)

@@ -25,7 +25,10 @@ Tolerances:
   eigendecomposition, TF32's ties) an operand can land one TF32 / bf16 unit
   apart (measured up to 7e-5 under "high", 3.8e-4 under "medium"). The bound
   is a quarter of the operands' unit roundoff, and the paths must be closer
-  to each other than to "highest".
+  to each other than to "highest". On a GPU under "high", cuBLAS decides
+  whether a TF32-allowed product uses TF32 (for these small blocks it did
+  not); GPU_TF32_RTOL then bounds TF32's whole effect (measured up to 5.0e-4
+  on an H200; bound 4x that).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ PRODUCT_RTOL = 1e-5
 # mode -> bound on the relative deviation of a 200-step trajectory from "highest"
 TRAJECTORY_BOUND = {"high": 5e-3, "medium": 5e-2}
 PATH_RTOL = {"high": 5e-4, "medium": 2e-3}
+GPU_TF32_RTOL = 2e-3  # TF32 kernels against cuBLAS's choice at "high" on a GPU (see the test)
 OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
 
 
@@ -224,6 +228,13 @@ def test_triton_path_matches_torch_path_at_each_mode(name, mode, tf32_emulation)
     torch_run, _, _ = _train(name, mode, 12, backend="torch", device=device)
     triton_run, _, _ = _train(name, mode, 12, backend="triton", device=device)
     highest, _, _ = _train(name, "highest", 12, backend="torch", device=device)
+    if device.type == "cuda" and mode == "high":
+        # TF32 is only allowed to cuBLAS, which ran these 16 x 16 products in fp32 on an H200 (the
+        # torch path then equals "highest" exactly), while the kernels always use TF32: the paths
+        # differ by TF32's whole effect on 12 steps (measured up to 5.0e-4, SOAP).
+        assert 0 < rel_err(triton_run, torch_run) < GPU_TF32_RTOL
+        assert rel_err(triton_run, highest) > 0
+        return
     assert rel_err(triton_run, torch_run) < PATH_RTOL[mode]
     assert rel_err(triton_run, torch_run) < rel_err(torch_run, highest) / 2
 

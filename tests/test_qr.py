@@ -463,6 +463,14 @@ def test_cpu_tensors_never_load_the_extension(monkeypatch):
     assert_qr_of(linalg.batched_qr(A), A)
 
 
+def test_auto_method_takes_the_extension_where_it_measured_faster():
+    assert linalg.auto_method("cuda", 768, True) == "extension"
+    assert linalg.auto_method("cuda", linalg.AUTO_EXTENSION_MAX_N, True) == "extension"
+    assert linalg.auto_method("cuda", linalg.AUTO_EXTENSION_MAX_N + 1, True) == "torch"
+    assert linalg.auto_method("cuda", 768, False) == "torch"
+    assert linalg.auto_method("cpu", 768, True) == "torch"
+
+
 def test_loader_without_cuda_is_silent(monkeypatch):
     monkeypatch.setitem(_ext._state, "decided", False)
     monkeypatch.setitem(_ext._state, "op", None)
@@ -639,3 +647,27 @@ def test_klshampoo_with_and_without_extension(monkeypatch):
     without = run_klshampoo("cuda")
     for a, b in zip(with_ext, without):
         assert rel_err(a, b) < OPT_RTOL, rel_err(a, b)
+
+
+def test_fake_kernel_lets_torch_compile_trace_the_op():
+    """The extension's op gets a fake kernel when it loads (_ext.register_fake), so code calling it
+    traces under FakeTensorMode and torch.compile(fullgraph=True). Shown here on a stand-in op with
+    the same schema and a CPU kernel (the real op needs a GPU; the GPU suite runs this path too)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    lib = torch.library.Library("klkern_fake_test", "FRAGMENT")
+    lib.define("batched_qr(Tensor A) -> Tensor")
+    lib.impl("batched_qr", lambda A: torch.linalg.qr(A)[0].contiguous(), "CPU")
+    op = torch.ops.klkern_fake_test.batched_qr
+    assert _ext.register_fake("klkern_fake_test::batched_qr")
+    assert not _ext.register_fake("klkern_fake_test::batched_qr")  # once per process
+    with FakeTensorMode():
+        out = op(torch.empty(3, 40, 33))
+    assert out.shape == (3, 40, 33) and out.dtype == torch.float32
+
+    def orthonormalise(A):
+        return op(A * 2.0) + 0.0
+
+    compiled = torch.compile(orthonormalise, fullgraph=True, backend="eager")
+    A = torch.randn(2, 7, 5)
+    assert torch.allclose(compiled(A), orthonormalise(A))

@@ -258,6 +258,18 @@ def test_triton_path_matches_torch_path(name):
         assert rel_err(a, b) < 1e-5  # the issue's target; measured ~1e-6
 
 
+@pytest.mark.parametrize("name", ["KLShampoo", "SOAP"])
+def test_triton_path_bf16_state(name):
+    """bf16 state (bases, factors, moments; products and lam in fp32) on the kernels: 12 steps
+    with a refresh against the torch path with the same state dtype."""
+    cls = getattr(klkern, name)
+    a, _ = _train(cls, "torch", 12, state_dtype=torch.bfloat16)
+    b, opt = _train(cls, "triton", 12, state_dtype=torch.bfloat16)
+    assert opt.state[opt.param_groups[0]["params"][0]]["blocks"][0]["Q0"].dtype == torch.bfloat16
+    for x, y in zip(b, a):
+        assert rel_err(x, y) < BF16_TOL
+
+
 def test_triton_path_blocks_and_state_dict():
     """block_size splits (strided views of the parameters, written in the epilogue),
     12 steps with a refresh; a state-dict round trip restores the state exactly."""
@@ -284,6 +296,41 @@ def test_triton_path_bf16_parameters():
     assert all(p.dtype == torch.bfloat16 for p in opt.param_groups[0]["params"])
 
 
+def test_param_table_is_built_once_per_layout():
+    """A step builds the same pointer tables every time; each is copied to the device once (a
+    host-to-device copy synchronises), and a new layout (other tensors) gets its own."""
+    W = torch.randn(3, 4, 5, device=DEVICE)
+    first, again = K.ParamTable(list(W.unbind(0))), K.ParamTable(list(W.unbind(0)))
+    assert first.ptrs is again.ptrs and first.strides is again.strides
+    other = K.ParamTable(list(W.transpose(1, 2).unbind(0)))  # same pointers, other strides
+    assert other.strides is not first.strides and other.strides.tolist() == [1, 5] * 3
+    assert other.ptrs.tolist() == [v.data_ptr() for v in W.unbind(0)]
+
+
+def test_stacks_beyond_the_grid_limit_launch_in_chunks(monkeypatch):
+    """A stack taller than CUDA's grid-y limit (65,535 blocks) is launched in chunks; with the
+    limit lowered to 2, a stack of 5 gives exactly the single-launch results, projections,
+    moments and parameter writes included."""
+    G, Qa, Qb, lam_a, lam_b, M, v = _case(5, 6, 9, seed=7)
+    W = torch.randn(5, 6, 9)
+
+    def run():
+        mom, sq, w = M.clone().to(DEVICE), v.clone().to(DEVICE), W.clone().to(DEVICE)
+        Gr, proj = K.rotate_project(*_dev(G, Qa, Qb), lam=tuple(_dev(lam_a, lam_b)), momentum=mom, beta1=0.9,
+                                    second_moment=sq, beta2=0.95)
+        Rk = torch.eye(6).repeat(5, 1, 1).to(DEVICE)
+        K.factor_ema_(Rk, Gr, (1.0 / lam_b).to(DEVICE), 0.9, 0.1)
+        K.precondition(mom, *_dev(Qa, Qb), eps=1e-8, v=sq, params=K.ParamTable(list(w.unbind(0))), step=1e-2,
+                       decay=0.99)
+        return [Gr, *proj, mom, sq, Rk, w]
+
+    whole = run()
+    monkeypatch.setattr(K.gemm, "MAX_GRID_Y", 2)
+    chunked = run()
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------- dispatch
 
 
@@ -301,6 +348,23 @@ def test_backend_errors_and_override(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _backend.resolve("triton", torch.device("cpu"))
+
+
+def test_auto_follows_the_measured_table(monkeypatch):
+    """backend="auto" runs the kernels on CUDA only at the precisions where they measured faster
+    (_backend.AUTO_KERNELS), never on the CPU; "triton" runs them whatever the table says."""
+    monkeypatch.delenv("KLKERN_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_cuda_driver_ok", lambda: True)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "AUTO_KERNELS", {"highest": False, "high": True, "medium": False})
+    assert _backend.resolve("auto", cuda, "high") == "triton"
+    assert _backend.resolve("auto", cuda, "highest") == "torch"
+    assert _backend.resolve("auto", cuda, "medium") == "torch"
+    assert _backend.resolve("auto", cuda) == "torch"
+    assert _backend.resolve("auto", torch.device("cpu"), "high") == "torch"
+    assert _backend.resolve("triton", cuda, "highest") == "triton"
+    # today's table (first GPU run): the torch path was faster everywhere
+    assert set(_backend.AUTO_KERNELS) == {"highest", "high", "medium"}
 
 
 def test_import_is_silent_without_gpu():

@@ -215,7 +215,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict, table:
 
 # ---------------------------------------------------------------- input checks
 
-# dtypes of state the kernels read and write (bases, factors, moments); lam is float32.
+# dtypes of state the kernels read and write (bases, factors, moments): every state_dtype the
+# optimizers accept (float16 is refused there: its range underflows squared gradients); lam is float32.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 

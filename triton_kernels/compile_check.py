@@ -143,10 +143,15 @@ def _weight(variant: dict) -> int:
 
 
 def representative(variants: list) -> list:
-    """Per (kernel, DOT, tile entry, alignment): the heaviest variant (ties: the first recorded)."""
+    """Per (kernel, DOT, tile entry, alignment, weights or not, dtypes of the first three
+    operands): the heaviest variant (ties: the first recorded). The fused work alone is not a
+    safe proxy for registers: with triton 3.6 an unweighted bf16 factor EMA spilled where the
+    weighted one did not, so weights and operand dtypes are part of the key."""
     best: dict = {}
     for v in variants:
-        key = (v["kernel"], v["constexprs"].get("DOT"), _key(v["tiles"]), v["aligned"])
+        c = v["constexprs"]
+        key = (v["kernel"], c.get("DOT"), _key(v["tiles"]), v["aligned"], c.get("HAS_W"),
+               tuple(a[0] for a in v["args"][:3]))
         if key not in best or _weight(v) > _weight(best[key]):
             best[key] = v
     return list(best.values())

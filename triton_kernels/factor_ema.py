@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._config import aligned, dot_constexprs, launch, pick_tiles, run_tiles
+from . import gemm
 from .gemm import dot_acc, dot_operand
 
 
@@ -94,6 +95,12 @@ def factor_ema_(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None, 
     with ``transpose_x`` (then ``X^T diag(w) X``); weights: (B, K) float32 or None;
     ``precision``: the product's operands ("highest", "high", "medium").
     """
+    if R.dim() == 3 and R.shape[0] > gemm.MAX_GRID_Y:  # the batch is the grid's y dimension
+        for lo in range(0, R.shape[0], gemm.MAX_GRID_Y):
+            hi = lo + gemm.MAX_GRID_Y
+            factor_ema_(R[lo:hi], X[lo:hi], None if weights is None else weights[lo:hi], beta, alpha,
+                        transpose_x=transpose_x, precision=precision)
+        return R
     Xd = X.transpose(1, 2) if transpose_x else X
     if R.dim() != 3 or Xd.dim() != 3 or R.shape[0] != Xd.shape[0] or R.shape[1] != R.shape[2] \
             or R.shape[1] != Xd.shape[1]:

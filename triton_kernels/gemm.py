@@ -35,6 +35,10 @@ from ._config import aligned, dot_constexprs, launch, pick_tiles, run_tiles
 
 PRO_NONE, PRO_KL, PRO_ADAM = 0, 1, 2
 
+# CUDA's limit on a grid's y dimension, which indexes the blocks of a stack: larger stacks are
+# launched in chunks of this many blocks.
+MAX_GRID_Y = 65535
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -201,6 +205,25 @@ def batched_gemm(A, B, *, out=None, transpose_a=False, transpose_b=False, prolog
     (written when given), and with ``proj_inv=(inv_a, inv_b)`` also the
     projection sums ``(row_sums (Bt, M), col_sums (Bt, N))``.
     """
+    if A.shape[0] > MAX_GRID_Y:  # the batch is the grid's y dimension: launch it in chunks
+        def cut(t, lo, hi):
+            return None if t is None else t[lo:hi]
+
+        sums = []
+        for lo in range(0, A.shape[0], MAX_GRID_Y):
+            hi = min(lo + MAX_GRID_Y, A.shape[0])
+            part = batched_gemm(
+                A[lo:hi], B[lo:hi], out=cut(out, lo, hi), transpose_a=transpose_a, transpose_b=transpose_b,
+                prologue=prologue, lam_a=cut(lam_a, lo, hi), lam_b=cut(lam_b, lo, hi), v=cut(v, lo, hi), eps=eps,
+                momentum=cut(momentum, lo, hi), beta1=beta1, second_moment=cut(second_moment, lo, hi),
+                beta2=beta2, proj_inv=None if proj_inv is None else tuple(t[lo:hi] for t in proj_inv),
+                params=None if params is None else ParamTable(params.views[lo:hi]), step=step, decay=decay,
+                precision=precision)
+            if proj_inv is not None:
+                sums.append(part[1])
+        if proj_inv is not None:
+            return out, (torch.cat([r for r, _ in sums]), torch.cat([c for _, c in sums]))
+        return out
     At = A.transpose(1, 2) if transpose_a else A
     Bm = B.transpose(1, 2) if transpose_b else B
     batch, M, K = At.shape
