@@ -18,8 +18,9 @@ identities, tested against :mod:`klkern.reference`):
 
 State names: ``exp_avg``, ``exp_avg_sq`` (block-shaped), ``Q{k}``, ``R{k}``
 (KL-Shampoo, KL-SOAP, SOAP), ``L{k}``, ``root{k}`` (Shampoo) and ``lam{k}``
-(KL variants) for every preconditioned mode k. ``lam`` is always float32; the
-others may be stored in a lower ``state_dtype`` and are computed in float32.
+(KL variants) for every preconditioned mode k. ``lam``, ``exp_avg_sq``, ``L`` and
+``root`` are always float32 (FLOAT32_STATE); the others may be stored in a lower
+``state_dtype`` and are computed in float32.
 """
 
 from __future__ import annotations
@@ -149,10 +150,17 @@ def _floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
     return lam.clamp_(min=1.0 / (c * c))
 
 
+# State kept in float32 whatever state_dtype says (STYLE.md: math whose eigenvalues are inverted
+# stays float32): KL eigenvalue estimates (lam*), Adam second moments (exp_avg_sq: their square
+# root divides), Shampoo's factors (L*: their eigenvalues are inverted) and roots (root*), and the
+# KL diagnostic (kl*). state_dtype stores the rest: bases Q*, rotated factors R*, momenta exp_avg.
+FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root")
+
+
 def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
-    """Zero-filled state; eigenvalue estimates (lam*) and the KL diagnostics (kl*) are float32."""
+    """Zero-filled state: FLOAT32_STATE names in float32, the others in ``state_dtype``."""
     return {
-        name: torch.zeros(shape, dtype=torch.float32 if name.startswith(("lam", "kl")) else state_dtype,
+        name: torch.zeros(shape, dtype=torch.float32 if name.startswith(FLOAT32_STATE) else state_dtype,
                           device=G.device)
         for name, shape in names_shapes.items()
     }
@@ -183,9 +191,12 @@ def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
     than the identity, negative when it captures the gradients' structure. It does not
     depend on the scale of the gradients or of the estimate, so optimizers compare."""
     B, shape = Gr.shape[0], tuple(Gr.shape[1:])
-    prod = _lam_product(lams, len(shape))
-    squares = (Gr * Gr).reshape(B, -1)
-    q = squares.sum(1) if prod is None else (Gr * Gr / prod).reshape(B, -1).sum(1)
+    # float64: a product of floored eigenvalues (1e-30 each for SOAP's diagonals of a rank-deficient
+    # factor) underflows float32, and Gr^2 over it would overflow; the diagnostic must stay finite.
+    Gr64 = Gr.double()
+    prod = _lam_product([lam.double() if lam is not None else None for lam in lams], len(shape))
+    squares = (Gr64 * Gr64).reshape(B, -1)
+    q = squares.sum(1) if prod is None else (Gr64 * Gr64 / prod).reshape(B, -1).sum(1)
     _fold_kl_(bufs, q, squares.sum(1), lams, shape)
 
 
@@ -194,20 +205,33 @@ def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, Gr: 
     proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
     kernels too): q = (N / d_k) sum_i proj_k_i / lam_k_i, against ||Gr||^2 = ||G||^2."""
     shape = tuple(Gr.shape[1:])
-    energy = (Gr * Gr).reshape(Gr.shape[0], -1).sum(1)
-    _fold_kl_(bufs, (math.prod(shape) / shape[k]) * (proj / lams[k]).sum(1), energy, lams, shape)
+    energy = Gr.double().pow(2).reshape(Gr.shape[0], -1).sum(1)
+    q = (math.prod(shape) / shape[k]) * (proj.double() / lams[k].double()).sum(1)
+    _fold_kl_(bufs, q, energy, lams, shape)
+
+
+# The tracked objective is clamped to this magnitude: a diagnostic, finite whatever the factors
+# (a rank-deficient one gives log-ratios of hundreds; nothing here can decide a step).
+KL_LIMIT = 1e6
 
 
 def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, shape: tuple) -> None:
+    """Fold one step's objective into the EMA, computed in float64 and clamped to +-KL_LIMIT
+    (a non-finite one, from an overflowing gradient, leaves the EMA as it was)."""
     N = math.prod(shape)
+    q, energy = q.double(), energy.double()
     logdet = torch.zeros_like(q)
     for k, lam in enumerate(lams):
         if lam is not None:
-            logdet = logdet + (N / shape[k]) * torch.log(lam).sum(1)
-    ratio = torch.clamp(q, min=1e-30) / torch.clamp(energy, min=1e-30)
+            logdet = logdet + (N / shape[k]) * torch.log(lam.double().clamp(min=1e-300)).sum(1)
+    ratio = torch.clamp(q, min=1e-300) / torch.clamp(energy, min=1e-300)
     objective = 0.5 * (torch.log(ratio) + logdet / N)
-    bufs["kl"].mul_(KL_TRACK_BETA).add_(objective, alpha=1 - KL_TRACK_BETA)
-    bufs["kl_weight"].mul_(KL_TRACK_BETA).add_(1 - KL_TRACK_BETA)
+    finite = torch.isfinite(objective)
+    keep = torch.where(finite, KL_TRACK_BETA, 1.0).to(bufs["kl"].dtype)
+    add = torch.where(finite, 1 - KL_TRACK_BETA, 0.0).to(bufs["kl"].dtype)
+    objective = torch.where(finite, objective.clamp(-KL_LIMIT, KL_LIMIT), 0.0).to(bufs["kl"].dtype)
+    bufs["kl"].mul_(keep).add_(add * objective)
+    bufs["kl_weight"].mul_(keep).add_(add)
 
 
 def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):

@@ -69,11 +69,16 @@ def unbounded(algorithm: str, group: dict) -> bool:
     return algorithm == "shampoo" and eps ** (-2 * group["exponent"]) > 1e16
 
 
+# State that no update reads: the KL diagnostic's EMAs (optimizer.diagnostics()). They never
+# decide whether a step is applied.
+DIAGNOSTIC_STATE = ("kl", "kl_weight")
+
+
 def block_flags(bufs: dict, U, written: list | None, batch: int, device) -> torch.Tensor:
-    """(batch,) bool: the block's state is finite and <= STATE_LIMIT, its update finite, and the
-    parameter views a kernel wrote (``written``) finite."""
-    parts = [buf.detach().reshape(batch, -1).abs().amax(1).float() for buf in bufs.values()
-             if buf.is_floating_point() and buf.numel()]
+    """(batch,) bool: the block's state that updates read is finite and <= STATE_LIMIT, its update
+    finite, and the parameter views a kernel wrote (``written``) finite."""
+    parts = [buf.detach().reshape(batch, -1).abs().amax(1).float() for name, buf in bufs.items()
+             if buf.is_floating_point() and buf.numel() and name not in DIAGNOSTIC_STATE]
     ok = torch.ones(batch, dtype=torch.bool, device=device)
     if parts:
         ok &= torch.stack(parts).amax(0) <= STATE_LIMIT  # NaN compares False

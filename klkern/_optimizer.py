@@ -117,7 +117,7 @@ def _param_table(members: list, pending: dict, group: dict):
         count[id(p)] += 1
     views = []
     for p, i, _ in members:
-        _, plan, _, tensor, expected = pending[id(p)]
+        _, plan, _, tensor, expected, _ = pending[id(p)]
         if count[id(p)] != len(expected):
             return None
         view = plan.extract(tensor.detach())[i]
@@ -166,6 +166,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         self._warned = set()  # causes already warned about (each once)
         self._kernels_proven: set = set()  # Triton step variants that ran (backend="auto")
         self._kernels_failed: dict = {}  # Triton step variants that failed -> the whole error
+        self._unscaled: dict[int, set] = {}  # id(param) -> blocks still waiting for a gradient with scale
+        self._unscaled_known = False  # whether _unscaled reflects the state (False after a load or copy)
 
     def __getstate__(self) -> dict:
         if self.process_group is not None:
@@ -306,6 +308,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         pending: dict[int, list] = {}
         always = _guard.unbounded(self.algorithm, group)
         split = self._split
+        gathered = []
         for p in params:
             tensor = _distributed.local(p)  # a DTensor's local shard; the parameter itself otherwise
             if tensor.numel() == 0:
@@ -313,19 +316,38 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             plan = plan_for(tensor.shape, group)
             grads = plan.extract(_distributed.local(p.grad))
             mine = _distributed.owned_blocks(split, p, len(grads))
-            if not mine:
-                continue
-            state = self.state[p]
+            if mine:
+                gathered.append((p, tensor, plan, grads, mine))
+        scaled = self._scaled_blocks(gathered)
+        reinit: dict[tuple, list] = defaultdict(list)
+        for p, tensor, plan, grads, mine in gathered:
             path = "adamw" if plan.adamw else self.algorithm
-            fresh = "step" not in state
+            fresh = "step" not in self.state.get(p, {})
+            unscaled = self._unscaled.get(id(p), set())
+            if fresh and (id(p), mine[0]) in scaled and not any(scaled[(id(p), i)] for i in mine):
+                continue  # its first gradient carries no scale: not initialised, not stepped (yet)
+            state = self.state[p]
             if fresh:
                 state["step"] = 0
                 state["blocks"] = [None] * len(grads)
-            pending[id(p)] = [p, plan, {}, tensor, set(mine)]
+                unscaled = {i for i in mine if not scaled.get((id(p), i), True)}
+                if unscaled:
+                    self._unscaled[id(p)] = unscaled
+            waiting = 0 if fresh else len(unscaled & set(mine))
+            pending[id(p)] = [p, plan, {}, tensor, set(mine), len(mine) - waiting]
             for i in mine:
                 G = grads[i]
                 key = (path, tuple(G.shape), plan.masks[i], G.device, G.dtype, state["step"])
+                if not fresh and i in unscaled:
+                    # a block that has not seen a gradient with scale does not step; its first such
+                    # gradient initialises it (an initialisation-only step, as a first step is)
+                    pending[id(p)][2][i] = torch.zeros_like(G, dtype=torch.float32)
+                    if scaled[(id(p), i)]:
+                        reinit[key[:5]].append((p, i, G))
+                    continue
                 (init_batches if fresh else step_batches)[key].append((p, i, G))
+        for key, members in reinit.items():
+            self._initialise_unscaled(index, key, members, hp, used)
 
         def guarded(members) -> bool:
             return always or any(id(p) in at_risk for p, _, _ in members)
@@ -336,8 +358,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         def param_blocks(members) -> list:  # the parameter blocks (views, or copies for a copying layout)
             return [plan.extract(tensor.detach())[i] for (tensor, plan), (_, i, _) in zip(places(members), members)]
 
-        def blocks_of(members) -> dict:
-            return {id(p): len(pending[id(p)][4]) for p, _, _ in members}
+        def blocks_of(members) -> dict:  # per parameter, its blocks that step (or initialise) now
+            return {id(p): pending[id(p)][5] for p, _, _ in members}
 
         for key, members in init_batches.items():
             path, mask = key[0], key[2]
@@ -379,6 +401,70 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     if U is not None:
                         self._apply(entry[3], entry[1], entry[2], scale, group)
                     self.state[p]["step"] = t
+
+    # Algorithms whose initialisation is computed from the first gradient (its factors, bases
+    # and, for the KL variants, scale-free eigenvalue estimates): a block starts from its first
+    # gradient that carries scale (a nonzero sum of squares in float32). Shampoo and the AdamW
+    # path start from zeros whatever the gradient.
+    SCALE_STARTED = ("klshampoo", "klsoap", "soap")
+
+    def _scaled_blocks(self, gathered: list) -> dict:
+        """(id(param), block) -> whether its gradient carries scale, for the blocks whose start
+        depends on it: every block of a parameter not yet initialised, and the blocks still
+        waiting for scale (one host synchronisation, only on steps that have such blocks)."""
+        if self.algorithm not in self.SCALE_STARTED:
+            return {}
+        if not self._unscaled_known:
+            self._find_unscaled()
+        keys, sums = [], []
+        for p, _, plan, grads, mine in gathered:
+            if plan.adamw:
+                continue
+            if p not in self.state or "step" not in self.state[p]:
+                wanted = mine
+            else:
+                wanted = [i for i in mine if i in self._unscaled.get(id(p), ())]
+            for i in wanted:
+                keys.append((id(p), i))
+                sums.append(grads[i].float().pow(2).sum())
+        if not keys:
+            return {}
+        return dict(zip(keys, (value > 0 for value in torch.stack([s.cpu() for s in sums]).tolist())))
+
+    def _find_unscaled(self) -> None:
+        """After a load or a copy: the blocks whose factors are all zero have not seen scale."""
+        self._unscaled_known = True
+        checks = []
+        for p, st in self.state.items():
+            for i, block in enumerate(st.get("blocks", [])):
+                if block is not None and any(name.startswith("R") for name in block):
+                    checks.append((id(p), i, sum(block[n].float().abs().sum() for n in block if n.startswith("R"))))
+        if checks:
+            zero = torch.stack([c.cpu() for _, _, c in checks]).eq(0).tolist()
+            for (pid, i, _), z in zip(checks, zero):
+                if z:
+                    self._unscaled.setdefault(pid, set()).add(i)
+
+    def _initialise_unscaled(self, index: int, key: tuple, members: list, hp: dict, used: dict) -> None:
+        """Initialise blocks that waited for scale from their first gradient with it (their update
+        this step is zero, as on a first step); a block whose new state is not finite waits on."""
+        path, mask = key[0], key[2]
+        G = torch.stack([G for _, _, G in members]).float()
+        bufs = ALGORITHMS[path][0](G, mask, hp)
+        flags = _guard.block_flags(bufs, None, None, G.shape[0], G.device).cpu().tolist()
+        keep = [b for b, ok in enumerate(flags) if ok]
+        if not keep:
+            return
+        bufs = {name: buf[keep] for name, buf in bufs.items()}
+        blocks = [{} for _ in keep]
+        for b, block in zip(keep, blocks):
+            p, i, _ = members[b]
+            self.state[p]["blocks"][i] = block
+            self._unscaled[id(p)].discard(i)
+            if not self._unscaled[id(p)]:
+                del self._unscaled[id(p)]
+        slot_key = (index, key) + tuple(id(b) for b in blocks)
+        self._slots[slot_key] = used[slot_key] = _Slot.adopt(blocks, bufs)
 
     def _run_step(self, path, bufs, G, mask, hp, t, members, pending, group):
         """The single dispatch point: Triton kernels or the torch functional step.
@@ -543,6 +629,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                         blocks[i] = {name: buf[0].clone() for name, buf in bufs.items()}
                     self.state[p] = {"step": 0, "blocks": blocks}
         self._slots = {}
+        self._unscaled, self._unscaled_known = {}, False  # zero-gradient state: found on the next step
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict` (from any device).
@@ -603,6 +690,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     continue
             self.state[param] = value
         self._slots = {}
+        self._unscaled, self._unscaled_known = {}, False
 
     def _own_blocks(self, param, value: dict, split) -> dict | None:
         """A loaded parameter state reduced to the blocks this rank steps (list form, step an int)."""

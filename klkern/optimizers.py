@@ -24,10 +24,13 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   (O, H, W, I) tensor as (O, I, H, W).
 * ``block_size`` (None): split every mode into chunks of at most this size;
   each block is an independent Kronecker problem.
-* ``state_dtype`` (torch.float32): dtype of bases, factors and moments:
-  torch.float32 or torch.bfloat16 (half the memory; eigenvalues, QR and
-  eigendecompositions stay float32). torch.float16 raises ValueError: its
-  range flushes squared gradients to zero.
+* ``state_dtype`` (torch.float32): dtype of the eigenbases, the rotated
+  factors (KL-Shampoo, KL-SOAP, SOAP) and the momenta: torch.float32 or
+  torch.bfloat16 (half their memory). Whatever it says, float32 holds what
+  is inverted or divides: the eigenvalue estimates, Adam second moments,
+  Shampoo's factors and roots; QR and eigendecompositions run in float32.
+  torch.float16 raises ValueError: its range flushes squared gradients to
+  zero.
 * ``large_dim_policy`` ("adamw"; SOAP: "identity"): a parameter with a mode
   above ``max_precond_dim`` takes the AdamW path ("adamw") or leaves that mode
   unrotated with an identity factor and unit eigenvalues ("identity").
@@ -56,7 +59,11 @@ overflow) is rolled back and skipped; both are counted in
 ``m/(sqrt(v)+eps)`` with Adam moments from ``betas``, the bias-corrected step
 size ``lr*sqrt(1-betas[1]^t)/(1-beta1^t)`` and decoupled weight decay. For
 KLShampoo, KLSOAP and SOAP the first step a parameter sees only initialises
-its state (the parameter is not changed), for every parameter alike.
+its state (the parameter is not changed), for every parameter alike. Their
+preconditioned blocks are initialised from the gradient (factors, bases,
+scale-free eigenvalue estimates), so a block starts from its first gradient
+that carries scale (a nonzero sum of squares): until then it does not step,
+and a parameter none of whose blocks has one is not initialised.
 """
 
 from __future__ import annotations

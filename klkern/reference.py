@@ -78,6 +78,11 @@ def matrix_from_eig(Q: torch.Tensor, evals: torch.Tensor) -> torch.Tensor:
 # shared steps
 
 
+def carries_scale(G: torch.Tensor) -> bool:
+    """Whether a gradient block can start an estimate: its sum of squares in float32 is nonzero."""
+    return bool(G.float().pow(2).sum() > 0)
+
+
 def momentum_update(M: torch.Tensor, G: torch.Tensor, beta1: float) -> torch.Tensor:
     """M <- beta1 M + (1 - beta1) G (no bias correction)."""
     return beta1 * M + (1 - beta1) * G
@@ -331,23 +336,41 @@ class _ReferenceOptimizer(torch.optim.Optimizer):
         plan = plan_for(p.shape, group)
         grads = plan.extract(p.grad.float())
         state = self.state[p]
+        # A block of KL-Shampoo, KL-SOAP or SOAP starts from its first gradient that carries scale
+        # (its initialisation is computed from that gradient); until then it does not step. A
+        # parameter none of whose blocks has scale yet is not initialised at all.
+        scale_started = self.algorithm in ("klshampoo", "klsoap", "soap") and not plan.adamw
         if "step" not in state:
+            scaled = [carries_scale(G) or not scale_started for G in grads]
+            if not any(scaled):
+                del self.state[p]
+                return
             state["step"] = 0
             state["blocks"] = [
-                self._init_block(G, plan.masks[i], group, plan.adamw) for i, G in enumerate(grads)
+                dict(self._init_block(G, plan.masks[i], group, plan.adamw), **({} if ok else {"waiting": True}))
+                for i, (G, ok) in enumerate(zip(grads, scaled))
             ]
             if self.algorithm != "shampoo":
                 return  # t = 0: initialisation only, the parameter is not changed
         state["step"] += 1
         t = state["step"]
-        updates, scale = [], 1.0
+        updates, scale, stepped = [], 1.0, False
         for i, G in enumerate(grads):
             block = state["blocks"][i]
+            if block.get("waiting"):
+                if carries_scale(G):  # this gradient initialises the block (an initialisation-only step)
+                    state["blocks"][i] = self._init_block(G, plan.masks[i], group, plan.adamw)
+                updates.append(torch.zeros_like(G))
+                continue
+            stepped = True
             if plan.adamw:
                 U, scale = self._adamw_block(block, G, group, t)
             else:
                 U, scale = self._block_step(block, G, plan.masks[i], group, t)
             updates.append(U)
+        if not stepped:  # every block waited or initialised: the parameter did not step
+            state["step"] -= 1
+            return
         U = plan.assemble(updates)
         if group["normalize_grads"]:
             U = normalize_update(U)

@@ -6,6 +6,8 @@ import io
 import pytest
 import torch
 
+from klkern._functional import FLOAT32_STATE
+
 from _helpers import PAIRS, clone_params, make_params, quadratic_grads
 
 SHAPES = [(6, 6), (4, 9), (5,), (2, 3, 4), (3, 8)]
@@ -45,7 +47,7 @@ def test_round_trip_is_exact(name, state_dtype):
     for p in resumed:
         for block in opt2.state[p]["blocks"]:
             for key, value in block.items():
-                expected = torch.float32 if key.startswith(("lam", "kl")) else state_dtype
+                expected = torch.float32 if key.startswith(FLOAT32_STATE) else state_dtype
                 assert value.dtype == expected, key
 
 
