@@ -17,7 +17,8 @@ every Python install, so no download), gathered in sorted path order, skipping
 the bytes is the validation split. ``--data FILE`` trains on any text file
 (same 90/10 rule).
 
-Outputs in ``--out`` (default ``bench/results/train_lm_<preset>``):
+Outputs in ``--out`` (default: a new folder ``runs/train_lm_<preset>-<UTC time>``, printed at
+the start and the end; ``--out bench/results/train_lm_<preset>`` refreshes the committed results):
 ``runs.csv`` (optimizer, seed, lr, step, train loss, val loss, training wall
 time), ``summary.md`` / ``summary.json`` (final validation loss, mean and
 spread over seeds, time per step, optimizer-state memory) and ``val_loss.png``
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import datetime
 import csv
 import hashlib
 import json
@@ -522,7 +524,8 @@ def parse_args(argv=None):
                    help="cap on corpus bytes (default: 4 MB for the stdlib, whole --data file)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", help="output folder (default bench/results/train_lm_<preset>)")
+    p.add_argument("--out", help="output folder (default: a new runs/train_lm_<preset>-<time>; "
+                                 "bench/results/train_lm_<preset> refreshes the committed results)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--replot", metavar="DIR", help="only redraw DIR/val_loss.png from DIR/runs.csv")
     return p.parse_args(argv)
@@ -594,8 +597,13 @@ def main(argv=None) -> list[dict]:
     lrs = learning_rates(args)
     extras = optimizer_args(args)
     device = torch.device(args.device)
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"train_lm_{args.preset}"
+    if args.out:
+        out = Path(args.out)
+    else:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out = ROOT / "runs" / f"train_lm_{args.preset}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
+    print(f"results go to {out}", file=sys.stderr)
 
     data = load_data(args, cfg)
     print(f"corpus: {data['source']}: {data['bytes']} bytes, {len(data['train'])} train / "

@@ -49,6 +49,13 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   modes preconditioned; other blocks and the AdamW path use torch. Where
   "auto" picks the kernels, one that fails to compile or launch is replaced
   by the torch path (one warning); "triton" raises.
+* ``process_group`` (None): a ``torch.distributed.ProcessGroup`` over which
+  replicated (DDP) parameters split the preconditioner work: each block is
+  stepped by one rank and the new values are all-gathered (docs/distributed.md).
+  None for one process and for FSDP2's DTensor parameters.
+* ``communication_dtype`` (torch.float32): what that all-gather sends:
+  torch.float32 (the new values, exact) or torch.bfloat16 (the updates,
+  rounded; half the traffic).
 
 A step never poisons the state: a NaN/Inf gradient skips its parameter, and
 a block whose new state or update would be non-finite (a finite gradient can
@@ -113,9 +120,14 @@ class KLSOAP(ShampooFamilyOptimizer):
     ``Q_a [m / (sqrt(v) + eps)] Q_b^T`` with ``m`` and ``v`` Adam moments of the
     rotated gradient (``v`` with ``betas[1]``, no bias correction). ``m`` is
     carried into the new basis at a refresh, ``v`` is not.
-    Extra arguments: ``init_factor`` (0.1, the prototype's; or "rms" / "debiased"
-    as for :class:`KLShampoo`, which tie with 0.1 for KL-SOAP in
-    bench/results/init_study.md, so its default did not change), ``eigval_clamp`` (4000).
+
+    Arguments (besides the shared ones listed in :mod:`klkern.optimizers`):
+
+    * ``init_factor`` (0.1): the prototype's start of the eigenvalue estimates;
+      or "rms" / "debiased" as for :class:`KLShampoo`, which tie with 0.1 for
+      KL-SOAP in bench/results/init_study.md, so its default did not change.
+    * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
+      bounds ``lam^-1/2`` by ``c_k``.
     """
 
     algorithm = "klsoap"
@@ -128,8 +140,11 @@ class SOAP(ShampooFamilyOptimizer):
     basis columns are sorted by the estimated eigenvalues, ``v`` is permuted
     alike, and ``Q <- qr(GG Q)``. Modes above ``max_precond_dim`` are left
     unrotated (``large_dim_policy="identity"``).
-    Extra argument: ``correct_bias`` (True): step size
-    ``lr * sqrt(1 - betas[1]^t) / (1 - beta1^t)``.
+
+    Arguments (besides the shared ones listed in :mod:`klkern.optimizers`):
+
+    * ``correct_bias`` (True): step size ``lr * sqrt(1 - betas[1]^t) / (1 - beta1^t)``
+      (Adam's bias correction); False: ``lr``.
     """
 
     algorithm = "soap"
@@ -142,9 +157,12 @@ class Shampoo(ShampooFamilyOptimizer):
     ``(L + eps I)^-p`` by eigendecomposition; ``P = L_root M R_root`` with
     momentum ``M``. Until the first roots exist (t < T) the update is the Adam
     direction ``A``.
-    Extra arguments: ``exponent`` (0.5): p per side (0.25 is the original
-    Shampoo); ``grafting`` ("adam"): ``U = P ||A||_F / ||P||_F`` per block,
-    or "none": ``U = P``.
+
+    Arguments (besides the shared ones listed in :mod:`klkern.optimizers`):
+
+    * ``exponent`` (0.5): p per side (0.25 is the original Shampoo).
+    * ``grafting`` ("adam"): ``U = P ||A||_F / ||P||_F`` per block (the
+      Adam direction's norm), or "none": ``U = P``.
     """
 
     algorithm = "shampoo"
