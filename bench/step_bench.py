@@ -76,6 +76,19 @@ def gpt2_small_shapes():
     return shapes + [(768,), (768,)]
 
 
+def workload(model: str, device: torch.device, script: str):
+    """(shapes, parameters, gradients) of ``model`` ("gpt2-small" or "tiny") on ``device``, seeded;
+    a clear exit when CUDA is asked for and absent."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU (run bench/gpu_suite.sh on a GPU machine), "
+                         "or --device cpu for a smoke run")
+    shapes = gpt2_small_shapes() if model == "gpt2-small" else tiny_shapes()
+    g = torch.Generator(device=device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, device=device, generator=g) * 0.02) for s in shapes]
+    grads = [torch.randn(*s, device=device, generator=g) * 1e-3 for s in shapes]
+    return shapes, params, grads
+
+
 def step_flops(opt) -> float:
     """Matrix-product FLOPs of one (non-refresh) step, from the block plans of ``opt``."""
     total = 0.0
@@ -256,12 +269,7 @@ def main(argv=None):
                     help="seconds: start no measurement that would likely end past this (0: no limit)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("step_bench.py needs a CUDA GPU (run bench/gpu_suite.sh on a GPU machine)")
-    shapes = gpt2_small_shapes() if args.model == "gpt2-small" else tiny_shapes()
-    g = torch.Generator(device=device).manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, device=device, generator=g) * 0.02) for s in shapes]
-    grads = [torch.randn(*s, device=device, generator=g) * 1e-3 for s in shapes]
+    shapes, params, grads = workload(args.model, device, "step_bench.py")
     meta = meta_info(args, sum(p.numel() for p in params), device)
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
     out = Path(args.out)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import klkern  # noqa: E402
 from bench._meta import git_commit, sync, utc_now  # noqa: E402
-from step_bench import gpt2_small_shapes, tiny_shapes  # noqa: E402
+from step_bench import workload  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 COPY_EVENTS = ("cudaMemcpy", "cudaMemcpyAsync")
@@ -79,12 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("step_profile.py needs a CUDA GPU (or --device cpu for a smoke run)")
-    shapes = gpt2_small_shapes() if args.model == "gpt2-small" else tiny_shapes()
-    g = torch.Generator(device=device).manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, device=device, generator=g) * 0.02) for s in shapes]
-    grads = [torch.randn(*s, device=device, generator=g) * 1e-3 for s in shapes]
+    _, params, grads = workload(args.model, device, "step_profile.py")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)"
     backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
     rows = []

@@ -97,3 +97,13 @@ def test_kernel_bench_summary(tmp_path):
     table = summarize_kernel_bench.main(str(path))
     assert "| medium | precondition | 12x768x768 | 2.000 | 1.000 | 2.00 |" in table
     assert "| highest | GEMM floor (6 products) | 12x768x768 | 0.500 |" in table
+
+
+def test_step_profile_smoke(tmp_path):
+    done = _run(["bench/step_profile.py", "--device", "cpu", "--model", "tiny", "--steps", "1", "--out", str(tmp_path)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(next(tmp_path.glob("profile_*.json")).read_text())
+    assert [(r["optimizer"], r["backend"]) for r in data["rows"]] == [("KLShampoo", "torch"), ("KLSOAP", "torch")]
+    for row in data["rows"]:
+        assert row["refresh"]["wall_ms_per_step"] > 0 and row["steady"]["wall_ms_per_step"] > 0
+    assert {"device", "torch", "commit", "date"} <= set(data["meta"])
