@@ -103,11 +103,15 @@ def render(page: str, rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="only check; exit 1 on any difference or drift")
+    args = ap.parse_args(argv)
     rows, problems = options()
     page = PAGE.read_text()
     new = render(page, rows)
-    if "--check" in argv:
+    if args.check:
         if new != page:
             problems.append("docs/algorithms.md's table is not the docstrings': run python docs/generate_options.py")
         for problem in problems:

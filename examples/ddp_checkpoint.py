@@ -6,13 +6,16 @@ Each rank trains the same DDP model on its share of every batch; ``process_group
 ranks split the preconditioner work (each block is stepped by one rank, then the new values are
 all-gathered). Halfway, model and optimizer are saved with torch.distributed.checkpoint (each
 block written once, by its rank); a fresh model and optimizer then load it (``init_state()``
-first, so that the load has tensors to fill) and continue. The script checks that the resumed
-run equals the uninterrupted one and that every rank holds the same weights. NCCL on GPUs,
-gloo on the CPU (docs/distributed.md).
+first, so that the load has tensors to fill) and continue. The script checks that every rank
+holds the same weights and that the resumed run matches the uninterrupted one: exactly on 2
+ranks; on more, to float32 rounding (DDP's gradient all-reduce may sum in another order in a
+freshly wrapped model, as it does for torch.optim.AdamW). NCCL on GPUs, gloo on the CPU
+(docs/distributed.md).
 """
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import torch
@@ -50,10 +53,12 @@ def main():
     ap.add_argument("--dir", default=None, help="checkpoint folder (default: a new temporary one)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    path = args.dir or (tempfile.mkdtemp() if rank == 0 else None)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    path = args.dir or (tempfile.mkdtemp(prefix="klkern_ckpt_") if rank == 0 else None)
     holder = [path]
     dist.broadcast_object_list(holder)  # every rank writes into the same folder
     path = holder[0]
@@ -72,15 +77,20 @@ def main():
     resumed_opt.load_state_dict(state["optim"])
     train(resumed, resumed_opt, args.steps - half, half, device)
 
-    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    gap = max(float(((a - b).abs().max() / b.abs().max()).item()) for a, b in zip(model.parameters(),
+                                                                                resumed.parameters()))
+    same = gap == 0 or (dist.get_world_size() > 2 and gap < 1e-5)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
     if rank == 0:
+        result = "identical" if gap == 0 else (f"equal to {gap:.1e}" if same else f"DIFFERENT ({gap:.1e})")
         print(f"{dist.get_world_size()} ranks, loss {loss:.4f} after {args.steps} steps; resumed run "
-              f"{'identical' if same else 'DIFFERENT'}; ranks {'in sync' if in_sync else 'OUT OF SYNC'}; "
-              f"checkpoint in {path}")
+              f"{result}; ranks {'in sync' if in_sync else 'OUT OF SYNC'}; checkpoint in {path}")
+    dist.barrier()
+    if rank == 0 and args.dir is None:
+        shutil.rmtree(path, ignore_errors=True)  # the temporary checkpoint folder this run made
     dist.destroy_process_group()
     if not (same and in_sync):
         raise SystemExit(1)

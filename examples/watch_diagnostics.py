@@ -6,7 +6,8 @@ Every ``--every`` steps it prints, per weight (by name): ``kl`` (the KL objectiv
 block's covariance estimate against an isotropic one: 0 is no better than a scaled identity,
 lower fits the gradients better), the range of the eigenvalue estimates, ``staleness`` (how far
 the eigenbasis is from diagonalising the current factor; it grows between refreshes) and the
-RMS of the last update. A call costs one host synchronisation (docs/diagnostics.md).
+RMS of the update direction the state gives, before the learning rate (about the last step's;
+docs/diagnostics.md says exactly). A call costs one host synchronisation.
 """
 
 import argparse

@@ -37,6 +37,7 @@ import torch
 from ._blocking import plan_for
 from ._distributed import local
 from ._functional import _lam_product, _rotate_back
+from ._precision import optimizer_math
 
 __all__ = ["collect"]
 
@@ -99,10 +100,16 @@ def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, gro
 
 def collect(opt, named_parameters=None) -> dict:
     """The diagnostics of every parameter with state: {name or index: {statistic: float}}."""
-    names = {id(p): n for n, p in named_parameters} if named_parameters is not None else {}
+    names = {}
+    if named_parameters is not None:
+        for item in named_parameters:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError("diagnostics(named_parameters): expected (name, parameter) pairs, e.g. "
+                                f"model.named_parameters(); got an item of type {type(item).__name__}")
+            names[id(item[1])] = item[0]
     pending: list = []  # (key, statistic, 0-d tensor)
     index = -1
-    with torch.no_grad():
+    with torch.no_grad(), optimizer_math():
         for group in opt.param_groups:
             for p in group["params"]:
                 index += 1

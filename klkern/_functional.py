@@ -552,6 +552,25 @@ def adamw_step(bufs, G, mask, hp, t):
     return U, math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t) if hp["correct_bias"] else 1.0
 
 
+def state_names(path: str, mask) -> set:
+    """The state names a block of ``path`` with preconditioned modes ``mask`` holds (what its
+    init creates): used to check a loaded state dict before a step trips over it."""
+    if path == "adamw":
+        return {"exp_avg", "exp_avg_sq"}
+    modes = _modes(mask)
+    names = {"exp_avg", "kl", "kl_weight"}
+    if path in ("klsoap", "soap", "shampoo"):
+        names.add("exp_avg_sq")
+    for k in modes:
+        if path == "shampoo":
+            names |= {f"L{k}", f"root{k}"}
+        else:
+            names |= {f"Q{k}", f"R{k}"}
+        if path in ("klshampoo", "klsoap"):
+            names.add(f"lam{k}")
+    return names
+
+
 ALGORITHMS = {
     "klshampoo": (klshampoo_init, klshampoo_step),
     "klsoap": (klsoap_init, klsoap_step),

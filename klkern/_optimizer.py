@@ -23,6 +23,8 @@ step together the buffers are rebuilt once.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from collections import OrderedDict, defaultdict
 
@@ -30,10 +32,12 @@ import torch
 
 from . import _backend, _distributed, _errors, _guard, _precision
 from ._blocking import plan_for, writes_into
-from ._functional import ALGORITHMS
+from ._functional import ALGORITHMS, state_names
 from ._options import build_defaults, factor_beta, validate_group
 
 __all__ = ["ShampooFamilyOptimizer", "tensor_bytes"]
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
 
 
 
@@ -135,8 +139,10 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
 
     algorithm = ""
 
-    def __init__(self, params, *, backend: str = "auto", process_group=None,
+    def __init__(self, params, lr=None, *, backend: str = "auto", process_group=None,
                  communication_dtype: torch.dtype = torch.float32, **hyperparameters):
+        if lr is not None:  # positional, as torch.optim's optimizers take it
+            hyperparameters["lr"] = lr
         if backend not in _backend.BACKENDS:
             raise ValueError(f"invalid backend={backend!r}: must be one of {_backend.BACKENDS}")
         if process_group is not None:
@@ -144,7 +150,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         if communication_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"invalid communication_dtype={communication_dtype!r}: must be torch.float32 "
                              "(exact) or torch.bfloat16 (the updates are rounded)")
-        defaults = build_defaults(self.algorithm, hyperparameters, type(self).__name__)
+        defaults = build_defaults(self.algorithm, hyperparameters, type(self).__name__,
+                                  constructor=("backend", "process_group", "communication_dtype"))
         self.backend = backend
         self.process_group = process_group
         self.communication_dtype = communication_dtype
@@ -235,7 +242,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         # Every product runs in true fp32 unless it follows the group's matmul_precision
         # (klkern._precision), whatever torch's global setting is.
         self._global_modes = _precision.snapshot()
-        with _precision.torch_precision("highest"):
+        with _precision.optimizer_math():
             if split is not None:
                 split.before_step()
             for index, group in enumerate(self.param_groups):
@@ -268,7 +275,12 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
     def _warn_once(self, cause: str, message: str) -> None:
         if cause not in self._warned:
             self._warned.add(cause)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            # point at the user's line: the first caller outside klkern and torch (step() is wrapped
+            # by torch's no_grad and hook machinery, a varying number of frames)
+            frame, level = sys._getframe(1), 2
+            while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+                frame, level = frame.f_back, level + 1
+            warnings.warn(message, RuntimeWarning, stacklevel=level)
 
     def _checked_params(self) -> tuple[list[list], set]:
         """Per group, the parameters to step (a gradient, finite); and the ids of those whose
@@ -610,12 +622,12 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             opt.load_state_dict(sd["optim"])
         """
         split = self._replicated_split()
-        with torch.no_grad(), _precision.torch_precision("highest"):
+        with torch.no_grad(), _precision.optimizer_math():
             for group in self.param_groups:
                 hp = dict(_hyper(self.algorithm, group), rotation_mode="highest", factor_mode="highest")
                 for p in group["params"]:
                     tensor = _distributed.local(p)
-                    if tensor.numel() == 0 or "step" in self.state[p]:
+                    if tensor.numel() == 0 or "step" in self.state.get(p, {}):
                         continue
                     plan = plan_for(tensor.shape, group)
                     mine = _distributed.owned_blocks(split, p, len(plan.masks))
@@ -651,8 +663,14 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        before = (self.param_groups, self.state, self._split)
         with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
-            self._load_state_dict(state_dict)
+            try:
+                self._load_state_dict(state_dict)
+            except Exception:  # a refused state dict leaves the optimizer as it was
+                self.param_groups, self.state, self._split = before
+                self._slots = {}
+                raise
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():
             hook(self)
 
@@ -688,6 +706,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 value = self._own_blocks(param, value, split)
                 if value is None:
                     continue
+            self._check_loaded(key, param, value)
             self.state[param] = value
         self._slots = {}
         self._unscaled, self._unscaled_known = {}, False
@@ -717,6 +736,31 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             raise ValueError(f"loaded state dict has no state for blocks {missing} of a parameter of shape "
                              f"{tuple(param.shape)} that this rank steps")
         return {**value, "step": step, "blocks": [b if i in mine else None for i, b in enumerate(blocks)]}
+
+    def _check_loaded(self, key, param, value: dict) -> None:
+        """A loaded parameter state must be this optimizer's, for this parameter's shape (else
+        the first step would fail on a missing name or a shape mismatch, far from the cause)."""
+        if not value:  # no state yet (a parameter that never stepped)
+            return
+        tensor = _distributed.local(param)
+        where = f"loaded state dict: the state of parameter {key} (shape {tuple(tensor.shape)})"
+        hint = "; was it saved by another optimizer, or for another model or option (block_size, max_precond_dim)?"
+        if "blocks" not in value or "step" not in value:
+            raise ValueError(f"{where} is not a {type(self).__name__} state (no 'blocks'/'step'){hint}")
+        plan = plan_for(tensor.shape, self._group_of(param))
+        if len(value["blocks"]) != len(plan.masks):
+            raise ValueError(f"{where} has {len(value['blocks'])} blocks, this parameter has "
+                             f"{len(plan.masks)}{hint}")
+        path = "adamw" if plan.adamw else self.algorithm
+        for i, block in enumerate(value["blocks"]):
+            if block is None:
+                continue
+            missing = state_names(path, plan.masks[i]) - set(block)
+            if missing:
+                raise ValueError(f"{where}, block {i}, lacks {sorted(missing)}{hint}")
+            if tuple(block["exp_avg"].shape) != plan.block_shape(i):
+                raise ValueError(f"{where}, block {i}, holds moments of shape {tuple(block['exp_avg'].shape)}, "
+                                 f"the block is {plan.block_shape(i)}{hint}")
 
     def _group_of(self, param) -> dict:
         return next(g for g in self.param_groups if any(p is param for p in g["params"]))

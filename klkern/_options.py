@@ -58,12 +58,14 @@ _STATE_DTYPES = (torch.float32, torch.bfloat16)
 INIT_RULES = ("rms", "debiased")
 
 
-def build_defaults(algorithm: str, overrides: dict, owner: str) -> dict:
-    """The algorithm's defaults updated by the constructor's keyword arguments."""
+def build_defaults(algorithm: str, overrides: dict, owner: str, constructor: tuple = ()) -> dict:
+    """The algorithm's defaults updated by the constructor's keyword arguments (``constructor``:
+    the other keywords the constructor takes, listed in the error for an unknown one)."""
     defaults = dict(DEFAULTS[algorithm])
     unknown = set(overrides) - set(defaults)
     if unknown:
-        raise TypeError(f"{owner} got unknown arguments {sorted(unknown)}; valid: {sorted(defaults)}")
+        raise TypeError(f"{owner} got unknown arguments {sorted(unknown)}; valid: "
+                        f"{sorted(set(defaults) | set(constructor))}")
     defaults.update(overrides)
     return defaults
 

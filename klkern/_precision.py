@@ -110,6 +110,22 @@ def torch_precision(mode: str):
         cuda_m.fp32_precision, cpu_m.fp32_precision = saved
 
 
+@contextlib.contextmanager
+def optimizer_math():
+    """What an optimizer step runs under: torch's float32 matmuls in true fp32 (products that
+    follow a matmul_precision choose their own) and autocast off, so that ``opt.step()``
+    inside a ``torch.autocast`` region computes what it computes outside (as torch.optim's
+    do); the caller's settings are restored."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if device_type == "cuda" and not torch.cuda.is_available():
+                continue
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(torch_precision("highest"))
+        yield
+
+
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
     """float32 values rounded to TF32 (10-bit mantissa, round to nearest, ties away from zero),
     as the cvt.rna.tf32.f32 instruction does."""

@@ -75,6 +75,11 @@ and a parameter none of whose blocks has one is not initialised.
 
 from __future__ import annotations
 
+import inspect
+
+import torch
+
+from . import _options
 from ._optimizer import ShampooFamilyOptimizer
 
 __all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
@@ -166,3 +171,18 @@ class Shampoo(ShampooFamilyOptimizer):
     """
 
     algorithm = "shampoo"
+
+
+def _signature(cls) -> inspect.Signature:
+    """The constructor's signature with every option and its default (help(), IDEs)."""
+    P = inspect.Parameter
+    defaults = _options.DEFAULTS[cls.algorithm]
+    params = [P("params", P.POSITIONAL_OR_KEYWORD), P("lr", P.POSITIONAL_OR_KEYWORD, default=defaults["lr"])]
+    params += [P(name, P.KEYWORD_ONLY, default=value) for name, value in defaults.items() if name != "lr"]
+    params += [P("backend", P.KEYWORD_ONLY, default="auto"), P("process_group", P.KEYWORD_ONLY, default=None),
+               P("communication_dtype", P.KEYWORD_ONLY, default=torch.float32)]
+    return inspect.Signature(params)
+
+
+for _cls in (KLShampoo, KLSOAP, SOAP, Shampoo):
+    _cls.__signature__ = _signature(_cls)

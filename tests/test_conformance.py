@@ -525,6 +525,82 @@ def test_max_precond_dim_zero_preconditions_nothing(cls):
     assert all("blocks" not in st or all("Q0" not in b for b in st["blocks"]) for st in opt.state.values())
 
 
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_a_step_inside_autocast_computes_what_it_computes_outside(cls):
+    """Found by a new user: opt.step() inside torch.autocast crashed three optimizers (their
+    products were autocast to bf16). The optimizer's math ignores autocast, as torch.optim's."""
+    runs = []
+    for inside in (False, True):
+        params = _params()
+        opt = cls(params, precondition_frequency=2)
+        for t in range(4):
+            for p, g in zip(params, _grads(params, t)):
+                p.grad = g
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_lr_may_be_positional_and_help_lists_every_option(cls):
+    import inspect
+
+    assert cls(_params(), 2e-2).defaults["lr"] == 2e-2
+    signature = inspect.signature(cls)
+    assert list(signature.parameters)[:2] == ["params", "lr"]
+    assert set(_options.DEFAULTS[cls.algorithm]) | set(CONSTRUCTOR) | {"process_group"} <= set(signature.parameters)
+    with pytest.raises(TypeError, match=r"unknown arguments \['lerning_rate'\].*'backend'"):
+        cls(_params(), lerning_rate=1e-2)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=IDS)
+def test_a_state_dict_of_another_optimizer_or_model_is_refused_at_load(cls):
+    """Found by a new user: such a load was accepted and the first step failed (KeyError, shape
+    errors). Now load_state_dict refuses it, naming the parameter, and leaves the optimizer as it was."""
+    params = _params()
+    opt = cls(params)
+    _steps(opt, params, 0, 2)
+    other = klkern.SOAP if cls is not klkern.SOAP else klkern.Shampoo
+    cases = [other(_params()), torch.optim.AdamW(_params())]
+    for source in cases:
+        src_params = _opt_params(source)
+        for p, g in zip(src_params, _grads(src_params, 0)):
+            p.grad = g
+        source.step()
+        source.step()
+    wider = [torch.nn.Parameter(torch.randn(16, 24))] + _params()[1:]
+    cases.append(cls(wider))
+    _steps(cases[-1], wider, 0, 2)
+    for source in cases:
+        before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(ValueError, match=r"loaded state dict: the state of parameter 0 .*another optimizer"):
+            opt.load_state_dict(source.state_dict())
+        _same_state(opt.state_dict(), before)
+    _steps(opt, params, 2, 1)
+
+
+def test_diagnostics_needs_named_parameters():
+    params = _params()
+    opt = klkern.KLShampoo(params)
+    _steps(opt, params, 0, 2)
+    model = torch.nn.Linear(3, 3)
+    with pytest.raises(TypeError, match=r"\(name, parameter\) pairs, e.g. model.named_parameters\(\)"):
+        opt.diagnostics(model.parameters())
+
+
+def test_warnings_point_at_the_users_line():
+    params = _params()
+    opt = klkern.SOAP(params)
+    for p in params:
+        p.grad = torch.full(p.shape, float("nan"))
+    with pytest.warns(RuntimeWarning, match="NaN/Inf") as record:
+        opt.step()
+    assert record[0].filename == __file__
+
+
 # ---------------------------------------------------------------------------- refusals
 
 

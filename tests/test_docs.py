@@ -74,6 +74,14 @@ def test_there_are_runnable_blocks():
     assert len(list(_runnable_blocks())) >= 2
 
 
+def test_the_spec_in_docs_is_the_projects():
+    """docs/spec.md is a copy of the project's specification (checked where the original is)."""
+    original = ROOT.parent / "shared" / "SPEC.md"
+    if not original.is_file():
+        pytest.skip("the project's shared SPEC.md is not beside this checkout")
+    assert (ROOT / "docs" / "spec.md").read_text() == original.read_text()
+
+
 def test_options_table_matches_the_docstrings():
     done = subprocess.run([sys.executable, "docs/generate_options.py", "--check"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
