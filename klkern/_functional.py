@@ -363,12 +363,16 @@ def klshampoo_step(bufs, G, mask, hp, t):
     M = _load(bufs, "exp_avg")  # rotated momentum: Q^T M Q
     M.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
     _store(bufs, "exp_avg", M)
+    idealized = hp["eigenbasis"] == "eigh"
+    first = hp.get("eigenvalues_first", False)  # steps 4-5 before 2-3: D includes this gradient
+    if first:
+        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t)
     lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
     prod = _lam_product(lams, nd)
     D = 1.0 / (torch.sqrt(prod) + hp["eps"])
     U = _rotate_back(M * D, Qs, hp["rotation_mode"])
-    idealized = hp["eigenbasis"] == "eigh"
-    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t)
+    if not first:
+        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t)
     if t % hp["precondition_frequency"] == 0:
         if idealized:
             Ps = _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"])

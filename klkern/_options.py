@@ -41,7 +41,8 @@ DEFAULTS: dict[str, dict] = {
     # init_factor: "debiased" won clearly over the prototype's 0.1 on held-out seeds on two tasks
     # (bench/results/init_study.md; SPEC's rule for a changed default); init_factor=0.1 restores it.
     # For KL-SOAP the three initialisations tie, so it keeps the prototype's value.
-    "klshampoo": dict(COMMON_DEFAULTS, init_factor="debiased", eigval_clamp=4000.0, eigenbasis="qr"),
+    "klshampoo": dict(COMMON_DEFAULTS, init_factor="debiased", eigval_clamp=4000.0, eigenbasis="qr",
+                      eigenvalues_first=False),
     "klsoap": dict(COMMON_DEFAULTS, init_factor=0.1, eigval_clamp=4000.0),
     # The SOAP release leaves modes above max_precond_dim unrotated.
     "soap": dict(COMMON_DEFAULTS, correct_bias=True, large_dim_policy="identity"),
@@ -142,6 +143,8 @@ def validate_group(algorithm: str, group: dict) -> None:
                                        f"{INIT_RULES} (scale-free, from the first gradient)")
         if not _real(group["eigval_clamp"]) or group["eigval_clamp"] <= 0:
             _fail("eigval_clamp", group["eigval_clamp"], "must be a finite number > 0")
+    if algorithm == "klshampoo" and not isinstance(group["eigenvalues_first"], bool):
+        _fail("eigenvalues_first", group["eigenvalues_first"], "must be True or False")
     if algorithm == "klshampoo" and group["eigenbasis"] not in ("qr", "eigh"):
         _fail("eigenbasis", group["eigenbasis"], "must be 'qr' (power iteration + QR) or 'eigh' (exact, idealized)")
     if algorithm == "soap" and not isinstance(group["correct_bias"], bool):

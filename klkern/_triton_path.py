@@ -50,9 +50,13 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
     mode = hp["rotation_mode"]
     Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m, beta1=hp["beta1"], second_moment=v,
                                 beta2=hp["beta2"], precision=mode)
+    first = not adam and hp.get("eigenvalues_first", False)  # D from lam that includes this gradient
+    if first:
+        _kl_factors_and_lams(bufs, Gr, proj, hp, t)
     scaling = dict(v=v) if adam else dict(lam=lam)
     U = K.precondition(m, Qa, Qb, eps=hp["eps"], **scaling, **_write_args(write, 1.0), precision=mode)
-    _kl_factors_and_lams(bufs, Gr, proj, hp, t)
+    if not first:
+        _kl_factors_and_lams(bufs, Gr, proj, hp, t)
     if t % hp["precondition_frequency"] == 0:
         F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
     return U, 1.0  # U is None when the kernel wrote the parameters

@@ -108,6 +108,11 @@ class KLShampoo(ShampooFamilyOptimizer):
       tasks); ``init_factor=0.1`` restores the prototype's behaviour.
     * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
       bounds ``lam^-1/2`` by ``c_k``.
+    * ``eigenvalues_first`` (False): update the factors and eigenvalue estimates
+      with the current gradient before preconditioning it (Adam's order: the
+      step is scaled by estimates that include its own gradient, which bounds
+      it on a loss spike); False is the SPEC's and the prototype's order
+      (steps 2-3 use the estimates from before this gradient).
     * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
       every T steps an exact eigendecomposition gives both the bases and the
       eigenvalues (floored), and the eigenvalue EMA is off; with

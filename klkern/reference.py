@@ -409,13 +409,17 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
     def _block_step(self, b, G, mask, group, t):
         beta1, beta2 = group["betas"][0], factor_beta(group)
         b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
-        D = kl_scaling(b["lam"], G.dim(), group["eps"])  # step 2
-        U = rotated_precondition(b["exp_avg"], b["Q"], D)  # step 3
+        first = group.get("eigenvalues_first", False)  # steps 4-5 before 2-3 (Adam's order)
+        if not first:
+            D = kl_scaling(b["lam"], G.dim(), group["eps"])  # step 2
+            U = rotated_precondition(b["exp_avg"], b["Q"], D)  # step 3
         S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)  # step 4
         idealized = group["eigenbasis"] == "eigh"
         if not idealized:  # step 5
             lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
             b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
+        if first:
+            U = rotated_precondition(b["exp_avg"], b["Q"], kl_scaling(b["lam"], G.dim(), group["eps"]))
         b["S"] = S
         if t % group["precondition_frequency"] == 0:  # step 6
             for k, s in enumerate(S):

@@ -249,6 +249,17 @@ def test_scale_free_initialisations_match_reference(name, rule):
     assert_trajectories_match(p_fast, p_ref)
 
 
+def test_eigenvalues_first_matches_reference():
+    """KL-Shampoo with eigenvalues_first=True (Adam's order) on both paths: the same trajectory as
+    the reference with the same option, and another one than the SPEC's order."""
+    p_fast, p_ref, _ = run_pair("klshampoo", [(8, 8), (4, 5, 6), (7,)], steps=20, eigenvalues_first=True,
+                                precondition_frequency=5)
+    for a, b in zip(p_fast, p_ref):
+        assert rel_err(a, b) < 1e-5
+    p_spec, _, _ = run_pair("klshampoo", [(8, 8), (4, 5, 6), (7,)], steps=20, precondition_frequency=5)
+    assert max(rel_err(a, b) for a, b in zip(p_fast, p_spec)) > 1e-3
+
+
 def test_scale_free_initialisation_rules():
     """rms: prod_k lam_k = mean(G^2) (each mode mean(G^2)^(1/K)), floored; debiased: the first
     projection replaces the initial value entirely, later ones average as a bias-corrected EMA."""

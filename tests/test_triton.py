@@ -387,6 +387,14 @@ def test_triton_path_scale_free_initialisation(name):
         assert rel_err(x, y) < 1e-5
 
 
+def test_triton_path_eigenvalues_first():
+    """KL-Shampoo's Adam-order option on the kernels: 12 steps with a refresh against the torch path."""
+    a, _ = _train(klkern.KLShampoo, "torch", 12, eigenvalues_first=True)
+    b, _ = _train(klkern.KLShampoo, "triton", 12, eigenvalues_first=True)
+    for x, y in zip(b, a):
+        assert rel_err(x, y) < 1e-5
+
+
 def test_triton_path_tracks_the_same_kl_objective():
     """The kernels' projection shortcut gives the same tracked KL objective as the torch path."""
     _, torch_opt = _train(klkern.KLShampoo, "torch", 12)
