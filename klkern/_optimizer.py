@@ -75,6 +75,18 @@ def tensor_bytes(obj) -> int:
     return total
 
 
+def _host_values(scalars: list) -> list[float]:
+    """0-d tensors (on any devices) as floats, with one transfer per device."""
+    by_device: dict = defaultdict(list)
+    for index, value in enumerate(scalars):
+        by_device[value.device].append(index)
+    out = [0.0] * len(scalars)
+    for indices in by_device.values():
+        for index, value in zip(indices, torch.stack([scalars[i] for i in indices]).tolist()):
+            out[index] = value
+    return out
+
+
 class _Slot:
     """Stacked buffers of a set of blocks that step together."""
 
@@ -441,7 +453,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 sums.append(grads[i].float().pow(2).sum())
         if not keys:
             return {}
-        return dict(zip(keys, (value > 0 for value in torch.stack([s.cpu() for s in sums]).tolist())))
+        return dict(zip(keys, (value > 0 for value in _host_values(sums))))
 
     def _find_unscaled(self) -> None:
         """After a load or a copy: the blocks whose factors are all zero have not seen scale."""
@@ -452,9 +464,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 if block is not None and any(name.startswith("R") for name in block):
                     checks.append((id(p), i, sum(block[n].float().abs().sum() for n in block if n.startswith("R"))))
         if checks:
-            zero = torch.stack([c.cpu() for _, _, c in checks]).eq(0).tolist()
-            for (pid, i, _), z in zip(checks, zero):
-                if z:
+            for (pid, i, _), total in zip(checks, _host_values([c for _, _, c in checks])):
+                if total == 0:
                     self._unscaled.setdefault(pid, set()).add(i)
 
     def _initialise_unscaled(self, index: int, key: tuple, members: list, hp: dict, used: dict) -> None:
