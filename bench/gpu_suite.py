@@ -229,16 +229,20 @@ def _tail(path: Path, lines: int) -> str:
 
 # What the summary quotes from each part's files, in this order.
 SUMMARY_FILES = ["check/check.txt", "step/step_*.md", "qr/qr_*.md", "kernels/kernels.md", "tests/summary.txt",
-                 "compile/compile_summary.txt", "profile/profile_*.md", "train_lm/summary.md"]
+                 "compile/compile_summary.txt", "profile/profile_*.md", "train/train_lm/summary.md"]
+
+
+def parts_table(rows: list) -> str:
+    """The parts' status as a Markdown table."""
+    return "\n".join(["| part | status | seconds | note |", "|---|---|---|---|"]
+                     + [f"| {r['part']} | {r['status']} | {r['seconds']} | {r['note']} |" for r in rows])
 
 
 def _summary_md(work: Path, rows: list, header: str) -> str:
-    lines = ["# GPU suite", "", header, "", "| part | status | seconds | note |", "|---|---|---|---|"]
-    lines += [f"| {r['part']} | {r['status']} | {r['seconds']} | {r['note']} |" for r in rows]
+    lines = ["# GPU suite", "", header, "", parts_table(rows)]
     _derive(work)
     for pattern in SUMMARY_FILES:
-        for path in sorted(work.glob(pattern)) + sorted(work.glob("*/" + pattern.split("/")[-1])
-                                                       if pattern.startswith("train") else []):
+        for path in sorted(work.glob(pattern)):
             text = path.read_text(errors="replace")
             lines += ["", f"## {path.relative_to(work)}", ""]
             lines += (["```"] + text.rstrip().splitlines() + ["```"]) if path.suffix == ".txt" else \
@@ -412,7 +416,7 @@ def commit() -> str:
     return git_commit(full=False)
 
 
-def preflight(info: dict, env: dict, work: Path, echo, install: bool) -> dict:
+def preflight(info: dict, env: dict, work: Path, install: bool) -> dict:
     """Install this checkout (editable, no dependencies, the QR extension built for this GPU),
     then verify in a fresh process what the parts will import. Returns the environment record."""
     record = dict(device=info["device"], capability=".".join(map(str, info["capability"])),
@@ -520,7 +524,7 @@ def main(argv=None) -> int:
         print(text, flush=True)
         log.write(text + "\n")
 
-    record = preflight(info, env, work, echo, install=not args.no_install)
+    record = preflight(info, env, work, install=not args.no_install)
     record["budget_s"] = args.budget
     (out / "environment.json").write_text(json.dumps(record, indent=1) + "\n")
     header = header_lines(record)
@@ -529,8 +533,7 @@ def main(argv=None) -> int:
          + " ".join(p.name for p in parts))
     rows = run_parts(parts, args.budget, work, out, env, started, echo, header)
     pack(out, work, rows, header)
-    echo("| part | status | seconds | note |\n|---|---|---|---|\n"
-         + "\n".join(f"| {r['part']} | {r['status']} | {r['seconds']} | {r['note']} |" for r in rows))
+    echo(parts_table(rows))
     bad = [r["part"] for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
     echo(f"gpu_suite: {time.monotonic() - started:.0f} s; results packed in {out} "
          f"({len(list(out.iterdir()))} files); " + (f"FAILED: {' '.join(bad)}" if bad else "every part that ran passed"))

@@ -39,24 +39,29 @@ import torch
 
 from ._blocking import writes_into
 
-__all__ = ["GRAD_SAFE", "STATE_LIMIT", "grad_checks", "unbounded", "block_flags", "StepGuard"]
+__all__ = ["GRAD_SAFE", "STATE_LIMIT", "host_values", "grad_checks", "unbounded", "block_flags", "StepGuard"]
 
 GRAD_SAFE = 1e5
 STATE_LIMIT = 1e30
 
 
+def host_values(scalars: list) -> list[float]:
+    """0-d tensors (on any devices) as floats, with one transfer per device."""
+    by_device: dict = defaultdict(list)
+    for index, value in enumerate(scalars):
+        by_device[value.device].append(index)
+    out = [0.0] * len(scalars)
+    for indices in by_device.values():
+        for index, value in zip(indices, torch.stack([scalars[i] for i in indices]).tolist()):
+            out[index] = value
+    return out
+
+
 def grad_checks(grads: list) -> tuple[list[bool], list[bool]]:
     """(finite, large) per gradient: it has no NaN/Inf; its largest magnitude exceeds GRAD_SAFE.
     One fused reduction and one host synchronisation per device."""
-    by_device: dict = defaultdict(list)
-    for index, g in enumerate(grads):
-        by_device[g.device].append(index)
-    amax = [0.0] * len(grads)
-    for device, indices in by_device.items():
-        values = torch.stack([grads[i].detach().abs().amax().float() if grads[i].numel()
-                              else torch.zeros((), device=device) for i in indices]).tolist()
-        for i, value in zip(indices, values):
-            amax[i] = value
+    amax = host_values([g.detach().abs().amax().float() if g.numel() else torch.zeros((), device=g.device)
+                        for g in grads])
     finite = [math.isfinite(a) for a in amax]
     return finite, [f and a > GRAD_SAFE for f, a in zip(finite, amax)]
 

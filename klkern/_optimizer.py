@@ -75,18 +75,6 @@ def tensor_bytes(obj) -> int:
     return total
 
 
-def _host_values(scalars: list) -> list[float]:
-    """0-d tensors (on any devices) as floats, with one transfer per device."""
-    by_device: dict = defaultdict(list)
-    for index, value in enumerate(scalars):
-        by_device[value.device].append(index)
-    out = [0.0] * len(scalars)
-    for indices in by_device.values():
-        for index, value in zip(indices, torch.stack([scalars[i] for i in indices]).tolist()):
-            out[index] = value
-    return out
-
-
 class _Slot:
     """Stacked buffers of a set of blocks that step together."""
 
@@ -206,10 +194,14 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         for name, value in (("backend", "auto"), ("process_group", None),
                             ("communication_dtype", torch.float32), ("nonfinite_skipped", 0)):
             self.__dict__.setdefault(name, value)  # pickles made before these existed
-        for group in self.param_groups:  # and groups saved before an option existed
+        self._fill_defaults(self.param_groups)  # and groups saved before an option existed
+        self._reset_derived()
+
+    def _fill_defaults(self, groups: list) -> None:
+        """Give every group the options it lacks (saved before they existed) at their defaults."""
+        for group in groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self._reset_derived()
 
     def __deepcopy__(self, memo: dict):
         import copy
@@ -453,7 +445,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 sums.append(grads[i].float().pow(2).sum())
         if not keys:
             return {}
-        return dict(zip(keys, (value > 0 for value in _host_values(sums))))
+        return dict(zip(keys, (value > 0 for value in _guard.host_values(sums))))
 
     def _find_unscaled(self) -> None:
         """After a load or a copy: the blocks whose factors are all zero have not seen scale."""
@@ -464,7 +456,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                 if block is not None and any(name.startswith("R") for name in block):
                     checks.append((id(p), i, sum(block[n].float().abs().sum() for n in block if n.startswith("R"))))
         if checks:
-            for (pid, i, _), total in zip(checks, _host_values([c for _, _, c in checks])):
+            for (pid, i, _), total in zip(checks, _guard.host_values([c for _, _, c in checks])):
                 if total == 0:
                     self._unscaled.setdefault(pid, set()).add(i)
 
@@ -688,12 +680,11 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
     def _load_state_dict(self, state_dict: dict) -> None:
         saved_state = state_dict["state"]
         groups = [dict(g) for g in state_dict["param_groups"]]
+        self._fill_defaults(groups)
         for group in groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
             validate_group(self.algorithm, group)
         super().load_state_dict({**state_dict, "param_groups": groups, "state": {}})
-        self._split = None  # the loaded groups' options decide the block-to-rank assignment
+        self._reset_derived()  # the loaded groups' options decide the block-to-rank assignment, and more
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         id_map = dict(zip(saved_ids, params))
@@ -719,8 +710,6 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     continue
             self._check_loaded(key, param, value)
             self.state[param] = value
-        self._slots = {}
-        self._unscaled, self._unscaled_known = {}, False
 
     def _own_blocks(self, param, value: dict, split) -> dict | None:
         """A loaded parameter state reduced to the blocks this rank steps (list form, step an int)."""

@@ -70,6 +70,11 @@ class _Table:
         row["time_ms"] = (time.perf_counter() - start) * 1e3
         self.rows.append(row)
 
+    def error(self, path: str, device: str, dtype: str, status: str, error: str | None = None) -> None:
+        """A failing row for a path that could not run at all (no driver, no extension)."""
+        self.rows.append({"path": path, "device": device, "dtype": dtype, "tolerance": None, "max_error": None,
+                          "time_ms": 0.0, "status": f"ERROR {status}"[:300], "error": error})
+
     def skip(self, path: str, device: str, reason: str) -> None:
         self.rows.append({"path": path, "device": device, "dtype": "-", "tolerance": None, "max_error": None,
                           "time_ms": 0.0, "status": f"skipped ({reason})"})
@@ -196,8 +201,7 @@ def check(quick: bool = False) -> list[dict]:
                     _backend.resolve("triton", device)
                     triton_devices.append(device)
                 except RuntimeError as err:  # triton imports but has no usable driver: a row, not a crash
-                    table.rows.append({"path": "triton kernels", "device": "cuda", "dtype": "-", "tolerance": None,
-                                       "max_error": None, "time_ms": 0.0, "status": f"ERROR {err}"[:300]})
+                    table.error("triton kernels", "cuda", "-", str(err))
             elif device.type == "cpu" and _backend.interpreting():
                 if _backend.interpreter_problem():
                     table.skip("triton kernels", "cpu (interpreter)", _backend.interpreter_problem())
@@ -232,11 +236,8 @@ def check(quick: bool = False) -> list[dict]:
                 if os.environ.get("KLKERN_NO_EXT", "0") not in ("", "0"):
                     table.skip("qr: extension", "cuda", "disabled by KLKERN_NO_EXT")
                 elif _ext.qr_extension() is None:  # on a GPU machine a failed build is a failure
-                    table.rows.append({"path": "qr: extension", "device": "cuda", "dtype": dname, "tolerance": None,
-                                       "max_error": None, "time_ms": 0.0,
-                                       "status": f"ERROR the CUDA extension could not be built or loaded: "
-                                                 f"{summary(_ext.LAST_ERROR or 'unknown cause')}"[:300],
-                                       "error": _ext.LAST_ERROR})
+                    table.error("qr: extension", "cuda", dname, "the CUDA extension could not be built or "
+                                f"loaded: {summary(_ext.LAST_ERROR or 'unknown cause')}", _ext.LAST_ERROR)
                 else:
                     table.run("qr: extension", "cuda", dname, QR_TOL[dtype],
                               lambda device=device, dtype=dtype: _qr_error("extension", device, dtype))

@@ -90,8 +90,9 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
     if method == "torch" or work.numel() == 0:
         return _torch_qr(work)
     usable = work.is_cuda and not (work.requires_grad and torch.is_grad_enabled())
-    op = qr_extension() if usable else None
-    if op is not None and (method == "extension" or auto_method("cuda", n, True) == "extension"):
+    wanted = method == "extension" or auto_method(work.device.type, n, True) == "extension"
+    op = qr_extension() if usable and wanted else None
+    if op is not None:
         return op(work.reshape(-1, m, n)).reshape(work.shape)
     if method == "extension":
         why = ("it needs CUDA tensors that autograd does not track" if not usable else

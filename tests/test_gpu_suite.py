@@ -162,3 +162,16 @@ def test_the_cuda_probe_says_why_there_is_no_gpu(tmp_path):
     info, why = gpu_suite.probe_cuda(dict(os.environ))
     if not torch.cuda.is_available():
         assert why.startswith("no CUDA GPU") and info["torch"] == torch.__version__
+
+
+def test_the_summary_quotes_every_part_result(tmp_path):
+    """summary.md quotes each part's own table, the main job's two folders down included."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "train" / "train_lm").mkdir(parents=True)
+    (work / "train" / "train_lm" / "summary.md").write_text("| main job table |")
+    (work / "qr").mkdir()
+    (work / "qr" / "qr_x.md").write_text("| qr table |")
+    gpu_suite.pack(out, work, [dict(part="train", status="ok", seconds=1.0, note="")], "")
+    summary = (out / "summary.md").read_text()
+    assert "| main job table |" in summary and "| qr table |" in summary
+    assert "| train | ok | 1.0 |" in summary
