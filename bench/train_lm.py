@@ -53,13 +53,18 @@ if str(ROOT) not in sys.path:  # run from a clone without installing
 
 import klkern  # noqa: E402
 from bench._meta import git_commit, utc_now  # noqa: E402
+from klkern import _functional as F_klkern  # noqa: E402
 from klkern._optimizer import tensor_bytes  # noqa: E402
 
 OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograft")
 # The initialisation study (bench/results/init_study.md): KL-Shampoo and KL-SOAP with the
 # scale-free eigenvalue initialisations of klkern (init_factor="rms" / "debiased") and with the
 # prototype's constant 0.1 (which stays one argument away whatever the default is).
-VARIANTS = ("klshampoo-rms", "klshampoo-debiased", "klshampoo-0.1", "klsoap-rms", "klsoap-debiased", "klsoap-0.1")
+VARIANTS = ("klshampoo-rms", "klshampoo-debiased", "klshampoo-0.1", "klsoap-rms", "klsoap-debiased", "klsoap-0.1",
+            "klshampoo-stale", "klsoap-stale", "soap-stale")
+# The staleness study (bench/results/staleness_study.md): "-stale" refreshes only the bases whose
+# staleness exceeds STALENESS_THRESHOLD at a refresh step (staleness_threshold).
+STALENESS_THRESHOLD = 0.02
 ALL_OPTIMIZERS = OPTIMIZERS + VARIANTS
 
 
@@ -246,9 +251,35 @@ def optimizer_spec(name: str, cfg: Config) -> tuple:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
     if base == "shampoo":
         return klkern.Shampoo, dict(shared, grafting="none" if init == "nograft" else "adam")
-    if init:
+    if init == "stale":
+        shared["staleness_threshold"] = STALENESS_THRESHOLD
+    elif init:
         shared["init_factor"] = float(init) if init[0].isdigit() else init
     return classes[base], shared
+
+
+class RefreshCounter:
+    """Counts the eigenbases klkern refreshes (per block and mode) while active: both routes of
+    klkern._functional.refresh_ (power_step and the periodic QR of Q R) are wrapped."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        self._saved = (F_klkern.power_step, F_klkern.batched_qr)
+
+        def power_step(R, order=None):
+            self.count += R.shape[0]
+            return self._saved[0](R, order)
+
+        def batched_qr(A, *args, **kwargs):
+            self.count += A.shape[0]
+            return self._saved[1](A, *args, **kwargs)
+        F_klkern.power_step, F_klkern.batched_qr = power_step, batched_qr
+        return self
+
+    def __exit__(self, *exc):
+        F_klkern.power_step, F_klkern.batched_qr = self._saved
 
 
 def make_optimizer(name: str, params, lr: float, cfg: Config, extra: dict | None = None):
@@ -330,6 +361,7 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
 
     rows, wall, opt_time, diverged = [], 0.0, 0.0, False
     step_times = []
+    refreshes = RefreshCounter()
     row = {"optimizer": name, "seed": seed, "lr": lr, "step": 0, "train_loss": "",
            "val_loss": evaluate(model, val, val_starts, cfg, device), "wall_time_s": 0.0, "kl": ""}
     rows.append(row)
@@ -347,7 +379,8 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
         loss.backward()
         _sync(device)
         t1 = time.perf_counter()
-        opt.step()
+        with refreshes:
+            opt.step()
         _sync(device)
         t2 = time.perf_counter()
         wall += t2 - t0
@@ -381,6 +414,7 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
         "opt_ms_per_step": 1e3 * opt_time / len(step_times),
         "state_mib": state_bytes(opt) / 2**20,
         "params": sum(p.numel() for p in model.parameters()),
+        "bases_refreshed": refreshes.count,
     }
 
 
@@ -417,6 +451,7 @@ def summarize(results: list[dict]) -> list[dict]:
             "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
             "opt_ms_per_step": statistics.median(r["opt_ms_per_step"] for r in runs),
             "state_mib": runs[0]["state_mib"],
+            "bases_refreshed": statistics.fmean(r.get("bases_refreshed", 0) for r in runs),
             "target": target,
             "steps_to_target": ([steps_to(r, target) for r in runs] if target is not None else None),
         })
@@ -440,11 +475,12 @@ def markdown(table: list[dict], meta: dict) -> str:
         "(median, forward+backward+optimizer) and per optimizer step (mean); optimizer state.",
         "",
         "Steps to target: the step at which the validation loss first reaches AdamW's final "
-        "validation loss (mean over its seeds; linear between evaluations), per seed.",
+        "validation loss (mean over its seeds; linear between evaluations), per seed. Bases "
+        "refreshed: eigenbases (one per block and preconditioned mode) refreshed in a run, mean over seeds.",
         "",
         "| optimizer | lr | seeds | final val loss | [min, max] | steps to AdamW's final loss | ms/step | "
-        "optimizer ms/step | state MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "optimizer ms/step | state MiB | bases refreshed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         loss = (f"{r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f}"
@@ -456,7 +492,7 @@ def markdown(table: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g} | {r['seeds']} | {loss} | "
             f"[{r['val_loss_min']:.4f}, {r['val_loss_max']:.4f}] | {reach} | {r['ms_per_step']:.1f} | "
-            f"{r['opt_ms_per_step']:.1f} | {r['state_mib']:.3f} |")
+            f"{r['opt_ms_per_step']:.1f} | {r['state_mib']:.3f} | {r.get('bases_refreshed', 0):.0f} |")
     return "\n".join(lines) + "\n"
 
 

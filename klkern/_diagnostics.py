@@ -36,17 +36,10 @@ import torch
 
 from ._blocking import plan_for
 from ._distributed import local
-from ._functional import _lam_product, _rotate_back
+from ._functional import _lam_product, _rotate_back, staleness
 from ._precision import optimizer_math
 
 __all__ = ["collect"]
-
-
-def _offdiag_ratio(R: torch.Tensor) -> torch.Tensor:
-    diag = torch.diagonal(R, dim1=-2, dim2=-1)
-    total = (R * R).sum()
-    on = (diag * diag).sum()
-    return (total - on) / on.clamp(min=1e-30)
 
 
 def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, group: dict, t: int) -> dict:
@@ -76,7 +69,7 @@ def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, gro
             factors.append(Q.mT @ L @ Q)
     out["eig_min"] = torch.stack([e.min() for e in eigs]).min()
     out["eig_max"] = torch.stack([e.max() for e in eigs]).max()
-    out["staleness"] = torch.stack([_offdiag_ratio(R) for R in factors]).mean()
+    out["staleness"] = torch.stack([staleness(R) for R in factors]).mean()
     weight = f["kl_weight"]
     out["kl"] = torch.where(weight > 0, f["kl"] / weight.clamp(min=1e-30), torch.full_like(weight, float("nan")))
     if algorithm == "klshampoo":

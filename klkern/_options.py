@@ -42,10 +42,10 @@ DEFAULTS: dict[str, dict] = {
     # (bench/results/init_study.md; SPEC's rule for a changed default); init_factor=0.1 restores it.
     # For KL-SOAP the three initialisations tie, so it keeps the prototype's value.
     "klshampoo": dict(COMMON_DEFAULTS, init_factor="debiased", eigval_clamp=4000.0, eigenbasis="qr",
-                      eigenvalues_first=False),
-    "klsoap": dict(COMMON_DEFAULTS, init_factor=0.1, eigval_clamp=4000.0),
+                      eigenvalues_first=False, staleness_threshold=None),
+    "klsoap": dict(COMMON_DEFAULTS, init_factor=0.1, eigval_clamp=4000.0, staleness_threshold=None),
     # The SOAP release leaves modes above max_precond_dim unrotated.
-    "soap": dict(COMMON_DEFAULTS, correct_bias=True, large_dim_policy="identity"),
+    "soap": dict(COMMON_DEFAULTS, correct_bias=True, large_dim_policy="identity", staleness_threshold=None),
     "shampoo": dict(COMMON_DEFAULTS, exponent=0.5, grafting="adam"),
 }
 
@@ -143,6 +143,11 @@ def validate_group(algorithm: str, group: dict) -> None:
                                        f"{INIT_RULES} (scale-free, from the first gradient)")
         if not _real(group["eigval_clamp"]) or group["eigval_clamp"] <= 0:
             _fail("eigval_clamp", group["eigval_clamp"], "must be a finite number > 0")
+    if algorithm in ("klshampoo", "klsoap", "soap"):
+        threshold = group["staleness_threshold"]
+        if threshold is not None and (not _real(threshold) or threshold < 0):
+            _fail("staleness_threshold", threshold, "must be None (refresh every basis at every refresh step) or a "
+                                                    "finite number >= 0 (refresh only bases whose staleness exceeds it)")
     if algorithm == "klshampoo" and not isinstance(group["eigenvalues_first"], bool):
         _fail("eigenvalues_first", group["eigenvalues_first"], "must be True or False")
     if algorithm == "klshampoo" and group["eigenbasis"] not in ("qr", "eigh"):

@@ -58,7 +58,7 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
     if not first:
         _kl_factors_and_lams(bufs, Gr, proj, hp, t)
     if t % hp["precondition_frequency"] == 0:
-        F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask)))
+        F.refresh_(bufs, mask, hp, t)
     return U, 1.0  # U is None when the kernel wrote the parameters
 
 
@@ -85,7 +85,7 @@ def soap_step(bufs, G, mask, hp, t, write=None):
     K.factor_ema_(bufs["R0"], Gr, None, beta2, 1 - beta2, precision=fmode)
     K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True, precision=fmode)
     if t % hp["precondition_frequency"] == 0:
-        F._carry(bufs, "exp_avg", F._refresh_rotated(bufs, mask, F._bases(bufs, mask), sort_v=True))
+        F.refresh_(bufs, mask, hp, t, sort_v=True)
     return U, scale
 
 

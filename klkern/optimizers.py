@@ -116,7 +116,14 @@ class KLShampoo(ShampooFamilyOptimizer):
     * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
       every T steps an exact eigendecomposition gives both the bases and the
       eigenvalues (floored), and the eigenvalue EMA is off; with
-      ``precondition_frequency=1`` it uses the exact S^-1 and S^-1/2 each step.
+      ``precondition_frequency=1`` it uses the exact S^-1 and S^-1/2 each step
+      (``staleness_threshold`` does not apply to it).
+    * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
+      refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
+      block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T S
+      Q)||_F^2 / ||diag(Q^T S Q)||^2`` (``diagnostics()["staleness"]``, 0 when Q
+      diagonalises S), exceeds this; every 32nd refresh step refreshes every basis. None
+      (the SPEC's rule) refreshes every basis at every refresh step.
     """
 
     algorithm = "klshampoo"
@@ -138,6 +145,12 @@ class KLSOAP(ShampooFamilyOptimizer):
       KL-SOAP in bench/results/init_study.md, so its default did not change.
     * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
       bounds ``lam^-1/2`` by ``c_k``.
+    * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
+      refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
+      block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T S
+      Q)||_F^2 / ||diag(Q^T S Q)||^2`` (``diagnostics()["staleness"]``, 0 when Q
+      diagonalises S), exceeds this; every 32nd refresh step refreshes every basis. None
+      (the SPEC's rule) refreshes every basis at every refresh step.
     """
 
     algorithm = "klsoap"
@@ -155,6 +168,12 @@ class SOAP(ShampooFamilyOptimizer):
 
     * ``correct_bias`` (True): step size ``lr * sqrt(1 - betas[1]^t) / (1 - beta1^t)``
       (Adam's bias correction); False: ``lr``.
+    * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
+      refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
+      block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T GG
+      Q)||_F^2 / ||diag(Q^T GG Q)||^2`` (``diagnostics()["staleness"]``, 0 when Q
+      diagonalises GG), exceeds this; every 32nd refresh step refreshes every basis. None
+      (the SPEC's rule) refreshes every basis at every refresh step.
     """
 
     algorithm = "soap"

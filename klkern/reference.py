@@ -21,6 +21,7 @@ import torch
 
 from ._blocking import plan_for
 from ._options import build_defaults, factor_beta, validate_group
+from ._functional import REORTHOGONALIZE_EVERY
 from .linalg import EighFailure, batched_qr, eigh_descending
 
 # --------------------------------------------------------------------------
@@ -125,6 +126,18 @@ def init_eigenbasis(S: torch.Tensor) -> torch.Tensor:
 def refresh_eigenbasis(S: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Step 6: one power-iteration step, Q <- qr(S Q) (diag(R) >= 0)."""
     return batched_qr(S @ Q)
+
+
+def refresh_wanted(S: torch.Tensor, Q: torch.Tensor, group: dict, t: int) -> bool:
+    """Whether step 6 refreshes this mode's basis at step t (a refresh step): always, or with
+    ``staleness_threshold`` set when Q^T S Q's off-diagonal energy over its diagonal's,
+    ||offdiag||_F^2 / ||diag||^2, exceeds it, and at every REORTHOGONALIZE_EVERY-th refresh."""
+    threshold = group.get("staleness_threshold")
+    if threshold is None or (t // group["precondition_frequency"]) % REORTHOGONALIZE_EVERY == 0:
+        return True
+    R = Q.T @ S @ Q
+    off = R - torch.diag(torch.diagonal(R))
+    return bool((off * off).sum() / (torch.diagonal(R) ** 2).sum().clamp(min=1e-30) > threshold)
 
 
 def carry_rotated(X: torch.Tensor, Qs_old: list, Qs_new: list) -> torch.Tensor:
@@ -267,13 +280,13 @@ def factor_ema(Fs: list, G: torch.Tensor, beta2: float) -> list:
     return out
 
 
-def soap_refresh(GGs: list, Qs: list, v: torch.Tensor):
-    """SOAP refresh: per mode, sort by est = diag(Q^T GG Q) descending, permute
-    Q's columns and v along that mode, then Q <- qr(GG Q). Returns (Qs, v)."""
+def soap_refresh(GGs: list, Qs: list, v: torch.Tensor, wanted=lambda k: True):
+    """SOAP refresh: per mode (where ``wanted(k)``), sort by est = diag(Q^T GG Q) descending,
+    permute Q's columns and v along that mode, then Q <- qr(GG Q). Returns (Qs, v)."""
     new_Qs = []
     for k, (GG, Q) in enumerate(zip(GGs, Qs)):
-        if Q is None:
-            new_Qs.append(None)
+        if Q is None or not wanted(k):
+            new_Qs.append(Q)
             continue
         est = torch.diag(Q.T @ GG @ Q)
         order = torch.argsort(est, descending=True)
@@ -430,7 +443,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
                         b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"])
                     except EighFailure:  # pragma: no cover - keep the previous basis
                         pass
-                else:
+                elif refresh_wanted(s, b["Q"][k], group, t):
                     b["Q"][k] = refresh_eigenbasis(s, b["Q"][k])
         return U, 1.0
 
@@ -458,7 +471,8 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
         b["S"] = S
         if t % group["precondition_frequency"] == 0:
             old = b["Q"]
-            b["Q"] = [refresh_eigenbasis(s, Q) if s is not None else None for s, Q in zip(S, old)]
+            b["Q"] = [refresh_eigenbasis(s, Q) if s is not None and refresh_wanted(s, Q, group, t) else Q
+                      for s, Q in zip(S, old)]
             b["exp_avg"] = carry_rotated(b["exp_avg"], old, b["Q"])  # v is not rotated
         return U, 1.0
 
@@ -483,7 +497,8 @@ class ReferenceSOAP(_ReferenceOptimizer):
         b["GG"] = factor_ema(b["GG"], G, factor_beta(group))
         if t % group["precondition_frequency"] == 0:
             old = b["Q"]
-            b["Q"], b["exp_avg_sq"] = soap_refresh(b["GG"], old, b["exp_avg_sq"])
+            b["Q"], b["exp_avg_sq"] = soap_refresh(b["GG"], old, b["exp_avg_sq"],
+                                                   lambda k: refresh_wanted(b["GG"][k], old[k], group, t))
             b["exp_avg"] = carry_rotated(b["exp_avg"], old, b["Q"])
         return U, scale
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from klkern import linalg
 from klkern.linalg import batched_qr, eigh_descending
 
 ORTH_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -60,3 +61,66 @@ def test_eigh_retries_in_float64(monkeypatch):
     assert calls == [torch.float32, torch.float64]
     assert evals.dtype == torch.float32
     torch.testing.assert_close(evals, torch.tensor([3.0, 2.0, 1.0]))
+
+
+# --------------------------------------------------------------------------
+# power_step: the refresh computed in the factor's eigenbasis, qr(Q R Pi) = Q qr(R Pi)
+
+def _factor_in_basis(B, d, dtype, generator, rank=None):
+    """(Q, R): a random orthogonal Q and R = Q^T S Q for a random PSD S of the given rank."""
+    X = torch.randn(B, d, rank or d, generator=generator, dtype=dtype)
+    S = X @ X.mT / d
+    Q = torch.linalg.qr(torch.randn(B, d, d, generator=generator, dtype=dtype))[0]
+    return Q, Q.mT @ S @ Q
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["reflectors", "explicit-V"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,d,sort", [(1, 1, False), (3, 5, False), (2, 17, True), (4, 64, True), (1, 96, False)])
+def test_power_step_equals_the_qr_of_q_r(B, d, sort, dtype, explicit, monkeypatch):
+    """Q V equals batched_qr(Q R Pi) and R_new = Q_new^T S Q_new, by both routes (LAPACK's
+    reflectors on the CPU, the explicit V that CUDA uses), tiny to non-power-of-two sizes, stacks.
+    Tolerance: float32 2e-4 relative on Q (the QR's own conditioning), 1e-5 on R_new; float64 1e-10."""
+    monkeypatch.setattr(linalg, "applies_reflectors", lambda A: not explicit and A.numel() > 0)
+    g = torch.Generator().manual_seed(d)
+    Q, R = _factor_in_basis(B, d, dtype, g)
+    order = torch.argsort(torch.diagonal(R, dim1=-2, dim2=-1), dim=-1, descending=True) if sort else None
+    change, R_new = linalg.power_step(R, order)
+    Y = Q @ R if order is None else (Q @ R).gather(-1, order.unsqueeze(-2).expand(B, d, d))
+    Q_ref = batched_qr(Y)
+    Q_new = change.apply(Q)
+    tol_q, tol_r = (2e-4, 1e-5) if dtype == torch.float32 else (1e-10, 1e-10)
+    assert (Q_new - Q_ref).abs().max() < tol_q
+    S = Q @ R @ Q.mT
+    R_ref = Q_ref.mT @ S @ Q_ref
+    assert ((R_new - R_ref).abs().max() / R_ref.abs().max()) < tol_r
+    assert (R_new - R_new.mT).abs().max() <= tol_r * R_ref.abs().max()  # symmetric up to rounding
+    X = torch.randn(B, 7, d, dtype=dtype, generator=g)  # the carry: X x_k V^T
+    V = Q.mT @ Q_new
+    assert (change.mode_product(X.mT.contiguous().mT, 1) - X @ V).abs().max() < 10 * tol_r * X.abs().max()
+    assert (change.mode_product(X.mT.contiguous(), 0) - V.mT @ X.mT).abs().max() < 10 * tol_r * X.abs().max()
+
+
+def test_power_step_rank_deficient_and_non_finite():
+    """A rank-deficient factor keeps an orthogonal basis and its R; a non-finite matrix of a stack
+    gives an all-NaN V and R_new for that matrix only (batched_qr's rule)."""
+    g = torch.Generator().manual_seed(0)
+    Q, R = _factor_in_basis(3, 12, torch.float32, g, rank=2)
+    R[1, 3, 4] = float("nan")
+    change, R_new = linalg.power_step(R)
+    Q_new = change.apply(Q)
+    assert torch.isnan(Q_new[1]).all() and torch.isnan(R_new[1]).all()
+    for b in (0, 2):
+        assert (Q_new[b].T @ Q_new[b] - torch.eye(12)).abs().max() < 1e-5
+        S = Q[b] @ R[b] @ Q[b].T
+        assert (Q_new[b] @ R_new[b] @ Q_new[b].T - S).abs().max() < 1e-5 * S.abs().max()
+
+
+def test_power_step_split_matches_the_parts():
+    g = torch.Generator().manual_seed(1)
+    Q, R = _factor_in_basis(5, 9, torch.float64, g)
+    change, _ = linalg.power_step(R)
+    X = torch.randn(5, 4, 9, dtype=torch.float64, generator=g)
+    parts = change.split([2, 3])
+    joined = torch.cat([parts[0].apply(X[:2]), parts[1].apply(X[2:])])
+    assert torch.equal(joined, change.apply(X))

@@ -147,7 +147,9 @@ def test_invalid_matmul_precision():
 
 def test_products_follow_the_mode_and_the_rest_stays_fp32(monkeypatch):
     """Which products follow the mode: the rotations and (not for Shampoo) the factor
-    products; the others (initial factors, moment carry at a refresh, Shampoo's factors) are fp32."""
+    products; the others (initial factors, Shampoo's factors) are fp32. The refresh on the CPU
+    applies LAPACK's reflectors (fp32, no product here); its explicit route is fp32 too
+    (tests/test_linalg.py runs it; here through the periodic QR of Q R, 3 fp32 products a mode)."""
     seen = []
     inner = {"depth": 0}
 
@@ -165,10 +167,10 @@ def test_products_follow_the_mode_and_the_rest_stays_fp32(monkeypatch):
     monkeypatch.setattr(_precision, "bmm", spy(_precision.bmm))
     monkeypatch.setattr(_precision, "baddbmm_", spy(_precision.baddbmm_))
     # two steps with a refresh every step. KL-Shampoo / SOAP: init 2 factor products (fp32);
-    # step 2: 2 rotations, 2 back, 2 factor products (mode), 2 carries of the moment (fp32).
+    # step 2: 2 rotations, 2 back, 2 factor products (mode); its refresh applies reflectors.
     # Shampoo, each step: 2 factor products (fp32), 2 preconditioning products (mode), and at its
     # refresh (here every step) 2 rotations of G for the KL diagnostic (fp32).
-    for name, expect in (("KLShampoo", (6, 4)), ("SOAP", (6, 4)), ("Shampoo", (4, 8))):
+    for name, expect in (("KLShampoo", (6, 2)), ("SOAP", (6, 2)), ("Shampoo", (4, 8))):
         seen.clear()
         p = torch.nn.Parameter(torch.randn(8, 6))
         opt = getattr(klkern, name)([p], backend="torch", matmul_precision="medium", precondition_frequency=1)
@@ -176,6 +178,15 @@ def test_products_follow_the_mode_and_the_rest_stays_fp32(monkeypatch):
             p.grad = torch.randn(8, 6)
             opt.step()
         assert (seen.count("medium"), seen.count("highest")) == expect, (name, seen)
+    # the periodic QR of Q R (step 32, a refresh every step): Q R, Q^T Q_new and V^T R in fp32
+    # per mode (8 and 6 are two sizes); then R V through linalg's fp32 product
+    seen.clear()
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = klkern.KLShampoo([p], backend="torch", matmul_precision="medium", precondition_frequency=1)
+    for _ in range(33):  # the first step initialises: steps t = 1..32 follow
+        p.grad = torch.randn(8, 6)
+        opt.step()
+    assert (seen.count("medium"), seen.count("highest")) == (6 * 32, 2 + 2 * 3), seen
 
 
 # ---------------------------------------------------------------------------- whole trajectories

@@ -621,6 +621,7 @@ def test_klshampoo_with_emulated_kernels(emulated_lib, monkeypatch):
         calls.append(tuple(work.shape))
         return emulated_qr(emulated_lib, work)
 
+    monkeypatch.setattr(linalg, "applies_reflectors", lambda A: False)  # the route CUDA takes: explicit Q
     without = run_klshampoo("cpu")
     monkeypatch.setattr(linalg, "_torch_qr", kernels_qr)
     with_kernels = run_klshampoo("cpu")

@@ -1,0 +1,281 @@
+"""klkern's amortised step against other public implementations, side by side in one process.
+
+    python bench/peer_step.py [--frequencies 1,10] [--rounds 2] [--out bench/results/peer_step_cpu.md]
+    python bench/peer_step.py --source soap=/path/to/SOAP         # the public SOAP's soap.py
+    python bench/peer_step.py --model tiny --steps 2 --rounds 1   # smoke run
+
+Workload: one GPT-2-small layer, (768, 768) x 4, (3072, 768), (768, 3072), float32, the same
+seeded gradients for every implementation. Each runs at its defaults except the learning rate,
+the refresh period (``precondition_frequency``: 1 and 10) and the largest preconditioned
+dimension (large enough to precondition every mode; HeavyBall's schedule of refresh periods is
+off). Reported: amortised ms per step over ``--steps`` timed steps (a multiple of the refresh
+period, so every refresh is counted), the better of ``--rounds`` interleaved rounds, the ratio
+to klkern, and the optimizer state in MiB. klkern's refresh is also profiled (where its time
+goes, per phase).
+
+Peers are optional and never a dependency; each absent one is skipped with a line:
+
+* HeavyBall (``pip install heavyball``): SOAP, KLShampoo, KLSOAP; its default torch.compile
+  is kept (compilation happens in the untimed warm-up steps);
+* pytorch-optimizer (``pip install pytorch-optimizer``): SOAP;
+* Emerging-Optimizers (``emerging_optimizers``, Python >= 3.12): SOAP;
+* the public SOAP release, not a package: ``--source soap=DIR`` (DIR holds soap.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import klkern  # noqa: E402
+from bench._meta import git_commit, utc_now  # noqa: E402
+from klkern._optimizer import tensor_bytes  # noqa: E402
+
+SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)],
+          "tiny": [(24, 24)] * 2 + [(40, 24), (24, 40)]}
+LR = 1e-3
+ALGORITHMS = ("KL-Shampoo", "KL-SOAP", "SOAP")
+
+
+def _klkern(cls):
+    def make(params, freq):
+        return cls(params, lr=LR, precondition_frequency=freq, max_precond_dim=1 << 20)
+    return make
+
+
+def _heavyball(name):
+    def make(params, freq):
+        hb = importlib.import_module("heavyball")
+        return getattr(hb, name)(params, lr=LR, precondition_frequency=freq, max_precond_dim=1 << 20,
+                                 use_precond_schedule=False)
+    return make
+
+
+def _pytorch_optimizer(params, freq):
+    po = importlib.import_module("pytorch_optimizer")
+    return po.SOAP(params, lr=LR, precondition_frequency=freq, max_precondition_dim=1 << 20)
+
+
+def _emerging(params, freq):
+    eo = importlib.import_module("emerging_optimizers.soap")
+    return eo.SOAP(params, lr=LR, precondition_frequency=freq)
+
+
+def _public_soap(path):
+    def make(params, freq):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        return importlib.import_module("soap").SOAP(params, lr=LR, precondition_frequency=freq,
+                                                    max_precond_dim=1 << 20)
+    return make
+
+
+def implementations(sources: dict) -> list:
+    """(algorithm, implementation, distribution for its version or None, factory) rows."""
+    rows = [("KL-Shampoo", "klkern", None, _klkern(klkern.KLShampoo)),
+            ("KL-SOAP", "klkern", None, _klkern(klkern.KLSOAP)),
+            ("SOAP", "klkern", None, _klkern(klkern.SOAP)),
+            ("KL-Shampoo", "HeavyBall", "heavyball", _heavyball("KLShampoo")),
+            ("KL-SOAP", "HeavyBall", "heavyball", _heavyball("KLSOAP")),
+            ("SOAP", "HeavyBall", "heavyball", _heavyball("SOAP")),
+            ("SOAP", "pytorch-optimizer", "pytorch_optimizer", _pytorch_optimizer),
+            ("SOAP", "Emerging-Optimizers", "emerging_optimizers", _emerging)]
+    if "soap" in sources:
+        rows.append(("SOAP", "public SOAP release", None, _public_soap(sources["soap"])))
+    return rows
+
+
+def available(dist: str | None) -> str | None:
+    """Why an implementation cannot run here (None: it can)."""
+    if dist is None:
+        return None
+    try:
+        importlib.import_module(dist)
+    except Exception as err:  # noqa: BLE001 - any import failure means "skip, say why"
+        return f"{dist} not importable ({type(err).__name__}: {err})"
+    return None
+
+
+def version_of(impl: str, dist: str | None, sources: dict) -> str:
+    if impl == "klkern":
+        return f"klkern {git_commit()}"
+    if dist is None:
+        return f"source {sources.get('soap')}"
+    for name in (dist, dist.replace("_", "-")):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return f"{name} {importlib.metadata.version(name)}"
+    return dist
+
+
+def workload(model: str, steps: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = SHAPES[model]
+    init = [torch.randn(*s, generator=g) * 0.02 for s in shapes]
+    grads = [[torch.randn(*s, generator=g) * 1e-3 for s in shapes] for _ in range(4)]
+    return init, grads
+
+
+def run_one(factory, freq: int, init, grads, warmup: int, steps: int) -> dict:
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = factory(params, freq)
+
+    def step(i):
+        for p, g in zip(params, grads[i % len(grads)]):
+            p.grad = g.clone()
+        opt.step()
+
+    for i in range(warmup):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+    return {"ms": ms, "state_mib": tensor_bytes(opt.state) / 2**20, "finite": finite}
+
+
+def profile_refresh(model: str, reps: int = 2) -> dict:
+    """Where klkern's refresh time goes: torch.profiler over refreshing steps of each algorithm,
+    grouped into the QR (geqrf/ormqr/linalg_qr), the products (matmul/bmm), the sort, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    init, grads = workload(model, 1)
+    out = {}
+    for name, cls in (("KL-Shampoo", klkern.KLShampoo), ("KL-SOAP", klkern.KLSOAP), ("SOAP", klkern.SOAP)):
+        rows = {}
+        for freq in (1, 1 << 30):  # every step refreshes / none does (after the first)
+            params = [torch.nn.Parameter(p.clone()) for p in init]
+            opt = cls(params, lr=LR, precondition_frequency=freq, max_precond_dim=1 << 20)
+            for i in range(2):
+                for p, g in zip(params, grads[i]):
+                    p.grad = g.clone()
+                opt.step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for i in range(reps):
+                    for p, g in zip(params, grads[i % len(grads)]):
+                        p.grad = g
+                    opt.step()
+                wall = (time.perf_counter() - t0) * 1e3 / reps
+            groups = {"qr": 0.0, "products": 0.0, "sort/gather": 0.0}
+            for e in prof.key_averages():
+                key = e.key
+                if key in ("aten::geqrf", "aten::ormqr", "aten::linalg_qr", "aten::linalg_householder_product"):
+                    groups["qr"] += e.self_cpu_time_total
+                elif key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"):
+                    groups["products"] += e.self_cpu_time_total
+                elif key in ("aten::sort", "aten::argsort", "aten::gather", "aten::scatter_"):
+                    groups["sort/gather"] += e.self_cpu_time_total
+            rows["refresh" if freq == 1 else "plain"] = {"wall_ms": wall,
+                                                         **{k: v / 1e3 / reps for k, v in groups.items()}}
+        r, p = rows["refresh"], rows["plain"]
+        out[name] = {"step_ms": p["wall_ms"], "refresh_ms": r["wall_ms"] - p["wall_ms"],
+                     "refresh_qr_ms": r["qr"] - p["qr"], "refresh_products_ms": r["products"] - p["products"],
+                     "refresh_sort_ms": r["sort/gather"] - p["sort/gather"]}
+        out[name]["refresh_other_ms"] = (out[name]["refresh_ms"] - out[name]["refresh_qr_ms"]
+                                         - out[name]["refresh_products_ms"] - out[name]["refresh_sort_ms"])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(SHAPES), default="gpt2-layer")
+    ap.add_argument("--frequencies", default="1,10", help="refresh periods, comma separated")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed steps per run (default: 3 at period 1, else one period)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (initialisation, compilation)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the better is reported")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--source", action="append", default=[], metavar="NAME=DIR",
+                    help="a peer that is not a package: soap=DIR (the public SOAP's soap.py)")
+    ap.add_argument("--only", default="", help="comma-separated implementations to run (default: all)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profile of klkern's refresh")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer_step_cpu.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sources = dict(s.split("=", 1) for s in args.source)
+    freqs = [int(f) for f in args.frequencies.split(",")]
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    impls, skipped = [], []
+    for algo, impl, dist, factory in implementations(sources):
+        if only and impl not in only:
+            continue
+        why = available(dist)
+        if why:
+            skipped.append(f"{impl} ({algo}): {why}")
+            print(f"skip {impl} {algo}: {why}", flush=True)
+        else:
+            impls.append((algo, impl, dist, factory))
+    best: dict = {}
+    for freq in freqs:
+        steps = args.steps or (3 if freq == 1 else freq)
+        init, grads = workload(args.model, steps)
+        for rnd in range(args.rounds):
+            for algo, impl, dist, factory in impls:
+                key = (freq, algo, impl)
+                try:
+                    r = run_one(factory, freq, init, grads, args.warmup, steps)
+                except Exception as err:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                    r = {"error": f"{type(err).__name__}: {err}"}
+                print(f"period {freq} round {rnd} {algo:10s} {impl:22s} "
+                      + (f"{r['ms']:9.1f} ms  {r['state_mib']:7.1f} MiB" if "ms" in r else r["error"]), flush=True)
+                if key not in best or ("ms" in r and r["ms"] < best[key].get("ms", float("inf"))):
+                    best[key] = r
+    profile = {} if args.no_profile else profile_refresh(args.model)
+    meta = {"date": utc_now(), "commit": git_commit(), "device": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "model": args.model, "shapes": SHAPES[args.model], "rounds": args.rounds, "warmup": args.warmup,
+            "versions": {impl: version_of(impl, dist, sources) for _, impl, dist, _ in impls}, "skipped": skipped}
+    rows = [{"period": f, "algorithm": a, "implementation": i, **r} for (f, a, i), r in best.items()]
+    write(args.out, meta, rows, profile)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write(out: Path, meta: dict, rows: list, profile: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "refresh_profile": profile},
+                                                   indent=1) + "\n")
+    lines = [f"# Amortised step against peers ({meta['model']}, float32, CPU)", "",
+             f"{meta['date']}, klkern {meta['commit']}, torch {meta['torch']}, Python {meta['python']}, "
+             f"{meta['threads']} threads, {meta['device']}; better of {meta['rounds']} interleaved rounds.", "",
+             "Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()) + ".", ""]
+    if meta["skipped"]:
+        lines += ["Skipped: " + "; ".join(meta["skipped"]) + ".", ""]
+    lines += ["| refresh period | algorithm | implementation | ms / step | ratio to klkern | state MiB |",
+              "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["period"], ALGORITHMS.index(r["algorithm"]), r["implementation"] != "klkern",
+                                         r.get("ms", float("inf")))):
+        ours = next((x for x in rows if x["period"] == r["period"] and x["algorithm"] == r["algorithm"]
+                     and x["implementation"] == "klkern" and "ms" in x), None)
+        if "ms" not in r:
+            lines.append(f"| {r['period']} | {r['algorithm']} | {r['implementation']} | failed: {r['error']} | | |")
+            continue
+        ratio = f"{r['ms'] / ours['ms']:.2f}x" if ours else ""
+        flag = "" if r["finite"] else " (non-finite parameters)"
+        lines.append(f"| {r['period']} | {r['algorithm']} | {r['implementation']}{flag} | {r['ms']:.0f} | {ratio} | "
+                     f"{r['state_mib']:.1f} |")
+    if profile:
+        lines += ["", "## Where klkern's refresh goes (ms per refresh, torch.profiler self time)", "",
+                  "| algorithm | step without refresh | refresh | QR (geqrf/ormqr) | products | sort/gather | other |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, p in profile.items():
+            lines.append(f"| {name} | {p['step_ms']:.0f} | {p['refresh_ms']:.0f} | {p['refresh_qr_ms']:.0f} | "
+                         f"{p['refresh_products_ms']:.0f} | {p['refresh_sort_ms']:.0f} | {p['refresh_other_ms']:.0f} |")
+    out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
