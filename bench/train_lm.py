@@ -61,7 +61,7 @@ OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograf
 # scale-free eigenvalue initialisations of klkern (init_factor="rms" / "debiased") and with the
 # prototype's constant 0.1 (which stays one argument away whatever the default is).
 VARIANTS = ("klshampoo-rms", "klshampoo-debiased", "klshampoo-0.1", "klsoap-rms", "klsoap-debiased", "klsoap-0.1",
-            "klshampoo-stale", "klsoap-stale", "soap-stale")
+            "klshampoo-stale", "klsoap-stale", "soap-stale", "klshampoo-first")
 # The staleness study (bench/results/staleness_study.md): "-stale" refreshes only the bases whose
 # staleness exceeds STALENESS_THRESHOLD at a refresh step (staleness_threshold).
 STALENESS_THRESHOLD = 0.02
@@ -253,6 +253,8 @@ def optimizer_spec(name: str, cfg: Config) -> tuple:
         return klkern.Shampoo, dict(shared, grafting="none" if init == "nograft" else "adam")
     if init == "stale":
         shared["staleness_threshold"] = STALENESS_THRESHOLD
+    elif init == "first":  # Adam's order (bench/results/spike_recovery_cpu.md)
+        shared["eigenvalues_first"] = True
     elif init:
         shared["init_factor"] = float(init) if init[0].isdigit() else init
     return classes[base], shared

@@ -107,3 +107,37 @@ def test_step_profile_smoke(tmp_path):
     for row in data["rows"]:
         assert row["refresh"]["wall_ms_per_step"] > 0 and row["steady"]["wall_ms_per_step"] > 0
     assert {"device", "torch", "commit", "date"} <= set(data["meta"])
+
+
+def test_peer_step_smoke(tmp_path):
+    """bench/peer_step.py on tiny shapes: klkern's rows, a peer that is absent skipped with its
+    reason (none is installed in CI), the refresh profile, and the result files."""
+    out = tmp_path / "peer.md"
+    done = _run(["bench/peer_step.py", "--model", "tiny", "--steps", "2", "--rounds", "1", "--warmup", "2",
+                 "--out", str(out)], env_extra={"PYTHONPATH": ""})
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    ours = [r for r in data["rows"] if r["implementation"] == "klkern"]
+    assert {(r["period"], r["algorithm"]) for r in ours} == {(p, a) for p in (1, 10)
+                                                            for a in ("KL-Shampoo", "KL-SOAP", "SOAP")}
+    assert all(r["ms"] > 0 and r["finite"] and r["state_mib"] > 0 for r in ours)
+    for name, prof in data["refresh_profile"].items():
+        assert prof["refresh_ms"] > 0 and prof["step_ms"] > 0, name
+    text = out.read_text()
+    assert "| 1 | KL-Shampoo | klkern |" in text and "Where klkern's refresh goes" in text
+    for peer in ("HeavyBall", "pytorch-optimizer", "Emerging-Optimizers"):
+        if peer not in data["meta"]["versions"]:
+            assert any(s.startswith(peer) for s in data["meta"]["skipped"]), peer
+
+
+def test_spike_recovery_smoke(tmp_path):
+    """bench/spike_recovery.py, short: every run measured against its spike-free twin, the table
+    written (tests/test_robustness.py tests the property it shows)."""
+    out = tmp_path / "spike.md"
+    done = _run(["bench/spike_recovery.py", "--seeds", "0", "--factors", "1e6", "--steps", "80", "--spike-at", "50",
+                 "--after", "25", "--optimizers", "AdamW,KL-Shampoo (eigenvalues_first)", "--out", str(out)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {r["optimizer"] for r in rows} == {"AdamW", "KL-Shampoo (eigenvalues_first)"}
+    assert all(r["worst_ratio"] >= r["ratio_20"] > 0 for r in rows)
+    assert "| KL-Shampoo (eigenvalues_first) |" in out.read_text()

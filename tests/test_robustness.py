@@ -39,12 +39,13 @@ SCALE = 300.0  # the mean loss times this: gradients of order 1 (as a summed los
 
 
 def _task(name, steps=40, batch=64, loss_scale=SCALE, zero_every=0, zero_first=False,
-          state_dtype=torch.float32, seed=0):
+          state_dtype=torch.float32, seed=0, spike=1.0, spike_at=20, **options):
     """A 16-32-8 tanh MLP regressing a fixed random map, fresh inputs every step.
     Returns (held-out loss, largest change of any parameter entry in one step, rollbacks)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
-    opt = getattr(klkern, name)(model.parameters(), lr=3e-3, precondition_frequency=5, state_dtype=state_dtype)
+    opt = getattr(klkern, name)(model.parameters(), lr=3e-3, precondition_frequency=5, state_dtype=state_dtype,
+                                **options)
     gen = torch.Generator().manual_seed(seed + 1)
     target = torch.randn(16, 8, generator=gen)
     largest = 0.0
@@ -54,7 +55,7 @@ def _task(name, steps=40, batch=64, loss_scale=SCALE, zero_every=0, zero_first=F
             X = torch.randn(batch, 16, generator=gen)
             loss = (model(X) - torch.tanh(X @ target)).pow(2).mean()
             opt.zero_grad(set_to_none=False)
-            (loss * loss_scale).backward()
+            (loss * loss_scale * (spike if t == spike_at else 1.0)).backward()
             if (zero_first and t == 0) or (zero_every and t % zero_every == zero_every - 1):
                 for p in model.parameters():  # an unused module, or DDP's find_unused_parameters
                     p.grad.zero_()
@@ -238,3 +239,40 @@ def test_what_is_inverted_stays_float32(name):
                 inverted = key.startswith(("lam", "exp_avg_sq", "L", "root", "kl"))
                 assert value.dtype == (torch.float32 if inverted else torch.bfloat16), key
     assert "exp_avg_sq" in seen and ("L" in seen or "R" in seen)
+
+
+# One outlier batch: the loss times k at step 20 (a refresh step, precondition_frequency 5) or 22.
+# Measured (loss ratio at the end, 18-20 steps later / the largest step over the spike-free run's),
+# over k = 1e2, 1e4, 1e6: KL-Shampoo in the SPEC's order 1.2-1.3e6 / 14-1.4e5; with
+# eigenvalues_first 1.31-1.35 / 0.83; KL-SOAP 1.01-1.12 / 1.7-26; SOAP 1.08-1.26 / 1.0-30
+# (largest when the spike meets a refresh: v is permuted, not rotated, into the new basis, as the
+# SOAP release does); Shampoo 1.31-1.41 / 1.0. A ratio above 1 at the end is the stall that any
+# second-moment-like estimate inflated by the spike causes (AdamW's too).
+SPIKES = [(1e2, 20), (1e4, 20), (1e6, 20), (1e6, 22)]
+SPIKE_BOUNDS = {  # (optimizer, options): (loss bound, step bound)
+    ("KLShampoo", "eigenvalues_first"): (1.6, 1.2),
+    ("KLSOAP", ""): (1.4, 35.0),
+    ("SOAP", ""): (1.5, 40.0),
+    ("Shampoo", ""): (1.6, 1.2),
+}
+
+
+@pytest.mark.parametrize("name, option", list(SPIKE_BOUNDS), ids=lambda v: v or "default")
+@pytest.mark.parametrize("factor, at", SPIKES, ids=[f"x{f:g}@{a}" for f, a in SPIKES])
+def test_one_spike_keeps_the_step_bounded(name, option, factor, at):
+    options = {option: True} if option else {}
+    base_loss, base_step, _ = _task(name, **options)
+    loss, step, skipped = _task(name, spike=factor, spike_at=at, **options)
+    loss_bound, step_bound = SPIKE_BOUNDS[(name, option)]
+    assert skipped == 0
+    assert step <= step_bound * base_step, step / base_step
+    assert loss <= loss_bound * base_loss, loss / base_loss
+
+
+@pytest.mark.parametrize("factor", [1e2, 1e4])
+def test_a_spike_in_the_spec_order_moves_kl_shampoo_far(factor):
+    """Why eigenvalues_first exists: in the SPEC's order the spiking gradient is divided by
+    estimates from before it, so the step grows with the spike (x14 at 1e2, x1400 at 1e4)."""
+    _, base_step, _ = _task("KLShampoo", eigenvalues_first=False)
+    _, step, _ = _task("KLShampoo", spike=factor, eigenvalues_first=False)
+    assert step > 0.05 * factor * base_step, step / base_step
