@@ -122,7 +122,8 @@ def test_peer_step_smoke(tmp_path):
                                                             for a in ("KL-Shampoo", "KL-SOAP", "SOAP")}
     assert all(r["ms"] > 0 and r["finite"] and r["state_mib"] > 0 for r in ours)
     for name, prof in data["refresh_profile"].items():
-        assert prof["refresh_ms"] > 0 and prof["step_ms"] > 0, name
+        assert prof["refresh_ms"] > 0 and prof["step_ms"] > 0 and prof["qr_ms"] > 0, name
+        assert prof["qr_ms"] + prof["products_ms"] + prof["memory_ms"] <= 1.05 * prof["refresh_ms"], name
     text = out.read_text()
     assert "| 1 | KL-Shampoo | klkern |" in text and "Where klkern's refresh goes" in text
     for peer in ("HeavyBall", "pytorch-optimizer", "Emerging-Optimizers"):
