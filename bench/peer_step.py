@@ -223,6 +223,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     sources = dict(s.split("=", 1) for s in args.source)
     freqs = [int(f) for f in args.frequencies.split(",")]
+    if args.steps and any(args.steps % f for f in freqs):
+        ap.error(f"--steps {args.steps} must be a multiple of every refresh period {freqs} (amortised: every "
+                 "refresh counted)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     impls, skipped = [], []
     for algo, impl, dist, factory in ([] if args.profile_only else implementations(sources)):

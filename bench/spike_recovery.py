@@ -8,7 +8,8 @@ from noisy targets (noise 0.1), mean squared error, batches of 128, constant lea
 same noise, so its loss floor is 0.01. By step ``--spike-at`` (500) every optimizer is near that
 floor; at that step the loss is multiplied by
 the spike factor (a batch whose gradient is that many times larger: a corrupted batch or a
-loss-scale glitch), then training goes on normally. Each run is compared with the same seed's
+loss-scale glitch), then training goes on normally. Loop step s is the optimizers' step s - 1 (their
+first step only initialises): at 500 with a refresh period of 10, the step before a refresh. Each run is compared with the same seed's
 spike-free run, on a fixed evaluation set:
 
 * ``steps to recover``: the steps after the spike until the evaluation loss is within 5 % of
@@ -101,13 +102,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--spike-at", type=int, default=500)
     ap.add_argument("--after", type=int, default=100, help="steps after the spike that are compared")
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from: " + ", ".join(OPTIMIZERS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spike_recovery_cpu.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     factors = [float(f) for f in args.factors.split(",")]
     names = [n.strip() for n in args.optimizers.split(",")]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        ap.error(f"unknown optimizers {unknown}; choose from: {', '.join(OPTIMIZERS)}")
+    if not (2 <= args.spike_at and args.after >= 20 and args.spike_at + args.after <= args.steps):
+        ap.error("need 2 <= --spike-at, --after >= 20 (the +20 ratio) and --spike-at + --after <= --steps")
     rows = []
     for name in names:
         for seed in seeds:

@@ -258,7 +258,7 @@ def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
 # A refresh keeps Q orthogonal by composing it with the refresh's orthogonal V (power_step);
 # rounding makes Q^T Q drift from I by ~6e-8 per refresh (measured, d = 256, fp32). Every
 # REORTHOGONALIZE_EVERY-th refresh runs the QR of Q R itself, which returns an orthogonal Q
-# whatever the drift (|Q^T Q - I| stays below ~2e-6).
+# whatever the drift (|Q^T Q - I| stays below ~4e-6 over 1000 refreshes, tests/test_refresh.py).
 REORTHOGONALIZE_EVERY = 32
 
 

@@ -152,6 +152,10 @@ def validate_group(algorithm: str, group: dict) -> None:
         _fail("eigenvalues_first", group["eigenvalues_first"], "must be True or False")
     if algorithm == "klshampoo" and group["eigenbasis"] not in ("qr", "eigh"):
         _fail("eigenbasis", group["eigenbasis"], "must be 'qr' (power iteration + QR) or 'eigh' (exact, idealized)")
+    if algorithm == "klshampoo" and group["eigenvalues_first"] and group["eigenbasis"] == "eigh":
+        _fail("eigenvalues_first", True, "has no effect with eigenbasis='eigh' (the idealized mode takes its "
+                                          "eigenvalues from the exact eigendecomposition and has no eigenvalue "
+                                          "update to move); use eigenbasis='qr' or eigenvalues_first=False")
     if algorithm == "soap" and not isinstance(group["correct_bias"], bool):
         _fail("correct_bias", group["correct_bias"], "must be True or False")
     if algorithm == "shampoo":

@@ -205,7 +205,8 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None) -> tuple[Basi
     With ``S = Q R Q^T`` (Q orthogonal, R (B, d, d) symmetric float32/float64) the refresh
     ``Q_new = qr(S Q Pi) = qr(Q R Pi)`` equals ``Q V`` where ``R Pi = V T`` (QR, diag(T) >= 0;
     Q V is orthogonal and T upper triangular, so by uniqueness both sides agree). Returns
-    ``(V, R_new)`` with ``R_new = Q_new^T S Q_new = V^T R V``, computed as ``(T Pi^T V)^T`` (the
+    ``(change, R_new)``: ``change`` a :class:`BasisChange` applying V (``change.apply(Q)`` is
+    Q_new; ``change.V`` is None where V is kept as reflectors), and ``R_new = Q_new^T S Q_new = V^T R V``, computed as ``(T Pi^T V)^T`` (the
     same symmetric matrix; symmetric up to rounding, as the factors' products are, and the
     asymmetry does not grow over refreshes, measured ~5e-8).
     ``order`` (B, d) is the column permutation Pi (SOAP sorts by diag(R)); None is the identity.

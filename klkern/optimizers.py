@@ -115,7 +115,8 @@ class KLShampoo(ShampooFamilyOptimizer):
       (steps 2-3 use the estimates from before this gradient). The two tie on
       the main job's two tasks; after one outlier batch the SPEC's order was
       up to 4.7e8x its spike-free loss, Adam's 1.22x
-      (bench/results/order_study.md).
+      (bench/results/order_study.md). Refused with ``eigenbasis="eigh"``,
+      which has no eigenvalue update.
     * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
       every T steps an exact eigendecomposition gives both the bases and the
       eigenvalues (floored), and the eigenvalue EMA is off; with

@@ -276,3 +276,13 @@ def test_a_spike_in_the_spec_order_moves_kl_shampoo_far(factor):
     _, base_step, _ = _task("KLShampoo", eigenvalues_first=False)
     _, step, _ = _task("KLShampoo", spike=factor, eigenvalues_first=False)
     assert step > 0.05 * factor * base_step, step / base_step
+
+
+def test_eigenvalues_first_is_refused_where_it_would_do_nothing():
+    """The idealized mode (eigenbasis="eigh") has no eigenvalue update to move first, so the
+    option would be a silent no-op there (a new user's spike run gave identical steps)."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="eigenvalues_first.*eigenbasis='eigh'"):
+        klkern.KLShampoo([p], eigenbasis="eigh", eigenvalues_first=True)
+    klkern.KLShampoo([p], eigenbasis="eigh")  # each alone is fine
+    klkern.KLShampoo([p], eigenvalues_first=True)
