@@ -550,7 +550,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help=f"comma-separated subset of {','.join(ALL_OPTIMIZERS)}")
+                   help=f"comma-separated subset of {','.join(ALL_OPTIMIZERS)} (variants: -rms/-debiased/-0.1 "
+                        f"set init_factor, -stale sets staleness_threshold={STALENESS_THRESHOLD}, -first sets "
+                        "eigenvalues_first=True, shampoo-nograft sets grafting='none')")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
                    help="override a learning rate, e.g. --lr klshampoo=3e-3 (repeatable)")
