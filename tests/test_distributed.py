@@ -61,6 +61,7 @@ def _worker(rank, world, port, outdir, scenario):
         result = SCENARIOS[scenario](rank, world, Path(outdir))
         torch.save(result, Path(outdir) / f"{scenario}-{rank}.pt")
         dist.barrier()  # nobody tears down its connections while another rank still works
+        (Path(outdir) / f"{scenario}-{rank}.done").touch()  # all work and the barrier passed
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +70,17 @@ def spawn(world: int, scenario: str, outdir: Path, deadline_s: float = 300.0) ->
     ctx = mp.start_processes(_worker, args=(world, _free_port(), str(outdir), scenario), nprocs=world,
                              join=False, start_method="spawn")
     stop = time.monotonic() + deadline_s
-    while not ctx.join(timeout=5):
+    while True:
+        try:
+            if ctx.join(timeout=5):
+                break
+        except mp.ProcessExitedException:
+            # gloo can abort a process while destroy_process_group tears it down ("terminate called
+            # without an active exception", seen once under a loaded CI); that is past the work: only
+            # a crash before every rank passed the final barrier fails the test
+            if all((outdir / f"{scenario}-{r}.done").exists() for r in range(world)):
+                break
+            raise
         if time.monotonic() > stop:
             for process in ctx.processes:
                 process.kill()
