@@ -1,16 +1,22 @@
-"""Recovery from one outlier batch: every optimizer, a converged run, one gradient spike.
+"""Recovery from one outlier batch: every optimizer, one gradient spike, two tasks.
 
-    python bench/spike_recovery.py [--seeds 0,1,2] [--factors 1e2,1e4,1e6] [--out bench/results/spike_recovery_cpu.md]
+    python bench/spike_recovery.py [--task mlp|lstsq] [--seeds 0,1,2] [--factors 1e2,1e4,1e6] [--out FILE]
 
-Task: a student MLP (32 -> 64 -> 16, tanh) fits a fixed random teacher of the same shape
-from noisy targets (noise 0.1), mean squared error, batches of 128, constant learning rate
-(AdamW 3e-3, the klkern optimizers 1e-2: the main job's rates); the evaluation set carries the
-same noise, so its loss floor is 0.01. By step ``--spike-at`` (500) every optimizer is near that
-floor; at that step the loss is multiplied by
-the spike factor (a batch whose gradient is that many times larger: a corrupted batch or a
-loss-scale glitch), then training goes on normally. Loop step s is the optimizers' step s - 1 (their
-first step only initialises): at 500 with a refresh period of 10, the step before a refresh. Each run is compared with the same seed's
-spike-free run, on a fixed evaluation set:
+Tasks (``--task``):
+
+* ``mlp`` (default): a student MLP (32 -> 64 -> 16, tanh) fits a fixed random teacher of the
+  same shape from noisy targets (noise 0.1), mean squared error, batches of 128, constant
+  learning rate (AdamW 3e-3, the klkern optimizers 1e-2: the main job's rates); the evaluation
+  set carries the same noise, so its loss floor is 0.01. By step 500 of 600, where the spike
+  falls, every optimizer is near that floor. Loop step s is the optimizers' step s - 1 (their
+  first step only initialises): at 500 with a refresh period of 10, the step before a refresh.
+* ``lstsq``: least squares with a 48 x 32 weight from zero (summed squared error per sample,
+  batches of 64, learning rate 3e-2 for all), the spike at step 16 of 60, early in training,
+  while the spike-free run still improves fast (the setting of the issue that found the fault).
+
+At the spike step the loss is multiplied by the spike factor (a batch whose gradient is that
+many times larger: a corrupted batch or a loss-scale glitch), then training goes on normally.
+Each run is compared with the same seed's spike-free run, on a fixed evaluation set:
 
 * ``steps to recover``: the steps after the spike until the evaluation loss is within 5 % of
   the spike-free run's at the same step and stays there to the end of the window (``never``:
@@ -18,8 +24,10 @@ spike-free run, on a fixed evaluation set:
 * ``loss ratio +20``: evaluation loss 20 steps after the spike over the spike-free run's;
 * ``worst ratio``: the largest ratio over the ``--after`` steps after the spike.
 
-KL-Shampoo runs twice: in the SPEC's order (the step scaled by eigenvalue estimates from
-before the spiking gradient) and with ``eigenvalues_first=True`` (Adam's order).
+KL-Shampoo runs three times: at its defaults (``spike_threshold=1e3``: an outlier gradient
+is scaled down before it enters the momentum and the estimates), with ``spike_threshold=None``
+(the SPEC's step: the spiking gradient scaled by estimates from before it) and with
+``eigenvalues_first=True`` (Adam's order).
 """
 
 from __future__ import annotations
@@ -38,13 +46,15 @@ import klkern  # noqa: E402
 from bench._meta import git_commit, utc_now  # noqa: E402
 
 OPTIMIZERS = {
-    "AdamW": (lambda p: torch.optim.AdamW(p, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)),
-    "KL-Shampoo": (lambda p: klkern.KLShampoo(p, lr=1e-2, weight_decay=0.0)),
-    "KL-Shampoo (eigenvalues_first)": (lambda p: klkern.KLShampoo(p, lr=1e-2, weight_decay=0.0,
-                                                                 eigenvalues_first=True)),
-    "KL-SOAP": (lambda p: klkern.KLSOAP(p, lr=1e-2, weight_decay=0.0)),
-    "SOAP": (lambda p: klkern.SOAP(p, lr=1e-2, weight_decay=0.0)),
-    "Shampoo": (lambda p: klkern.Shampoo(p, lr=1e-2, weight_decay=0.0)),
+    "AdamW": (lambda p, lr: torch.optim.AdamW(p, lr=lr["adamw"], betas=(0.9, 0.95), weight_decay=0.0)),
+    "KL-Shampoo": (lambda p, lr: klkern.KLShampoo(p, lr=lr["klkern"], weight_decay=0.0)),
+    "KL-Shampoo (spike_threshold=None)": (lambda p, lr: klkern.KLShampoo(p, lr=lr["klkern"], weight_decay=0.0,
+                                                                         spike_threshold=None)),
+    "KL-Shampoo (eigenvalues_first)": (lambda p, lr: klkern.KLShampoo(p, lr=lr["klkern"], weight_decay=0.0,
+                                                                     eigenvalues_first=True)),
+    "KL-SOAP": (lambda p, lr: klkern.KLSOAP(p, lr=lr["klkern"], weight_decay=0.0)),
+    "SOAP": (lambda p, lr: klkern.SOAP(p, lr=lr["klkern"], weight_decay=0.0)),
+    "Shampoo": (lambda p, lr: klkern.Shampoo(p, lr=lr["klkern"], weight_decay=0.0)),
 }
 WIDTHS = (32, 64, 16)
 
@@ -58,26 +68,57 @@ def mlp(g: torch.Generator) -> torch.nn.Module:
     return net
 
 
-def run(name: str, seed: int, factor: float, steps: int, spike_at: int) -> list[float]:
-    """Evaluation loss after every step (index 0: before training)."""
+def _mlp_task(seed: int):
+    """(student, batch(data) -> (x, y), x_eval, y_eval, loss, learning rates)."""
     g = torch.Generator().manual_seed(1000 + seed)
     teacher, student = mlp(g), mlp(g)
     x_eval = torch.randn(1024, WIDTHS[0], generator=g)
     with torch.no_grad():  # evaluation targets carry the training noise: the loss floor is 0.01
         y_eval = teacher(x_eval) + 0.1 * torch.randn(1024, WIDTHS[2], generator=g)
-    opt = OPTIMIZERS[name](list(student.parameters()))
+
+    def batch(data):
+        x = torch.randn(128, WIDTHS[0], generator=data)
+        with torch.no_grad():
+            return x, teacher(x) + 0.1 * torch.randn(128, WIDTHS[2], generator=data)
+    return student, batch, x_eval, y_eval, torch.nn.functional.mse_loss, {"adamw": 3e-3, "klkern": 1e-2}
+
+
+def _lstsq_task(seed: int):
+    """Least squares, a 48 x 32 weight from zero, summed squared error per sample."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    A = torch.randn(48, 32, generator=g)
+    student = torch.nn.Linear(32, 48, bias=False)
+    torch.nn.init.zeros_(student.weight)
+    x_eval = torch.randn(1024, 32, generator=g)
+    y_eval = x_eval @ A.T + 0.1 * torch.randn(1024, 48, generator=g)
+
+    def batch(data):
+        x = torch.randn(64, 32, generator=data)
+        return x, x @ A.T + 0.1 * torch.randn(64, 48, generator=data)
+
+    def loss(pred, y):
+        return 0.5 * (pred - y).pow(2).sum(1).mean()
+    return student, batch, x_eval, y_eval, loss, {"adamw": 3e-2, "klkern": 3e-2}
+
+
+# task: (builder, steps, spike at, steps compared after it)
+TASKS = {"mlp": (_mlp_task, 600, 500, 100), "lstsq": (_lstsq_task, 60, 16, 40)}
+
+
+def run(name: str, seed: int, factor: float, steps: int, spike_at: int, task: str = "mlp") -> list[float]:
+    """Evaluation loss after every step (index 0: before training)."""
+    student, batch, x_eval, y_eval, loss_fn, lr = TASKS[task][0](seed)
+    opt = OPTIMIZERS[name](list(student.parameters()), lr)
     data = torch.Generator().manual_seed(seed)
 
     def evaluate() -> float:
         with torch.no_grad():
-            return float(torch.nn.functional.mse_loss(student(x_eval), y_eval))
+            return float(loss_fn(student(x_eval), y_eval))
 
     losses = [evaluate()]
     for step in range(1, steps + 1):
-        x = torch.randn(128, WIDTHS[0], generator=data)
-        with torch.no_grad():
-            y = teacher(x) + 0.1 * torch.randn(128, WIDTHS[2], generator=data)
-        loss = torch.nn.functional.mse_loss(student(x), y)
+        x, y = batch(data)
+        loss = loss_fn(student(x), y)
         if step == spike_at:
             loss = loss * factor
         opt.zero_grad()
@@ -97,14 +138,19 @@ def measure(spiked: list[float], free: list[float], spike_at: int, after: int) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), default="mlp")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--factors", default="1e2,1e4,1e6")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--spike-at", type=int, default=500)
-    ap.add_argument("--after", type=int, default=100, help="steps after the spike that are compared")
+    ap.add_argument("--steps", type=int, help="default: the task's (mlp 600, lstsq 60)")
+    ap.add_argument("--spike-at", type=int, help="default: the task's (mlp 500, lstsq 16)")
+    ap.add_argument("--after", type=int, help="steps after the spike that are compared (mlp 100, lstsq 40)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from: " + ", ".join(OPTIMIZERS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spike_recovery_cpu.md")
     args = ap.parse_args(argv)
+    _, steps, spike_at, after = TASKS[args.task]
+    args.steps = steps if args.steps is None else args.steps
+    args.spike_at = spike_at if args.spike_at is None else args.spike_at
+    args.after = after if args.after is None else args.after
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     factors = [float(f) for f in args.factors.split(",")]
@@ -117,13 +163,14 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         for seed in seeds:
-            free = run(name, seed, 1.0, args.steps, args.spike_at)
+            free = run(name, seed, 1.0, args.steps, args.spike_at, args.task)
             for factor in factors:
-                r = measure(run(name, seed, factor, args.steps, args.spike_at), free, args.spike_at, args.after)
+                spiked = run(name, seed, factor, args.steps, args.spike_at, args.task)
+                r = measure(spiked, free, args.spike_at, args.after)
                 rows.append({"optimizer": name, "seed": seed, "factor": factor, **r})
                 print(f"{name:30s} seed {seed} x{factor:g}: recover {r['steps_to_recover']}, "
                       f"+20 {r['ratio_20']:.3g}, worst {r['worst_ratio']:.3g}", flush=True)
-    meta = {"date": utc_now(), "commit": git_commit(), "torch": torch.__version__, "seeds": seeds,
+    meta = {"date": utc_now(), "commit": git_commit(), "torch": torch.__version__, "task": args.task, "seeds": seeds,
             "steps": args.steps, "spike_at": args.spike_at, "after": args.after, "factors": factors,
             "command": "python bench/spike_recovery.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write(args.out, meta, rows, names, factors)
@@ -134,7 +181,7 @@ def main(argv=None) -> int:
 def write(out: Path, meta: dict, rows: list, names: list, factors: list) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["# Recovery from one gradient spike (CPU)", "",
+    lines = [f"# Recovery from one gradient spike (CPU, task {meta['task']})", "",
              f"{meta['date']}, klkern {meta['commit']}, torch {meta['torch']}; seeds {meta['seeds']}; "
              f"{meta['steps']} steps, spike at step {meta['spike_at']}, compared over the next {meta['after']} "
              f"steps. Command: `{meta['command']}`.", "",

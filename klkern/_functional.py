@@ -338,23 +338,75 @@ def _put(bufs: dict, name: str, index, new) -> None:
         bufs[name].index_copy_(0, index, new(_load(bufs, name)[index]).to(bufs[name].dtype))
 
 
-def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool, t: int) -> None:
-    """Steps 4 and 5 in the rotated basis, every mode from the old lam:
-    R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) Gr_(k)^T with W = Gr / prod_{j!=k} lam_j
-    (the weights on one side, as the kernel applies them),
-    lam_k <- beta2 lam_k + (1-beta2) mean_{other modes}(W * Gr), then the floor."""
-    beta2 = hp["factor_beta"]
+def kl_projections(Gr, lams: list, mask) -> dict:
+    """Step 5's projections from the old lam, per preconditioned mode k:
+    W_k = Gr / prod_{j!=k} lam_j and proj_k = mean over the other modes of W_k * Gr. Returns
+    {k: (W_k, proj_k)}; proj_k has lam_k's shape (B, d_k)."""
     nd = Gr.dim() - 1
-    N = Gr[0].numel()
-    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
-    new_lams = {}
+    out = {}
     for k in _modes(mask):
         inv = _lam_product(lams, nd, skip=k)
         W = Gr if inv is None else Gr / inv
+        others = [j + 1 for j in range(nd) if j != k]
+        out[k] = (W, (W * Gr).mean(dim=others) if others else W * Gr)
+    return out
+
+
+# spike_threshold: an outlier gradient is scaled down until no eigendirection's projection
+# exceeds this many times its estimate, so one step moves each estimate by at most
+# beta2 + (1 - beta2) * SPIKE_CLIP (1.45x at beta2 = 0.95): a lasting change of scale is followed
+# within tens of steps, a single outlier barely moves the estimates (reference.spike_scale).
+SPIKE_CLIP = 10.0
+
+
+def spike_scale(projections: dict, lams: list, threshold):
+    """``spike_threshold``'s factor per block of the stack, (B,) float32, or None when off.
+
+    ``projections``: {k: proj_k (B, d_k)} of this gradient from the old ``lams`` (step 5's,
+    :func:`kl_projections`). The gradient's whitened energy per entry is
+    mean(Gr^2 / prod_k lam_k) = mean_i(proj_k_i / lam_k_i) (the same from every mode; about 1
+    for a gradient the estimate expects). Where it exceeds ``threshold`` the factor is
+    min(1, sqrt(SPIKE_CLIP / max_k max_i proj_k_i / lam_k_i)); elsewhere exactly 1."""
+    if threshold is None:
+        return None
+    ratios = [projections[k] / lams[k] for k in projections]
+    energy = ratios[0].mean(dim=1)
+    worst = torch.stack([r.amax(dim=1) for r in ratios]).amax(0)
+    clipped = torch.clamp(torch.sqrt(SPIKE_CLIP / worst), max=1.0)
+    return torch.where(energy > threshold, clipped, torch.ones_like(energy))
+
+
+def _scale_blocks(X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return X * scale.view((-1,) + (1,) * (X.dim() - 1))
+
+
+def _rotated_and_weighted(bufs, G, mask, hp):
+    """The rotated gradient, scaled by spike_scale where it is an outlier (exactly as it is
+    elsewhere), and its :func:`kl_projections` from the old lam."""
+    Gr = _rotate(G, _bases(bufs, mask), hp["rotation_mode"])
+    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
+    weighted = kl_projections(Gr, lams, mask)
+    scale = spike_scale({k: proj for k, (_, proj) in weighted.items()}, lams, hp.get("spike_threshold"))
+    if scale is not None:
+        Gr = _scale_blocks(Gr, scale)
+        weighted = {k: (_scale_blocks(W, scale), _scale_blocks(proj, scale * scale)) for k, (W, proj) in weighted.items()}
+    return Gr, weighted
+
+
+def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool, t: int, weighted=None) -> None:
+    """Steps 4 and 5 in the rotated basis, every mode from the old lam:
+    R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) Gr_(k)^T with W = Gr / prod_{j!=k} lam_j
+    (the weights on one side, as the kernel applies them),
+    lam_k <- beta2 lam_k + (1-beta2) mean_{other modes}(W * Gr), then the floor.
+    ``weighted``: :func:`kl_projections` of these lam, when the caller has them."""
+    beta2 = hp["factor_beta"]
+    N = Gr[0].numel()
+    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
+    weighted = kl_projections(Gr, lams, mask) if weighted is None else weighted
+    for k, (W, _) in weighted.items():
         R = _load(bufs, f"R{k}")
         _store(bufs, f"R{k}", _gram_(R, Gr, k, beta2, (1 - beta2) * Gr.shape[k + 1] / N, hp["factor_mode"], W))
-        others = [j + 1 for j in range(nd) if j != k]
-        new_lams[k] = (W * Gr).mean(dim=others) if others else W * Gr
+    new_lams = {k: proj for k, (_, proj) in weighted.items()}
     first = _modes(mask)[0]
     kl_from_projection_(bufs, new_lams[first], lams, first, Gr)
     if update_lam:
@@ -410,20 +462,19 @@ def klshampoo_init(G, mask, hp):
 def klshampoo_step(bufs, G, mask, hp, t):
     nd = G.dim() - 1
     Qs = _bases(bufs, mask)
-    Gr = _rotate(G, Qs, hp["rotation_mode"])
+    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp)  # projections from the old lam
     M = _load(bufs, "exp_avg")  # rotated momentum: Q^T M Q
     M.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
     _store(bufs, "exp_avg", M)
     idealized = hp["eigenbasis"] == "eigh"
     first = hp.get("eigenvalues_first", False)  # steps 4-5 before 2-3: D includes this gradient
     if first:
-        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t)
-    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
-    prod = _lam_product(lams, nd)
-    D = 1.0 / (torch.sqrt(prod) + hp["eps"])
+        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t, weighted=weighted)
+    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]  # new after eigenvalues_first
+    D = 1.0 / (torch.sqrt(_lam_product(lams, nd)) + hp["eps"])
     U = _rotate_back(M * D, Qs, hp["rotation_mode"])
     if not first:
-        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t)
+        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t, weighted=weighted)
     if t % hp["precondition_frequency"] == 0:
         if idealized:
             _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"])
@@ -477,9 +528,9 @@ def _rotated_adam(bufs, Gr, hp):
 
 def klsoap_step(bufs, G, mask, hp, t):
     Qs = _bases(bufs, mask)
-    Gr = _rotate(G, Qs, hp["rotation_mode"])
+    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp)
     U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
-    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True, t=t)
+    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True, t=t, weighted=weighted)
     if t % hp["precondition_frequency"] == 0:
         refresh_(bufs, mask, hp, t)
     return U, 1.0

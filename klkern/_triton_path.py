@@ -48,8 +48,18 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
     lam = (bufs["lam0"], bufs["lam1"])
     m, v = bufs["exp_avg"], bufs["exp_avg_sq"] if adam else None
     mode = hp["rotation_mode"]
-    Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m, beta1=hp["beta1"], second_moment=v,
-                                beta2=hp["beta2"], precision=mode)
+    threshold = hp.get("spike_threshold")
+    fused = threshold is None  # else the moments wait for spike_threshold's factor
+    Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m if fused else None, beta1=hp["beta1"],
+                                second_moment=v if fused else None, beta2=hp["beta2"], precision=mode)
+    if not fused:
+        scale = F.spike_scale({0: proj[0], 1: proj[1]}, list(lam), threshold)
+        Gr = F._scale_blocks(Gr, scale).to(Gr.dtype)
+        proj = tuple(F._scale_blocks(p, scale * scale) for p in proj)
+        g = Gr.float()  # one rounding per moment, as in the kernel
+        m.copy_(m.float().mul_(hp["beta1"]).add_(g, alpha=1 - hp["beta1"]))
+        if adam:
+            v.copy_(v.float().mul_(hp["beta2"]).addcmul_(g, g, value=1 - hp["beta2"]))
     first = not adam and hp.get("eigenvalues_first", False)  # D from lam that includes this gradient
     if first:
         _kl_factors_and_lams(bufs, Gr, proj, hp, t)

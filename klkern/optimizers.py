@@ -105,18 +105,33 @@ class KLShampoo(ShampooFamilyOptimizer):
       weights the first projection; "rms": the same start with the plain EMA; a number
       (the SPEC's and the authors' prototype's 0.1): that value in every entry. The
       default changed from 0.1 after bench/results/init_study.md (held-out seeds, two
-      tasks); ``init_factor=0.1`` restores the prototype's behaviour.
+      tasks); ``init_factor=0.1, spike_threshold=None`` restores the prototype's
+      behaviour.
     * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
       bounds ``lam^-1/2`` by ``c_k``.
     * ``eigenvalues_first`` (False): update the factors and eigenvalue estimates
       with the current gradient before preconditioning it (Adam's order: the
-      step is scaled by estimates that include its own gradient, which bounds
-      it on a loss spike); False is the SPEC's and the prototype's order
-      (steps 2-3 use the estimates from before this gradient). The two tie on
-      the main job's two tasks; after one outlier batch the SPEC's order was
-      up to 4.7e8x its spike-free loss, Adam's 1.22x
-      (bench/results/order_study.md). Refused with ``eigenbasis="eigh"``,
-      which has no eigenvalue update.
+      step is scaled by estimates that include its own gradient); False is the
+      SPEC's and the prototype's order (steps 2-3 use the estimates from before
+      this gradient). The two tie on the main job's two tasks
+      (bench/results/order_study.md). Refused with ``eigenbasis="eigh"``, which
+      has no eigenvalue update.
+    * ``spike_threshold`` (1e3): an outlier gradient is scaled down before the
+      momentum and the estimates see it (steps 1-5). A gradient is an outlier when its
+      whitened energy per entry, ``mean(Gr^2 / (lam_a lam_b))`` (about 1 for a gradient
+      the estimates expect; at most 38 on the main job's two tasks), exceeds the
+      threshold; it is then multiplied by ``min(1, sqrt(10 / r))``, r the largest
+      ``proj_k_i / lam_k_i`` over modes and directions (step 5's projection, Claim 3,
+      from the estimates before this gradient), so no direction holds more than 10
+      times its estimate and one step grows an estimate by at most
+      ``(1 - w) + 10 w``, w the EMA's weight (1.45x at w = 0.05). A lasting change
+      of scale is therefore followed within tens of steps. Below the threshold the
+      step is the SPEC's, to the bit: on the main job's two tasks (3 seeds each) no
+      gradient was scaled. klkern's, not the SPEC's: after one outlier batch (loss
+      x1e2..x1e6) the SPEC's step left the loss 1.6x-4.7e8x its spike-free run's 20
+      steps later, with the threshold 1.04x-1.07x (two tasks,
+      bench/results/spike_recovery_cpu.md and spike_recovery_lstsq_cpu.md). None:
+      the SPEC's and the prototype's step. A number >= 1; ValueError otherwise.
     * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
       every T steps an exact eigendecomposition gives both the bases and the
       eigenvalues (floored), and the eigenvalue EMA is off; with
@@ -149,6 +164,13 @@ class KLSOAP(ShampooFamilyOptimizer):
       KL-SOAP in bench/results/init_study.md, so its default did not change.
     * ``eigval_clamp`` (4000): ``c_k = max(10, min(d_k, eigval_clamp))``
       bounds ``lam^-1/2`` by ``c_k``.
+    * ``spike_threshold`` (1e3): as for :class:`KLShampoo`, with KL-SOAP's
+      eigenvalue estimates: an outlier gradient is scaled down before ``m``, ``v``,
+      the factors and the estimates see it. Runs without outliers are the SPEC's to
+      the bit (no gradient scaled on the main job's two tasks); after one outlier
+      batch (x1e2..x1e6) KL-SOAP without it stayed 1.2x-512x its spike-free loss 20
+      steps later (``v`` and the factors inflated by the spike), with it 1.0x-1.08x
+      (bench/results/spike_recovery*.md). None: the SPEC's step.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
       refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
       block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T S

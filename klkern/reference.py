@@ -21,7 +21,7 @@ import torch
 
 from ._blocking import plan_for
 from ._options import build_defaults, factor_beta, validate_group
-from ._functional import REORTHOGONALIZE_EVERY
+from ._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP
 from .linalg import EighFailure, batched_qr, eigh_descending
 
 # --------------------------------------------------------------------------
@@ -220,13 +220,9 @@ def kl_factor_update(Ss: list, G: torch.Tensor, Qs: list, lams: list, beta2: flo
     return out
 
 
-def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weight: float | None = None) -> list:
-    """Step 5 (Claim 3), before the floor: with Gr = rotate(G),
-
-    lam_k <- beta2 lam_k + (1-beta2) * mean over the other modes of Gr^2 / prod_{j!=k} lam_j
-    (``weight`` replaces 1 - beta2 and beta2 by 1 - weight: see :func:`eigenvalue_weight`).
-    """
-    weight = 1 - beta2 if weight is None else weight
+def eigenvalue_projection(lams: list, G: torch.Tensor, Qs: list) -> list:
+    """Step 5's projections from ``lams``: with Gr = rotate(G), for each mode k,
+    proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (None where lam_k is None)."""
     Gr = rotate(G, Qs)
     out = []
     for k, lam in enumerate(lams):
@@ -235,9 +231,33 @@ def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weigh
             continue
         others = [j for j in range(G.dim()) if j != k]
         weighted = Gr**2 / lam_product(lams, G.dim(), skip=k)
-        proj = weighted.mean(dim=others) if others else weighted
-        out.append((1 - weight) * lam + weight * proj)
+        out.append(weighted.mean(dim=others) if others else weighted)
     return out
+
+
+def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weight: float | None = None) -> list:
+    """Step 5 (Claim 3), before the floor: lam_k <- beta2 lam_k + (1-beta2) proj_k with
+    :func:`eigenvalue_projection` (``weight`` replaces 1 - beta2 and beta2 by 1 - weight: see
+    :func:`eigenvalue_weight`).
+    """
+    weight = 1 - beta2 if weight is None else weight
+    return [None if lam is None else (1 - weight) * lam + weight * proj
+            for lam, proj in zip(lams, eigenvalue_projection(lams, G, Qs))]
+
+
+def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold) -> float:
+    """``spike_threshold`` (klkern's, not the SPEC's): the factor an outlier gradient is scaled
+    by before steps 1-5 see it. With r_k = proj_k / lam_k (:func:`eigenvalue_projection`,
+    the estimates before this step): when mean(r_k) (the gradient's whitened energy per entry,
+    mean(Gr^2 / prod lam), the same for every k) exceeds ``threshold``, the factor is
+    min(1, sqrt(SPIKE_CLIP / max_k max_i r_k_i)), so no eigendirection's projection exceeds
+    SPIKE_CLIP times its estimate; otherwise 1. None: always 1."""
+    if threshold is None:
+        return 1.0
+    ratios = [proj / lam for proj, lam in zip(eigenvalue_projection(lams, G, Qs), lams) if lam is not None]
+    if not float(ratios[0].mean()) > threshold:
+        return 1.0
+    return min(1.0, math.sqrt(SPIKE_CLIP / max(float(r.max()) for r in ratios)))
 
 
 def eigval_floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
@@ -421,6 +441,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
 
     def _block_step(self, b, G, mask, group, t):
         beta1, beta2 = group["betas"][0], factor_beta(group)
+        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"))  # an outlier, scaled down
         b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
         first = group.get("eigenvalues_first", False)  # steps 4-5 before 2-3 (Adam's order)
         if not first:
@@ -462,6 +483,7 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
     def _block_step(self, b, G, mask, group, t):
         beta1, adam_beta2 = group["betas"]
         beta2 = factor_beta(group)
+        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"))  # an outlier, scaled down
         Gr = rotate(G, b["Q"])
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
         U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])

@@ -138,7 +138,12 @@ def test_spike_recovery_smoke(tmp_path):
     done = _run(["bench/spike_recovery.py", "--seeds", "0", "--factors", "1e6", "--steps", "80", "--spike-at", "50",
                  "--after", "25", "--optimizers", "AdamW,KL-Shampoo (eigenvalues_first)", "--out", str(out)])
     assert done.returncode == 0, done.stdout + done.stderr
+    done = _run(["bench/spike_recovery.py", "--task", "lstsq", "--seeds", "0", "--factors", "1e4",
+                 "--optimizers", "KL-Shampoo", "--out", str(tmp_path / "lstsq.md")])
+    assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["optimizer"] for r in rows} == {"AdamW", "KL-Shampoo (eigenvalues_first)"}
     assert all(r["worst_ratio"] >= r["ratio_20"] > 0 for r in rows)
     assert "| KL-Shampoo (eigenvalues_first) |" in out.read_text()
+    lstsq = json.loads((tmp_path / "lstsq.json").read_text())
+    assert lstsq["meta"]["task"] == "lstsq" and lstsq["rows"][0]["ratio_20"] < 1.1  # the default recovers

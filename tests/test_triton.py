@@ -228,11 +228,12 @@ def _model(dtype=torch.float32):
                                torch.nn.Tanh(), torch.nn.Linear(16, 16)).to(dtype).to(DEVICE)
 
 
-def _train(cls, backend, steps, dtype=torch.float32, **kw):
+def _train(cls, backend, steps, dtype=torch.float32, spikes=(), **kw):
+    """``spikes``: steps whose loss is multiplied by 1e3 (outlier batches)."""
     model = _model(dtype)
     opt = cls(model.parameters(), lr=1e-2, backend=backend, precondition_frequency=10, **kw)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
+    for step in range(steps):
         # A new batch every step and a regression loss: every weight gradient has
         # full rank. (With one fixed batch the first rotated gradient is diagonal in
         # the basis built from that same gradient; with softmax cross-entropy the
@@ -241,7 +242,7 @@ def _train(cls, backend, steps, dtype=torch.float32, **kw):
         # full-size steps of arbitrary sign, in any two implementations.)
         X = torch.randn(64, 16, generator=gen).to(dtype).to(DEVICE)
         Y = torch.randn(64, 16, generator=gen).to(DEVICE)
-        loss = (model(X).float() - Y).pow(2).mean()
+        loss = (model(X).float() - Y).pow(2).mean() * (1e3 if step in spikes else 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -393,6 +394,21 @@ def test_triton_path_eigenvalues_first():
     b, _ = _train(klkern.KLShampoo, "triton", 12, eigenvalues_first=True)
     for x, y in zip(b, a):
         assert rel_err(x, y) < 1e-5
+
+
+@pytest.mark.parametrize("name, options", [("KLShampoo", {}), ("KLShampoo", {"eigenvalues_first": True}),
+                                           ("KLSOAP", {})], ids=["klshampoo", "klshampoo-first", "klsoap"])
+def test_triton_path_spike_threshold(name, options):
+    """spike_threshold on the kernels (the moments then update outside the rotate kernel, after
+    the factor): two outlier batches (x1e3) in 12 steps with a refresh, against the torch path,
+    and away from the run without it."""
+    cls = getattr(klkern, name)
+    a, _ = _train(cls, "torch", 12, spikes=(4, 9), **options)
+    b, _ = _train(cls, "triton", 12, spikes=(4, 9), **options)
+    for x, y in zip(b, a):
+        assert rel_err(x, y) < 1e-5
+    c, _ = _train(cls, "triton", 12, spikes=(4, 9), spike_threshold=None, **options)
+    assert max(rel_err(x, y) for x, y in zip(b, c)) > 1e-2
 
 
 def test_triton_path_tracks_the_same_kl_objective():
