@@ -477,27 +477,37 @@ def klshampoo_step(bufs, G, mask, hp, t):
         _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t, weighted=weighted)
     if t % hp["precondition_frequency"] == 0:
         if idealized:
-            _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"])
+            _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"],
+                           direct=(t // hp["precondition_frequency"]) % REORTHOGONALIZE_EVERY == 0)
         else:
             refresh_(bufs, mask, hp, t)
     return U, 1.0
 
 
-def _refresh_exact(bufs, mask, Qs, eigval_clamp) -> None:
-    """Idealized mode: exact eigendecomposition of S = Q R Q^T via R = V diag V^T; exp_avg is
-    carried into the new basis."""
+def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
+    """Idealized mode: exact eigendecomposition of S = Q R Q^T via R = V diag V^T (Q <- Q V);
+    exp_avg is carried into the new basis. ``direct`` (every REORTHOGONALIZE_EVERY-th refresh):
+    the eigendecomposition of S = Q R Q^T itself, whose eigenvectors are orthogonal however far
+    rounding has drifted the composed Q, with V = Q^T Q_new for the carry."""
     for k in _modes(mask):
         R = _load(bufs, f"R{k}")
         R = 0.5 * (R + R.mT)
-        identity = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
-        evals, V, ok = _eigh_stack(R, identity)
+        if direct:
+            S = _precision.bmm(_precision.bmm(Qs[k], R, "highest"), Qs[k].mT, "highest")
+            evals, Q_new, ok = _eigh_stack(0.5 * (S + S.mT), Qs[k])
+            V = _precision.bmm(Qs[k].mT, Q_new, "highest")
+            R_new = _precision.bmm(_precision.bmm(Q_new.mT, S, "highest"), Q_new, "highest")
+        else:
+            identity = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+            evals, V, ok = _eigh_stack(R, identity)
+            Q_new, R_new = Qs[k] @ V, V.mT @ R @ V
         lam = bufs[f"lam{k}"]
         new_lam = _floor(evals, eigval_clamp)
         if ok is not None:  # keep the previous eigenvalues where the solve failed
             new_lam = torch.where(ok.to(lam.device).unsqueeze(-1), new_lam, lam)
         lam.copy_(new_lam)
-        _store(bufs, f"Q{k}", Qs[k] @ V)
-        _store(bufs, f"R{k}", V.mT @ R @ V)
+        _store(bufs, f"Q{k}", Q_new)
+        _store(bufs, f"R{k}", R_new)
         _store(bufs, "exp_avg", BasisChange(V=V).mode_product(_load(bufs, "exp_avg"), k))
 
 
