@@ -380,13 +380,19 @@ def _scale_blocks(X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return X * scale.view((-1,) + (1,) * (X.dim() - 1))
 
 
-def _rotated_and_weighted(bufs, G, mask, hp):
+def spike_threshold(hp, t: int):
+    """The threshold in force at step t: none at t = 1, whose projection sets the scale of
+    estimates that start from a constant (init_factor=0.1), so it is no outlier against them."""
+    return hp.get("spike_threshold") if t > 1 else None
+
+
+def _rotated_and_weighted(bufs, G, mask, hp, t):
     """The rotated gradient, scaled by spike_scale where it is an outlier (exactly as it is
     elsewhere), and its :func:`kl_projections` from the old lam."""
     Gr = _rotate(G, _bases(bufs, mask), hp["rotation_mode"])
     lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
     weighted = kl_projections(Gr, lams, mask)
-    scale = spike_scale({k: proj for k, (_, proj) in weighted.items()}, lams, hp.get("spike_threshold"))
+    scale = spike_scale({k: proj for k, (_, proj) in weighted.items()}, lams, spike_threshold(hp, t))
     if scale is not None:
         Gr = _scale_blocks(Gr, scale)
         weighted = {k: (_scale_blocks(W, scale), _scale_blocks(proj, scale * scale)) for k, (W, proj) in weighted.items()}
@@ -462,7 +468,7 @@ def klshampoo_init(G, mask, hp):
 def klshampoo_step(bufs, G, mask, hp, t):
     nd = G.dim() - 1
     Qs = _bases(bufs, mask)
-    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp)  # projections from the old lam
+    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp, t)  # projections from the old lam
     M = _load(bufs, "exp_avg")  # rotated momentum: Q^T M Q
     M.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
     _store(bufs, "exp_avg", M)
@@ -538,7 +544,7 @@ def _rotated_adam(bufs, Gr, hp):
 
 def klsoap_step(bufs, G, mask, hp, t):
     Qs = _bases(bufs, mask)
-    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp)
+    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp, t)
     U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
     _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True, t=t, weighted=weighted)
     if t % hp["precondition_frequency"] == 0:

@@ -48,7 +48,7 @@ def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
     lam = (bufs["lam0"], bufs["lam1"])
     m, v = bufs["exp_avg"], bufs["exp_avg_sq"] if adam else None
     mode = hp["rotation_mode"]
-    threshold = hp.get("spike_threshold")
+    threshold = F.spike_threshold(hp, t)
     fused = threshold is None  # else the moments wait for spike_threshold's factor
     Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m if fused else None, beta1=hp["beta1"],
                                 second_moment=v if fused else None, beta2=hp["beta2"], precision=mode)

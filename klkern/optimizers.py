@@ -125,9 +125,10 @@ class KLShampoo(ShampooFamilyOptimizer):
       from the estimates before this gradient), so no direction holds more than 10
       times its estimate and one step grows an estimate by at most
       ``(1 - w) + 10 w``, w the EMA's weight (1.45x at w = 0.05). A lasting change
-      of scale is therefore followed within tens of steps. Below the threshold the
-      step is the SPEC's, to the bit: on the main job's two tasks (3 seeds each) no
-      gradient was scaled. klkern's, not the SPEC's: after one outlier batch (loss
+      of scale is therefore followed within tens of steps. The first update (t = 1)
+      is never scaled: its projection sets the scale of estimates that start from a
+      constant (``init_factor=0.1``). Below the threshold the step is the SPEC's, to
+      the bit: on the main job's two tasks (3 seeds each) no gradient was scaled. klkern's, not the SPEC's: after one outlier batch (loss
       x1e2..x1e6) the SPEC's step left the loss 1.6x-4.7e8x its spike-free run's 20
       steps later, with the threshold 1.04x-1.07x (two tasks,
       bench/results/spike_recovery_cpu.md and spike_recovery_lstsq_cpu.md). None:

@@ -441,7 +441,8 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
 
     def _block_step(self, b, G, mask, group, t):
         beta1, beta2 = group["betas"][0], factor_beta(group)
-        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"))  # an outlier, scaled down
+        # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
+        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold") if t > 1 else None)
         b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
         first = group.get("eigenvalues_first", False)  # steps 4-5 before 2-3 (Adam's order)
         if not first:
@@ -483,7 +484,8 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
     def _block_step(self, b, G, mask, group, t):
         beta1, adam_beta2 = group["betas"]
         beta2 = factor_beta(group)
-        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"))  # an outlier, scaled down
+        # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
+        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold") if t > 1 else None)
         Gr = rotate(G, b["Q"])
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
         U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
