@@ -27,7 +27,8 @@ Each run is compared with the same seed's spike-free run, on a fixed evaluation 
 KL-Shampoo runs three times: at its defaults (``spike_threshold=1e3``: an outlier gradient
 is scaled down before it enters the momentum and the estimates), with ``spike_threshold=None``
 (the SPEC's step: the spiking gradient scaled by estimates from before it) and with
-``eigenvalues_first=True`` (Adam's order).
+``eigenvalues_first=True`` (Adam's order); KL-SOAP twice, at its defaults and with
+``spike_threshold=None``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ OPTIMIZERS = {
     "KL-Shampoo (eigenvalues_first)": (lambda p, lr: klkern.KLShampoo(p, lr=lr["klkern"], weight_decay=0.0,
                                                                      eigenvalues_first=True)),
     "KL-SOAP": (lambda p, lr: klkern.KLSOAP(p, lr=lr["klkern"], weight_decay=0.0)),
+    "KL-SOAP (spike_threshold=None)": (lambda p, lr: klkern.KLSOAP(p, lr=lr["klkern"], weight_decay=0.0,
+                                                                   spike_threshold=None)),
     "SOAP": (lambda p, lr: klkern.SOAP(p, lr=lr["klkern"], weight_decay=0.0)),
     "Shampoo": (lambda p, lr: klkern.Shampoo(p, lr=lr["klkern"], weight_decay=0.0)),
 }
