@@ -393,7 +393,8 @@ def _rotated_and_weighted(bufs, G, mask, hp, t):
     lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
     weighted = kl_projections(Gr, lams, mask)
     scale = spike_scale({k: proj for k, (_, proj) in weighted.items()}, lams, spike_threshold(hp, t))
-    if scale is not None:
+    # (1 is exact; on the CPU a host read costs nothing and saves three passes over the block)
+    if scale is not None and (scale.is_cuda or bool((scale < 1).any())):
         Gr = _scale_blocks(Gr, scale)
         weighted = {k: (_scale_blocks(W, scale), _scale_blocks(proj, scale * scale)) for k, (W, proj) in weighted.items()}
     return Gr, weighted
