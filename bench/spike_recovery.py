@@ -1,6 +1,7 @@
 """Recovery from one outlier batch: every optimizer, one gradient spike, two tasks.
 
-    python bench/spike_recovery.py [--task mlp|lstsq] [--seeds 0,1,2] [--factors 1e2,1e4,1e6] [--out FILE]
+    python bench/spike_recovery.py [--task mlp|lstsq] [--seeds 0,1,2] [--factors 1e2,1e4,1e6]
+        [--optimizers NAMES] [--steps N --spike-at N --after N] [--out FILE]
 
 Tasks (``--task``):
 
@@ -148,15 +149,24 @@ def main(argv=None) -> int:
     ap.add_argument("--spike-at", type=int, help="default: the task's (mlp 500, lstsq 16)")
     ap.add_argument("--after", type=int, help="steps after the spike that are compared (mlp 100, lstsq 40)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from: " + ", ".join(OPTIMIZERS))
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "spike_recovery_cpu.md")
+    ap.add_argument("--out", type=Path, help="result file (default: bench/results/spike_recovery_cpu.md for the "
+                                             "mlp task, spike_recovery_<task>_cpu.md for another)")
     args = ap.parse_args(argv)
     _, steps, spike_at, after = TASKS[args.task]
+    if args.out is None:
+        name = "spike_recovery_cpu.md" if args.task == "mlp" else f"spike_recovery_{args.task}_cpu.md"
+        args.out = ROOT / "bench" / "results" / name
     args.steps = steps if args.steps is None else args.steps
     args.spike_at = spike_at if args.spike_at is None else args.spike_at
     args.after = after if args.after is None else args.after
     torch.set_num_threads(1)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    factors = [float(f) for f in args.factors.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        factors = [float(f) for f in args.factors.split(",")]
+    except ValueError as err:
+        ap.error(f"--seeds takes integers and --factors numbers, comma-separated ({err})")
+    if not all(f > 0 for f in factors):
+        ap.error("--factors must be > 0 (the loss is multiplied by each)")
     names = [n.strip() for n in args.optimizers.split(",")]
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
@@ -171,7 +181,8 @@ def main(argv=None) -> int:
                 spiked = run(name, seed, factor, args.steps, args.spike_at, args.task)
                 r = measure(spiked, free, args.spike_at, args.after)
                 rows.append({"optimizer": name, "seed": seed, "factor": factor, **r})
-                print(f"{name:30s} seed {seed} x{factor:g}: recover {r['steps_to_recover']}, "
+                print(f"{name:30s} seed {seed} x{factor:g}: recover "
+                      f"{'never' if r['steps_to_recover'] is None else r['steps_to_recover']}, "
                       f"+20 {r['ratio_20']:.3g}, worst {r['worst_ratio']:.3g}", flush=True)
     meta = {"date": utc_now(), "commit": git_commit(), "torch": torch.__version__, "task": args.task, "seeds": seeds,
             "steps": args.steps, "spike_at": args.spike_at, "after": args.after, "factors": factors,

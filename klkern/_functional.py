@@ -352,11 +352,14 @@ def kl_projections(Gr, lams: list, mask) -> dict:
     return out
 
 
-# spike_threshold: an outlier gradient is scaled down until no eigendirection's projection
-# exceeds this many times its estimate, so one step moves each estimate by at most
-# beta2 + (1 - beta2) * SPIKE_CLIP (1.45x at beta2 = 0.95): a lasting change of scale is followed
-# within tens of steps, a single outlier barely moves the estimates (reference.spike_scale).
+# spike_threshold: an outlier gradient is scaled down until no eigendirection's projection exceeds
+# SPIKE_CLIP times its estimate (one step then grows each estimate by at most
+# beta2 + (1 - beta2) * SPIKE_CLIP, 1.45x at beta2 = 0.95), but never below a whitened energy of
+# SPIKE_GROWTH, so that estimates far below the gradients (a lasting change of scale, or the
+# estimates after a rank-1 first gradient) grow on average and catch up instead of being
+# outrun forever (reference.spike_scale).
 SPIKE_CLIP = 10.0
+SPIKE_GROWTH = 2.0
 
 
 def spike_scale(projections: dict, lams: list, threshold):
@@ -364,16 +367,17 @@ def spike_scale(projections: dict, lams: list, threshold):
 
     ``projections``: {k: proj_k (B, d_k)} of this gradient from the old ``lams`` (step 5's,
     :func:`kl_projections`). The gradient's whitened energy per entry is
-    mean(Gr^2 / prod_k lam_k) = mean_i(proj_k_i / lam_k_i) (the same from every mode; about 1
-    for a gradient the estimate expects). Where it exceeds ``threshold`` the factor is
-    min(1, sqrt(SPIKE_CLIP / max_k max_i proj_k_i / lam_k_i)); elsewhere exactly 1."""
+    e = mean(Gr^2 / prod_k lam_k) = mean_i(proj_k_i / lam_k_i) (the same from every mode; about 1
+    for a gradient the estimate expects). Where e exceeds ``threshold`` the factor is
+    sqrt(min(1, max(SPIKE_CLIP / r, SPIKE_GROWTH / e))), r = max_k max_i proj_k_i / lam_k_i;
+    elsewhere exactly 1."""
     if threshold is None:
         return None
     ratios = [projections[k] / lams[k] for k in projections]
     energy = ratios[0].mean(dim=1)
     worst = torch.stack([r.amax(dim=1) for r in ratios]).amax(0)
-    clipped = torch.clamp(torch.sqrt(SPIKE_CLIP / worst), max=1.0)
-    return torch.where(energy > threshold, clipped, torch.ones_like(energy))
+    squared = torch.clamp(torch.maximum(SPIKE_CLIP / worst, SPIKE_GROWTH / energy), max=1.0)
+    return torch.where(energy > threshold, torch.sqrt(squared), torch.ones_like(energy))
 
 
 def _scale_blocks(X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

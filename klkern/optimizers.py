@@ -118,21 +118,25 @@ class KLShampoo(ShampooFamilyOptimizer):
       has no eigenvalue update.
     * ``spike_threshold`` (1e3): an outlier gradient is scaled down before the
       momentum and the estimates see it (steps 1-5). A gradient is an outlier when its
-      whitened energy per entry, ``mean(Gr^2 / (lam_a lam_b))`` (about 1 for a gradient
-      the estimates expect; at most 38 on the main job's two tasks), exceeds the
-      threshold; it is then multiplied by ``min(1, sqrt(10 / r))``, r the largest
+      whitened energy per entry, ``e = mean(Gr^2 / (lam_a lam_b))`` (about 1 for a
+      gradient the estimates expect; at most 38 on the main job's two 500-step tasks,
+      571 in the first steps of a 100-step schedule), exceeds the threshold. It is then
+      multiplied by ``sqrt(min(1, max(10 / r, 2 / e)))``, r the largest
       ``proj_k_i / lam_k_i`` over modes and directions (step 5's projection, Claim 3,
-      from the estimates before this gradient), so no direction holds more than 10
-      times its estimate and one step grows an estimate by at most
-      ``(1 - w) + 10 w``, w the EMA's weight (1.45x at w = 0.05). A lasting change
-      of scale is therefore followed within tens of steps. The first update (t = 1)
-      is never scaled: its projection sets the scale of estimates that start from a
-      constant (``init_factor=0.1``). Below the threshold the step is the SPEC's, to
-      the bit: on the main job's two tasks (3 seeds each) no gradient was scaled. klkern's, not the SPEC's: after one outlier batch (loss
-      x1e2..x1e6) the SPEC's step left the loss 1.6x-4.7e8x its spike-free run's 20
-      steps later, with the threshold 1.04x-1.07x (two tasks,
-      bench/results/spike_recovery_cpu.md and spike_recovery_lstsq_cpu.md). None:
-      the SPEC's and the prototype's step. A number >= 1; ValueError otherwise.
+      from the estimates before this gradient): no direction holds more than 10 times
+      its estimate, so one step grows an estimate by at most ``(1 - w) + 10 w`` (w the
+      EMA's weight; 1.45x at w = 0.05), unless that would leave the whole gradient
+      below whitened energy 2, which keeps estimates that are far too small (a lasting
+      change of scale; most directions after a rank-1 first gradient) growing until
+      they catch up. The first update (t = 1, the second ``step()``) is never scaled:
+      its projection sets the scale of estimates that start from a constant
+      (``init_factor=0.1``). Below the threshold the step is the SPEC's, to the bit: on
+      the main job's two tasks (3 seeds each) no gradient was scaled. klkern's, not the
+      SPEC's: after one outlier batch (loss x1e2..x1e6) the SPEC's step left the loss
+      1.6x-4.7e8x its spike-free run's 20 steps later, with the threshold 1.04x-1.07x
+      (two tasks, bench/results/spike_recovery_cpu.md and
+      spike_recovery_lstsq_cpu.md). None: the SPEC's and the prototype's step. A number
+      >= 1; ValueError otherwise.
     * ``eigenbasis`` ("qr"): "eigh" is the idealized KL-Shampoo of Eq. (4):
       every T steps an exact eigendecomposition gives both the bases and the
       eigenvalues (floored), and the eigenvalue EMA is off; with

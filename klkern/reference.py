@@ -21,7 +21,7 @@ import torch
 
 from ._blocking import plan_for
 from ._options import build_defaults, factor_beta, validate_group
-from ._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP
+from ._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP, SPIKE_GROWTH
 from .linalg import EighFailure, batched_qr, eigh_descending
 
 # --------------------------------------------------------------------------
@@ -247,17 +247,20 @@ def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weigh
 
 def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold) -> float:
     """``spike_threshold`` (klkern's, not the SPEC's): the factor an outlier gradient is scaled
-    by before steps 1-5 see it. With r_k = proj_k / lam_k (:func:`eigenvalue_projection`,
-    the estimates before this step): when mean(r_k) (the gradient's whitened energy per entry,
-    mean(Gr^2 / prod lam), the same for every k) exceeds ``threshold``, the factor is
-    min(1, sqrt(SPIKE_CLIP / max_k max_i r_k_i)), so no eigendirection's projection exceeds
-    SPIKE_CLIP times its estimate; otherwise 1. None: always 1."""
+    by before steps 1-5 see it. With r_k = proj_k / lam_k (:func:`eigenvalue_projection`, the
+    estimates before this step) and the whitened energy per entry e = mean(Gr^2 / prod_k lam_k)
+    (= mean_i r_k_i for any k): when e exceeds ``threshold`` the factor is
+    sqrt(min(1, max(SPIKE_CLIP / max_k max_i r_k_i, SPIKE_GROWTH / e))), so no direction holds
+    more than SPIKE_CLIP times its estimate unless that would leave the whole gradient below
+    SPIKE_GROWTH; otherwise 1. None: always 1."""
     if threshold is None:
         return 1.0
-    ratios = [proj / lam for proj, lam in zip(eigenvalue_projection(lams, G, Qs), lams) if lam is not None]
-    if not float(ratios[0].mean()) > threshold:
+    energy = float(lam_product(lams, G.dim()).reciprocal().mul(rotate(G, Qs) ** 2).mean())
+    if not energy > threshold:
         return 1.0
-    return min(1.0, math.sqrt(SPIKE_CLIP / max(float(r.max()) for r in ratios)))
+    worst = max(float((proj / lam).max()) for proj, lam in zip(eigenvalue_projection(lams, G, Qs), lams)
+                if lam is not None)
+    return math.sqrt(min(1.0, max(SPIKE_CLIP / worst, SPIKE_GROWTH / energy)))
 
 
 def eigval_floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
