@@ -147,8 +147,52 @@ def run_one(factory, freq: int, init, grads, warmup: int, steps: int) -> dict:
 
 QR_OPS = ("aten::geqrf", "aten::ormqr", "aten::linalg_qr", "aten::linalg_householder_product")
 PRODUCT_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
-MEMORY_OPS = ("aten::copy_", "aten::clone", "aten::triu", "aten::cat", "aten::gather", "aten::scatter_",
-              "aten::index", "aten::index_copy_", "aten::where", "aten::mul_", "aten::mul")
+MEMORY_OPS = ("aten::copy_", "aten::clone", "aten::triu", "aten::tril", "aten::cat", "aten::gather",
+              "aten::scatter_", "aten::index", "aten::index_select", "aten::index_copy_", "aten::where",
+              "aten::mul_", "aten::mul")
+
+
+def factor_sizes(model: str) -> dict:
+    """{d: number of d x d factors} of the workload (every mode is preconditioned)."""
+    sizes: dict = {}
+    for shape in SHAPES[model]:
+        for d in shape:
+            sizes[d] = sizes.get(d, 0) + 1
+    return dict(sorted(sizes.items()))
+
+
+def refresh_floor(model: str, reps: int = 3) -> dict:
+    """The dense kernels a refresh is made of, timed alone on this machine (best of ``reps``, ms)
+    for each factor size d of the workload, on a stack of all its d x d factors: geqrf (LAPACK's
+    Householder QR, reflectors only), ormqr (the reflectors applied from the right to a
+    column-major d x d matrix: klkern's Q V and T V), one d x d product, and torch.linalg.qr
+    (geqrf then orgqr, forming Q: what the peers call). Per factor set, klkern's refresh of a
+    factor is one geqrf and two ormqr; the peers' is one product (S Q) and one linalg.qr."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for d, count in factor_sizes(model).items():
+        X = torch.randn(count, d, d, generator=g)
+        S = X @ X.mT / d
+        A = S.mT.contiguous().mT  # column-major, LAPACK's layout
+        reflectors, tau = torch.geqrf(A)
+        kernels = {"geqrf": lambda: torch.geqrf(A),
+                   "ormqr": lambda: torch.ormqr(reflectors, tau, A, left=False),
+                   "product": lambda: torch.bmm(S, X),
+                   "linalg_qr": lambda: torch.linalg.qr(S)}
+        row = {"d": d, "factors": count}
+        for name, fn in kernels.items():
+            fn()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            row[f"{name}_ms"] = min(times) * 1e3
+        row["klkern_ms"] = row["geqrf_ms"] + 2 * row["ormqr_ms"]
+        row["peers_ms"] = row["product_ms"] + row["linalg_qr_ms"]
+        rows.append(row)
+    return {"rows": rows, "klkern_ms": sum(r["klkern_ms"] for r in rows),
+            "peers_ms": sum(r["peers_ms"] for r in rows)}
 
 
 def profile_refresh(model: str, reps: int = 3) -> dict:
@@ -215,7 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--source", action="append", default=[], metavar="NAME=DIR",
                     help="a peer that is not a package: soap=DIR (the public SOAP's soap.py)")
     ap.add_argument("--only", default="", help="comma-separated implementations to run (default: all)")
-    ap.add_argument("--no-profile", action="store_true", help="skip the profile of klkern's refresh")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profile of klkern's refresh and the timing of its kernels alone")
     ap.add_argument("--profile-only", action="store_true", help="only the profile of klkern's refresh (no peers)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer_step_cpu.md")
     args = ap.parse_args(argv)
@@ -253,20 +298,21 @@ def main(argv=None) -> int:
                 if key not in best or ("ms" in r and r["ms"] < best[key].get("ms", float("inf"))):
                     best[key] = r
     profile = {} if args.no_profile else profile_refresh(args.model)
+    floor = {} if args.no_profile else refresh_floor(args.model)
     meta = {"date": utc_now(), "commit": git_commit(), "device": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "model": args.model, "shapes": SHAPES[args.model], "rounds": args.rounds, "warmup": args.warmup,
             "versions": {impl: version_of(impl, dist, sources) for _, impl, dist, _ in impls}, "skipped": skipped}
     rows = [{"period": f, "algorithm": a, "implementation": i, **r} for (f, a, i), r in best.items()]
-    write(args.out, meta, rows, profile)
+    write(args.out, meta, rows, profile, floor)
     print(f"wrote {args.out}")
     return 0
 
 
-def write(out: Path, meta: dict, rows: list, profile: dict) -> None:
+def write(out: Path, meta: dict, rows: list, profile: dict, floor: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "refresh_profile": profile},
-                                                   indent=1) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "refresh_profile": profile,
+                                                    "refresh_floor": floor}, indent=1) + "\n")
     title = "Amortised step against peers" if rows else "Where klkern's eigenbasis refresh goes"
     lines = [f"# {title} ({meta['model']}, float32, CPU)", "",
              f"{meta['date']}, klkern {meta['commit']}, torch {meta['torch']}, Python {meta['python']}, "
@@ -299,6 +345,18 @@ def write(out: Path, meta: dict, rows: list, profile: dict) -> None:
         for name, p in profile.items():
             lines.append(f"| {name} | {p['step_ms']:.0f} | {p['refresh_ms']:.0f} | {p['qr_ms']:.0f} | "
                          f"{p['products_ms']:.0f} | {p['memory_ms']:.0f} | {p['other_ms']:.0f} |")
+    if floor:
+        lines += ["", "## The refresh's kernels alone (ms, best of 3, each on the stack of all factors of one size)",
+                  "", "klkern refreshes a factor with one geqrf and two ormqr (Q V, and T V for the factor in its "
+                  "new basis); the peers with one product S Q and one torch.linalg.qr (geqrf, then orgqr to form "
+                  "Q). Neither sum counts the momentum's carry or the step's own products.", "",
+                  "| d | factors | geqrf | ormqr | product | linalg.qr | klkern: geqrf + 2 ormqr | "
+                  "peers: product + linalg.qr |", "|---|---|---|---|---|---|---|---|"]
+        for r in floor["rows"]:
+            lines.append(f"| {r['d']} | {r['factors']} | {r['geqrf_ms']:.0f} | {r['ormqr_ms']:.0f} | "
+                         f"{r['product_ms']:.0f} | {r['linalg_qr_ms']:.0f} | {r['klkern_ms']:.0f} | "
+                         f"{r['peers_ms']:.0f} |")
+        lines.append(f"| all | | | | | | {floor['klkern_ms']:.0f} | {floor['peers_ms']:.0f} |")
     out.write_text("\n".join(lines) + "\n")
 
 

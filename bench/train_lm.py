@@ -270,9 +270,9 @@ class RefreshCounter:
     def __enter__(self):
         self._saved = (F_klkern.power_step, F_klkern.batched_qr)
 
-        def power_step(R, order=None):
+        def power_step(R, *args, **kwargs):
             self.count += R.shape[0]
-            return self._saved[0](R, order)
+            return self._saved[0](R, *args, **kwargs)
 
         def batched_qr(A, *args, **kwargs):
             self.count += A.shape[0]

@@ -32,7 +32,7 @@ import torch
 
 from . import _backend, _distributed, _errors, _guard, _precision
 from ._blocking import plan_for, writes_into
-from ._functional import ALGORITHMS, state_names
+from ._functional import ALGORITHMS, column_major, state_names
 from ._options import build_defaults, factor_beta, validate_group
 
 __all__ = ["ShampooFamilyOptimizer", "tensor_bytes"]
@@ -104,8 +104,15 @@ class _Slot:
     @classmethod
     def stack(cls, members: list[dict]) -> "_Slot":
         names = list(members[0].keys())
-        bufs = {name: torch.stack([block[name] for block in members]) for name in names}
+        bufs = {name: _stacked([block[name] for block in members]) for name in names}
         return cls.adopt(members, bufs)
+
+
+def _stacked(tensors: list) -> torch.Tensor:
+    """torch.stack that keeps a column-major layout (the CPU's bases, _functional.column_major)."""
+    if column_major(tensors[0]):
+        return torch.stack([t.mT for t in tensors]).mT
+    return torch.stack(tensors)
 
 
 _WRITTEN = object()  # marks a block whose update a kernel applied to the parameter

@@ -175,10 +175,15 @@ class BasisChange:
     def __init__(self, V=None, reflectors=None, tau=None, signs=None):
         self.V, self.reflectors, self.tau, self.signs = V, reflectors, tau, signs
 
-    def apply(self, X: torch.Tensor) -> torch.Tensor:
+    def apply(self, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``X V``, written into ``out`` when given (``out`` may be X itself). With reflectors,
+        a column-major float32 ``out`` (LAPACK's layout, e.g. ``X.mT.contiguous().mT``) is
+        written in place; another layout costs torch.ormqr a temporary and a transposing copy."""
         if self.V is not None:
-            return _exact_mm(X, self.V)
-        return torch.ormqr(self.reflectors, self.tau, X, left=False, transpose=False).mul_(self.signs.unsqueeze(-2))
+            Y = _exact_mm(X, self.V)
+            return Y if out is None else out.copy_(Y)
+        Y = torch.ormqr(self.reflectors, self.tau, X, left=False, transpose=False, out=out)
+        return Y.mul_(self.signs.unsqueeze(-2))
 
     def split(self, sizes: list[int]) -> list["BasisChange"]:
         """Per part of the leading (batch) dim: the changes of a stack that was concatenated."""
@@ -199,7 +204,8 @@ def applies_reflectors(A: torch.Tensor) -> bool:
     return not A.is_cuda and A.numel() > 0
 
 
-def power_step(R: torch.Tensor, order: torch.Tensor | None = None) -> tuple[BasisChange, torch.Tensor]:
+def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> tuple[BasisChange, torch.Tensor]:
     """One QR power-iteration step of a factor held in its eigenbasis, without leaving it.
 
     With ``S = Q R Q^T`` (Q orthogonal, R (B, d, d) symmetric float32/float64) the refresh
@@ -210,6 +216,7 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None) -> tuple[Basi
     same symmetric matrix; symmetric up to rounding, as the factors' products are, and the
     asymmetry does not grow over refreshes, measured ~5e-8).
     ``order`` (B, d) is the column permutation Pi (SOAP sorts by diag(R)); None is the identity.
+    ``out`` (B, d, d), R's dtype, may be R itself: receives R_new instead of a new tensor.
 
     Cost per factor: one QR and, on the CPU, one reflector application (T Pi^T V); on CUDA
     (batched_qr, explicit V) two products. No product forms ``Q R`` or ``Q^T Q_new``: against
@@ -217,23 +224,44 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None) -> tuple[Basi
     Non-finite R gives an all-NaN V and R_new for that matrix, as batched_qr does.
     """
     # R Pi, read as the transpose of Pi^T R (R is symmetric up to rounding): column-major, which
-    # LAPACK takes without a copy
-    A = (R if order is None else R.gather(-2, order.unsqueeze(-1).expand_as(R))).mT
+    # LAPACK takes without a transposing copy; the rows of Pi^T R are whole-row copies
+    A = (R if order is None else rows_gather(R, order)).mT
     if not applies_reflectors(A):
         V = batched_qr(A)
-        return BasisChange(V=V), _exact_mm(_exact_mm(V.mT, R), V)
-    finite = torch.isfinite(A).flatten(-2).all(-1)
+        R_new = _exact_mm(_exact_mm(V.mT, R), V)
+        return BasisChange(V=V), R_new if out is None else out.copy_(R_new)
+    # max and min propagate NaN and are one read each (isfinite writes a d x d mask)
+    finite = torch.isfinite(A.amax((-2, -1))) & torch.isfinite(A.amin((-2, -1)))
+    private = order is not None  # A is a copy here, which geqrf may overwrite
     if not bool(finite.all()):
-        A = torch.where(finite[..., None, None], A, torch.eye(A.shape[-1], dtype=A.dtype))
-    reflectors, tau = torch.geqrf(A)
+        A, private = torch.where(finite[..., None, None], A, torch.eye(A.shape[-1], dtype=A.dtype)), False
+    # in place on a private column-major copy (geqrf's own copy of its input saved); a where()
+    # result is row-major, so geqrf copies that one itself
+    reflectors, tau = torch.geqrf(A, out=(A, A.new_empty(A.shape[:-1]))) if private else torch.geqrf(A)
     diag = torch.diagonal(reflectors, dim1=-2, dim2=-1)
     signs = torch.where(diag < 0, -1.0, 1.0).to(A.dtype)
     signs = torch.where(finite.unsqueeze(-1), signs, float("nan"))
     change = BasisChange(reflectors=reflectors, tau=tau, signs=signs)
-    T = reflectors.triu().mul_(signs.unsqueeze(-1))  # diag(s) T: the triangle of the sign-fixed QR
-    if order is not None:  # T Pi^T: column j of T goes to column order[j]
-        T = torch.empty_like(T).scatter_(-1, order.unsqueeze(-2).expand_as(T), T)
-    # ormqr returns T Pi^T V in column-major memory; its transpose (the same symmetric matrix up to
-    # rounding) is row-major, so storing it is a plain copy instead of a transposing one (~40 ms
-    # per 3072 x 3072 factor on a 2-core CPU)
-    return change, change.apply(T).mT
+    # T = diag(s) T_h, the triangle of the sign-fixed QR, built transposed: geqrf's output is
+    # column-major, so its transpose is row-major and tril, the sign scaling and the row gather
+    # below are contiguous passes (triu and scatter on the column-major layout cost 2-3x more)
+    Tt = reflectors.mT.tril().mul_(signs.unsqueeze(-2))  # T^T
+    if order is not None:  # T Pi^T: column j of T goes to column order[j], i.e. row c of its
+        # transpose is row inverse[c] of T^T
+        inverse = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        Tt = rows_gather(Tt, inverse)
+    # Tt.mT (column-major) is what ormqr wants without a transposing copy. ormqr returns
+    # T Pi^T V column-major; its transpose (the same symmetric matrix up to rounding) is row-major,
+    # so storing it is a plain copy instead of a transposing one
+    return change, change.apply(Tt.mT, out=None if out is None else out.mT).mT
+
+
+def rows_gather(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``X[b, index[b, i], :]`` for a stack X (B, n, d) and index (B, r) (int64): whole-row
+    copies, one index_select over the flattened rows (a gather with the index expanded over
+    the rows' entries costs ~1.7x more on the CPU at d = 3072). Returns (B, r, d), row-major."""
+    B, n, d = X.shape
+    offsets = torch.arange(B, device=X.device).unsqueeze(-1) * n
+    flat = X.reshape(B * n, d).index_select(0, (index + offsets).reshape(-1))
+    return flat.reshape(B, index.shape[-1], d)

@@ -124,8 +124,14 @@ def test_peer_step_smoke(tmp_path):
     for name, prof in data["refresh_profile"].items():
         assert prof["refresh_ms"] > 0 and prof["step_ms"] > 0 and prof["qr_ms"] > 0, name
         assert prof["qr_ms"] + prof["products_ms"] + prof["memory_ms"] <= 1.05 * prof["refresh_ms"], name
+    floor = data["refresh_floor"]
+    assert [(r["d"], r["factors"]) for r in floor["rows"]] == [(24, 6), (40, 2)]
+    for r in floor["rows"]:
+        assert min(r["geqrf_ms"], r["ormqr_ms"], r["product_ms"], r["linalg_qr_ms"]) > 0
+        assert r["klkern_ms"] == r["geqrf_ms"] + 2 * r["ormqr_ms"]
     text = out.read_text()
     assert "| 1 | KL-Shampoo | klkern |" in text and "Where klkern's refresh goes" in text
+    assert "The refresh's kernels alone" in text and "| 40 | 2 |" in text
     for peer in ("HeavyBall", "pytorch-optimizer", "Emerging-Optimizers"):
         if peer not in data["meta"]["versions"]:
             assert any(s.startswith(peer) for s in data["meta"]["skipped"]), peer

@@ -124,3 +124,37 @@ def test_power_step_split_matches_the_parts():
     parts = change.split([2, 3])
     joined = torch.cat([parts[0].apply(X[:2]), parts[1].apply(X[2:])])
     assert torch.equal(joined, change.apply(X))
+
+
+def test_rows_gather_is_a_batched_row_gather():
+    """rows_gather(X, index) == X.gather over rows, for tiny, odd and partial (r < n) indexes."""
+    g = torch.Generator().manual_seed(2)
+    for B, n, d, r in [(1, 1, 1, 1), (3, 5, 7, 5), (2, 9, 4, 3)]:
+        X = torch.randn(B, n, d, generator=g)
+        index = torch.stack([torch.randperm(n, generator=g)[:r] for _ in range(B)])
+        want = X.gather(1, index.unsqueeze(-1).expand(B, r, d))
+        assert torch.equal(linalg.rows_gather(X, index), want)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["reflectors", "explicit-V"])
+@pytest.mark.parametrize("sort", [False, True])
+def test_power_step_and_apply_write_into_out_exactly(explicit, sort, monkeypatch):
+    """The refresh writes R_new and Q V into the state itself (``out``, which may be the input):
+    the values are bit-equal to the results as new tensors, for out = the input, out = another
+    tensor, and row- or column-major layouts (LAPACK's column-major one is written in place)."""
+    monkeypatch.setattr(linalg, "applies_reflectors", lambda A: not explicit and A.numel() > 0)
+    g = torch.Generator().manual_seed(3)
+    Q, R = _factor_in_basis(3, 33, torch.float32, g)
+    order = torch.argsort(torch.diagonal(R, dim1=-2, dim2=-1), dim=-1, descending=True) if sort else None
+    change, R_new = linalg.power_step(R.clone(), order)
+    R_in = R.clone()
+    change_in, R_into = linalg.power_step(R_in, order, out=R_in)
+    assert R_into.data_ptr() == R_in.data_ptr() and torch.equal(R_into, R_new)
+    other = torch.empty_like(R)
+    assert torch.equal(linalg.power_step(R.clone(), order, out=other)[1], R_new)
+    Q_new = change.apply(Q)
+    assert torch.equal(change_in.apply(Q), Q_new)
+    for X in (Q.clone(), Q.mT.contiguous().mT):  # row-major, column-major
+        ptr = X.data_ptr()
+        Y = change_in.apply(X, out=X)
+        assert Y.data_ptr() == ptr and torch.equal(Y, Q_new)
