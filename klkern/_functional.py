@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from . import _precision
+from . import _precision, linalg
 from .linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
 
 __all__ = ["ALGORITHMS"]
@@ -298,8 +298,8 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
     """The eigenbasis refresh of the rotated factors at step t (SPEC step 6), Q <- qr(S Q) = qr(Q R).
 
     Per factor: one QR of R (linalg.power_step: qr(Q R) = Q qr(R)), Q <- Q V, R <- V^T R V, and
-    the rotated momentum exp_avg carried into the new basis (X x_k V^T); the factors of one size
-    go through one QR call. With ``sort_v`` (SOAP) the columns are first sorted by diag(R)
+    the rotated momentum exp_avg carried into the new basis (X x_k V^T); on CUDA the factors of one
+    size go through one QR call. With ``sort_v`` (SOAP) the columns are first sorted by diag(R)
     descending and exp_avg_sq is permuted along that mode. Every REORTHOGONALIZE_EVERY-th refresh
     forms Q R and its QR instead (same result in exact arithmetic; resets Q's orthogonality).
 
@@ -325,15 +325,16 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
                 orders[k] = order
                 _put(bufs, "exp_avg_sq", chosen.get(k), lambda v, k=k: v.gather(
                     k + 1, _along(orders[k], k, v.dim() - 1).expand_as(v)))
-    by_size: dict[int, list[int]] = {}
-    for k in Qs:  # modes of one size go through one QR call
-        by_size.setdefault(Rs[k].shape[-1], []).append(k)
+    by_size: dict = {}
+    for k in Qs:  # with an explicit V (CUDA), modes of one size go through one batched QR call;
+        # LAPACK's reflectors (CPU) take the matrices one at a time, so there each mode keeps its
+        # own call and its results are written into its state directly (no concatenation, no copies)
+        size = Rs[k].shape[-1]
+        by_size.setdefault((size, k) if linalg.applies_reflectors(Rs[k]) else size, []).append(k)
     for group in by_size.values():
         def joined(parts: dict):
             return parts[group[0]] if len(group) == 1 else torch.cat([parts[k] for k in group])
         Q, R = joined(Qs), joined(Rs)
-        if len(group) > 1 and column_major(Qs[group[0]]):  # keep the bases' layout (see BASES_COLUMN_MAJOR)
-            Q = torch.cat([Qs[k].mT for k in group]).mT
         if any(k in orders for k in group):  # sorted columns (SOAP), the identity where already sorted
             order = joined({k: orders.get(k, torch.arange(Rs[k].shape[-1], device=Rs[k].device).expand(
                 Rs[k].shape[:-1])) for k in group})

@@ -244,24 +244,32 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
     change = BasisChange(reflectors=reflectors, tau=tau, signs=signs)
     # T = diag(s) T_h, the triangle of the sign-fixed QR, built transposed: geqrf's output is
     # column-major, so its transpose is row-major and tril, the sign scaling and the row gather
-    # below are contiguous passes (triu and scatter on the column-major layout cost 2-3x more)
-    Tt = reflectors.mT.tril().mul_(signs.unsqueeze(-2))  # T^T
-    if order is not None:  # T Pi^T: column j of T goes to column order[j], i.e. row c of its
-        # transpose is row inverse[c] of T^T
+    # below are contiguous passes (triu and scatter on the column-major layout cost 2-3x more).
+    # T^T is built in ``out`` (R's memory is free once geqrf has read it) and T Pi^T V is then
+    # computed in place on it: ormqr's column-major layout is T^T's memory, and its result's
+    # transpose is R_new, so no copy is made beyond the passes that build T
+    home = out if out is not None and out.is_contiguous() else None
+    if order is None:
+        Tt = torch.tril(reflectors.mT, out=home) if home is not None else reflectors.mT.tril()
+        Tt.mul_(signs.unsqueeze(-2))
+    else:  # T Pi^T: column j of T goes to column order[j], i.e. row c of its transpose is row
+        # inverse[c] of T^T
         inverse = torch.empty_like(order).scatter_(
             -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-        Tt = rows_gather(Tt, inverse)
-    # Tt.mT (column-major) is what ormqr wants without a transposing copy. ormqr returns
-    # T Pi^T V column-major; its transpose (the same symmetric matrix up to rounding) is row-major,
-    # so storing it is a plain copy instead of a transposing one
-    return change, change.apply(Tt.mT, out=None if out is None else out.mT).mT
+        Tt = rows_gather(reflectors.mT.tril().mul_(signs.unsqueeze(-2)), inverse, out=home)
+    R_new = change.apply(Tt.mT, out=Tt.mT).mT
+    return change, R_new if out is None or R_new.data_ptr() == out.data_ptr() else out.copy_(R_new)
 
 
-def rows_gather(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def rows_gather(X: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``X[b, index[b, i], :]`` for a stack X (B, n, d) and index (B, r) (int64): whole-row
     copies, one index_select over the flattened rows (a gather with the index expanded over
-    the rows' entries costs ~1.7x more on the CPU at d = 3072). Returns (B, r, d), row-major."""
+    the rows' entries costs ~1.7x more on the CPU at d = 3072). Returns (B, r, d), row-major,
+    or ``out`` (contiguous (B, r, d), not overlapping X) filled with it."""
     B, n, d = X.shape
     offsets = torch.arange(B, device=X.device).unsqueeze(-1) * n
-    flat = X.reshape(B * n, d).index_select(0, (index + offsets).reshape(-1))
-    return flat.reshape(B, index.shape[-1], d)
+    rows = (index + offsets).reshape(-1)
+    if out is not None:
+        torch.index_select(X.reshape(B * n, d), 0, rows, out=out.view(B * index.shape[-1], d))
+        return out
+    return X.reshape(B * n, d).index_select(0, rows).reshape(B, index.shape[-1], d)

@@ -245,15 +245,16 @@ def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weigh
             for lam, proj in zip(lams, eigenvalue_projection(lams, G, Qs))]
 
 
-def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold) -> float:
+def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold, t: int) -> float:
     """``spike_threshold`` (klkern's, not the SPEC's): the factor an outlier gradient is scaled
-    by before steps 1-5 see it. With r_k = proj_k / lam_k (:func:`eigenvalue_projection`, the
+    by at step t before steps 1-5 see it; never at t = 1, whose projection sets the scale of
+    estimates that start from a constant (init_factor=0.1). With r_k = proj_k / lam_k (:func:`eigenvalue_projection`, the
     estimates before this step) and the whitened energy per entry e = mean(Gr^2 / prod_k lam_k)
     (= mean_i r_k_i for any k): when e exceeds ``threshold`` the factor is
     sqrt(min(1, max(SPIKE_CLIP / max_k max_i r_k_i, SPIKE_GROWTH / e))), so no direction holds
     more than SPIKE_CLIP times its estimate unless that would leave the whole gradient below
     SPIKE_GROWTH; otherwise 1. None: always 1."""
-    if threshold is None:
+    if threshold is None or t == 1:
         return 1.0
     energy = float(lam_product(lams, G.dim()).reciprocal().mul(rotate(G, Qs) ** 2).mean())
     if not energy > threshold:
@@ -445,7 +446,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
     def _block_step(self, b, G, mask, group, t):
         beta1, beta2 = group["betas"][0], factor_beta(group)
         # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
-        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold") if t > 1 else None)
+        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"), t)
         b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
         first = group.get("eigenvalues_first", False)  # steps 4-5 before 2-3 (Adam's order)
         if not first:
@@ -488,7 +489,7 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
         beta1, adam_beta2 = group["betas"]
         beta2 = factor_beta(group)
         # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
-        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold") if t > 1 else None)
+        G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"), t)
         Gr = rotate(G, b["Q"])
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
         U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import klkern
-from klkern import _functional as F
+from klkern import _functional as F, linalg
 from klkern._optimizer import _hyper
 
 ALGOS = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP}
@@ -45,10 +45,13 @@ def _orthogonality(bufs, mask):
 @pytest.mark.parametrize("algorithm", sorted(ALGOS))
 @pytest.mark.parametrize("shape", [(6, 4), (9, 16), (5, 3, 7), (12, 12)])
 @pytest.mark.parametrize("direct", [False, True], ids=["power_step", "qr-of-QR"])
-def test_refresh_keeps_the_factors_and_the_momentum(algorithm, shape, direct):
+@pytest.mark.parametrize("explicit", [False, True], ids=["reflectors", "explicit-V"])
+def test_refresh_keeps_the_factors_and_the_momentum(algorithm, shape, direct, explicit, monkeypatch):
     """Both routes leave S_k and the momentum in the parameter's basis unchanged (1e-5 relative,
     float32) and return orthogonal bases (1e-5). Shapes: 2-D, odd, 3-D (a middle mode), equal
-    sizes (modes of one size share one QR call)."""
+    sizes (with an explicit V, CUDA's route, modes of one size share one QR call; with LAPACK's
+    reflectors each mode is refreshed on its own, in place in the state)."""
+    monkeypatch.setattr(linalg, "applies_reflectors", lambda A: not explicit and A.numel() > 0)
     bufs, mask, hp = _state(algorithm, shape)
     S_before, M_before = _in_parameter_basis(bufs, mask)
     t = F.REORTHOGONALIZE_EVERY if direct else 1
