@@ -248,9 +248,10 @@ def eigenvalue_update(lams: list, G: torch.Tensor, Qs: list, beta2: float, weigh
 def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold, t: int) -> float:
     """``spike_threshold`` (klkern's, not the SPEC's): the factor an outlier gradient is scaled
     by at step t before steps 1-5 see it; never at t = 1, whose projection sets the scale of
-    estimates that start from a constant (init_factor=0.1). With r_k = proj_k / lam_k (:func:`eigenvalue_projection`, the
-    estimates before this step) and the whitened energy per entry e = mean(Gr^2 / prod_k lam_k)
-    (= mean_i r_k_i for any k): when e exceeds ``threshold`` the factor is
+    estimates that start from a constant (init_factor=0.1). With r_k = proj_k / lam_k
+    (:func:`eigenvalue_projection`, the estimates before this step) and the whitened energy per
+    entry e = mean(Gr^2 / prod_k lam_k) (= mean_i r_k_i for any k): when e exceeds
+    ``threshold`` the factor is
     sqrt(min(1, max(SPIKE_CLIP / max_k max_i r_k_i, SPIKE_GROWTH / e))), so no direction holds
     more than SPIKE_CLIP times its estimate unless that would leave the whole gradient below
     SPIKE_GROWTH; otherwise 1. None: always 1."""
