@@ -233,7 +233,9 @@ def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, sha
             logdet = logdet + (N / shape[k]) * torch.log(lam.double().clamp(min=1e-300)).sum(1)
     ratio = torch.clamp(q, min=1e-300) / torch.clamp(energy, min=1e-300)
     objective = 0.5 * (torch.log(ratio) + logdet / N)
-    finite = torch.isfinite(objective)
+    # q = 0 measures nothing: a zero gradient, or one whose squares underflow float32 in the KL
+    # variants' projection (|g| below ~1e-23), which would fold in log(1e-300): the EMA is kept
+    finite = torch.isfinite(objective) & (q > 0)
     keep = torch.where(finite, KL_TRACK_BETA, 1.0).to(bufs["kl"].dtype)
     add = torch.where(finite, 1 - KL_TRACK_BETA, 0.0).to(bufs["kl"].dtype)
     objective = torch.where(finite, objective.clamp(-KL_LIMIT, KL_LIMIT), 0.0).to(bufs["kl"].dtype)

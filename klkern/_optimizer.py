@@ -762,9 +762,13 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         for i, block in enumerate(value["blocks"]):
             if block is None:
                 continue
-            missing = state_names(path, plan.masks[i]) - set(block)
+            wanted = state_names(path, plan.masks[i])
+            missing, foreign = wanted - set(block), set(block) - wanted
             if missing:
                 raise ValueError(f"{where}, block {i}, lacks {sorted(missing)}{hint}")
+            if foreign:  # e.g. KL-SOAP's exp_avg_sq and lam* in a KL-Shampoo or SOAP load
+                raise ValueError(f"{where}, block {i}, holds {sorted(foreign)}, which a {type(self).__name__} "
+                                 f"block does not{hint}")
             if tuple(block["exp_avg"].shape) != plan.block_shape(i):
                 raise ValueError(f"{where}, block {i}, holds moments of shape {tuple(block['exp_avg'].shape)}, "
                                  f"the block is {plan.block_shape(i)}{hint}")

@@ -584,6 +584,26 @@ def test_a_state_dict_of_another_optimizer_or_model_is_refused_at_load(cls):
     _steps(opt, params, 2, 1)
 
 
+@pytest.mark.parametrize("source,target,foreign", [
+    (klkern.KLSOAP, klkern.KLShampoo, r"\['exp_avg_sq'\]"),
+    (klkern.KLSOAP, klkern.SOAP, r"\['lam0', 'lam1'\]"),
+    (klkern.SOAP, klkern.KLSOAP, r"lacks \['lam0', 'lam1'\]"),
+], ids=["klsoap-into-klshampoo", "klsoap-into-soap", "soap-into-klsoap"])
+def test_a_state_dict_holding_more_than_this_optimizer_keeps_is_refused(source, target, foreign):
+    """Found by a new user: KL-SOAP's state (a superset of KL-Shampoo's and SOAP's names) loaded
+    into KL-Shampoo or SOAP and stepped. A block holding names this optimizer does not keep is
+    now refused like one that lacks names, and the optimizer is left as it was."""
+    params = [torch.nn.Parameter(torch.randn(6, 5)) for _ in range(2)]
+    src = source(params)
+    _steps(src, params, 0, 2)
+    opt = target(params)
+    _steps(opt, params, 0, 2)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"loaded state dict: the state of parameter 0 .*" + foreign):
+        opt.load_state_dict(src.state_dict())
+    _same_state(opt.state_dict(), before)
+
+
 def test_diagnostics_needs_named_parameters():
     params = _params()
     opt = klkern.KLShampoo(params)

@@ -94,6 +94,37 @@ def test_tracked_kl_equals_an_independent_computation(name):
     assert abs(tracked - ema / weight) <= KL_RTOL * abs(ema / weight) + KL_ATOL
 
 
+@pytest.mark.parametrize("name", ["KLShampoo", "KLSOAP", "SOAP"])
+def test_a_gradient_with_nothing_measurable_leaves_the_tracked_kl(name):
+    """Found by a new user: one gradient of ~1e-30 (its squares underflow float32 in the KL
+    variants' projection) folded log(1e-300) into the EMA, ~0.04 -> -53. A step whose objective
+    measures nothing (a zero gradient, or such an underflow) now leaves the EMA exactly. SOAP's
+    tracking is float64 throughout, so there the tiny gradient is measured, scale-free: the same
+    EMA as the gradient at scale 1 (1e-6 relative)."""
+    def run(grad_scale):
+        torch.manual_seed(4)
+        p = torch.nn.Parameter(torch.randn(7, 6))
+        opt = getattr(klkern, name)([p], lr=1e-2, precondition_frequency=3)
+        for _ in range(6):
+            p.grad = torch.randn(7, 6)
+            opt.step()
+        before = opt.diagnostics()[0]["kl"]
+        p.grad = torch.randn(7, 6) * grad_scale
+        opt.step()
+        return opt, p, before, opt.diagnostics()[0]["kl"]
+
+    opt, p, before, tiny = run(1e-30)
+    _, _, _, unit = run(1.0)
+    assert unit != before
+    if name == "SOAP":
+        assert abs(tiny - unit) <= 1e-6 * abs(unit)
+    else:
+        assert tiny == before
+    p.grad = torch.zeros(7, 6)
+    opt.step()
+    assert opt.diagnostics()[0]["kl"] == tiny
+
+
 def test_staleness_is_zero_for_an_exact_basis_and_grows_with_a_stale_one():
     torch.manual_seed(3)
     fresh = torch.nn.Parameter(torch.randn(6, 6))
