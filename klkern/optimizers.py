@@ -17,7 +17,10 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   ``large_dim_policy``); 0 preconditions nothing: every parameter takes the
   AdamW path (the SOAP release's way to get Adam everywhere).
 * ``merge_dims`` (False): merge consecutive modes while their product stays
-  at most ``max_precond_dim``.
+  at most ``max_precond_dim``. A parameter with at most ``max_precond_dim``
+  entries becomes one mode, which takes the AdamW path unless
+  ``precondition_1d`` (as in the SOAP release); lower ``max_precond_dim``
+  to keep such weights preconditioned.
 * ``precondition_1d`` (False): precondition 1-D parameters with a full factor
   instead of the AdamW path.
 * ``data_format`` ("channels_first"): "channels_last" treats a 4-D
