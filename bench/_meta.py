@@ -41,9 +41,8 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, reps: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``reps`` calls, the device synchronised around each."""
-    import statistics
+def times_ms(fn, device, reps: int) -> list:
+    """Wall times of ``reps`` calls of ``fn()`` in ms, the device synchronised around each."""
     import time
 
     times = []
@@ -53,4 +52,11 @@ def median_ms(fn, device, reps: int) -> float:
         fn()
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn, device, reps: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` calls, the device synchronised around each."""
+    import statistics
+
+    return statistics.median(times_ms(fn, device, reps))

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, times_ms, utc_now  # noqa: E402
 from klkern._optimizer import tensor_bytes  # noqa: E402
 
 SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)],
@@ -181,13 +181,8 @@ def refresh_floor(model: str, reps: int = 3) -> dict:
                    "linalg_qr": lambda: torch.linalg.qr(S)}
         row = {"d": d, "factors": count}
         for name, fn in kernels.items():
-            fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            row[f"{name}_ms"] = min(times) * 1e3
+            fn()  # warm-up
+            row[f"{name}_ms"] = min(times_ms(fn, "cpu", reps))
         row["klkern_ms"] = row["geqrf_ms"] + 2 * row["ormqr_ms"]
         row["peers_ms"] = row["product_ms"] + row["linalg_qr_ms"]
         rows.append(row)

@@ -257,8 +257,8 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
         inverse = torch.empty_like(order).scatter_(
             -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         Tt = rows_gather(reflectors.mT.tril().mul_(signs.unsqueeze(-2)), inverse, out=home)
-    R_new = change.apply(Tt.mT, out=Tt.mT).mT
-    return change, R_new if out is None or R_new.data_ptr() == out.data_ptr() else out.copy_(R_new)
+    change.apply(Tt.mT, out=Tt.mT)  # Tt now holds R_new (the transpose of T Pi^T V)
+    return change, Tt if home is out else out.copy_(Tt)
 
 
 def rows_gather(X: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
