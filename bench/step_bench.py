@@ -9,7 +9,8 @@ Triton path step the same parameter set (12 layers of (2304, 768),
 (768, 768), (3072, 768), (768, 3072) weights, biases and LayerNorms,
 position embeddings (1024, 768); token embeddings (50257, 768), which take
 the AdamW path, or for SOAP an unrotated 50257 side) with random gradients,
-side by side in one process, at the same precision. Reported per row:
+side by side in one process, at the same precision, and (on CUDA) the torch path
+with klkern's own CUDA graph of the steady step (``cuda_graph=True``). Reported per row:
 median and mean step time over ``--steps`` timed steps (precondition
 frequency 10: the mean includes refreshes), the Triton/torch speedup, the
 achieved TFLOP/s of the step's matrix products (counted from the shapes: per
@@ -17,7 +18,9 @@ preconditioned mode of size d of a block of N entries, 2 N d for each
 rotation, each rotation back and each factor product; refreshes not counted)
 against the device's peak at that precision, peak memory above the
 parameters and gradients, and the cuBLAS time of the same products at the
-same precision (the "GEMM floor"). A second table times
+same precision (the "GEMM floor"), and the aten operations one steady step dispatches
+(each a launch when it computes) and the values it reads back to the host
+(klkern._dispatch.DispatchCounter, counted once per row on the torch path). A second table times
 ``precondition_frequency=1`` (an eigenbasis refresh every step, the setting of
 recent KL-SOAP speedrun records). Writes ``step_<device>.json`` and ``.md``
 under ``--out`` as each table completes.
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
 from bench._meta import git_commit, median_ms, sync, utc_now  # noqa: E402
+from klkern._dispatch import DispatchCounter  # noqa: E402
 from klkern import _precision  # noqa: E402
 from klkern._blocking import plan_for  # noqa: E402
 
@@ -164,10 +168,22 @@ def initialised(name, mode, params, grads, **kw):
     return _INITIALISED[key]
 
 
-def measure(name, backend, mode, params, grads, steps, **kw):
+def count_dispatches(opt, params, grads) -> dict:
+    """Aten operations and host reads of one steady step (after a warm-up step)."""
+    for _ in range(2):
+        for p, g in zip(params, grads):
+            p.grad = g
+        if _ == 0:
+            opt.step()
+    with DispatchCounter() as counter:
+        opt.step()
+    return {"ops": counter.total, "host_reads": counter.host_reads}
+
+
+def measure(name, backend, mode, params, grads, steps, graph=False, count=False, **kw):
     start, state = initialised(name, mode, params, grads, **kw)
     work = [torch.nn.Parameter(p.clone()) for p in start]
-    opt = getattr(klkern, name)(work, backend=backend, matmul_precision=mode, **kw)
+    opt = getattr(klkern, name)(work, backend=backend, matmul_precision=mode, cuda_graph=graph, **kw)
     settings = [dict(g) for g in opt.param_groups]
     opt.load_state_dict(copy.deepcopy(state))
     for group, own in zip(opt.param_groups, settings):  # the loaded groups carry the defaults
@@ -177,10 +193,12 @@ def measure(name, backend, mode, params, grads, steps, **kw):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = time_steps(opt, work, grads, steps, warmup=1)
+    times = time_steps(opt, work, grads, steps, warmup=3 if graph else 1)  # a graph: eager, capture, replay
     row = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
            "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0,
            "state_mib": opt.state_bytes() / 2**20, "flops": step_flops(opt)}
+    if count:
+        row.update(count_dispatches(opt, work, grads))
     del opt, work
     if cuda:
         torch.cuda.empty_cache()
@@ -220,18 +238,27 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
         lines.append(f"- not run (budget): {', '.join(meta['not_run'])}")
     lines += ["",
              "## precondition_frequency 10", "",
-             "| precision | optimizer | torch median ms | triton median ms | speedup (median) | speedup (mean) | "
-             "triton TFLOP/s | % of peak | GEMM floor ms | triton / floor | peak extra MiB torch / triton |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| precision | optimizer | torch median ms | triton median ms | graph median ms | torch mean ms "
+             "(amortised) | GEMM floor ms | torch / floor | triton / floor | graph / floor | best TFLOP/s | % of peak "
+             "| ops / step | host reads | peak extra MiB torch / triton |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tflops = r["flops"] / (r["triton"]["median_ms"] * 1e-3) / 1e12
+        graph = r.get("graph")
+        best = min(r[k]["median_ms"] for k in ("torch", "triton", "graph") if r.get(k))
+        tflops = r["flops"] / (best * 1e-3) / 1e12
         pct = f"{100 * tflops / peaks[r['precision']]:.1f}" if peaks else "-"
         lines.append(
             f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | {r['triton']['median_ms']:.2f} | "
-            f"{r['torch']['median_ms'] / r['triton']['median_ms']:.2f} | "
-            f"{r['torch']['mean_ms'] / r['triton']['mean_ms']:.2f} | {tflops:.1f} | {pct} | "
-            f"{r['floor_ms']:.2f} | {r['triton']['median_ms'] / r['floor_ms']:.2f} | "
-            f"{r['torch']['peak_extra_mib']:.0f} / {r['triton']['peak_extra_mib']:.0f} |")
+            f"{graph['median_ms']:.2f} | " if graph else
+            f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | {r['triton']['median_ms']:.2f} | - | ")
+        lines[-1] += (
+            f"{r['torch']['mean_ms']:.2f} | {r['floor_ms']:.2f} | {r['torch']['median_ms'] / r['floor_ms']:.2f} | "
+            f"{r['triton']['median_ms'] / r['floor_ms']:.2f} | "
+            f"{graph['median_ms'] / r['floor_ms']:.2f} | " if graph else
+            f"{r['torch']['mean_ms']:.2f} | {r['floor_ms']:.2f} | {r['torch']['median_ms'] / r['floor_ms']:.2f} | "
+            f"{r['triton']['median_ms'] / r['floor_ms']:.2f} | - | ")
+        lines[-1] += (f"{tflops:.1f} | {pct} | {r['torch'].get('ops', '-')} | {r['torch'].get('host_reads', '-')} | "
+                      f"{r['torch']['peak_extra_mib']:.0f} / {r['triton']['peak_extra_mib']:.0f} |")
     if freq1:
         lines += ["", "## precondition_frequency 1 (a refresh every step)", "",
                   "| precision | optimizer | torch median ms | triton median ms | speedup |", "|---|---|---|---|---|"]
@@ -265,6 +292,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     ap.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
+    ap.add_argument("--no-graph", action="store_true", help="skip the cuda_graph=True column")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="seconds: start no measurement that would likely end past this (0: no limit)")
     args = ap.parse_args(argv)
@@ -293,10 +321,15 @@ def main(argv=None):
             row["floor_ms"] = floors[mode]
         for backend in ("torch", "triton"):
             if kind == "freq10":
-                row[backend] = measure(name, backend, mode, params, grads, args.steps)
+                row[backend] = measure(name, backend, mode, params, grads, args.steps, count=backend == "torch")
             else:
                 row[backend] = measure(name, backend, mode, params, grads, args.freq1_steps,
                                        precondition_frequency=1)
+        if kind == "freq10" and device.type == "cuda" and not args.no_graph:
+            try:
+                row["graph"] = measure(name, "torch", mode, params, grads, args.steps, graph=True)
+            except Exception as err:  # noqa: BLE001 - a result row saying what failed beats no file
+                row["graph_error"] = f"{type(err).__name__}: {err}"[:300]
         row["flops"] = row["triton"]["flops"]
         (rows if kind == "freq10" else freq1).append(row)
         last = time.monotonic() - t0

@@ -1,9 +1,10 @@
-"""The fast torch path: one functional step per algorithm over a stack of blocks.
+"""The torch path's building blocks: initialisation, refresh and diagnostics over a stack.
 
 Every function works on a batch of ``B`` same-shape blocks: ``G`` is
 (B, d_0, ..., d_{n-1}) float32 and ``bufs`` maps state names to stacked
-tensors (B, ...). Differences from the literal reference (all exact
-identities, tested against :mod:`klkern.reference`):
+tensors (B, ...). The steady step of each algorithm is in :mod:`klkern._steps`.
+Differences from the literal reference (all exact identities, tested against
+:mod:`klkern.reference`):
 
 * Kronecker factors are kept in their own eigenbasis, ``R_k = Q_k^T S_k Q_k``
   (SOAP's GG and the KL factors alike), so the factor EMA needs one product
@@ -32,7 +33,7 @@ import torch
 from . import _precision, linalg
 from .linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
 
-__all__ = ["ALGORITHMS"]
+__all__ = ["INITS", "refresh_", "state_names"]
 
 # --------------------------------------------------------------------------
 # batched tensor helpers
@@ -176,7 +177,7 @@ def _kl_names(B: int) -> dict:
     return {"kl": (B,), "kl_weight": (B,)}
 
 
-def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
+def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list, keep: torch.Tensor | None = None) -> None:
     """Fold the KL objective of the block's current estimate, evaluated on the incoming
     rotated gradient ``Gr`` (before the estimate sees it), into an EMA over steps.
 
@@ -189,7 +190,8 @@ def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
 
     In expectation this is KL(E[gg^T], S) - KL(E[gg^T], c I): 0 for an estimate no better
     than the identity, negative when it captures the gradients' structure. It does not
-    depend on the scale of the gradients or of the estimate, so optimizers compare."""
+    depend on the scale of the gradients or of the estimate, so optimizers compare. Blocks with
+    ``keep`` False (a skipped step) leave their EMA as it was."""
     B, shape = Gr.shape[0], tuple(Gr.shape[1:])
     # float64: a product of floored eigenvalues (1e-30 each for SOAP's diagonals of a rank-deficient
     # factor) underflows float32, and Gr^2 over it would overflow; the diagnostic must stay finite.
@@ -204,17 +206,18 @@ def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list) -> None:
         else:
             inverse = lams[k].double().reciprocal().unsqueeze(-1)  # (B, d_k, 1)
             q = torch.bmm(q.reshape(B, -1, shape[k]), inverse).reshape(q.shape[:-1])
-    _fold_kl_(bufs, q, energy, lams, shape)
+    _fold_kl_(bufs, q, energy, lams, shape, keep)
 
 
-def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, Gr: torch.Tensor) -> None:
+def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, Gr: torch.Tensor,
+                        keep: torch.Tensor | None = None) -> None:
     """:func:`track_kl_` for the KL variants from mode k's eigenvalue projection
     proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
     kernels too): q = (N / d_k) sum_i proj_k_i / lam_k_i, against ||Gr||^2 = ||G||^2."""
     shape = tuple(Gr.shape[1:])
     energy = torch.linalg.vector_norm(Gr.reshape(Gr.shape[0], -1), dim=1, dtype=torch.float64).square()
     q = (math.prod(shape) / shape[k]) * (proj.double() / lams[k].double()).sum(1)
-    _fold_kl_(bufs, q, energy, lams, shape)
+    _fold_kl_(bufs, q, energy, lams, shape, keep)
 
 
 # The tracked objective is clamped to this magnitude: a diagnostic, finite whatever the factors
@@ -222,7 +225,8 @@ def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, Gr: 
 KL_LIMIT = 1e6
 
 
-def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, shape: tuple) -> None:
+def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, shape: tuple,
+              keep: torch.Tensor | None = None) -> None:
     """Fold one step's objective into the EMA, computed in float64 and clamped to +-KL_LIMIT
     (a non-finite one, from an overflowing gradient, leaves the EMA as it was)."""
     N = math.prod(shape)
@@ -236,11 +240,13 @@ def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, sha
     # q = 0 measures nothing: a zero gradient, or one whose squares underflow float32 in the KL
     # variants' projection (|g| below ~1e-23), which would fold in log(1e-300): the EMA is kept
     finite = torch.isfinite(objective) & (q > 0)
-    keep = torch.where(finite, KL_TRACK_BETA, 1.0).to(bufs["kl"].dtype)
+    if keep is not None:
+        finite &= keep
+    decay = torch.where(finite, KL_TRACK_BETA, 1.0).to(bufs["kl"].dtype)
     add = torch.where(finite, 1 - KL_TRACK_BETA, 0.0).to(bufs["kl"].dtype)
     objective = torch.where(finite, objective.clamp(-KL_LIMIT, KL_LIMIT), 0.0).to(bufs["kl"].dtype)
-    bufs["kl"].mul_(keep).add_(add * objective)
-    bufs["kl_weight"].mul_(keep).add_(add)
+    bufs["kl"].mul_(decay).add_(add * objective)
+    bufs["kl_weight"].mul_(decay).add_(add)
 
 
 def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
@@ -372,18 +378,18 @@ def _put(bufs: dict, name: str, index, new) -> None:
         bufs[name].index_copy_(0, index, new(_load(bufs, name)[index]).to(bufs[name].dtype))
 
 
-def kl_projections(Gr, lams: list, mask) -> dict:
-    """Step 5's projections from the old lam, per preconditioned mode k:
-    W_k = Gr / prod_{j!=k} lam_j and proj_k = mean over the other modes of W_k * Gr. Returns
-    {k: (W_k, proj_k)}; proj_k has lam_k's shape (B, d_k)."""
-    nd = Gr.dim() - 1
-    out = {}
-    for k in _modes(mask):
-        inv = _lam_product(lams, nd, skip=k)
-        W = Gr if inv is None else Gr / inv
-        others = [j + 1 for j in range(nd) if j != k]
-        out[k] = (W, (W * Gr).mean(dim=others) if others else W * Gr)
-    return out
+def on_blocks_(bufs: dict, index: torch.Tensor | None, fn) -> None:
+    """Run ``fn(bufs)`` on the blocks in ``index`` only (None: all): on copies of their state,
+    written back into the stacked buffers (a refresh at a step where some blocks were skipped)."""
+    if index is None:
+        fn(bufs)
+        return
+    if index.numel() == 0:
+        return
+    part = {name: buf.index_select(0, index) for name, buf in bufs.items()}
+    fn(part)
+    for name, buf in bufs.items():
+        buf.index_copy_(0, index, part[name].to(buf.dtype))
 
 
 # spike_threshold: an outlier gradient is scaled down until no eigendirection's projection exceeds
@@ -391,31 +397,13 @@ def kl_projections(Gr, lams: list, mask) -> dict:
 # beta2 + (1 - beta2) * SPIKE_CLIP, 1.45x at beta2 = 0.95), but never below a whitened energy of
 # SPIKE_GROWTH, so that estimates far below the gradients (a lasting change of scale, or the
 # estimates after a rank-1 first gradient) grow on average and catch up instead of being
-# outrun forever (reference.spike_scale).
+# outrun forever (reference.spike_scale). The step computes the factor of every block of a device
+# at once (klkern._plan.DevicePlan.spike_scales): with the whitened energy per entry
+# e = mean(Gr^2 / prod_k lam_k) = mean_i(proj_k_i / lam_k_i) (about 1 for a gradient the estimate
+# expects) and r = max_k max_i proj_k_i / lam_k_i, it is sqrt(min(1, max(SPIKE_CLIP / r,
+# SPIKE_GROWTH / e))) where e exceeds the threshold, exactly 1 elsewhere.
 SPIKE_CLIP = 10.0
 SPIKE_GROWTH = 2.0
-
-
-def spike_scale(projections: dict, lams: list, threshold):
-    """``spike_threshold``'s factor per block of the stack, (B,) float32, or None when off.
-
-    ``projections``: {k: proj_k (B, d_k)} of this gradient from the old ``lams`` (step 5's,
-    :func:`kl_projections`). The gradient's whitened energy per entry is
-    e = mean(Gr^2 / prod_k lam_k) = mean_i(proj_k_i / lam_k_i) (the same from every mode; about 1
-    for a gradient the estimate expects). Where e exceeds ``threshold`` the factor is
-    sqrt(min(1, max(SPIKE_CLIP / r, SPIKE_GROWTH / e))), r = max_k max_i proj_k_i / lam_k_i;
-    elsewhere exactly 1."""
-    if threshold is None:
-        return None
-    ratios = [projections[k] / lams[k] for k in projections]
-    energy = ratios[0].mean(dim=1)
-    worst = torch.stack([r.amax(dim=1) for r in ratios]).amax(0)
-    squared = torch.clamp(torch.maximum(SPIKE_CLIP / worst, SPIKE_GROWTH / energy), max=1.0)
-    return torch.where(energy > threshold, torch.sqrt(squared), torch.ones_like(energy))
-
-
-def _scale_blocks(X: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return X * scale.view((-1,) + (1,) * (X.dim() - 1))
 
 
 def spike_threshold(hp, t: int):
@@ -424,49 +412,11 @@ def spike_threshold(hp, t: int):
     return hp.get("spike_threshold") if t > 1 else None
 
 
-def _rotated_and_weighted(bufs, G, mask, hp, t):
-    """The rotated gradient, scaled by spike_scale where it is an outlier (exactly as it is
-    elsewhere), and its :func:`kl_projections` from the old lam."""
-    Gr = _rotate(G, _bases(bufs, mask), hp["rotation_mode"])
-    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
-    weighted = kl_projections(Gr, lams, mask)
-    scale = spike_scale({k: proj for k, (_, proj) in weighted.items()}, lams, spike_threshold(hp, t))
-    # (1 is exact; on the CPU a host read costs nothing and saves three passes over the block)
-    if scale is not None and (scale.is_cuda or bool((scale < 1).any())):
-        Gr = _scale_blocks(Gr, scale)
-        weighted = {k: (_scale_blocks(W, scale), _scale_blocks(proj, scale * scale)) for k, (W, proj) in weighted.items()}
-    return Gr, weighted
-
-
-def _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam: bool, t: int, weighted=None) -> None:
-    """Steps 4 and 5 in the rotated basis, every mode from the old lam:
-    R_k <- beta2 R_k + (1-beta2)(d_k/N) W_(k) Gr_(k)^T with W = Gr / prod_{j!=k} lam_j
-    (the weights on one side, as the kernel applies them),
-    lam_k <- beta2 lam_k + (1-beta2) mean_{other modes}(W * Gr), then the floor.
-    ``weighted``: :func:`kl_projections` of these lam, when the caller has them."""
+def lam_weight(hp, t: int) -> float:
+    """Step 5's EMA weight w of the projections (lam <- (1 - w) lam + w proj): 1 - beta2, or its
+    bias-corrected (1 - beta2) / (1 - beta2^t) for init_factor="debiased"."""
     beta2 = hp["factor_beta"]
-    N = Gr[0].numel()
-    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]
-    weighted = kl_projections(Gr, lams, mask) if weighted is None else weighted
-    for k, (W, _) in weighted.items():
-        R = _load(bufs, f"R{k}")
-        _store(bufs, f"R{k}", _gram_(R, Gr, k, beta2, (1 - beta2) * Gr.shape[k + 1] / N, hp["factor_mode"], W))
-    new_lams = {k: proj for k, (_, proj) in weighted.items()}
-    first = _modes(mask)[0]
-    kl_from_projection_(bufs, new_lams[first], lams, first, Gr)
-    if update_lam:
-        lam_ema_(bufs, new_lams, hp, t)
-
-
-def lam_ema_(bufs, projections: dict, hp, t: int) -> None:
-    """Step 5 from the projections: lam_k <- (1 - w) lam_k + w proj_k, then the floor, with
-    w = 1 - beta2, or its bias-corrected (1 - beta2) / (1 - beta2^t) for init_factor="debiased"."""
-    beta2 = hp["factor_beta"]
-    weight = (1 - beta2) / (1 - beta2**t) if hp.get("init_factor") == "debiased" else 1 - beta2
-    for k, proj in projections.items():
-        lam = bufs[f"lam{k}"]
-        lam.mul_(1 - weight).add_(proj, alpha=weight)
-        _floor(lam, hp["eigval_clamp"])
+    return (1 - beta2) / (1 - beta2**t) if hp.get("init_factor") == "debiased" else 1 - beta2
 
 
 def _init_lams_(bufs, G, mask, hp) -> None:
@@ -502,31 +452,6 @@ def klshampoo_init(G, mask, hp):
     if hp["eigenbasis"] != "eigh":
         _init_lams_(bufs, G, mask, hp)
     return bufs
-
-
-def klshampoo_step(bufs, G, mask, hp, t):
-    nd = G.dim() - 1
-    Qs = _bases(bufs, mask)
-    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp, t)  # projections from the old lam
-    M = _load(bufs, "exp_avg")  # rotated momentum: Q^T M Q
-    M.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
-    _store(bufs, "exp_avg", M)
-    idealized = hp["eigenbasis"] == "eigh"
-    first = hp.get("eigenvalues_first", False)  # steps 4-5 before 2-3: D includes this gradient
-    if first:
-        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t, weighted=weighted)
-    lams = [bufs[f"lam{k}"] if on else None for k, on in enumerate(mask)]  # new after eigenvalues_first
-    D = 1.0 / (torch.sqrt(_lam_product(lams, nd)) + hp["eps"])
-    U = _rotate_back(M * D, Qs, hp["rotation_mode"])
-    if not first:
-        _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=not idealized, t=t, weighted=weighted)
-    if t % hp["precondition_frequency"] == 0:
-        if idealized:
-            _refresh_exact(bufs, mask, Qs, hp["eigval_clamp"],
-                           direct=(t // hp["precondition_frequency"]) % REORTHOGONALIZE_EVERY == 0)
-        else:
-            refresh_(bufs, mask, hp, t)
-    return U, 1.0
 
 
 def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
@@ -571,26 +496,6 @@ def klsoap_init(G, mask, hp):
     return bufs
 
 
-def _rotated_adam(bufs, Gr, hp):
-    """Adam moments of the rotated gradient and m / (sqrt(v) + eps)."""
-    m, v = _load(bufs, "exp_avg"), _load(bufs, "exp_avg_sq")
-    m.mul_(hp["beta1"]).add_(Gr, alpha=1 - hp["beta1"])
-    v.mul_(hp["beta2"]).addcmul_(Gr, Gr, value=1 - hp["beta2"])
-    _store(bufs, "exp_avg", m)
-    _store(bufs, "exp_avg_sq", v)
-    return m / (torch.sqrt(v) + hp["eps"])
-
-
-def klsoap_step(bufs, G, mask, hp, t):
-    Qs = _bases(bufs, mask)
-    Gr, weighted = _rotated_and_weighted(bufs, G, mask, hp, t)
-    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
-    _kl_factor_and_eigen_update(bufs, Gr, mask, hp, update_lam=True, t=t, weighted=weighted)
-    if t % hp["precondition_frequency"] == 0:
-        refresh_(bufs, mask, hp, t)
-    return U, 1.0
-
-
 # --------------------------------------------------------------------------
 # SOAP
 
@@ -602,31 +507,20 @@ def soap_init(G, mask, hp):
     return bufs
 
 
-def soap_track_kl_(bufs, Gr, mask) -> None:
+def soap_track_kl_(bufs, Gr, mask, keep: torch.Tensor | None = None) -> None:
     """SOAP's estimate for the KL diagnostic: its eigenbasis with the eigenvalues diag(R_k) of
     its Gram factors (before this step's update)."""
     lams = [torch.diagonal(_load(bufs, f"R{k}"), dim1=-2, dim2=-1).clamp(min=1e-30) if on else None
             for k, on in enumerate(mask)]
-    track_kl_(bufs, Gr, lams)
+    track_kl_(bufs, Gr, lams, keep)
 
 
-def _bias_scale(hp, t) -> float:
+def bias_scale(hp, t) -> float:
+    """Adam's bias correction of the step size, sqrt(1 - beta2^t) / (1 - beta1^t) (1 without
+    ``correct_bias``)."""
     if not hp["correct_bias"]:
         return 1.0
     return math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
-
-
-def soap_step(bufs, G, mask, hp, t):
-    Qs = _bases(bufs, mask)
-    Gr = _rotate(G, Qs, hp["rotation_mode"])
-    U = _rotate_back(_rotated_adam(bufs, Gr, hp), Qs, hp["rotation_mode"])
-    soap_track_kl_(bufs, Gr, mask)
-    beta2 = hp["factor_beta"]
-    for k in _modes(mask):  # GG_k in its eigenbasis: Q^T G G^T Q = Gr_(k) Gr_(k)^T
-        _store(bufs, f"R{k}", _gram_(_load(bufs, f"R{k}"), Gr, k, beta2, 1 - beta2, hp["factor_mode"]))
-    if t % hp["precondition_frequency"] == 0:
-        refresh_(bufs, mask, hp, t, sort_v=True)
-    return U, _bias_scale(hp, t)
 
 
 # --------------------------------------------------------------------------
@@ -642,8 +536,9 @@ def shampoo_init(G, mask, hp):
     return _new_state(G, shapes, hp["state_dtype"])
 
 
-def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None) -> None:
-    """root_k <- (max(L_k, 0) + eps I)^-p by eigendecomposition (previous root where it fails).
+def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
+    """root_k <- (max(L_k, 0) + eps I)^-p by eigendecomposition (previous root where it fails,
+    and for the blocks whose ``keep`` is False: a skipped step).
 
     With ``G``, the KL diagnostic of Shampoo's estimate kron_k (L_k + eps)^(2p) is tracked here,
     where its eigendecomposition exists (on this step's gradient, which L already includes)."""
@@ -656,21 +551,12 @@ def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None) -> None:
         root = (Q * shifted.pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
         if ok is not None:  # keep the previous root where the solve failed
             root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
+        if keep is not None:
+            root = torch.where(keep.view(-1, 1, 1), root, previous)
         _store(bufs, f"root{k}", root)
         Qs[k], lams[k] = Q, shifted.pow(2 * hp["exponent"])
     if G is not None:
-        track_kl_(bufs, _rotate(G, Qs), lams)
-
-
-def shampoo_moments(bufs, G, hp, t):
-    """Adam moments of G; returns (m, A) with A the bias-corrected Adam direction."""
-    m, v = _load(bufs, "exp_avg"), _load(bufs, "exp_avg_sq")
-    m.mul_(hp["beta1"]).add_(G, alpha=1 - hp["beta1"])
-    v.mul_(hp["beta2"]).addcmul_(G, G, value=1 - hp["beta2"])
-    _store(bufs, "exp_avg", m)
-    _store(bufs, "exp_avg_sq", v)
-    scale = math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
-    return m, (m / (torch.sqrt(v) + hp["eps"])).mul_(scale)
+        track_kl_(bufs, _rotate(G, Qs), lams, keep)
 
 
 def shampoo_graft(P, A, hp):
@@ -684,31 +570,12 @@ def shampoo_graft(P, A, hp):
     return P * ratio
 
 
-def shampoo_step(bufs, G, mask, hp, t):
-    beta2 = hp["factor_beta"]
-    for k in _modes(mask):
-        _store(bufs, f"L{k}", _gram_(_load(bufs, f"L{k}"), G, k, beta2, 1 - beta2))
-    if t % hp["precondition_frequency"] == 0:
-        shampoo_roots_(bufs, mask, hp, G)
-    m, A = shampoo_moments(bufs, G, hp, t)
-    if t < hp["precondition_frequency"]:
-        return A, 1.0
-    roots = [_load(bufs, f"root{k}") if on else None for k, on in enumerate(mask)]
-    P = _rotate_back(m, roots, hp["rotation_mode"])  # m x_k root_k, last mode first as the kernels do
-    return shampoo_graft(P, A, hp), 1.0
-
-
 # --------------------------------------------------------------------------
 # AdamW path (1-D parameters, modes above max_precond_dim)
 
 
 def adamw_init(G, mask, hp):
     return _new_state(G, {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}, hp["state_dtype"])
-
-
-def adamw_step(bufs, G, mask, hp, t):
-    U = _rotated_adam(bufs, G, hp)
-    return U, math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t) if hp["correct_bias"] else 1.0
 
 
 def state_names(path: str, mask) -> set:
@@ -730,10 +597,11 @@ def state_names(path: str, mask) -> set:
     return names
 
 
-ALGORITHMS = {
-    "klshampoo": (klshampoo_init, klshampoo_step),
-    "klsoap": (klsoap_init, klsoap_step),
-    "soap": (soap_init, soap_step),
-    "shampoo": (shampoo_init, shampoo_step),
-    "adamw": (adamw_init, adamw_step),
+# Each path's initialisation from the first gradient (its steady step: klkern._steps.STEPS).
+INITS = {
+    "klshampoo": klshampoo_init,
+    "klsoap": klsoap_init,
+    "soap": soap_init,
+    "shampoo": shampoo_init,
+    "adamw": adamw_init,
 }

@@ -1,12 +1,12 @@
-"""The Triton path: the functional steps of _functional with the fused kernels.
+"""The Triton path: the phases of klkern/_steps.py with the fused kernels for the products.
 
-Same signatures and the same math as :mod:`klkern._functional` (tested
-against it and against :mod:`klkern.reference`), for 2-D blocks with both
-modes preconditioned; every other block shape keeps the torch path. Each
-step takes an optional ``write=(ParamTable, lr, weight_decay)``: when given,
-the update is applied to the parameters inside the last kernel and the step
-returns ``(None, scale)``. Initialisation, eigenbasis refreshes (QR,
-eigendecomposition) and the O(m + n) eigenvalue updates stay in torch.
+Same phases, masks and math as :mod:`klkern._steps` (tested against it and against
+:mod:`klkern.reference`), for 2-D blocks with both modes preconditioned; every other block shape
+keeps the torch path. The kernels compute the rotation with step 5's projections in its epilogue
+(:func:`~klkern.triton_kernels.rotate_project`), the weighted factor EMAs one triangle each
+(:func:`~klkern.triton_kernels.factor_ema_`) and the two-sided preconditioning with the diagonal
+scaling in its prologue (:func:`~klkern.triton_kernels.precondition`); the masked moment updates,
+the eigenvalue EMA, the write-back and the refreshes are the torch path's.
 """
 
 from __future__ import annotations
@@ -14,117 +14,125 @@ from __future__ import annotations
 import torch
 
 from . import _functional as F
+from . import _steps as S
 from . import triton_kernels as K
 from .triton_kernels._config import intermediate_dtype
 
 
-def supports(path: str, block_shape: tuple, mask) -> bool:
+def supports(path: str, block_shape: tuple, mask, hp: dict) -> bool:
+    if path == "klshampoo" and hp["eigenbasis"] == "eigh":  # the idealized mode: torch path
+        return False
     return path in STEPS and len(block_shape) == 2 and all(mask)
 
 
-def _kl_factors_and_lams(bufs, Gr, proj, hp, t) -> None:
-    """Steps 4-5 from the old lam: weighted factor EMAs (one triangle each), the KL diagnostic,
-    then lam EMA + floor."""
-    beta2 = hp["factor_beta"]
+def _bases(st):
+    return st.bufs["Q0"], st.bufs["Q1"]
+
+
+def _lams(st):
+    return st.bufs["lam0"], st.bufs["lam1"]
+
+
+def kl_project(st, hp, carry=None):
+    """Gr and step 5's projections (the kernel's epilogue), into the plan's buffer."""
+    Qa, Qb = _bases(st)
+    lam = _lams(st)
+    Gr, (pa, pb) = K.rotate_project(st.G, Qa, Qb, lam=lam, precision=hp["rotation_mode"])
+    st.proj[0].copy_(pa)
+    st.proj[1].copy_(pb)
+    if st.track_kl:
+        F.kl_from_projection_(st.bufs, st.proj[0], list(lam), 0, Gr, keep=st.keep)
+    return Gr, None
+
+
+def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
+    """R_a <- fb R_a + (1 - fb)/n Gr diag(1/lam_b) Gr^T and R_b alike, one triangle each (fb
+    masked: 1 for a skipped block, whose Gr is zero)."""
+    fb = hp["factor_beta"]
     _, m, n = Gr.shape
-    lam_a, lam_b = bufs["lam0"], bufs["lam1"]
+    lam_a, lam_b = _lams(st)
     mode = hp["factor_mode"]
-    K.factor_ema_(bufs["R0"], Gr, 1.0 / lam_b, beta2, (1 - beta2) / n, precision=mode)
-    K.factor_ema_(bufs["R1"], Gr, 1.0 / lam_a, beta2, (1 - beta2) / m, transpose_x=True, precision=mode)
-    F.kl_from_projection_(bufs, proj[0], [lam_a, lam_b], 0, Gr)
-    F.lam_ema_(bufs, {0: proj[0], 1: proj[1]}, hp, t)
+    R0, R1 = st.bufs["R0"], st.bufs["R1"]
+    R0.mul_(st.coef_matrix("fb"))
+    R1.mul_(st.coef_matrix("fb"))
+    K.factor_ema_(R0, Gr, 1.0 / lam_b, 1.0, (1 - fb) / n, precision=mode)
+    K.factor_ema_(R1, Gr, 1.0 / lam_a, 1.0, (1 - fb) / m, transpose_x=True, precision=mode)
 
 
-def _write_args(write, scale):
-    if write is None:
-        return {}
-    table, lr, wd = write
-    return dict(params=table, step=lr * scale, decay=1.0 - lr * wd)
+def _spiked(st, carry) -> torch.Tensor:
+    Gr = carry[0]
+    if st.spike:
+        Gr.mul_(st.coef("spike"))
+    return Gr
 
 
-def _kl_step(bufs, G, mask, hp, t, write, adam: bool):
-    """KL-Shampoo (momentum, D from lam) or KL-SOAP (Adam in the rotated basis): SPEC steps 1-6."""
-    Qa, Qb = bufs["Q0"], bufs["Q1"]
-    lam = (bufs["lam0"], bufs["lam1"])
-    m, v = bufs["exp_avg"], bufs["exp_avg_sq"] if adam else None
-    mode = hp["rotation_mode"]
-    threshold = F.spike_threshold(hp, t)
-    fused = threshold is None  # else the moments wait for spike_threshold's factor
-    Gr, proj = K.rotate_project(G, Qa, Qb, lam=lam, momentum=m if fused else None, beta1=hp["beta1"],
-                                second_moment=v if fused else None, beta2=hp["beta2"], precision=mode)
-    if not fused:
-        scale = F.spike_scale({0: proj[0], 1: proj[1]}, list(lam), threshold)
-        Gr = F._scale_blocks(Gr, scale).to(Gr.dtype)
-        proj = tuple(F._scale_blocks(p, scale * scale) for p in proj)
-        g = Gr.float()  # one rounding per moment, as in the kernel
-        m.copy_(m.float().mul_(hp["beta1"]).add_(g, alpha=1 - hp["beta1"]))
-        if adam:
-            v.copy_(v.float().mul_(hp["beta2"]).addcmul_(g, g, value=1 - hp["beta2"]))
-    first = not adam and hp.get("eigenvalues_first", False)  # D from lam that includes this gradient
-    if first:
-        _kl_factors_and_lams(bufs, Gr, proj, hp, t)
-    scaling = dict(v=v) if adam else dict(lam=lam)
-    U = K.precondition(m, Qa, Qb, eps=hp["eps"], **scaling, **_write_args(write, 1.0), precision=mode)
-    if not first:
-        _kl_factors_and_lams(bufs, Gr, proj, hp, t)
-    if t % hp["precondition_frequency"] == 0:
-        F.refresh_(bufs, mask, hp, t)
-    return U, 1.0  # U is None when the kernel wrote the parameters
+def _direction(st, hp, **scaling) -> torch.Tensor:
+    Qa, Qb = _bases(st)
+    return K.precondition(st.bufs["exp_avg"], Qa, Qb, eps=hp["eps"], precision=hp["rotation_mode"], **scaling)
 
 
-def klshampoo_step(bufs, G, mask, hp, t, write=None):
-    if hp["eigenbasis"] == "eigh":  # idealized mode: exact eigenvalues, torch path
-        return F.klshampoo_step(bufs, G, mask, hp, t)
-    return _kl_step(bufs, G, mask, hp, t, write, adam=False)
+def klshampoo_update(st, hp, carry):
+    Gr = _spiked(st, carry)
+    M = S._load(st, "exp_avg")
+    M.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp["beta1"])
+    S._store(st, "exp_avg", M)
+    U = None if hp.get("eigenvalues_first") else _direction(st, hp, lam=_lams(st))
+    _kl_factors(st, hp, Gr)
+    return U
 
 
-def klsoap_step(bufs, G, mask, hp, t, write=None):
-    return _kl_step(bufs, G, mask, hp, t, write, adam=True)
+def klshampoo_late(st, hp, carry=None):
+    return _direction(st, hp, lam=_lams(st)) if hp.get("eigenvalues_first") else None
 
 
-def soap_step(bufs, G, mask, hp, t, write=None):
-    Qa, Qb = bufs["Q0"], bufs["Q1"]
-    m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
-    scale = F._bias_scale(hp, t)
-    mode, fmode = hp["rotation_mode"], hp["factor_mode"]
-    Gr, _ = K.rotate_project(G, Qa, Qb, momentum=m, beta1=hp["beta1"], second_moment=v, beta2=hp["beta2"],
-                             precision=mode)
-    U = K.precondition(m, Qa, Qb, eps=hp["eps"], v=v, **_write_args(write, scale), precision=mode)
-    F.soap_track_kl_(bufs, Gr, mask)
-    beta2 = hp["factor_beta"]
-    K.factor_ema_(bufs["R0"], Gr, None, beta2, 1 - beta2, precision=fmode)
-    K.factor_ema_(bufs["R1"], Gr, None, beta2, 1 - beta2, transpose_x=True, precision=fmode)
-    if t % hp["precondition_frequency"] == 0:
-        F.refresh_(bufs, mask, hp, t, sort_v=True)
-    return U, scale
+def klsoap_update(st, hp, carry):
+    Gr = _spiked(st, carry)
+    S._adam_moments_(st, Gr, hp)
+    U = _direction(st, hp, v=st.bufs["exp_avg_sq"])
+    _kl_factors(st, hp, Gr)
+    return U
 
 
-def shampoo_step(bufs, G, mask, hp, t, write=None):
-    """Factor EMAs (one triangle, true fp32: Shampoo inverts their eigenvalues) and the
-    two-sided product L_root M R_root in kernels; roots, moments and grafting in torch
-    (grafting needs ||P|| before any write)."""
-    beta2 = hp["factor_beta"]
-    K.factor_ema_(bufs["L0"], G, None, beta2, 1 - beta2)
-    K.factor_ema_(bufs["L1"], G, None, beta2, 1 - beta2, transpose_x=True)
-    if t % hp["precondition_frequency"] == 0:
-        F.shampoo_roots_(bufs, mask, hp, G)
-    m, A = F.shampoo_moments(bufs, G, hp, t)
-    if t < hp["precondition_frequency"]:
-        return A, 1.0
+def soap_update(st, hp, carry=None):
+    Qa, Qb = _bases(st)
+    Gr, _ = K.rotate_project(st.G, Qa, Qb, precision=hp["rotation_mode"])
+    if st.track_kl:
+        F.soap_track_kl_(st.bufs, Gr, st.mask, keep=st.keep)
+    S._adam_moments_(st, Gr, hp)
+    U = _direction(st, hp, v=st.bufs["exp_avg_sq"])
+    fb = hp["factor_beta"]
+    for k, name in enumerate(("R0", "R1")):
+        st.bufs[name].mul_(st.coef_matrix("fb"))
+        K.factor_ema_(st.bufs[name], Gr, None, 1.0, 1 - fb, transpose_x=k == 1, precision=hp["factor_mode"])
+    return U
+
+
+def shampoo_update(st, hp, carry=None):
+    """Factor EMAs (one triangle, true fp32: Shampoo inverts their eigenvalues) and the two-sided
+    product L_root M R_root in kernels; roots, moments and grafting in torch."""
+    G = st.G
+    fb = hp["factor_beta"]
+    for k, name in enumerate(("L0", "L1")):
+        st.bufs[name].mul_(st.coef_matrix("fb"))
+        K.factor_ema_(st.bufs[name], G, None, 1.0, 1 - fb, transpose_x=k == 1)
+    if st.refresh:
+        F.shampoo_roots_(st.bufs, st.mask, hp, G, keep=st.keep)
+    m, v = S._adam_moments_(st, G, hp)
+    A = S._adam_direction(m, v, hp["eps"]).mul_(st.coef("bias"))  # Adam's bias correction
+    if not st.roots:
+        return A
     mode = hp["rotation_mode"]
     # m R_root^T (R_root is symmetric up to rounding; the torch path multiplies by the transpose too)
-    T = K.batched_gemm(m, bufs["root1"], transpose_b=True, precision=mode,
+    T = K.batched_gemm(m, st.bufs["root1"], transpose_b=True, precision=mode,
                        out=torch.empty(m.shape, dtype=intermediate_dtype(mode), device=m.device))
-    P = K.batched_gemm(bufs["root0"], T, out=torch.empty(m.shape, device=m.device), precision=mode)
-    return F.shampoo_graft(P, A, hp), 1.0
+    P = K.batched_gemm(st.bufs["root0"], T, out=torch.empty(m.shape, device=m.device), precision=mode)
+    return F.shampoo_graft(P, A, hp)
 
-
-# Steps that can write the parameters themselves.
-WRITES = {"klshampoo", "klsoap", "soap"}
 
 STEPS = {
-    "klshampoo": klshampoo_step,
-    "klsoap": klsoap_step,
-    "soap": soap_step,
-    "shampoo": shampoo_step,
+    # path: (project or None, update, late or None), as klkern._steps.STEPS
+    "klshampoo": (kl_project, klshampoo_update, klshampoo_late),
+    "klsoap": (kl_project, klsoap_update, None),
+    "soap": (None, soap_update, None),
+    "shampoo": (None, shampoo_update, None),
 }

@@ -59,11 +59,21 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
 * ``communication_dtype`` (torch.float32): what that all-gather sends:
   torch.float32 (the new values, exact) or torch.bfloat16 (the updates,
   rounded; half the traffic).
+* ``cuda_graph`` (False): capture the steady step in a CUDA graph and replay
+  it (parameters on a CUDA device): each step is then one gradient copy, one
+  upload of the step's coefficients and one graph launch. Refresh steps run
+  eagerly; anything that changes what the step computes (a load, a new group,
+  a hyperparameter other than lr, the matmul precision) captures again, so a
+  graph is never replayed stale (klkern/_graph.py). ``.grad`` tensors need not
+  stay the same from step to step.
 
 A step never poisons the state: a NaN/Inf gradient skips its parameter, and
-a block whose new state or update would be non-finite (a finite gradient can
-overflow) is rolled back and skipped; both are counted in
-``optimizer.nonfinite_skipped`` and warned about once (klkern/_guard.py).
+a block whose gradient is too large for its state to stay finite (a finite
+gradient can overflow) is skipped; both are decided on the device (a steady
+step reads nothing back to the host), counted in ``optimizer.nonfinite_skipped``
+(read from the device when it is read, and at refresh steps) and warned about
+once (klkern/_guard.py). A skipped step still counts in the parameter's step
+count (which schedules its refreshes and bias corrections).
 
 1-D parameters (and parameters sent to the AdamW path) get
 ``m/(sqrt(v)+eps)`` with Adam moments from ``betas``, the bias-corrected step
@@ -238,7 +248,8 @@ def _signature(cls) -> inspect.Signature:
     params = [P("params", P.POSITIONAL_OR_KEYWORD), P("lr", P.POSITIONAL_OR_KEYWORD, default=defaults["lr"])]
     params += [P(name, P.KEYWORD_ONLY, default=value) for name, value in defaults.items() if name != "lr"]
     params += [P("backend", P.KEYWORD_ONLY, default="auto"), P("process_group", P.KEYWORD_ONLY, default=None),
-               P("communication_dtype", P.KEYWORD_ONLY, default=torch.float32)]
+               P("communication_dtype", P.KEYWORD_ONLY, default=torch.float32),
+               P("cuda_graph", P.KEYWORD_ONLY, default=False)]
     return inspect.Signature(params)
 
 

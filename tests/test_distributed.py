@@ -21,10 +21,7 @@ against an uninterrupted one).
 from __future__ import annotations
 
 import datetime
-import math
-import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -365,7 +362,9 @@ def test_nan_on_one_rank_keeps_ranks_in_sync(tmp_path):
     results = spawn(2, "nan", tmp_path)
     for r in results:
         assert all(r["identical_every_step"])
-    assert results[1]["skipped"] == 6 and results[0]["skipped"] == 0
+    # rank 1 counts the parameters whose blocks it steps (4 of the 6; rank 0 steps the others from
+    # its finite gradients, and every rank takes the new values from their owner)
+    assert results[1]["skipped"] == 4 and results[0]["skipped"] == 0
 
 
 def test_param_groups_added_after_steps_and_float64_parameters(tmp_path):

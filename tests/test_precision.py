@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import klkern
-from klkern import _backend, _precision
+from klkern import _precision
 
 from _helpers import kernel_device, kernel_skip_reason, mlp, rel_err
 

@@ -11,23 +11,25 @@ import torch
 
 import klkern
 from klkern import _functional as F, linalg
-from klkern._optimizer import _hyper
+from klkern._engine import hyper
 
 ALGOS = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP}
 
 
 def _state(algorithm, shape, steps=3, seed=0):
-    """Stacked state of ``algorithm`` for a stack of 2 blocks of ``shape`` after a few steps."""
+    """Stacked state of ``algorithm`` for a stack of 2 blocks of ``shape`` after a few steps (two
+    parameters of that shape, stepped by the optimizer without a refresh)."""
     g = torch.Generator().manual_seed(seed)
-    group = dict(ALGOS[algorithm]([torch.nn.Parameter(torch.zeros(1))]).defaults, precondition_frequency=1)
-    hp = dict(_hyper(algorithm, group), rotation_mode="highest", factor_mode="highest")
-    mask = (True,) * len(shape)
-    init, step = F.ALGORITHMS[algorithm]
-    bufs = init(torch.randn(2, *shape, generator=g), mask, hp)
-    for t in range(1, steps + 1):
-        hp_no_refresh = dict(hp, precondition_frequency=10**9)
-        step(bufs, torch.randn(2, *shape, generator=g), mask, hp_no_refresh, t)
-    return bufs, mask, hp
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for _ in range(2)]
+    opt = ALGOS[algorithm](params, precondition_frequency=10**9)
+    for _ in range(steps + 1):  # the first step initialises
+        for p in params:
+            p.grad = torch.randn(*shape, generator=g)
+        opt.step()
+    (stack,) = [st for plan in opt._engine.plans for st in plan.stacks]
+    hp = dict(hyper(algorithm, dict(opt.param_groups[0], precondition_frequency=1)), rotation_mode="highest",
+              factor_mode="highest")
+    return stack.bufs, stack.mask, hp
 
 
 def _in_parameter_basis(bufs, mask):
@@ -114,13 +116,17 @@ def test_the_idealized_refresh_keeps_the_factor_and_repairs_a_drifted_basis(dire
 def test_orthogonality_stays_bounded_over_many_refreshes():
     """1000 refreshes (every step) of a (32, 24) KL-Shampoo block: |Q^T Q - I| over the last 200
     stays below 5e-6 (measured 3.1e-6; without the periodic QR it had grown to 1.1e-5 by then)."""
-    bufs, mask, hp = _state("klshampoo", (32, 24), steps=1)
     g = torch.Generator().manual_seed(9)
+    params = [torch.nn.Parameter(torch.randn(32, 24, generator=g)) for _ in range(2)]
+    opt = klkern.KLShampoo(params, lr=0.0, weight_decay=0.0, precondition_frequency=1)
     late = 0.0
-    for t in range(1, 1001):
-        F.klshampoo_step(bufs, torch.randn(2, 32, 24, generator=g), mask, hp, t)
+    for t in range(0, 1001):
+        for p in params:
+            p.grad = torch.randn(32, 24, generator=g)
+        opt.step()
         if t > 800:
-            late = max(late, _orthogonality(bufs, mask))
+            (stack,) = opt._engine.plans[0].stacks
+            late = max(late, _orthogonality(stack.bufs, stack.mask))
     assert late < 5e-6, late
 
 

@@ -8,8 +8,7 @@ the process where it ran):
         --out report.json [--md table.md] [--subset representative]
 
 ``record`` runs a few steps of every optimizer under every matmul precision,
-state dtype and parameter dtype (and with normalize_grads, and with blocks
-that cannot write the parameters) on small models, records every kernel
+state dtype and parameter dtype (and with normalize_grads) on small models, records every kernel
 launch (kernel, argument types and their triton specialisation, constexprs,
 GPU tiles) without executing it (which kernels a step launches depends on
 shapes, dtypes and options, not on values), and expands each recorded launch over every entry of its tile
@@ -62,8 +61,8 @@ def _record_scenarios():
 
     from klkern._precision import PRECISIONS
 
-    # (32, 32) and (20, 24) are single blocks whose updates the kernels write into the parameters
-    # (aligned and unaligned); (48, 32) splits into blocks of two shapes, which return U instead.
+    # (32, 32) and (20, 24) are single blocks (aligned and unaligned); (48, 32) splits into blocks
+    # of two shapes.
     shapes = [(32, 32), (20, 24), (48, 32), (24,)]
     scenarios = []
     for name in ("KLShampoo", "KLSOAP", "SOAP", "Shampoo"):
@@ -74,7 +73,7 @@ def _record_scenarios():
                 for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
                     scenarios.append((name, base, param_dtype, shapes))
                 scenarios.append((name, dict(base, normalize_grads=True), torch.float32, shapes))
-                if name in ("KLShampoo", "KLSOAP"):  # the moments in the rotate kernel's epilogue
+                if name in ("KLShampoo", "KLSOAP"):
                     scenarios.append((name, dict(base, spike_threshold=None), torch.float32, shapes))
     return scenarios
 

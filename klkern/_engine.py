@@ -1,0 +1,618 @@
+"""One optimizer step: which parameters start, the plan of the steady step, and running it.
+
+``opt.step()`` (klkern/_optimizer.py) hands its work here:
+
+1. **collect**: per param group, the parameters with a gradient (sparse and complex gradients
+   raise) and the blocks this rank steps;
+2. **start**: a parameter seen for the first time is initialised from its gradient (SPEC's t = 0;
+   KL-Shampoo, KL-SOAP and SOAP wait for a gradient that carries scale, block by block), and a
+   block still waiting for scale is checked. Both read values back to the host, and happen only
+   on the steps that have such parameters;
+3. **plan**: the stacks of every device (klkern/_plan.py), re-used while nothing structural
+   changed;
+4. **run**: the steady step of every stack (klkern/_steps.py, or the Triton kernels), masked on
+   the device (klkern/_guard.py), the update written into the parameters, refreshes at
+   ``t % precondition_frequency == 0``.
+
+A steady step (no parameter starting, no block waiting, no refresh) reads nothing back to the
+host and dispatches a number of operations that does not grow with the number of parameters of
+the shapes it already has (tests/test_dispatch.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from . import _backend, _distributed, _errors, _guard, _precision
+from . import _functional as F
+from . import _steps
+from ._blocking import plan_for
+from ._plan import KL_PATHS, ROW, ROWS, DevicePlan, Stack, block_views, stack_state, structure_key
+
+__all__ = ["StepEngine", "hyper"]
+
+
+def hyper(algorithm: str, group: dict) -> dict:
+    """The scalars a step reads, resolved once per group and step."""
+    from ._options import factor_beta
+
+    beta1, beta2 = group["betas"]
+    hp = dict(group)
+    hp.update(
+        beta1=float(beta1),
+        beta2=float(beta2),
+        factor_beta=float(factor_beta(group)),
+        correct_bias=group.get("correct_bias", True),
+        eigenbasis=group.get("eigenbasis", "qr"),
+    )
+    return hp
+
+
+class StepEngine:
+    """The step machinery of one optimizer; everything here is derived (rebuilt after a load,
+    a copy or a change of the param groups)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.key = None
+        self.plans: list[DevicePlan] = []
+        self.version = 0  # bumped whenever the optimizer's state changes structure
+        self.grad_views: dict = {}  # id(param) -> (grad tensor, its extracted blocks)
+
+    # ------------------------------------------------------------------ collect
+
+    def collect(self) -> list:
+        """[(group index, group, [(param, local tensor, block plan, owned blocks)])]."""
+        opt = self.opt
+        split = opt._split
+        work = []
+        for index, group in enumerate(opt.param_groups):
+            entries = []
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients (parameter of shape "
+                                       f"{tuple(p.shape)}); use a dense embedding (sparse=False)")
+                if grad.is_complex():
+                    raise RuntimeError(f"{type(opt).__name__} does not support complex gradients "
+                                       f"(shape {tuple(p.shape)})")
+                tensor = _distributed.local(p)
+                if tensor.numel() == 0:
+                    continue
+                plan = plan_for(tensor.shape, group)
+                mine = _distributed.owned_blocks(split, p, len(plan.masks))
+                if mine:
+                    entries.append((p, tensor, plan, mine))
+            work.append((index, group, entries))
+        return work
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, work: list) -> tuple[set, list]:
+        """Initialise the parameters seen for the first time; find the waiting blocks whose
+        gradient now carries scale. Returns (ids of parameters that only initialised this step,
+        [(group index, key, [(param, block index, gradient copy)])] to initialise after the step)."""
+        opt = self.opt
+        scale_started = opt.algorithm in opt.SCALE_STARTED
+        if scale_started and not opt._unscaled_known:
+            opt._find_unscaled()
+        fresh, waiting = [], []
+        for index, group, entries in work:
+            for p, tensor, plan, mine in entries:
+                state = opt.state.get(p)
+                if not state or "step" not in state:
+                    fresh.append((index, group, p, tensor, plan, mine))
+                elif id(p) in opt._unscaled and not plan.adamw:
+                    blocks = [i for i in mine if i in opt._unscaled[id(p)]]
+                    if blocks:
+                        waiting.append((index, group, p, plan, blocks))
+        if not fresh and not waiting:
+            return set(), []
+        # one host read for all of them: finiteness and scale of each block's gradient
+        checks, values = [], []
+        for index, group, p, tensor, plan, mine in fresh:
+            grads = plan.extract(_distributed.local(p.grad))
+            for i in mine:
+                checks.append(("fresh", p, i))
+                g = grads[i].float()
+                values.append(torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()), g.pow(2).sum()]))
+        for index, group, p, plan, blocks in waiting:
+            grads = plan.extract(_distributed.local(p.grad))
+            for i in blocks:
+                checks.append(("waiting", p, i))
+                g = grads[i].float()
+                values.append(torch.stack([g.abs().amax(), g.pow(2).sum()]))
+        read = _guard.host_values([v for pair in values for v in pair])
+        amax = {(id(p), i): read[2 * j] for j, (_, p, i) in enumerate(checks)}
+        sumsq = {(id(p), i): read[2 * j + 1] for j, (_, p, i) in enumerate(checks)}
+        initialised_only, skipped = set(), []
+        init_batches: dict = defaultdict(list)
+        for index, group, p, tensor, plan, mine in fresh:
+            if not all(math.isfinite(amax[(id(p), i)]) for i in mine):
+                skipped.append(p)
+                continue
+            scaled = {i: (sumsq[(id(p), i)] > 0 or plan.adamw or not scale_started) for i in mine}
+            if not any(scaled.values()):
+                continue  # its first gradient carries no scale: not initialised, not stepped (yet)
+            state = opt.state[p]
+            state["step"] = 0
+            state["blocks"] = [None] * len(plan.masks)
+            unscaled = {i for i in mine if not scaled[i]}
+            if unscaled:
+                opt._unscaled[id(p)] = unscaled
+            grads = plan.extract(_distributed.local(p.grad))
+            path = "adamw" if plan.adamw else opt.algorithm
+            for i in mine:
+                G = grads[i]
+                init_batches[(index, path, tuple(G.shape), plan.masks[i], G.device, G.dtype)].append((p, i, G))
+            if opt.algorithm != "shampoo":  # Shampoo has no initialisation-only step
+                initialised_only.add(id(p))
+        if skipped:
+            opt._count_skipped([tuple(p.shape) for p in skipped], [])
+        failed = []
+        for key, members in init_batches.items():
+            failed += self._initialise(key, members, opt.param_groups[key[0]])
+        if failed:  # a parameter whose initialisation is not finite is left uninitialised
+            for p in failed:
+                opt.state.pop(p, None)
+                opt._unscaled.pop(id(p), None)
+                initialised_only.discard(id(p))
+            opt._count_skipped([], [tuple(p.shape) for p in failed])
+        later = []
+        for index, group, p, plan, blocks in waiting:
+            grads = plan.extract(_distributed.local(p.grad))
+            for i in blocks:
+                if math.isfinite(amax[(id(p), i)]) and sumsq[(id(p), i)] > 0:
+                    G = grads[i]
+                    later.append((index, ("adamw" if plan.adamw else opt.algorithm, tuple(G.shape), plan.masks[i],
+                                          G.device, G.dtype), (p, i, G.float().clone())))
+        self.version += 1 if init_batches else 0
+        return initialised_only, later
+
+    def _initialise(self, key: tuple, members: list, group: dict) -> list:
+        """Initialise a batch of blocks from their gradients; returns the parameters whose new
+        state is not finite (host read)."""
+        opt = self.opt
+        path, mask = key[1], key[3]
+        hp = dict(hyper(opt.algorithm, group), rotation_mode="highest", factor_mode="highest")
+        G = torch.stack([G for _, _, G in members]).float()
+        bufs = F.INITS[path](G, mask, hp)
+        flags = _guard.block_flags(bufs, None, None, G.shape[0], G.device).tolist()
+        failed = []
+        for b, (p, i, _) in enumerate(members):
+            opt.state[p]["blocks"][i] = {name: buf[b] for name, buf in bufs.items()}
+            if not flags[b]:
+                failed.append(p)
+        return list({id(p): p for p in failed}.values())
+
+    def finish_waiting(self, later: list) -> None:
+        """Initialise the blocks that waited for scale from their first gradient with it (their
+        update this step was zero, as on a first step); a block whose new state is not finite
+        waits on."""
+        opt = self.opt
+        batches: dict = defaultdict(list)
+        for index, key, member in later:
+            batches[(index,) + key].append(member)
+        for (index, path, shape, mask, device, dtype), members in batches.items():
+            group = opt.param_groups[index]
+            hp = dict(hyper(opt.algorithm, group), rotation_mode="highest", factor_mode="highest")
+            G = torch.stack([G for _, _, G in members])
+            bufs = F.INITS[path](G, mask, hp)
+            flags = _guard.block_flags(bufs, None, None, G.shape[0], G.device).tolist()
+            for b, (p, i, _) in enumerate(members):
+                if not flags[b]:
+                    continue
+                opt.state[p]["blocks"][i] = {name: buf[b] for name, buf in bufs.items()}
+                opt._unscaled[id(p)].discard(i)
+                if not opt._unscaled[id(p)]:
+                    del opt._unscaled[id(p)]
+        if later:
+            self.version += 1
+
+    # ------------------------------------------------------------------ plan
+
+    def plans_for(self, work: list, initialised_only: set) -> list:
+        """The device plans of this step's stepping parameters (re-used when nothing changed)."""
+        opt = self.opt
+        stepping = []
+        key = [self.version, id(opt.state)]
+        for index, group, entries in work:
+            chosen = [e for e in entries if id(e[0]) not in initialised_only and "step" in opt.state.get(e[0], {})]
+            stepping.append((index, group, chosen))
+            key.append((id(group), structure_key(group), tuple(id(e[0]) for e in chosen)))
+        key = tuple(key)
+        if key == self.key and all(plan.valid(opt) for plan in self.plans):
+            return self.plans
+        if self.plans:
+            opt._read_counts()  # the old plans' counters, before they go
+        self.plans = self._build(stepping)
+        self.key = key
+        return self.plans
+
+    def _build(self, stepping: list) -> list:
+        opt = self.opt
+        by_key: dict = defaultdict(list)
+        for index, group, entries in stepping:
+            for p, tensor, plan, mine in entries:
+                state = opt.state[p]
+                path = "adamw" if plan.adamw else opt.algorithm
+                work_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+                for i in mine:
+                    block = state["blocks"][i]
+                    if block is None:
+                        raise RuntimeError(f"{type(opt).__name__}: no state for block {i} of a parameter of shape "
+                                           f"{tuple(p.shape)} that this rank steps; was the state loaded for "
+                                           "another number of ranks?")
+                    dtypes = tuple(sorted((name, str(v.dtype)) for name, v in block.items()))
+                    shape = () if plan.adamw else plan.block_shape(i)
+                    by_key[(index, path, shape, plan.masks[i], tensor.device, work_dtype, state["step"], dtypes)].append(
+                        (p, i, block))
+        per_device: dict = defaultdict(list)
+        params_of: dict = defaultdict(dict)
+        for (index, path, shape, mask, device, _, t, _), members in by_key.items():
+            group = opt.param_groups[index]
+            st = Stack(path, index, group, shape, mask, t, [(p, i) for p, i, _ in members], [b for _, _, b in members])
+            st.device = device
+            if path == "adamw":
+                st.sizes = [_distributed.local(p).numel() for p, _, _ in members]
+                st.shape = (sum(st.sizes),)
+            stack_state(st)
+            block_views(st, opt)
+            per_device[device].append(st)
+            for p, _, _ in members:
+                params_of[device][id(p)] = p
+        plans = []
+        for device, stacks in per_device.items():
+            plan = DevicePlan(opt, device, stacks, list(params_of[device].values()))
+            self._mark_waiting(plan)
+            plan.snapshot_identity(opt)
+            plans.append(plan)
+        return plans
+
+    def _mark_waiting(self, plan: DevicePlan) -> None:
+        """Blocks still waiting for scale step with keep = False; they get the weight decay of their
+        parameter when another of its blocks steps (klkern.reference has the same rule). A
+        parameter all of whose blocks here wait does not step (its step count stays)."""
+        opt = self.opt
+        plan.idle = set()
+        if not opt._unscaled:
+            return
+        members = [(p, i) for st in plan.stacks for p, i in st.members]
+        waiting = [i in opt._unscaled.get(id(p), ()) for p, i in members]
+        stepping = {id(p) for (p, _), wait in zip(members, waiting) if not wait}
+        plan.idle = {id(p) for p, _ in members} - stepping
+        if any(waiting):
+            plan.has_waiting = True
+            plan.waiting.copy_(torch.tensor(waiting, dtype=torch.bool))
+            plan.decay_keep.copy_(torch.tensor([w and id(p) in stepping for (p, _), w in zip(members, waiting)],
+                                               dtype=torch.bool))
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, plan: DevicePlan) -> bool:
+        """The steady step of every stack of ``plan``. Returns whether a refresh (or the periodic
+        read of the counters) happened."""
+        opt = self.opt
+        plan.gather(self._sources(plan))
+        hps = {}
+        rows = []
+        for st in plan.stacks:
+            hp = self._stack_hp(st)
+            hps[id(st)] = hp
+            rows.append(self._host_row(st, hp))
+            st.refresh = st.path != "adamw" and st.t % hp["precondition_frequency"] == 0
+            # the KL diagnostic (no update reads it) is evaluated at refresh steps and the first update
+            st.track_kl = st.refresh or st.t == 1
+            st.spike = st.path in KL_PATHS and F.spike_threshold(hp, st.t) is not None
+            st.roots = st.path == "shampoo" and st.t >= hp["precondition_frequency"]
+        plan.upload(list(zip(*rows)))
+        graph = opt._graphs.ready(plan, hps) if opt.cuda_graph else None
+        if graph is not None:
+            graph.replay()
+        else:
+            kernels = {id(st): self._kernel_steps(st, hps[id(st)]) for st in plan.stacks}
+            if opt.cuda_graph:
+                opt._graphs.capture(plan, hps, lambda: self.steady(plan, hps, kernels))
+            else:
+                self.steady(plan, hps, kernels)
+        refreshed = self._refresh(plan, hps)
+        due = False
+        for st in plan.stacks:
+            st.U = None
+            for p, _ in st.members:
+                if id(p) not in plan.idle:
+                    opt.state[p]["step"] = st.t
+            due = due or st.t % hps[id(st)]["precondition_frequency"] == 0
+            st.t_prev += 1
+        return refreshed or due
+
+    def steady(self, plan: DevicePlan, hps: dict, kernels: dict) -> None:
+        """Everything a step does on the device after the gradients are gathered and the
+        per-stack coefficients uploaded: what klkern's CUDA graph captures (klkern/_graph.py).
+        Reads no host value and takes every per-step number from the plan's buffers."""
+        opt = self.opt
+        plan.decide()
+        for st in plan.stacks:
+            if st.adamw:
+                st.cache["keep_e"] = torch.repeat_interleave(st.cache["keep"], st.cache["sizes"],
+                                                             output_size=st.shape[0])
+                torch.where(st.cache["keep_e"], st.G, plan.zero, out=st.G)
+            else:
+                torch.where(st.keep_b, st.G, plan.zero, out=st.G)
+        for st in plan.stacks:  # hyperparameters that do not bound the update: a copy to restore
+            if _guard.unbounded(opt.algorithm, st.group):
+                st.cache["before"] = {name: buf.clone() for name, buf in st.bufs.items()}
+        carries = {}
+        if plan.kl_stacks:
+            plan.project_weights()
+        for st in plan.kl_stacks:
+            carries[id(st)] = self._phase(st, hps[id(st)], kernels, 0, None)
+        if plan.kl_stacks:
+            spiked = any(st.spike for st in plan.kl_stacks)
+            if spiked:
+                plan.spike_scales()
+            plan.factor_weights()
+            plan.sqrt_lams()
+        for st in plan.stacks:
+            st.U = self._phase(st, hps[id(st)], kernels, 1, carries.get(id(st)))
+        if plan.kl_stacks:
+            plan.lam_ema()
+            if any(st.U is None for st in plan.kl_stacks):
+                plan.sqrt_lams()  # eigenvalues_first: U from the new lam
+        for st in plan.stacks:
+            if st.U is None:
+                st.U = self._phase(st, hps[id(st)], kernels, 2, None)
+        for st in plan.stacks:  # a Triton variant that ran every phase is proven
+            trial = st.cache.pop("trial", None)
+            if trial is not None:
+                opt._kernels_proven.add(trial[0])
+        self._check_unbounded(plan)
+        self._normalize(plan, hps)
+        self._write(plan, hps)
+        for st in plan.stacks:
+            st.U = None
+
+    def _sources(self, plan: DevicePlan) -> list:
+        """The gradient tensor (or block view) each member copies from."""
+        out = []
+        for st in plan.stacks:
+            for (p, i), kind in zip(st.members, st.sources):
+                if kind == "grad":
+                    out.append(p.grad)
+                elif kind == "local":
+                    out.append(_distributed.local(p.grad))
+                else:
+                    grad = _distributed.local(p.grad)
+                    cached = self.grad_views.get(id(p))
+                    if cached is None or cached[0] is not grad:
+                        cached = (grad, plan_for(_distributed.local(p).shape, st.group).extract(grad))
+                        self.grad_views[id(p)] = cached
+                    out.append(cached[1][i])
+        return out
+
+    def _stack_hp(self, st: Stack) -> dict:
+        opt = self.opt
+        hp = hyper(opt.algorithm, st.group)
+        mode = _precision.resolve(st.group["matmul_precision"], st.device, opt._global_modes)
+        # Shampoo inverts its factors' eigenvalues: its factor products stay fp32.
+        hp.update(rotation_mode=mode, factor_mode="highest" if st.path == "shampoo" else mode)
+        return hp
+
+    def _host_row(self, st: Stack, hp: dict) -> list:
+        """The stack's coefficients (ROWS): the same for all its blocks; masked on the device."""
+        t = st.t
+        lr = float(st.group["lr"])
+        row = [0.0] * len(ROWS)
+        row[ROW["b1"]], row[ROW["b2"]], row[ROW["fb"]] = hp["beta1"], hp["beta2"], hp["factor_beta"]
+        row[ROW["lam_keep"]], row[ROW["lam_w"]] = 1.0, 0.0
+        row[ROW["threshold"]] = math.inf
+        if st.path in KL_PATHS:
+            if hp["eigenbasis"] != "eigh":
+                w = F.lam_weight(hp, t)
+                row[ROW["lam_keep"]], row[ROW["lam_w"]] = 1 - w, w
+            threshold = F.spike_threshold(hp, t)
+            if threshold is not None:
+                row[ROW["threshold"]] = float(threshold)
+        scale = F.bias_scale(hp, t) if st.path in ("soap", "adamw") else 1.0
+        row[ROW["update"]] = -lr * scale
+        # Shampoo's Adam direction (grafting, and its update before the first roots) is bias-corrected
+        row[ROW["bias"]] = math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
+        row[ROW["decay"]] = -lr * st.group["weight_decay"]
+        return row
+
+    # ------------------------------------------------------------------ phases and kernels
+
+    def _kernel_steps(self, st: Stack, hp: dict):
+        """The Triton step of the stack when the backend picks the kernels for it, else None."""
+        opt = self.opt
+        if st.adamw or _backend.resolve(opt.backend, st.device, hp["rotation_mode"]) != "triton":
+            return None
+        from . import _triton_path
+
+        if not _triton_path.supports(st.path, st.shape, st.mask, hp):
+            return None
+        variant = (st.path, st.shape, st.mask, st.device, hp["rotation_mode"], hp["state_dtype"],
+                   st.path == "shampoo" and st.t >= hp["precondition_frequency"])
+        if _backend.requested(opt.backend) == "auto":
+            if variant in opt._kernels_failed:
+                return None
+            if variant not in opt._kernels_proven:
+                st.cache["trial"] = (variant, {name: buf.clone() for name, buf in st.bufs.items()})
+        return _triton_path.STEPS[st.path]
+
+    def _phase(self, st: Stack, hp: dict, kernels: dict, phase: int, carry):
+        """Run phase ``phase`` (0 project, 1 update, 2 late) of the stack on its path; a Triton
+        variant on trial under backend="auto" that fails is undone and replaced by the torch path
+        (one warning); backend="triton" raises."""
+        steps = kernels.get(id(st))
+        fn = _steps.STEPS[st.path][phase] if steps is None else steps[phase]
+        if fn is None:
+            return None
+        if steps is None:
+            return fn(st, hp, carry)
+        trial = st.cache.get("trial")
+        try:
+            result = fn(st, hp, carry)
+        except Exception as err:  # noqa: BLE001 - any kernel failure: the torch path takes over
+            if trial is None:
+                raise
+            variant, saved = trial
+            for name, buf in st.bufs.items():
+                buf.copy_(saved[name])
+            reason = _errors.summary(err)
+            self.opt._kernels_failed[variant] = _errors.describe(err)
+            self.opt._warn_once(f"kernel:{reason}", (
+                f"{type(self.opt).__name__}: the Triton kernels failed ({reason}) for {variant[0]} blocks of shape "
+                f"{variant[1]} on {variant[3]}; this step and the later ones use the torch path for them "
+                "(same math). backend='triton' raises instead; run `python -m klkern.check` to see what fails."))
+            kernels[id(st)] = None
+            st.cache.pop("trial", None)
+            if phase >= 1 and _steps.STEPS[st.path][0] is not None:
+                carry = _steps.STEPS[st.path][0](st, hp, None)  # the torch path's own projections
+            return self._phase(st, hp, kernels, phase, carry)
+        return result
+
+    def _check_unbounded(self, plan: DevicePlan) -> None:
+        """Stacks of groups whose hyperparameters do not bound the update: each block whose new
+        state exceeds STATE_LIMIT or whose update is not finite is restored from the copy taken
+        before the step, its update and weight decay masked (klkern/_guard.py)."""
+        checked = [st for st in plan.stacks if "before" in st.cache]
+        if not checked:
+            return
+        for st in checked:
+            before = st.cache.pop("before")
+            if st.adamw:
+                sizes = st.cache["sizes"]
+                bad_entry = torch.isfinite(st.U).logical_not()
+                for name in ("exp_avg", "exp_avg_sq"):
+                    bad_entry |= st.bufs[name].float().abs() > _guard.STATE_LIMIT
+                bad = torch.segment_reduce(bad_entry.float(), "max", lengths=sizes, unsafe=True) > 0
+                ok = st.cache["keep"] & bad.logical_not()
+                keep_e = torch.repeat_interleave(ok, sizes, output_size=st.shape[0])
+                for name, buf in st.bufs.items():
+                    torch.where(keep_e, buf, before[name], out=buf)
+                st.cache["keep"].copy_(ok)
+                st.cache["keep_e"] = keep_e
+                st.U = torch.where(keep_e, st.U, plan.zero)
+            else:
+                ok = st.keep & _guard.block_flags(st.bufs, st.U, None, st.B, plan.device)
+                ok_b = st.broadcast(ok)
+                for name, buf in st.bufs.items():
+                    restore = ok.view((st.B,) + (1,) * (buf.dim() - 1))
+                    torch.where(restore, buf, before[name], out=buf)
+                st.keep.copy_(ok)
+                st.U = torch.where(ok_b, st.U, plan.zero)
+            rolled = torch.zeros(len(plan.params), dtype=torch.float32, device=plan.device)
+            lost = (st.cache["keep"] if st.adamw else st.keep).logical_not().float()
+            rolled.index_add_(0, plan.block_param[st.lo:st.hi], lost)
+            newly = (rolled > 0) & plan.flags[1].logical_not() & plan.flags[0].logical_not()
+            plan.counts[1].add_(newly.sum())
+            plan.ever[1].logical_or_(newly)
+            plan.flags[1].logical_or_(newly)
+        plan.remask()
+
+    # ------------------------------------------------------------------ write-back and refresh
+
+    def _normalize(self, plan: DevicePlan, hps: dict) -> None:
+        """normalize_grads: each parameter's update divided by 1e-30 + its RMS (SPEC step 7)."""
+        if not any(st.group["normalize_grads"] for st in plan.stacks):
+            return
+        sums = torch.zeros(plan.nb, dtype=torch.float32, device=plan.device)
+        for st in plan.stacks:
+            if not st.group["normalize_grads"]:
+                continue
+            U = st.U
+            if st.adamw:
+                sq = torch.segment_reduce(U * U, "sum", lengths=st.cache["sizes"], unsafe=True)
+            else:
+                sq = (U * U).reshape(st.B, -1).sum(1)
+            sums[st.lo:st.hi] = sq
+        numel = torch.zeros(plan.nb, dtype=torch.float32, device=plan.device)
+        for st in plan.stacks:
+            numel[st.lo:st.hi] = torch.tensor(st.sizes if st.adamw else [math.prod(st.shape)] * st.B,
+                                              dtype=torch.float32)
+        total = torch.zeros(len(plan.params), dtype=torch.float32, device=plan.device)
+        total.index_add_(0, plan.block_param, sums)
+        count = torch.zeros_like(total).index_add_(0, plan.block_param, numel)
+        factor = torch.reciprocal(1e-30 + torch.sqrt(total / count.clamp(min=1))).index_select(0, plan.block_param)
+        for st in plan.stacks:
+            if not st.group["normalize_grads"]:
+                continue
+            f = factor[st.lo:st.hi]
+            if st.adamw:
+                st.U = st.U * torch.repeat_interleave(f, st.cache["sizes"], output_size=st.shape[0])
+            else:
+                st.U = st.U * st.broadcast(f)
+
+    def _write(self, plan: DevicePlan, hps: dict) -> None:
+        """SPEC step 8 for every block: W <- W + update U, then W <- W + decay W (update = -lr times
+        the algorithm's step-size factor, decay = -lr wd, both 0 for a skipped block), on the
+        parameters gathered into each stack's W; copied back in their own dtype."""
+        self._copying_sources(plan)
+        plan.gather_params()
+        for st in plan.stacks:
+            W, U = st.W, st.U
+            if st.adamw:  # its coefficients are the same for every member: 0-d views of the plan's rows
+                new = torch.addcmul(W, U, st.cache["update"])
+                if st.group["weight_decay"] != 0:
+                    new.addcmul_(new, st.cache["decay"])
+                torch.where(st.cache["keep_e"], new, W, out=W)
+                continue
+            W.addcmul_(U, st.coef("update"))
+            if st.group["weight_decay"] != 0 or plan.has_waiting:
+                W.addcmul_(W, st.coef("decay"))
+        plan.scatter_params()
+        self._write_copying(plan)
+
+    def _copying_sources(self, plan: DevicePlan) -> None:
+        """Blocks that are copies of their parameter (a copying layout): gathered one by one."""
+        for st, b in plan.copying:
+            p, i = st.members[b]
+            blocks = plan_for(_distributed.local(p).shape, st.group).extract(_distributed.local(p).detach())
+            st.w_dst[b].copy_(blocks[i])
+
+    def _write_copying(self, plan: DevicePlan) -> None:
+        if not plan.copying:
+            return
+        by_param: dict = defaultdict(dict)
+        for st, b in plan.copying:
+            p, i = st.members[b]
+            by_param[id(p)][i] = (p, st, st.w_dst[b])
+        for pieces in by_param.values():
+            p, st, _ = next(iter(pieces.values()))
+            tensor = _distributed.local(p)
+            layout = plan_for(tensor.shape, st.group)
+            blocks = layout.extract(tensor.detach())
+            blocks = [pieces[i][2].to(tensor.dtype) if i in pieces else b.clone() for i, b in enumerate(blocks)]
+            tensor.detach().copy_(layout.assemble(blocks))
+
+    def _refresh(self, plan: DevicePlan, hps: dict) -> bool:
+        """The eigenbasis refreshes of the stacks at a refresh step (Shampoo's roots were
+        refreshed inside its update), on the blocks that stepped; one host read of keep."""
+        due = [st for st in plan.stacks if st.refresh and st.path != "shampoo"]
+        if not due:
+            return False
+        keeps = torch.cat([st.keep for st in due]).tolist()
+        offset = 0
+        for st in due:
+            kept = keeps[offset: offset + st.B]
+            offset += st.B
+            index = None if all(kept) else torch.tensor([b for b, k in enumerate(kept) if k], dtype=torch.long,
+                                                        device=plan.device)
+            hp, t = hps[id(st)], st.t
+            if st.path == "klshampoo" and hp["eigenbasis"] == "eigh":
+                direct = (t // hp["precondition_frequency"]) % F.REORTHOGONALIZE_EVERY == 0
+
+                def exact(bufs, st=st, hp=hp, direct=direct):
+                    F._refresh_exact(bufs, st.mask, F._bases(bufs, st.mask), hp["eigval_clamp"], direct=direct)
+
+                F.on_blocks_(st.bufs, index, exact)
+            else:
+                F.on_blocks_(st.bufs, index, lambda bufs, st=st, hp=hp, t=t: F.refresh_(
+                    bufs, st.mask, hp, t, sort_v=st.path == "soap"))
+        return True

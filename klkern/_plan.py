@@ -1,0 +1,511 @@
+"""The step plan: what a steady step does, built once and re-used until something changes.
+
+A steady step (every parameter with a gradient initialised, its blocks stacked as before) is a
+fixed sequence of batched operations whose number does not grow with the model's depth, and it
+never reads a value back to the host. The plan holds, per device:
+
+* the **stacks**: blocks of one algorithm path, shape, preconditioned modes, param group and step
+  count, with their state in stacked buffers (each block's state dict holds views into them), a
+  persistent gradient buffer ``G`` (filled by one ``torch._foreach_copy_`` for every stack) that
+  also holds the parameters while their update is written, and the views both copies use;
+* per-block tables, one column per block of every stack: ``keep`` (the block steps), ``coef``
+  (its betas and update coefficients, masked), the gradient norms that decide ``keep``;
+* for KL-Shampoo and KL-SOAP, every eigenvalue estimate ``lam`` of every block in one flat
+  buffer (the blocks' ``lam{k}`` are views into it), with the projections of SPEC step 5 beside
+  it, so the eigenvalue EMA, its floor and ``spike_threshold``'s test run once for all stacks.
+
+What the guard decides (klkern/_guard.py) is decided on the device: a block whose parameter's
+gradient has a NaN/Inf, or whose gradient is too large for the state to stay bounded, gets
+``keep = False``; its gradient is zeroed, its betas are 1 and its update and weight decay 0, so it
+leaves its state and its parameter exactly as they were. The counts behind
+``optimizer.nonfinite_skipped`` accumulate on the device and are read when the user reads them,
+at refresh steps and when the plan is rebuilt.
+
+The plan is rebuilt when the parameters with a gradient, the param groups' structural options,
+the state's tensors (a load, an initialisation, a user's assignment) or a parameter's storage
+change: each step compares identities, which costs no tensor operation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _distributed, _guard
+from ._blocking import plan_for, writes_into
+
+__all__ = ["DevicePlan", "Stack", "ROWS", "structure_key"]
+
+INF = float("inf")
+
+# Rows of the per-block coefficient table, and what a masked block (keep = False) gets in each.
+ROWS = ("b1", "b2", "fb", "lam_keep", "lam_w", "update", "decay", "threshold", "bias")
+MASKED = (1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, INF, 1.0)
+ROW = {name: i for i, name in enumerate(ROWS)}
+
+# Group options that decide how parameters are cut into blocks and stored: a change rebuilds the
+# plan. The others (lr, betas, eps, ...) are read at every step.
+STRUCTURAL = ("merge_dims", "max_precond_dim", "block_size", "precondition_1d", "data_format", "large_dim_policy",
+              "state_dtype", "eigval_clamp", "eigenbasis", "exponent")
+
+
+def structure_key(group: dict) -> tuple:
+    return tuple(group.get(name) for name in STRUCTURAL)
+
+
+KL_PATHS = ("klshampoo", "klsoap")
+
+
+class Stack:
+    """Blocks that step together: one path, block shape, mask, group, device and step count."""
+
+    def __init__(self, path: str, group_index: int, group: dict, shape: tuple, mask: tuple, t: int,
+                 members: list, blocks: list):
+        self.path = path
+        self.device = torch.device("cpu")
+        self.group_index = group_index
+        self.group = group
+        self.shape = shape  # block shape (for the AdamW path: (N,), the members' sizes summed)
+        self.mask = mask
+        self.t_prev = t  # the members' step count before this step
+        self.members = members  # [(param, block index)]
+        self.blocks = blocks  # the members' state dicts
+        self.sizes: list[int] = []  # AdamW path: each member's number of entries
+        self.bufs: dict = {}
+        self.cache: dict = {}  # views of persistent buffers, made once
+        self.lo = self.hi = 0  # its columns in the per-block tables
+        self.G: torch.Tensor | None = None
+        self.W: torch.Tensor | None = None  # where the parameters are gathered (G, or float64)
+        self.g_dst: list = []  # per member: a view of G shaped like its gradient source
+        self.w_dst: list = []  # per member: a view of W shaped like its parameter target
+        self.g_blocks: list = []  # per member: its block of G (for the per-block norms)
+        self.targets: list = []  # per member: the parameter view written (None: copying layout)
+        self.sources: list = []  # per member: how its gradient is found ("grad", "extract", "local")
+        self.proj: dict = {}  # KL: mode -> (B, d_k) view of the plan's projection buffer
+        self.keep = self.keep_b = None
+        self.spike = False
+        self.refresh = False
+        self.track_kl = False
+        self.U: torch.Tensor | None = None
+
+    @property
+    def B(self) -> int:
+        return len(self.members)
+
+    @property
+    def adamw(self) -> bool:
+        return self.path == "adamw"
+
+    @property
+    def t(self) -> int:
+        return self.t_prev + 1
+
+    def broadcast(self, vec: torch.Tensor) -> torch.Tensor:
+        """A (B,) vector shaped to broadcast over the stack's blocks (B, 1, ..., 1)."""
+        return vec.view((self.B,) + (1,) * len(self.shape))
+
+    def coef(self, name: str) -> torch.Tensor:
+        """Row ``name`` of the plan's coefficient table for these blocks, broadcast over a block
+        (made once)."""
+        return self.cache[name]
+
+    def coef_matrix(self, name: str) -> torch.Tensor:
+        """The same, broadcast over a (B, d, d) stack of factors."""
+        return self.cache[name + ":mat"]
+
+
+class DevicePlan:
+    """The stacks and per-block tables of one device (see the module docstring)."""
+
+    def __init__(self, opt, device: torch.device, stacks: list, params: list):
+        self.device = device
+        self.stacks = stacks
+        self.params = params  # every parameter with a block here, in a fixed order
+        self.algorithm = opt.algorithm
+        # per-block bookkeeping, blocks in stack order (KL stacks first: their blocks are 0..nkb-1)
+        self.stacks.sort(key=lambda s: (s.path not in KL_PATHS, s.path == "adamw"))
+        col = 0
+        block_param, block_stack, glim = [], [], []
+        index_of = {id(p): j for j, p in enumerate(params)}
+        for s_index, st in enumerate(self.stacks):
+            st.lo, st.hi = col, col + st.B
+            col += st.B
+            for p, i in st.members:
+                block_param.append(index_of[id(p)])
+                block_stack.append(s_index)
+            glim.extend([_guard.gradient_limit(opt.algorithm if st.path != "adamw" else "adamw", st.group,
+                                               st.shape, st.mask)] * st.B)
+        self.nb = col
+        dev = device
+        self.nkb = sum(st.B for st in self.stacks if st.path in KL_PATHS)
+        self.block_stack = torch.tensor(block_stack, dtype=torch.long, device=dev)
+        self.single_block_params = len(set(block_param)) == len(block_param) and len(block_param) == len(params)
+        self.block_param = torch.tensor(block_param, dtype=torch.long, device=dev)
+        self.glim = torch.tensor(glim, dtype=torch.float32, device=dev)
+        self.keep = torch.ones(self.nb, dtype=torch.bool, device=dev)
+        self.norms = torch.zeros(2, self.nb, dtype=torch.float32, device=dev)  # inf-norm, 2-norm
+        self.inf_norms, self.two_norms = self.norms.unbind(0)
+        self.coef = torch.ones(len(ROWS), self.nb, dtype=torch.float32, device=dev)
+        self.masked = torch.tensor(MASKED, dtype=torch.float32, device=dev).unsqueeze(1)
+        # each stack's coefficients (uploaded every step) and the same per block
+        self.stack_rows = torch.zeros(len(ROWS), len(self.stacks), dtype=torch.float32, device=dev)
+        self.rows = torch.zeros(len(ROWS), self.nb, dtype=torch.float32, device=dev)
+        self.waiting = torch.zeros(self.nb, dtype=torch.bool, device=dev)
+        self.decay_keep = torch.ones(self.nb, dtype=torch.bool, device=dev)
+        self.has_waiting = False
+        self.zero = torch.zeros((), dtype=torch.float32, device=dev)
+        self.one = torch.ones((), dtype=torch.float32, device=dev)
+        # device-side counters of optimizer.nonfinite_skipped: [non-finite gradient, rolled back]
+        # parameter-steps since the last read, and which parameters ever were (for the warning)
+        self.counts = torch.zeros(2, dtype=torch.int64, device=dev)
+        self.flags = torch.zeros(2, len(params), dtype=torch.bool, device=dev)
+        self.bad, self.big = self.flags.unbind(0)  # this step: non-finite gradient, rolled back
+        self.ever = torch.zeros(2, len(params), dtype=torch.bool, device=dev)
+        self.decay_row = self.coef[ROW["decay"]]
+        self._kl_tables()
+        for st in self.stacks:
+            rows = self.coef[:, st.lo:st.hi]
+            if st.adamw:
+                st.cache["keep"] = self.keep[st.lo:st.hi]
+                st.cache["sizes"] = torch.tensor(st.sizes, dtype=torch.long, device=dev)
+                st.cache["update"] = self.rows[ROW["update"], st.lo]
+                st.cache["decay"] = self.rows[ROW["decay"], st.lo]
+            else:
+                for name, r in ROW.items():
+                    st.cache[name] = st.broadcast(rows[r])
+                    st.cache[name + ":mat"] = rows[r].view(st.B, 1, 1)
+                st.keep = self.keep[st.lo:st.hi]
+                st.keep_b = st.broadcast(st.keep)
+        self.g_dst = [v for st in self.stacks for v in st.g_dst]
+        self.g_blocks = [v for st in self.stacks for v in st.g_blocks]
+        pairs = [(d, t) for st in self.stacks for d, t in zip(st.w_dst, st.targets) if t is not None]
+        self.live_dst = [d for d, _ in pairs]
+        self.live_targets = [t for _, t in pairs]
+        self.copying = [(st, b) for st in self.stacks for b, t in enumerate(st.targets) if t is None]
+
+    # ------------------------------------------------------------------ KL tables
+
+    def _kl_tables(self) -> None:
+        """One flat buffer for every lam of every KL block (state), its projections, floors and
+        the segment structure the spike test and the EMA reduce over."""
+        kl = [st for st in self.stacks if st.path in KL_PATHS]
+        self.kl_stacks = kl
+        if not kl:
+            self.lam = None
+            return
+        dev = self.device
+        sizes, floors, seg_len, seg_block, entry_block, first_seg, inv_first, inv_d = [], [], [], [], [], [], [], []
+        for st in kl:
+            modes = [k for k, on in enumerate(st.mask) if on]
+            clamp = float(st.group["eigval_clamp"])
+            for k in modes:
+                d = st.shape[k]
+                c = max(10.0, min(float(d), clamp))
+                sizes.append(st.B * d)
+                floors.extend([1.0 / (c * c)] * (st.B * d))
+                inv_d.extend([1.0 / d] * (st.B * d))
+                for b in range(st.B):
+                    if k == modes[0]:
+                        first_seg.append(len(seg_len))
+                        inv_first.append(1.0 / d)
+                    seg_len.append(d)
+                    seg_block.append(st.lo + b)
+                    entry_block.extend([st.lo + b] * d)
+        total = sum(sizes)
+        self.lam = torch.empty(total, dtype=torch.float32, device=dev)
+        self.proj = torch.zeros(total, dtype=torch.float32, device=dev)
+        self.inv_d = torch.tensor(inv_d, dtype=torch.float32, device=dev)
+        # per entry: 1 / (d_k lam) (the projections' weights), sqrt(lam) (the KL direction's
+        # scaling) and 1 / lam (the factor EMA's weights)
+        self.proj_weight = torch.empty(total, dtype=torch.float32, device=dev)
+        self.sqrt_lam = torch.empty(total, dtype=torch.float32, device=dev)
+        self.inv_lam = torch.empty(total, dtype=torch.float32, device=dev)
+        self.floor = torch.tensor(floors, dtype=torch.float32, device=dev)
+        self.seg_len = torch.tensor(seg_len, dtype=torch.long, device=dev)
+        self.seg_block = torch.tensor(seg_block, dtype=torch.long, device=dev)
+        self.entry_block = torch.tensor(entry_block, dtype=torch.long, device=dev)
+        self.first_seg = torch.tensor(first_seg, dtype=torch.long, device=dev)
+        self.inv_first = torch.tensor(inv_first, dtype=torch.float32, device=dev)
+        self.spike = torch.ones(self.nkb, dtype=torch.float32, device=dev)
+        self.threshold_row = self.coef[ROW["threshold"], : self.nkb]
+        self.lam_w_row = self.coef[ROW["lam_w"], : self.nkb]
+        self.worst = torch.zeros(self.nkb, dtype=torch.float32, device=dev)
+        self.clip = torch.tensor(_spike_clip(), dtype=torch.float32, device=dev)
+        self.growth = torch.tensor(_spike_growth(), dtype=torch.float32, device=dev)
+        self.lam_rows = self.coef[ROW["lam_keep"]:ROW["lam_w"] + 1, : self.nkb]
+        offset = 0
+        for st in kl:
+            for k, on in enumerate(st.mask):
+                if not on:
+                    continue
+                d = st.shape[k]
+                part = slice(offset, offset + st.B * d)
+                view = self.lam[part].view(st.B, d)
+                view.copy_(st.bufs[f"lam{k}"])
+                st.bufs[f"lam{k}"] = view
+                st.proj[k] = self.proj[part].view(st.B, d)
+                nd = len(st.shape)
+                for name, flat in (("proj_weight", self.proj_weight), ("sqrt_lam", self.sqrt_lam),
+                                   ("inv_lam", self.inv_lam)):
+                    st.cache[f"{name}{k}"] = _along(flat[part].view(st.B, d), k, nd)
+                if nd == 2 and all(st.mask):  # the projections as bmm outputs: (B, m, 1), (B, 1, n)
+                    st.cache[f"proj_mat{k}"] = st.proj[k].view((st.B, d, 1) if k == 0 else (st.B, 1, d))
+                    st.cache[f"proj_weight_mat{k}"] = (self.proj_weight[part].view(st.B, d, 1) if k == 1
+                                                       else self.proj_weight[part].view(st.B, 1, d))
+                offset += st.B * d
+            st.cache["spike"] = st.broadcast(self.spike[st.lo:st.hi])
+            for b, block in enumerate(st.blocks):
+                for k, on in enumerate(st.mask):
+                    if on:
+                        block[f"lam{k}"] = st.bufs[f"lam{k}"][b]
+
+    # ------------------------------------------------------------------ the step's parts
+
+    def gather(self, sources: list) -> None:
+        """Every stack's gradients into its G (one multi-tensor copy)."""
+        if self.g_dst:
+            torch._foreach_copy_(self.g_dst, sources)
+
+    def upload(self, rows: list) -> None:
+        """Each stack's coefficients for this step ((len(ROWS), stacks) floats) to the device: one
+        copy from host memory, without waiting for the device."""
+        host = torch.tensor(rows, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        self.stack_rows.copy_(host, non_blocking=True)
+
+    def decide(self) -> None:
+        """keep and the masked coefficients of every block, from the gradients' norms and the
+        uploaded rows; the counters of skipped parameter-steps."""
+        torch.stack(torch._foreach_norm(self.g_blocks, INF), out=self.inf_norms)
+        torch.stack(torch._foreach_norm(self.g_blocks, 2), out=self.two_norms)
+        finite = torch.lt(self.inf_norms, INF)  # False for NaN
+        # a block steps when its 2-norm is at most its limit (False for NaN and Inf): its state
+        # stays bounded and its update finite (klkern/_guard.py)
+        torch.le(self.two_norms, self.glim, out=self.keep)
+        bad, big = self.bad, self.big
+        if self.single_block_params:
+            torch.logical_not(finite, out=bad)
+            torch.logical_and(finite, self.keep.logical_not(), out=big)
+        else:  # a parameter with a non-finite gradient anywhere skips all its blocks
+            nonfinite = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+            nonfinite.index_add_(0, self.block_param, finite.logical_not().float())
+            torch.gt(nonfinite, 0, out=bad)
+            self.keep.logical_and_(bad.logical_not().index_select(0, self.block_param))
+            rolled = torch.zeros(len(self.params), dtype=torch.float32, device=self.device)
+            rolled.index_add_(0, self.block_param, self.keep.logical_not().float())
+            torch.logical_and(rolled > 0, bad.logical_not(), out=big)
+        self.counts.add_(self.flags.sum(1))
+        self.ever.logical_or_(self.flags)
+        self.decays = None
+        if self.has_waiting:  # a block waiting for scale: no update, the weight decay of its parameter
+            self.decays = self.keep & self.waiting.logical_not().logical_or(self.decay_keep)
+            self.keep.logical_and_(self.waiting.logical_not())
+        torch.index_select(self.stack_rows, 1, self.block_stack, out=self.rows)
+        self.remask()
+
+    def remask(self) -> None:
+        """The coefficient table from the per-stack rows and keep (again after keep changed)."""
+        torch.where(self.keep, self.rows, self.masked, out=self.coef)
+        if self.decays is not None:
+            torch.where(self.decays & self.keep.logical_or(self.waiting), self.rows[ROW["decay"]], self.zero,
+                        out=self.decay_row)
+
+    def project_weights(self) -> None:
+        """1 / (d_k lam) of every KL entry, from the old lam (step 5's projections)."""
+        torch.div(self.inv_d, self.lam, out=self.proj_weight)
+
+    def factor_weights(self) -> None:
+        """1 / lam of every KL entry (the factor EMA's weights, from the old lam)."""
+        torch.reciprocal(self.lam, out=self.inv_lam)
+
+    def sqrt_lams(self) -> None:
+        torch.sqrt(self.lam, out=self.sqrt_lam)
+
+    def spike_scales(self) -> None:
+        """spike_threshold's factor of every KL block (klkern._functional.spike_scale), from the
+        projections of this gradient against the old lam; 1 where the threshold is off."""
+        ratio = self.proj / self.lam
+        seg_max = torch.segment_reduce(ratio, "max", lengths=self.seg_len, unsafe=True)
+        worst = self.worst.zero_().scatter_reduce_(0, self.seg_block, seg_max, "amax", include_self=False)
+        energy = torch.segment_reduce(ratio, "sum", lengths=self.seg_len, unsafe=True).index_select(0, self.first_seg)
+        energy.mul_(self.inv_first)
+        squared = torch.maximum(torch.div(self.clip, worst), torch.div(self.growth, energy)).clamp_(max=1.0)
+        torch.where(energy > self.threshold_row, squared.sqrt_(), self.one, out=self.spike)
+        self.lam_w_row.mul_(self.spike).mul_(self.spike)
+
+    def lam_ema(self) -> None:
+        """SPEC step 5 for every KL block: lam <- keep lam + w proj (masked), then the floor."""
+        keep, w = self.lam_rows.index_select(1, self.entry_block).unbind(0)
+        self.lam.mul_(keep).addcmul_(self.proj, w)
+        torch.maximum(self.lam, self.floor, out=self.lam)
+
+    def gather_params(self) -> None:
+        """Every parameter (block) into its stack's W (one multi-tensor copy); blocks of a copying
+        layout are gathered by the caller."""
+        if self.live_dst:
+            torch._foreach_copy_(self.live_dst, self.live_targets)
+
+    def scatter_params(self) -> None:
+        """The new values back into the parameters, in their dtype (one multi-tensor copy)."""
+        if self.live_dst:
+            torch._foreach_copy_(self.live_targets, self.live_dst)
+
+    # ------------------------------------------------------------------ validity
+
+    def snapshot_identity(self, opt) -> None:
+        """Remember what the plan's views are views of: each block's state dict and tensors, and
+        each parameter's storage."""
+        self.identity = []
+        for st in self.stacks:
+            for (p, i), block in zip(st.members, st.blocks):
+                self.identity.append((opt.state[p]["blocks"], i, block, tuple(block.items())))
+        self.storages = [(p, p.data_ptr()) for p in self.params if not _distributed.is_dtensor(p)]
+
+    def valid(self, opt) -> bool:
+        """Whether every view still belongs to the state and the parameters (no tensor operation)."""
+        for blocks, i, block, items in self.identity:
+            if blocks[i] is not block or len(block) != len(items):
+                return False
+            for name, tensor in items:
+                if block.get(name) is not tensor:
+                    return False
+        return all(p.data_ptr() == ptr for p, ptr in self.storages)
+
+    def read_counts(self) -> tuple[list[int], list]:
+        """(counts, per cause the parameters ever affected) read to the host; counts reset."""
+        counts = self.counts.tolist()
+        ever = self.ever.tolist() if any(counts) else None
+        self.counts.zero_()
+        affected = [[p for p, hit in zip(self.params, row) if hit] for row in ever] if ever else [[], []]
+        return counts, affected
+
+
+def _along(vec: torch.Tensor, k: int, nd: int) -> torch.Tensor:
+    """(B, d_k) shaped to broadcast along mode k of a (B, ...) stack."""
+    shape = [vec.shape[0]] + [1] * nd
+    shape[k + 1] = vec.shape[1]
+    return vec.view(shape)
+
+
+def _spike_clip() -> float:
+    from ._functional import SPIKE_CLIP
+
+    return SPIKE_CLIP
+
+
+def _spike_growth() -> float:
+    from ._functional import SPIKE_GROWTH
+
+    return SPIKE_GROWTH
+
+
+# ---------------------------------------------------------------------- building
+
+
+def block_views(stack: Stack, opt) -> None:
+    """The stack's G and W buffers and the views the gather and the write-back use."""
+    dev = stack.device
+    if stack.adamw:
+        total = sum(stack.sizes)
+        stack.G = torch.zeros(total, dtype=torch.float32, device=dev)
+        offsets = [0]
+        for n in stack.sizes:
+            offsets.append(offsets[-1] + n)
+        pieces = [stack.G[a:b] for a, b in zip(offsets, offsets[1:])]
+    else:
+        stack.G = torch.zeros((stack.B,) + stack.shape, dtype=torch.float32, device=dev)
+        pieces = list(stack.G.unbind(0))
+    float64 = any(p.dtype == torch.float64 for p, _ in stack.members)
+    if float64:  # float64 parameters are not rounded through float32 (SPEC "Precision")
+        stack.W = torch.zeros_like(stack.G, dtype=torch.float64)
+        w_pieces = (list(stack.W.unbind(0)) if not stack.adamw
+                    else [stack.W[a:b] for a, b in zip(offsets, offsets[1:])])
+    else:
+        stack.W = stack.G
+        w_pieces = pieces
+    for (p, i), piece, w_piece in zip(stack.members, pieces, w_pieces):
+        tensor = _distributed.local(p)
+        plan = plan_for(tensor.shape, stack.group)
+        trivial = plan.trivial or stack.adamw
+        dtensor = _distributed.is_dtensor(p)
+        if trivial:
+            stack.g_dst.append(piece.view(tensor.shape))
+            stack.sources.append("local" if dtensor else "grad")
+            target = tensor.detach()
+            stack.targets.append(target)
+            stack.w_dst.append(w_piece.view(tensor.shape))
+        else:
+            stack.g_dst.append(piece)
+            stack.sources.append("extract")
+            view = plan.extract(tensor.detach())[i]
+            stack.targets.append(view if writes_into(view, tensor) else None)
+            stack.w_dst.append(w_piece)
+        stack.g_blocks.append(piece)
+
+
+def stack_state(stack: Stack) -> None:
+    """The members' state in stacked buffers, each block's tensors views into them (kept as they
+    are when they already are such views, in this order)."""
+    blocks = stack.blocks
+    if stack.adamw:
+        bufs = {}
+        for name in blocks[0]:
+            parts = [b[name] for b in blocks]
+            flat = torch.cat([t.reshape(-1) for t in parts])
+            bufs[name] = flat
+            offset = 0
+            for b, n in zip(blocks, stack.sizes):
+                b[name] = flat[offset: offset + n]
+                offset += n
+        stack.bufs = bufs
+        return
+    bufs = {}
+    for name in blocks[0]:
+        parts = [b[name] for b in blocks]
+        base = parts[0]
+        shared = (base.dim() >= 1 and all(
+            t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for t in parts))
+        if shared and _consecutive(parts):
+            stacked = _as_stack(parts)
+        else:
+            stacked = None
+        if stacked is None:
+            stacked = _stacked(parts)
+            for b, view in zip(blocks, stacked.unbind(0)):
+                b[name] = view
+        bufs[name] = stacked
+    stack.bufs = bufs
+
+
+def _consecutive(parts: list) -> bool:
+    """Whether ``parts`` are the consecutive slices [0], [1], ... of one stacked buffer."""
+    if not parts:
+        return False
+    step = parts[0].numel()
+    offset = parts[0].storage_offset()
+    return all(t.storage_offset() == offset + b * step and t.shape == parts[0].shape and t.stride() == parts[0].stride()
+               for b, t in enumerate(parts))
+
+
+def _as_stack(parts: list) -> torch.Tensor | None:
+    """The stacked buffer whose consecutive slices are ``parts`` (a view of their storage)."""
+    first = parts[0]
+    try:
+        whole = torch.empty(0, dtype=first.dtype, device=first.device).set_(
+            first.untyped_storage(), first.storage_offset(), (len(parts),) + tuple(first.shape),
+            (first.numel(),) + tuple(first.stride()))
+    except RuntimeError:
+        return None
+    return whole
+
+
+def _stacked(tensors: list) -> torch.Tensor:
+    """torch.stack that keeps a column-major layout (the CPU's bases, _functional.column_major)."""
+    from ._functional import column_major
+
+    if column_major(tensors[0]):
+        return torch.stack([t.mT for t in tensors]).mT
+    return torch.stack(tensors)
+
+
+def describe_stacks(plans) -> list:
+    """(path, block shape, blocks) of every stack, for tests and benchmarks."""
+    return [(st.path, st.shape, st.B) for plan in plans for st in plan.stacks]

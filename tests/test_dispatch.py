@@ -1,0 +1,106 @@
+"""A steady step's launches are flat in model depth and it reads nothing back to the host.
+
+Counted on the CPU with klkern._dispatch.DispatchCounter (every aten operation dispatched, views
+included: on a GPU each operation that computes is a kernel launch; and every read back to the
+host, through the dispatcher or around it). The parameter set has GPT-2-small's structure (token
+and position embeddings, per layer the attention and MLP weights, biases and LayerNorms) at a
+narrow width, so the count is that of GPT-2-small itself (it depends on the shapes' kinds, not
+their sizes: bench/step_bench.py reports the full-size set) and the test stays fast.
+
+Targets (issue: the GPU step at its floor): at most MAX_OPS operations per steady step for every
+optimizer, the same count at 12 and 24 layers, and no host read. Before the step plan: about
+1,090 operations and 6 host reads at 12 layers, +48 per layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import klkern
+from klkern._dispatch import DispatchCounter
+
+MAX_OPS = 200
+OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
+
+
+def gpt2_shapes(layers: int, width: int = 16) -> list:
+    """GPT-2-small's parameter shapes with 768 scaled to ``width`` (the vocabulary kept above
+    max_precond_dim, so the token embedding takes the AdamW path, or for SOAP an unrotated side)."""
+    w = width
+    shapes = [(50257, w), (64, w)]
+    for _ in range(layers):
+        shapes += [(w,), (w,), (3 * w, w), (3 * w,), (w, w), (w,), (w,), (w,), (4 * w, w), (4 * w,), (w, 4 * w), (w,)]
+    return shapes + [(w,), (w,)]
+
+
+def _steady_count(name: str, layers: int, warmup: int = 3, **options) -> DispatchCounter:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in gpt2_shapes(layers)]
+    opt = getattr(klkern, name)(params, precondition_frequency=10, **options)
+
+    def grads():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+
+    for _ in range(warmup):  # the initialisation, the step that builds the plan, a steady step
+        grads()
+        opt.step()
+    grads()
+    with DispatchCounter() as counter:
+        opt.step()
+    return counter
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_steady_step_is_flat_in_depth_and_reads_nothing_back(name):
+    twelve = _steady_count(name, 12)
+    twenty_four = _steady_count(name, 24)
+    assert twelve.host_reads == 0, twelve.reads
+    assert twelve.total <= MAX_OPS, twelve.ops.most_common(10)
+    assert twenty_four.total == twelve.total, (twenty_four.ops - twelve.ops, twelve.ops - twenty_four.ops)
+
+
+def test_shampoo_with_roots_is_flat_too():
+    """Shampoo's steady step once its roots exist (t > precondition_frequency: P = L_root M R_root
+    grafted to Adam's norm)."""
+    counts = [_steady_count("Shampoo", layers, warmup=12) for layers in (12, 24)]
+    assert counts[0].host_reads == 0 and counts[0].total <= MAX_OPS and counts[0].total == counts[1].total
+
+
+@pytest.mark.parametrize("options", [dict(eigenvalues_first=True), dict(spike_threshold=None),
+                                     dict(init_factor=0.1), dict(weight_decay=0.0)],
+                         ids=["eigenvalues_first", "no-spike-threshold", "init-0.1", "no-weight-decay"])
+def test_options_keep_the_step_flat_and_sync_free(options):
+    counts = [_steady_count("KLShampoo", layers, **options) for layers in (12, 24)]
+    assert counts[0].host_reads == 0 and counts[0].total <= MAX_OPS and counts[0].total == counts[1].total
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_nonfinite_and_an_overflowing_gradient_are_skipped_without_a_host_read(name):
+    """The guard decides on the device: a NaN gradient and a finite one that would overflow the
+    state are skipped (parameters and state unchanged) in a step that reads nothing back; the
+    count arrives when nonfinite_skipped is read."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in [(6, 5), (6, 5), (7, 4), (5,)]]
+    opt = getattr(klkern, name)(params, lr=1e-2, precondition_frequency=10)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    params[0].grad[1, 2] = float("nan")
+    params[2].grad.mul_(1e25)
+    before = [p.detach().clone() for p in params]
+    state = {i: {k: v.clone() for k, v in opt.state[params[i]]["blocks"][0].items()} for i in (0, 2)}
+    with DispatchCounter() as counter:
+        opt.step()
+    assert counter.host_reads == 0, counter.reads
+    for i in (0, 2):
+        assert torch.equal(params[i], before[i])
+        for k, v in opt.state[params[i]]["blocks"][0].items():
+            assert torch.equal(v, state[i][k]), (i, k)
+    assert not torch.equal(params[1], before[1]) and not torch.equal(params[3], before[3])
+    with pytest.warns(RuntimeWarning):
+        assert opt.nonfinite_skipped == 2
