@@ -72,6 +72,7 @@ SUITE_KERNEL_SHAPES = "12x768x768,12x768x3072,12x2048x2048"
 SUITE_TESTS = ["tests/test_qr.py::test_extension_on_gpu", "tests/test_qr.py::test_extension_nan_and_bad_input_on_gpu",
                "tests/test_qr.py::test_extension_bad_input_raises_a_catchable_error",
                "tests/test_qr.py::test_klshampoo_with_and_without_extension", "tests/test_check.py",
+               "tests/test_graph.py", "tests/test_dispatch.py",
                "tests/test_triton.py", "tests/test_precision.py", "tests/test_guard.py"]
 
 

@@ -81,14 +81,16 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     _, params, grads = workload(args.model, device, "step_profile.py")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)"
-    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    # "graph": the torch path with klkern's own CUDA graph of the steady step (cuda_graph=True)
+    backends = ["torch", "triton", "graph"] if device.type == "cuda" else ["torch"]
     rows = []
     for opt_name in args.optimizers.split(","):
         for backend in backends:
             work = [torch.nn.Parameter(p.detach().clone()) for p in params]
-            opt = getattr(klkern, opt_name)(work, backend=backend, matmul_precision=args.precision,
-                                            precondition_frequency=1000)
-            for _ in range(2):  # initialisation, then a step that compiles the kernels
+            opt = getattr(klkern, opt_name)(work, backend="torch" if backend == "graph" else backend,
+                                            matmul_precision=args.precision, precondition_frequency=1000,
+                                            cuda_graph=backend == "graph")
+            for _ in range(4 if backend == "graph" else 2):  # initialisation, compiling (and capturing)
                 for p, gr in zip(work, grads):
                     p.grad = gr
                 opt.step()

@@ -8,8 +8,9 @@ Per parameter (aggregated over its blocks, weighted by their sizes):
   scale: in expectation KL(E[gg^T], S) - KL(E[gg^T], c I), so 0 means no
   better than the identity, lower is a better fit, and neither the gradients'
   nor the estimate's scale matters (optimizers compare). An EMA over steps
-  (klkern._functional.track_kl_): evaluated every step, before the estimate
-  sees the gradient, for KL-Shampoo, KL-SOAP and SOAP (whose estimate is its
+  (klkern._functional.track_kl_): evaluated at the first update and at every
+  refresh step (no update reads it), before the estimate sees the gradient,
+  for KL-Shampoo, KL-SOAP and SOAP (whose estimate is its
   eigenbasis with the eigenvalues diag(Q^T GG Q)); for Shampoo at each root
   refresh, on that step's gradient (NaN before the first refresh);
 * ``eig_min``, ``eig_max``: the range of the eigenvalue estimates (KL:

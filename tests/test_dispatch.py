@@ -34,14 +34,14 @@ def gpt2_shapes(layers: int, width: int = 16) -> list:
     return shapes + [(w,), (w,)]
 
 
-def _steady_count(name: str, layers: int, warmup: int = 3, **options) -> DispatchCounter:
+def _steady_count(name: str, layers: int, warmup: int = 3, device: str = "cpu", **options) -> DispatchCounter:
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in gpt2_shapes(layers)]
+    params = [torch.nn.Parameter((torch.randn(*s, generator=gen) * 0.02).to(device)) for s in gpt2_shapes(layers)]
     opt = getattr(klkern, name)(params, precondition_frequency=10, **options)
 
     def grads():
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
 
     for _ in range(warmup):  # the initialisation, the step that builds the plan, a steady step
         grads()
@@ -104,3 +104,12 @@ def test_a_nonfinite_and_an_overflowing_gradient_are_skipped_without_a_host_read
     assert not torch.equal(params[1], before[1]) and not torch.equal(params[3], before[3])
     with pytest.warns(RuntimeWarning):
         assert opt.nonfinite_skipped == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_on_a_gpu_the_steady_step_reads_nothing_back(name):
+    """On CUDA tensors a read back shows as a copy to the host too (counted by DispatchCounter)."""
+    counter = _steady_count(name, 12, device="cuda")
+    assert counter.host_reads == 0, counter.reads
+    assert counter.total <= MAX_OPS
