@@ -28,7 +28,7 @@ import torch
 
 from . import _backend, _distributed, _errors, _guard, _precision
 from . import _functional as F
-from . import _steps
+from . import _schedule, _steps
 from ._blocking import plan_for
 from ._plan import KL_PATHS, ROW, ROWS, DevicePlan, Stack, block_views, stack_state, structure_key
 
@@ -261,6 +261,9 @@ class StepEngine:
             if path == "adamw":
                 st.sizes = [_distributed.local(p).numel() for p, _, _ in members]
                 st.shape = (sum(st.sizes),)
+            if path != "adamw":
+                offsets = _schedule.refresh_offsets(group)
+                st.offsets = [offsets[(id(p), i)] for p, i, _ in members] if offsets else None
             stack_state(st)
             block_views(st, opt)
             per_device[device].append(st)
@@ -305,9 +308,15 @@ class StepEngine:
             hp = self._stack_hp(st)
             hps[id(st)] = hp
             rows.append(self._host_row(st, hp))
-            st.refresh = st.path != "adamw" and st.t % hp["precondition_frequency"] == 0
-            # the KL diagnostic (no update reads it) is evaluated at refresh steps and the first update
-            st.track_kl = st.refresh or st.t == 1
+            period = hp["precondition_frequency"]
+            synchronous = st.t % period == 0
+            if st.offsets is None:
+                st.refresh = st.path != "adamw" and synchronous
+            else:  # stagger_refresh: the blocks whose own schedule falls on this step
+                st.due = [b for b, offset in enumerate(st.offsets) if _schedule.due(st.t, offset, period)]
+                st.refresh = bool(st.due)
+            # the KL diagnostic (no update reads it) is evaluated at the first update and every T steps
+            st.track_kl = st.path != "adamw" and (synchronous or st.t == 1)
             st.spike = st.path in KL_PATHS and F.spike_threshold(hp, st.t) is not None
             st.roots = st.path == "shampoo" and st.t >= hp["precondition_frequency"]
         plan.upload(list(zip(*rows)))
@@ -591,28 +600,44 @@ class StepEngine:
             blocks = [pieces[i][2].to(tensor.dtype) if i in pieces else b.clone() for i, b in enumerate(blocks)]
             tensor.detach().copy_(layout.assemble(blocks))
 
+    # Refreshes choose their blocks with a host read of keep where it costs nothing (the CPU: the
+    # refresh then runs in place on the stacked state when every block stepped); on a GPU every
+    # due block is refreshed on a copy and the result kept only where the block stepped.
+    SELECT_ON_DEVICE = ("cuda",)
+
     def _refresh(self, plan: DevicePlan, hps: dict) -> bool:
-        """The eigenbasis refreshes of the stacks at a refresh step (Shampoo's roots were
-        refreshed inside its update), on the blocks that stepped; one host read of keep."""
+        """The eigenbasis refreshes due at this step (Shampoo's roots were refreshed inside its
+        update), on the blocks that stepped; with stagger_refresh only the blocks whose own
+        schedule falls on this step, each with its own clock (t + offset) for the periodic QR."""
         due = [st for st in plan.stacks if st.refresh and st.path != "shampoo"]
         if not due:
             return False
-        keeps = torch.cat([st.keep for st in due]).tolist()
+        on_device = plan.device.type in self.SELECT_ON_DEVICE
+        keeps = None if on_device else torch.cat([st.keep for st in due]).tolist()
         offset = 0
         for st in due:
-            kept = keeps[offset: offset + st.B]
-            offset += st.B
-            index = None if all(kept) else torch.tensor([b for b, k in enumerate(kept) if k], dtype=torch.long,
-                                                        device=plan.device)
-            hp, t = hps[id(st)], st.t
-            if st.path == "klshampoo" and hp["eigenbasis"] == "eigh":
-                direct = (t // hp["precondition_frequency"]) % F.REORTHOGONALIZE_EVERY == 0
-
-                def exact(bufs, st=st, hp=hp, direct=direct):
-                    F._refresh_exact(bufs, st.mask, F._bases(bufs, st.mask), hp["eigval_clamp"], direct=direct)
-
-                F.on_blocks_(st.bufs, index, exact)
+            hp, period = hps[id(st)], hps[id(st)]["precondition_frequency"]
+            if st.offsets is None:
+                clocks = {st.t: list(range(st.B))}
             else:
-                F.on_blocks_(st.bufs, index, lambda bufs, st=st, hp=hp, t=t: F.refresh_(
-                    bufs, st.mask, hp, t, sort_v=st.path == "soap"))
+                clocks = {}
+                for b in st.due:  # blocks that share (t + offset) // T share the periodic QR's turn
+                    clocks.setdefault(st.t + st.offsets[b], []).append(b)
+            kept = None if on_device else keeps[offset: offset + st.B]
+            offset += st.B
+            for clock, blocks in clocks.items():
+                chosen = blocks if kept is None else [b for b in blocks if kept[b]]
+                if not chosen:
+                    continue
+                index = None if len(chosen) == st.B else torch.tensor(chosen, dtype=torch.long, device=plan.device)
+                if st.path == "klshampoo" and hp["eigenbasis"] == "eigh":
+                    direct = (clock // period) % F.REORTHOGONALIZE_EVERY == 0
+
+                    def fn(bufs, st=st, hp=hp, direct=direct):
+                        F._refresh_exact(bufs, st.mask, F._bases(bufs, st.mask), hp["eigval_clamp"], direct=direct)
+                else:
+                    def fn(bufs, st=st, hp=hp, clock=clock):
+                        F.refresh_(bufs, st.mask, hp, clock, sort_v=st.path == "soap")
+                keep = st.keep if on_device else None
+                F.on_blocks_(st.bufs, index, fn, keep=keep)
         return True

@@ -378,18 +378,28 @@ def _put(bufs: dict, name: str, index, new) -> None:
         bufs[name].index_copy_(0, index, new(_load(bufs, name)[index]).to(bufs[name].dtype))
 
 
-def on_blocks_(bufs: dict, index: torch.Tensor | None, fn) -> None:
+def on_blocks_(bufs: dict, index: torch.Tensor | None, fn, keep: torch.Tensor | None = None) -> None:
     """Run ``fn(bufs)`` on the blocks in ``index`` only (None: all): on copies of their state,
-    written back into the stacked buffers (a refresh at a step where some blocks were skipped)."""
-    if index is None:
+    written back into the stacked buffers (a refresh of some blocks of a stack). With ``keep``
+    ((B,) bool, on the device) a block's result is written only where keep is True: the others
+    keep their state (a skipped step), decided without reading keep back to the host."""
+    if index is not None and index.numel() == 0:
+        return
+    if index is None and keep is None:
         fn(bufs)
         return
-    if index.numel() == 0:
-        return
-    part = {name: buf.index_select(0, index) for name, buf in bufs.items()}
+    part = {name: (buf.index_select(0, index) if index is not None else buf.clone()) for name, buf in bufs.items()}
     fn(part)
+    chosen = keep if index is None or keep is None else keep.index_select(0, index)
     for name, buf in bufs.items():
-        buf.index_copy_(0, index, part[name].to(buf.dtype))
+        new = part[name].to(buf.dtype)
+        if chosen is not None:
+            old = buf.index_select(0, index) if index is not None else buf
+            new = torch.where(chosen.view((-1,) + (1,) * (new.dim() - 1)), new, old)
+        if index is None:
+            buf.copy_(new)
+        else:
+            buf.index_copy_(0, index, new)
 
 
 # spike_threshold: an outlier gradient is scaled down until no eigendirection's projection exceeds

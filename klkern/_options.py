@@ -48,11 +48,13 @@ DEFAULTS: dict[str, dict] = {
     # outlier batch no longer moves the weights or inflates the estimates
     # (bench/results/spike_recovery_cpu.md); spike_threshold=None is the SPEC's and prototype's step.
     "klshampoo": dict(COMMON_DEFAULTS, init_factor="debiased", eigval_clamp=4000.0, eigenbasis="qr",
-                      eigenvalues_first=False, spike_threshold=SPIKE_THRESHOLD, staleness_threshold=None),
+                      eigenvalues_first=False, spike_threshold=SPIKE_THRESHOLD, staleness_threshold=None,
+                      stagger_refresh=False),
     "klsoap": dict(COMMON_DEFAULTS, init_factor=0.1, eigval_clamp=4000.0, spike_threshold=SPIKE_THRESHOLD,
-                   staleness_threshold=None),
+                   staleness_threshold=None, stagger_refresh=False),
     # The SOAP release leaves modes above max_precond_dim unrotated.
-    "soap": dict(COMMON_DEFAULTS, correct_bias=True, large_dim_policy="identity", staleness_threshold=None),
+    "soap": dict(COMMON_DEFAULTS, correct_bias=True, large_dim_policy="identity", staleness_threshold=None,
+                 stagger_refresh=False),
     "shampoo": dict(COMMON_DEFAULTS, exponent=0.5, grafting="adam"),
 }
 
@@ -155,6 +157,9 @@ def validate_group(algorithm: str, group: dict) -> None:
         if threshold is not None and (not _real(threshold) or threshold < 0):
             _fail("staleness_threshold", threshold, "must be None (refresh every basis at every refresh step) or a "
                                                     "finite number >= 0 (refresh only bases whose staleness exceeds it)")
+    if algorithm in ("klshampoo", "klsoap", "soap") and not isinstance(group["stagger_refresh"], bool):
+        _fail("stagger_refresh", group["stagger_refresh"], "must be True (each block refreshed every "
+                                                           "precondition_frequency steps at its own offset) or False")
     if algorithm in ("klshampoo", "klsoap"):
         threshold = group["spike_threshold"]
         if threshold is not None and (not _real(threshold) or threshold < 1):

@@ -45,7 +45,7 @@ ROW = {name: i for i, name in enumerate(ROWS)}
 # Group options that decide how parameters are cut into blocks and stored: a change rebuilds the
 # plan. The others (lr, betas, eps, ...) are read at every step.
 STRUCTURAL = ("merge_dims", "max_precond_dim", "block_size", "precondition_1d", "data_format", "large_dim_policy",
-              "state_dtype", "eigval_clamp", "eigenbasis", "exponent")
+              "state_dtype", "eigval_clamp", "eigenbasis", "exponent", "stagger_refresh", "precondition_frequency")
 
 
 def structure_key(group: dict) -> tuple:
@@ -84,6 +84,8 @@ class Stack:
         self.keep = self.keep_b = None
         self.spike = False
         self.refresh = False
+        self.offsets: list | None = None  # stagger_refresh: each member's refresh offset
+        self.due: list = []  # stagger_refresh: the members refreshed at this step
         self.track_kl = False
         self.U: torch.Tensor | None = None
 

@@ -155,6 +155,11 @@ class KLShampoo(ShampooFamilyOptimizer):
       eigenvalues (floored), and the eigenvalue EMA is off; with
       ``precondition_frequency=1`` it uses the exact S^-1 and S^-1/2 each step
       (``staleness_threshold`` does not apply to it).
+    * ``stagger_refresh`` (False): each block keeps the refresh period T but gets its own offset,
+      dealt so that every step of a period refreshes about 1/T of the refresh work (blocks
+      largest first onto the least-loaded step; klkern/_schedule.py): no step pays for every
+      refresh at once. The offsets follow from the shapes, so a resumed run keeps them. False
+      (the SPEC's schedule) refreshes every basis at ``t % precondition_frequency == 0``.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
       refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
       block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T S
@@ -189,6 +194,11 @@ class KLSOAP(ShampooFamilyOptimizer):
       batch (x1e2..x1e6) KL-SOAP without it stayed 1.2x-512x its spike-free loss 20
       steps later (``v`` and the factors inflated by the spike), with it 1.0x-1.08x
       (bench/results/spike_recovery*.md). None: the SPEC's step.
+    * ``stagger_refresh`` (False): each block keeps the refresh period T but gets its own offset,
+      dealt so that every step of a period refreshes about 1/T of the refresh work (blocks
+      largest first onto the least-loaded step; klkern/_schedule.py): no step pays for every
+      refresh at once. The offsets follow from the shapes, so a resumed run keeps them. False
+      (the SPEC's schedule) refreshes every basis at ``t % precondition_frequency == 0``.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
       refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
       block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T S
@@ -212,6 +222,11 @@ class SOAP(ShampooFamilyOptimizer):
 
     * ``correct_bias`` (True): step size ``lr * sqrt(1 - betas[1]^t) / (1 - beta1^t)``
       (Adam's bias correction); False: ``lr``.
+    * ``stagger_refresh`` (False): each block keeps the refresh period T but gets its own offset,
+      dealt so that every step of a period refreshes about 1/T of the refresh work (blocks
+      largest first onto the least-loaded step; klkern/_schedule.py): no step pays for every
+      refresh at once. The offsets follow from the shapes, so a resumed run keeps them. False
+      (the SPEC's schedule) refreshes every basis at ``t % precondition_frequency == 0``.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
       refresh step (every ``precondition_frequency`` steps: the least a basis waits) a
       block's basis along a mode is refreshed only when its staleness, ``||offdiag(Q^T GG

@@ -21,6 +21,7 @@ import torch
 
 from ._blocking import plan_for
 from ._options import build_defaults, factor_beta, validate_group
+from ._schedule import refresh_offsets
 from ._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP, SPIKE_GROWTH
 from .linalg import EighFailure, batched_qr, eigh_descending
 
@@ -404,7 +405,9 @@ class _ReferenceOptimizer(torch.optim.Optimizer):
             if plan.adamw:
                 U, scale = self._adamw_block(block, G, group, t)
             else:
-                U, scale = self._block_step(block, G, plan.masks[i], group, t)
+                # stagger_refresh (klkern/_schedule.py): the block's refreshes follow its own clock
+                clock = t + refresh_offsets(group).get((id(p), i), 0)
+                U, scale = self._block_step(block, G, plan.masks[i], dict(group, refresh_clock=clock), t)
             updates.append(U)
         if not stepped:  # every block waited or initialised: the parameter did not step
             state["step"] -= 1
@@ -461,7 +464,8 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
         if first:
             U = rotated_precondition(b["exp_avg"], b["Q"], kl_scaling(b["lam"], G.dim(), group["eps"]))
         b["S"] = S
-        if t % group["precondition_frequency"] == 0:  # step 6
+        clock = group.get("refresh_clock", t)
+        if clock % group["precondition_frequency"] == 0:  # step 6
             for k, s in enumerate(S):
                 if s is None:
                     continue
@@ -470,7 +474,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
                         b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"])
                     except EighFailure:  # pragma: no cover - keep the previous basis
                         pass
-                elif refresh_wanted(s, b["Q"][k], group, t):
+                elif refresh_wanted(s, b["Q"][k], group, clock):
                     b["Q"][k] = refresh_eigenbasis(s, b["Q"][k])
         return U, 1.0
 
@@ -498,9 +502,10 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
         lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
         b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
         b["S"] = S
-        if t % group["precondition_frequency"] == 0:
+        clock = group.get("refresh_clock", t)
+        if clock % group["precondition_frequency"] == 0:
             old = b["Q"]
-            b["Q"] = [refresh_eigenbasis(s, Q) if s is not None and refresh_wanted(s, Q, group, t) else Q
+            b["Q"] = [refresh_eigenbasis(s, Q) if s is not None and refresh_wanted(s, Q, group, clock) else Q
                       for s, Q in zip(S, old)]
             b["exp_avg"] = carry_rotated(b["exp_avg"], old, b["Q"])  # v is not rotated
         return U, 1.0
@@ -524,10 +529,11 @@ class ReferenceSOAP(_ReferenceOptimizer):
         U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
         scale = adam_bias_scale(t, beta1, adam_beta2) if group["correct_bias"] else 1.0
         b["GG"] = factor_ema(b["GG"], G, factor_beta(group))
-        if t % group["precondition_frequency"] == 0:
+        clock = group.get("refresh_clock", t)
+        if clock % group["precondition_frequency"] == 0:
             old = b["Q"]
             b["Q"], b["exp_avg_sq"] = soap_refresh(b["GG"], old, b["exp_avg_sq"],
-                                                   lambda k: refresh_wanted(b["GG"][k], old[k], group, t))
+                                                   lambda k: refresh_wanted(b["GG"][k], old[k], group, clock))
             b["exp_avg"] = carry_rotated(b["exp_avg"], old, b["Q"])
         return U, scale
 

@@ -6,6 +6,8 @@ whatever rounding has done to the old one. Both must leave the factor S = Q R Q^
 in the parameter's basis (Q_0 M Q_1^T) unchanged; the refresh only changes the basis they are in.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -246,3 +248,146 @@ def test_cpu_bases_are_column_major_and_either_layout_gives_the_same_run(algorit
     cont_row, _ = _run(algorithm, 4, True, monkeypatch, opt_state=rowmajor)
     for p, q in zip(cont, cont_row):
         assert (p - q).abs().max() <= 1e-5 * q.abs().max()
+
+
+# --------------------------------------------------------------------------
+# stagger_refresh: each block refreshed every T steps at its own offset (klkern/_schedule.py)
+
+STAGGER_SHAPES = [(8, 8), (16, 16), (8, 8), (12, 20), (4, 5, 6), (16, 16), (9,)]
+
+
+def _refreshed(opt, params, before):
+    """{parameter index: bases changed by this step} (a basis changes only when it is refreshed)."""
+    out = {}
+    for j, p in enumerate(params):
+        blocks = opt.state.get(p, {}).get("blocks") or []
+        for block, old in zip(blocks, before.get(j, [])):
+            out[j] = any(not torch.equal(block[n], old[n]) for n in old)
+    return out
+
+
+def _bases_now(opt, params):
+    return {j: [{n: v.clone() for n, v in b.items() if n.startswith("Q")} for b in opt.state[p]["blocks"]]
+            for j, p in enumerate(params) if p in opt.state and "blocks" in opt.state[p]}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGOS))
+def test_staggered_refresh_matches_the_reference(algorithm):
+    """The fast path and the reference, which follows the same schedule block by block, agree
+    over 24 steps with T = 4 (6 periods, every offset) as closely as they do without staggering:
+    per parameter within 3x the synchronous run's difference or 1e-5 (the (12, 20) weight's
+    float32 rounding grows to 1e-4..4e-3 over these steps on both schedules; a block refreshed
+    at another step than the reference's would differ by far more: 1e-1)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_optimizers import run_pair
+
+    from _helpers import rel_err
+
+    errors = {}
+    for stagger in (False, True):
+        p_fast, p_ref, _ = run_pair(algorithm, STAGGER_SHAPES, steps=24, precondition_frequency=4,
+                                    stagger_refresh=stagger)
+        errors[stagger] = [rel_err(a, b) for a, b in zip(p_fast, p_ref)]
+    for shape, synchronous, staggered in zip(STAGGER_SHAPES, errors[False], errors[True]):
+        assert staggered <= max(1e-5, 3 * synchronous), (shape, staggered, synchronous)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGOS))
+def test_each_block_is_refreshed_every_period_at_its_own_offset(algorithm):
+    """Every block's bases change exactly every T steps (T = 4), not all at the same step, and
+    every step of a period refreshes some block; without staggering all change together."""
+    for stagger in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in STAGGER_SHAPES if len(s) > 1]
+        opt = ALGOS[algorithm](params, lr=1e-2, precondition_frequency=4, stagger_refresh=stagger)
+        g = torch.Generator().manual_seed(1)
+        steps_of: dict = {j: [] for j in range(len(params))}
+        for step in range(20):
+            before = _bases_now(opt, params)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            for j, changed in _refreshed(opt, params, before).items():
+                if changed:
+                    steps_of[j].append(opt.state[params[j]]["step"])
+        for j, steps in steps_of.items():
+            assert len(steps) >= 4 and all(b - a == 4 for a, b in zip(steps, steps[1:])), (j, steps)
+        phases = {steps[0] % 4 for steps in steps_of.values()}
+        assert phases == ({0, 1, 2, 3} if stagger else {0}), phases
+
+
+def test_staggered_offsets_balance_the_refresh_work():
+    """Offsets deal blocks largest first onto the least-loaded step of the period: eight equal
+    blocks with T = 4 refresh two per step; one large block and several small ones put the large
+    one alone."""
+    from klkern import _schedule
+
+    group = dict(klkern.KLShampoo([torch.nn.Parameter(torch.zeros(1, 1))]).defaults, stagger_refresh=True,
+                 precondition_frequency=4)
+    equal = [torch.nn.Parameter(torch.zeros(16, 16)) for _ in range(8)]
+    offsets = _schedule.refresh_offsets(dict(group, params=equal))
+    assert sorted(list(offsets.values()).count(s) for s in range(4)) == [2, 2, 2, 2]
+    mixed = [torch.nn.Parameter(torch.zeros(64, 64))] + [torch.nn.Parameter(torch.zeros(16, 16)) for _ in range(6)]
+    offsets = _schedule.refresh_offsets(dict(group, params=mixed))
+    big = offsets[(id(mixed[0]), 0)]
+    assert all(offsets[(id(p), 0)] != big for p in mixed[1:])
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGOS))
+def test_a_resumed_run_keeps_the_staggered_schedule(algorithm):
+    """Stopped after 7 steps (mid-period) and resumed from a state dict into a new optimizer:
+    the next 9 steps equal the uninterrupted run exactly (the offsets follow from the shapes)."""
+    def fresh():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(*s)) for s in STAGGER_SHAPES]
+
+    def run(params, opt, steps, g):
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+
+    kw = dict(lr=1e-2, precondition_frequency=4, stagger_refresh=True)
+    whole = fresh()
+    g = torch.Generator().manual_seed(2)
+    run(whole, ALGOS[algorithm](whole, **kw), 16, g)
+    first = fresh()
+    g = torch.Generator().manual_seed(2)
+    opt = ALGOS[algorithm](first, **kw)
+    run(first, opt, 7, g)
+    saved = opt.state_dict()
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    resumed = ALGOS[algorithm](second, **kw)
+    resumed.load_state_dict(saved)
+    run(second, resumed, 9, g)
+    for a, b in zip(whole, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_refresh_selected_on_the_device_equals_the_host_choice(stagger, monkeypatch):
+    """On a GPU a refresh step keeps the result only where the block stepped, decided on the
+    device; the CPU reads keep back and refreshes in place. Both give the same run, a NaN
+    gradient at a refresh step included."""
+    from klkern import _engine
+
+    runs = []
+    for device_choice in (False, True):
+        monkeypatch.setattr(_engine.StepEngine, "SELECT_ON_DEVICE", ("cpu",) if device_choice else ("cuda",))
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in STAGGER_SHAPES]
+        opt = klkern.KLShampoo(params, lr=1e-2, precondition_frequency=4, stagger_refresh=stagger)
+        g = torch.Generator().manual_seed(3)
+        for step in range(14):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            if step in (4, 8):
+                params[1].grad[0, 0] = float("nan")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
