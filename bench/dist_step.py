@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -91,6 +92,8 @@ def _measure(rank, world, port, name, steps, out):
     torch.save(result, Path(out) / f"{name.replace(':', '_')}-{world}-{rank}.pt")
     if world > 1:
         dist.barrier()
+        del opt  # it holds the process group: freed before the group is torn down, not at exit
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ freshly wrapped model, as it does for torch.optim.AdamW). NCCL on GPUs, gloo on 
 """
 
 import argparse
+import gc
 import os
 import shutil
 import tempfile
@@ -47,17 +48,9 @@ def train(model, opt, steps, start, device):
     return loss.item()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--dir", default=None, help="checkpoint folder (default: a new temporary one)")
-    args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+def run(args, device) -> bool:
+    """Train, checkpoint, resume; True when the resumed run and every rank agree."""
     rank = dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     path = args.dir or (tempfile.mkdtemp(prefix="klkern_ckpt_") if rank == 0 else None)
     holder = [path]
     dist.broadcast_object_list(holder)  # every rank writes into the same folder
@@ -84,15 +77,37 @@ def main():
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+    dist.barrier()  # every rank is done with the checkpoint
     if rank == 0:
+        if args.dir is None:  # the temporary folder this run made: removed before it is reported
+            shutil.rmtree(path, ignore_errors=True)
+            where = f"checkpoint was in {path} (temporary, now deleted; --dir keeps one)"
+        else:
+            where = f"checkpoint in {path}"
         result = "identical" if gap == 0 else (f"equal to {gap:.1e}" if same else f"DIFFERENT ({gap:.1e})")
         print(f"{dist.get_world_size()} ranks, loss {loss:.4f} after {args.steps} steps; resumed run "
-              f"{result}; ranks {'in sync' if in_sync else 'OUT OF SYNC'}; checkpoint in {path}")
-    dist.barrier()
-    if rank == 0 and args.dir is None:
-        shutil.rmtree(path, ignore_errors=True)  # the temporary checkpoint folder this run made
-    dist.destroy_process_group()
-    if not (same and in_sync):
+              f"{result}; ranks {'in sync' if in_sync else 'OUT OF SYNC'}; {where}")
+    return same and in_sync
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dir", default=None, help="checkpoint folder (default: a new temporary one)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    try:
+        ok = run(args, device)
+    finally:
+        # The models and optimizers hold the process group: free them while it is alive (DDP's
+        # reference cycles wait for a collection), so that nothing of it is torn down at exit
+        gc.collect()
+        dist.destroy_process_group()
+    if not ok:
         raise SystemExit(1)
 
 

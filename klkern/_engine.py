@@ -22,6 +22,7 @@ the shapes it already has (tests/test_dispatch.py).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 
 import torch
@@ -55,8 +56,14 @@ class StepEngine:
     """The step machinery of one optimizer; everything here is derived (rebuilt after a load,
     a copy or a change of the param groups)."""
 
+    @property
+    def opt(self):
+        """The optimizer this belongs to (held weakly)."""
+        return self._opt()
+
     def __init__(self, opt):
-        self.opt = opt
+        self._opt = weakref.ref(opt)  # no cycle: the optimizer (and its process group) is freed
+        # when its last user reference goes, not at a later garbage collection
         self.key = None
         self.plans: list[DevicePlan] = []
         self.version = 0  # bumped whenever the optimizer's state changes structure

@@ -24,6 +24,8 @@ is captured and replayed, the later ones are replayed.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = ["StepGraphs", "graph_factory"]
@@ -80,8 +82,14 @@ _UPLOADED = ("lr", "params")
 class StepGraphs:
     """The captured steady step of each device plan of an optimizer."""
 
+    @property
+    def opt(self):
+        """The optimizer this belongs to (held weakly)."""
+        return self._opt()
+
     def __init__(self, opt):
-        self.opt = opt
+        self._opt = weakref.ref(opt)  # no cycle: the optimizer (and its process group) is freed
+        # when its last user reference goes, not at a later garbage collection
         self.captured: dict = {}  # id(plan) -> (plan, signature, graph)
         self.seen: dict = {}  # id(plan) -> the signature of the last eager steady step
 

@@ -21,6 +21,7 @@ against an uninterrupted one).
 from __future__ import annotations
 
 import datetime
+import gc
 import socket
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def _worker(rank, world, port, outdir, scenario):
         dist.barrier()  # nobody tears down its connections while another rank still works
         (Path(outdir) / f"{scenario}-{rank}.done").touch()  # all work and the barrier passed
     finally:
+        # the scenario's models and optimizers hold the process group: freed (reference cycles
+        # collected) while it is alive, not torn down at interpreter exit
+        gc.collect()
         dist.destroy_process_group()
 
 

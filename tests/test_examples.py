@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -49,12 +50,21 @@ def test_watch_diagnostics():
     assert "staleness" in done.stdout and "0.weight" in done.stdout
 
 
-def test_ddp_checkpoint_with_torchrun(tmp_path):
+@pytest.mark.parametrize("keep", [True, False], ids=["dir", "temporary"])
+def test_ddp_checkpoint_with_torchrun(tmp_path, keep):
+    """The folder the script reports holds the checkpoint with --dir; without, the temporary
+    folder it made is reported as deleted, and is."""
+    where = ["--dir", str(tmp_path / "ckpt")] if keep else []
     done = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                 f"--master_port={_free_port()}", "examples/ddp_checkpoint.py", "--steps", "8",
-                 "--dir", str(tmp_path / "ckpt")], timeout=240)
+                 f"--master_port={_free_port()}", "examples/ddp_checkpoint.py", "--steps", "8", *where],
+                timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resumed run identical; ranks in sync" in done.stdout
+    folder = Path(re.search(r"checkpoint (?:was )?in (\S+)", done.stdout).group(1))
+    if keep:
+        assert folder == tmp_path / "ckpt" and any(folder.iterdir()), done.stdout
+    else:
+        assert "(temporary, now deleted" in done.stdout and not folder.exists(), done.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
