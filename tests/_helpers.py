@@ -56,6 +56,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
+def moved_err(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor) -> float:
+    """max |a - b| / max |b - start|: an error on the scale of how far ``b`` moved from ``start``
+    (a tolerance on the parameters' own scale lets a path that barely moves them pass)."""
+    a, b, start = a.detach().double(), b.detach().double(), start.detach().double()
+    return float((a - b).abs().max() / (b - start).abs().max().clamp(min=1e-30))
+
+
 def make_params(shapes, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in shapes]

@@ -8,17 +8,28 @@ from klkern._functional import FLOAT32_STATE
 from _helpers import PAIRS, clone_params, make_params, quadratic_grads, rel_err
 
 SHAPES = [(8, 8), (6,), (3, 4, 5)]
+# The fast path's distance from the reference, as a fraction of how far the reference moved (mean
+# absolute change per entry, 0.004-0.02 over these 15 steps at lr 1e-2). Both do the same float32
+# math and round once per step to the parameter's dtype: measured identical on the CPU. A few
+# entries rounded the other way (one ulp: 0.0078 at |w| in [1, 2) in bf16) shift the mean
+# distance by a few percent of the movement; a parameter that is not written back is 100 % off.
+MOVE_RTOL = 0.1
+
+
+def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().mean())
 
 
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_match_reference(name, dtype):
-    """Math in float32, result written back in the parameter's dtype: the fast
-    path and the reference (which upcasts the same way) agree to the
-    parameter's own rounding (BF16_RTOL: a few bf16 ulps after 15 steps)."""
+    """Math in float32, result written back in the parameter's dtype: the fast path and the
+    reference (which upcasts the same way) move every parameter alike, to within MOVE_RTOL of
+    the movement itself (not of the parameter's size, which a frozen parameter would meet)."""
     fast_cls, ref_cls = PAIRS[name]
     p_fast = make_params(SHAPES, dtype=dtype)
     p_ref = clone_params(p_fast)
+    start = clone_params(p_fast)
     targets = [torch.randn(*s) for s in SHAPES]
     opt_f, opt_r = fast_cls(p_fast, lr=1e-2), ref_cls(p_ref, lr=1e-2)
     for t in range(15):
@@ -26,9 +37,11 @@ def test_low_precision_params_match_reference(name, dtype):
         quadratic_grads(p_ref, targets, t)
         opt_f.step()
         opt_r.step()
-    for a, b in zip(p_fast, p_ref):
+    for a, b, s in zip(p_fast, p_ref, start):
         assert a.dtype == dtype
-        assert rel_err(a, b) < 2e-2
+        moved = _mean_abs(b, s)
+        assert moved > 2e-3, (tuple(a.shape), moved)  # 15 steps of ~lr each, well above one ulp's share
+        assert _mean_abs(a, b) <= MOVE_RTOL * moved, (tuple(a.shape), _mean_abs(a, b), moved)
     for p in p_fast:
         assert all(v.dtype == torch.float32 for v in opt_f.state[p]["blocks"][0].values())
 

@@ -151,8 +151,9 @@ def _count_refreshed(monkeypatch):
 @pytest.mark.parametrize("algorithm", sorted(ALGOS))
 def test_staleness_threshold_matches_the_reference_and_refreshes_fewer_bases(algorithm, monkeypatch):
     """With a threshold the fast path refreshes the same bases as reference.refresh_wanted (so the
-    trajectories agree to 1e-4 over 40 steps with a refresh every 2 steps: without a threshold
-    they agree to 1e-7..1.8e-5 by the draw; one basis refreshed on one side only gives ~1e-3) and
+    trajectories agree to 1e-3 of the parameters' movement over 40 steps with a refresh every 2
+    steps: measured up to 1.3e-4; of the parameters' size 1e-7..1.8e-5 by the draw, where one
+    basis refreshed on one side only gives ~1e-3, some 70x more of the movement) and
     fewer of them than
     without one; a threshold of 0 refreshes every basis that is not exactly diagonal (all of them
     here), an infinite one only at every REORTHOGONALIZE_EVERY-th refresh."""
@@ -176,7 +177,7 @@ def test_staleness_threshold_matches_the_reference_and_refreshes_fewer_bases(alg
             threshold = float(torch.cat(seen).median())
         counts.clear()
         p_fast, p_ref, _ = run_pair(name, shapes, steps=40, precondition_frequency=2, staleness_threshold=threshold)
-        assert_trajectories_match(p_fast, p_ref, rtol=1e-4)
+        assert_trajectories_match(p_fast, p_ref, rtol=1e-3)
         totals[threshold] = sum(counts)
     assert totals[0.0] == every
     median = [t for t in totals if 0 < t < 1e30][0]
