@@ -21,7 +21,9 @@ parts before it packed.
 
 ``unpack`` extracts DIR into ``bench/results/gpu_<device>/`` for commit.
 
-Without a CUDA GPU ``run`` prints one line saying why and exits with 2.
+Without a CUDA GPU ``run`` prints one line saying why and exits with 2. The suite and its parts
+run with the interpreter that runs this file (gpu_suite.sh: ``$PYTHON``, else ``python3``), named
+in that line and in the header.
 """
 
 from __future__ import annotations
@@ -422,7 +424,7 @@ def preflight(info: dict, env: dict, work: Path, install: bool) -> dict:
     then verify in a fresh process what the parts will import. Returns the environment record."""
     record = dict(device=info["device"], capability=".".join(map(str, info["capability"])),
                   memory_gib=info["memory_gib"], torch=info["torch"], cuda=info["cuda"],
-                  python=sys.version.split()[0], commit=commit(),
+                  python=sys.version.split()[0], interpreter=sys.executable, commit=commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     log = work / "install.log"
     if install:
@@ -464,7 +466,7 @@ def header_lines(record: dict) -> str:
     return "\n".join([
         f"- device: {record['device']} (sm_{record['capability'].replace('.', '')}, {record['memory_gib']} GiB)",
         f"- torch {record['torch']} (CUDA {record['cuda']}), triton {record.get('triton', '?')}, numpy "
-        f"{record.get('numpy', '?')}, python {record['python']}",
+        f"{record.get('numpy', '?')}, python {record['python']} ({record.get('interpreter', '?')})",
         f"- commit {record['commit']}, {record['date']}",
         f"- install: {record['install']}; klkern from {record.get('klkern', '?')}",
         f"- Triton kernels: {kernels}; backend='triton' on CUDA: {record.get('kernels_on_cuda', '?')}; "
@@ -506,7 +508,7 @@ def main(argv=None) -> int:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     info, why = probe_cuda(env)
     if why:
-        print(f"gpu_suite: {why}: this suite is for a GPU machine; nothing run")
+        print(f"gpu_suite: {why} (python: {sys.executable}): this suite is for a GPU machine; nothing run")
         return 2
     major, minor = info["capability"]
     env.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")  # this GPU's architecture, not a fixed one

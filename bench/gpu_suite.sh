@@ -6,7 +6,9 @@
 #     bash bench/gpu_suite.sh --out DIR [--budget SECONDS] [PART ...]   # default budget 480 s
 #     python bench/gpu_suite.py unpack DIR      # then: DIR -> bench/results/gpu_<device>/
 #
-# Without a CUDA GPU it prints one line and exits with 2.
+# The suite and every part run with one interpreter: $PYTHON when set (a venv's python, say),
+# else the python3 first on PATH; its first line names it. Without a CUDA GPU it prints one line
+# (which names the interpreter too) and exits with 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python3}" bench/gpu_suite.py "$@"

@@ -334,13 +334,24 @@ def evaluate(model, data, starts, cfg: Config, device) -> float:
     return sum(losses) / len(losses)
 
 
+def progress_bars(progress) -> bool:
+    """Whether ``progress`` asks for tqdm bars and stderr can show them: True (the default) means
+    bars in a terminal and lines elsewhere (a bar redrawn with carriage returns fills a log
+    file with hundreds of lines per run); "lines" always means lines."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return progress is True and bool(isatty and isatty())
+
+
 def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
-              progress: bool = True, on_row=None, val_seed: int = 1234, extra: dict | None = None) -> dict:
+              progress: bool | str = True, on_row=None, val_seed: int = 1234, extra: dict | None = None,
+              label: str = "") -> dict:
     """Train one model; return its log rows and summary figures.
 
     ``seed`` fixes the initial weights and the batch order; ``val_seed`` the
     validation windows (the learning-rate sweep uses other windows than the
-    comparison it tunes)."""
+    comparison it tunes). ``progress``: True, a tqdm bar on stderr when it is a terminal, else
+    one line on stderr when the run starts and one when it ends; "lines", those lines
+    whatever stderr is; False, nothing. ``label`` prefixes them (``[run 4/18]``)."""
     torch.manual_seed(seed)
     model = GPT(cfg, data["vocab"]).to(device)
     opt = make_optimizer(name, model.parameters(), lr, cfg, extra)
@@ -353,13 +364,16 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
                                (cfg.eval_batches * cfg.batch_size,),
                                generator=torch.Generator().manual_seed(val_seed))
     bar = None
-    if progress:
+    title = f"{label} {name} seed={seed} lr={lr:g}".strip()
+    if progress_bars(progress):
         try:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, desc=f"{name} seed={seed} lr={lr:g}", leave=True,
-                       dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(total=cfg.steps, desc=title, leave=True, dynamic_ncols=True, file=sys.stderr)
         except ImportError:
-            print(f"{name} seed={seed} lr={lr:g} ...", file=sys.stderr)
+            pass
+    lines = bool(progress) and bar is None
+    if lines:
+        print(f"{title}: {cfg.steps} steps ...", file=sys.stderr, flush=True)
 
     rows, wall, opt_time, diverged = [], 0.0, 0.0, False
     step_times = []
@@ -409,6 +423,9 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
     if bar is not None:
         bar.close()
     final_val = next((r["val_loss"] for r in reversed(rows) if r["val_loss"] != ""), float("nan"))
+    if lines:
+        ending = "diverged" if diverged else f"final val loss {final_val:.4f}"
+        print(f"{title}: {ending} after {rows[-1]['step']} steps, {wall:.0f} s", file=sys.stderr, flush=True)
     return {
         "optimizer": name, "seed": seed, "lr": lr, "rows": rows, "diverged": diverged,
         "final_val_loss": float("nan") if diverged else final_val,
@@ -566,7 +583,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", help="output folder (default: a new runs/train_lm_<preset>-<time>; "
                                  "bench/results/train_lm_<preset> refreshes the committed results)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bars, one line when each run starts and ends (the default when "
+                        "stderr is not a terminal, e.g. redirected to a log)")
     p.add_argument("--replot", metavar="DIR", help="only redraw DIR/val_loss.png from DIR/runs.csv")
     return p.parse_args(argv)
 
@@ -655,13 +674,13 @@ def main(argv=None) -> list[dict]:
         writer = csv.DictWriter(fh, fieldnames=["optimizer", "seed", "lr", "step", "train_loss",
                                                 "val_loss", "wall_time_s", "kl"])
         writer.writeheader()
-        for name in names:
-            for seed in seeds:
-                result = train_one(name, seed, lrs[name], cfg, data, device,
-                                   progress=not args.no_progress, on_row=writer.writerow,
-                                   extra=extras.get(name))
-                fh.flush()
-                results.append(result)
+        runs = [(name, seed) for name in names for seed in seeds]
+        for i, (name, seed) in enumerate(runs, 1):
+            result = train_one(name, seed, lrs[name], cfg, data, device,
+                               progress="lines" if args.no_progress else True, on_row=writer.writerow,
+                               extra=extras.get(name), label=f"[run {i}/{len(runs)}]")
+            fh.flush()
+            results.append(result)
 
     table = summarize(results)
     meta = {

@@ -1,10 +1,11 @@
 """klkern.analysis against the statements of the papers, in numbers.
 
-KL-Shampoo paper (papers/kl-shampoo.txt): Claim 1 (one-sided optimum), Claim 2
-(Eq. (3), two-sided optimum), Claim 3 (Eq. (6), eigenvalues in a fixed basis)
-and the running estimates of Eq. (4) / Fig. 3; Morwani et al.
-(papers/shampoo-preconditioner-power-iteration.txt): Proposition 1 and
-Corollary 2 (power iteration for the Frobenius-optimal Kronecker product).
+KL-Shampoo paper (Lin et al., "Understanding and Improving the Shampoo Optimizer
+via KL Minimization"; its algorithm as klkern computes it is docs/spec.md): Claim 1
+(one-sided optimum), Claim 2 (Eq. (3), two-sided optimum), Claim 3 (Eq. (6),
+eigenvalues in a fixed basis) and the running estimates of Eq. (4) / Fig. 3;
+Morwani et al. ("A New Perspective on Shampoo's Preconditioner"): Proposition 1
+and Corollary 2 (power iteration for the Frobenius-optimal Kronecker product).
 Everything is float64 on small blocks, with seeded generators. Expectations
 that the tests compute themselves (``_left_moment``/``_right_moment``) are
 written with plain block slicing of the dense C, not with the module's

@@ -11,6 +11,7 @@ MAX_FILES files and is packed after every part (so a run cut short keeps what it
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -140,11 +141,15 @@ def test_every_part_has_a_command_and_priority_order():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_without_a_gpu_it_exits_at_once_with_one_line(tmp_path):
+    """With this test's interpreter as $PYTHON (a venv's python whether or not the venv is active,
+    so not whatever python3 is first on PATH), the suite runs on it and names it."""
     start = time.perf_counter()
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--out", str(tmp_path / "x"),
-                           "--budget", "60"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--budget", "60"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable))
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout.strip().count("\n") == 0 and "no CUDA GPU" in done.stdout
+    assert f"(python: {sys.executable})" in done.stdout
     assert done.stderr == ""
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "x").exists()
@@ -155,8 +160,6 @@ def test_the_cuda_probe_says_why_there_is_no_gpu(tmp_path):
     broken = tmp_path / "torch"
     broken.mkdir()
     (broken / "__init__.py").write_text("raise ImportError('libcudart.so.13: cannot open shared object file')\n")
-    import os
-
     info, why = gpu_suite.probe_cuda(dict(os.environ, PYTHONPATH=str(tmp_path)))
     assert "torch cannot be imported" in why and "libcudart" in why
     info, why = gpu_suite.probe_cuda(dict(os.environ))

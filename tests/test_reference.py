@@ -1,5 +1,5 @@
-"""klkern.reference against SPEC.md's 2-D formulas written out by hand, and
-against the claims of the paper (Claim 3's optimum)."""
+"""klkern.reference against the 2-D formulas of the specification (docs/spec.md) written out by
+hand, and against the claims of the paper (Claim 3's optimum)."""
 
 import pytest
 import torch

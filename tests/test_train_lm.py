@@ -1,6 +1,7 @@
 """The main job (bench/train_lm.py) and its learning-rate sweep, on a tiny corpus."""
 
 import csv
+import io
 import importlib.util
 import json
 import math
@@ -170,3 +171,36 @@ def test_steps_to_target_and_kl_logging(corpus, tmp_path):
     assert kls and all(math.isfinite(k) for k in kls)
     assert not any(r["kl"] for r in rows if r["optimizer"] == "adamw")
     assert "steps to AdamW's final loss" in (tmp_path / "summary.md").read_text()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_line_per_run_start_and_end_without_a_terminal(corpus, tmp_path, capsys, monkeypatch):
+    """Redirected stderr (here pytest's capture, not a terminal): no bars and no carriage returns,
+    but a line when each run starts, saying which of how many, and one with its final loss. A
+    terminal gets the bars (carriage returns), and --no-progress the lines there too."""
+    argv = ["--preset", "tiny", "--data", str(corpus), "--seeds", "0,1", "--optimizers", "adamw,klshampoo",
+            "--steps", "2", "--out", str(tmp_path)]
+    train_lm.main(argv)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("[run ")]
+    expected = [f"[run {i}/4] {name} seed={seed} lr=" for i, (name, seed) in
+                enumerate([("adamw", 0), ("adamw", 1), ("klshampoo", 0), ("klshampoo", 1)], 1)]
+    assert len(lines) == 8, err
+    for i, prefix in enumerate(expected):
+        start, end = lines[2 * i], lines[2 * i + 1]
+        assert start.startswith(prefix) and start.endswith(": 2 steps ..."), start
+        assert end.startswith(prefix) and "final val loss" in end and "after 2 steps" in end, end
+
+    for extra, bars in (([], True), (["--no-progress"], False)):
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        train_lm.main([*argv, "--seeds", "0", "--optimizers", "adamw", *extra])
+        monkeypatch.undo()
+        shown = terminal.getvalue()
+        assert ("\r" in shown) == bars, shown
+        assert "[run 1/1] adamw seed=0" in shown
