@@ -360,6 +360,7 @@ class StepEngine:
                 torch.where(st.cache["keep_e"], st.G, plan.zero, out=st.G)
             else:
                 torch.where(st.keep_b, st.G, plan.zero, out=st.G)
+        plan.see()  # mask_unseen: which directions have seen a gradient
         for st in plan.stacks:  # hyperparameters that do not bound the update: a copy to restore
             if _guard.unbounded(opt.algorithm, st.group):
                 st.cache["before"] = {name: buf.clone() for name, buf in st.bufs.items()}

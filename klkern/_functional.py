@@ -154,8 +154,9 @@ def _floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
 # State kept in float32 whatever state_dtype says (STYLE.md: math whose eigenvalues are inverted
 # stays float32): KL eigenvalue estimates (lam*), Adam second moments (exp_avg_sq: their square
 # root divides), Shampoo's factors (L*: their eigenvalues are inverted) and roots (root*), and the
-# KL diagnostic (kl*). state_dtype stores the rest: bases Q*, rotated factors R*, momenta exp_avg.
-FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root")
+# KL diagnostic (kl*), and which directions have seen a gradient (seen*, mask_unseen). state_dtype
+# stores the rest: bases Q*, rotated factors R*, momenta exp_avg.
+FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root", "seen")
 
 
 def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
@@ -175,6 +176,23 @@ KL_TRACK_BETA = 0.9  # EMA over steps of the per-entry KL objective
 
 def _kl_names(B: int) -> dict:
     return {"kl": (B,), "kl_weight": (B,)}
+
+
+def _seen_names(G: torch.Tensor, mask) -> dict:
+    """mask_unseen: seen{k} (B, d_k) for every preconditioned mode."""
+    return {f"seen{k}": (G.shape[0], G.shape[k + 1]) for k in _modes(mask)}
+
+
+def see_(bufs: dict, G: torch.Tensor, mask) -> None:
+    """seen_k <- max(seen_k, max |G| over each slice along mode k), in place: 0 in a slice while
+    every gradient was exactly zero there (reference.update_seen). At initialisation; a step's
+    is DevicePlan.see, for all stacks at once."""
+    nd = G.dim()
+    for k in _modes(mask):
+        seen = bufs[f"seen{k}"]
+        dims = [j for j in range(1, nd) if j != k + 1]
+        norm = torch.linalg.vector_norm(G, ord=math.inf, dim=dims) if dims else G.abs()
+        torch.maximum(seen, norm, out=seen)
 
 
 def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list, keep: torch.Tensor | None = None) -> None:
@@ -451,7 +469,7 @@ def _init_lams_(bufs, G, mask, hp) -> None:
 
 def klshampoo_init(G, mask, hp):
     N = G[0].numel()
-    extra = {"exp_avg": tuple(G.shape), **_kl_names(G.shape[0])}
+    extra = {"exp_avg": tuple(G.shape), **_kl_names(G.shape[0]), **_seen_names(G, mask)}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
     scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
@@ -461,6 +479,7 @@ def klshampoo_init(G, mask, hp):
             bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp["eigval_clamp"]))
     if hp["eigenbasis"] != "eigh":
         _init_lams_(bufs, G, mask, hp)
+    see_(bufs, G, mask)
     return bufs
 
 
@@ -497,12 +516,14 @@ def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
 
 def klsoap_init(G, mask, hp):
     N = G[0].numel()
-    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0])}
+    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0]),
+             **_seen_names(G, mask)}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
     scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
     bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
     _init_lams_(bufs, G, mask, hp)
+    see_(bufs, G, mask)
     return bufs
 
 
@@ -511,9 +532,11 @@ def klsoap_init(G, mask, hp):
 
 
 def soap_init(G, mask, hp):
-    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0])}
+    extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0]),
+             **_seen_names(G, mask)}
     scale = lambda k: 1 - hp["factor_beta"]  # noqa: E731
     bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    see_(bufs, G, mask)
     return bufs
 
 
@@ -538,12 +561,15 @@ def bias_scale(hp, t) -> float:
 
 
 def shampoo_init(G, mask, hp):
-    shapes = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0])}
+    shapes = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0]),
+              **_seen_names(G, mask)}
     for k in _modes(mask):
         d = G.shape[k + 1]
         shapes[f"L{k}"] = (G.shape[0], d, d)
         shapes[f"root{k}"] = (G.shape[0], d, d)
-    return _new_state(G, shapes, hp["state_dtype"])
+    bufs = _new_state(G, shapes, hp["state_dtype"])
+    see_(bufs, G, mask)
+    return bufs
 
 
 def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
@@ -598,6 +624,7 @@ def state_names(path: str, mask) -> set:
     if path in ("klsoap", "soap", "shampoo"):
         names.add("exp_avg_sq")
     for k in modes:
+        names.add(f"seen{k}")
         if path == "shampoo":
             names |= {f"L{k}", f"root{k}"}
         else:

@@ -501,6 +501,12 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         for i, block in enumerate(value["blocks"]):
             if block is None:
                 continue
+            if path != "adamw" and "exp_avg" in block:  # saved before mask_unseen existed: every
+                # direction counts as seen, so the loaded run steps as it did
+                for k, on in enumerate(plan.masks[i]):
+                    if on and f"seen{k}" not in block:
+                        block[f"seen{k}"] = torch.ones(plan.block_shape(i)[k], dtype=torch.float32,
+                                                       device=block["exp_avg"].device)
             wanted = state_names(path, plan.masks[i])
             missing, foreign = wanted - set(block), set(block) - wanted
             if missing:

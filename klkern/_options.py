@@ -35,6 +35,11 @@ COMMON_DEFAULTS: dict = dict(
     state_dtype=torch.float32,
     large_dim_policy="adamw",
     matmul_precision=None,
+    # klkern's own (not the SPEC's): a direction whose gradient has been exactly zero at every
+    # step gets no update, as with AdamW (float32 rounding in the null space of a factor is
+    # otherwise amplified into steps). A run where every direction sees a gradient is the SPEC's
+    # to the bit; mask_unseen=False restores the SPEC's step everywhere (docs/differences.md).
+    mask_unseen=True,
 )
 
 SPIKE_THRESHOLD = 1e3
@@ -131,7 +136,7 @@ def validate_group(algorithm: str, group: dict) -> None:
     bs = group["block_size"]
     if bs is not None and (not _int(bs) or bs < 1):
         _fail("block_size", bs, "must be None (no splitting) or an integer >= 1")
-    for flag in ("normalize_grads", "merge_dims", "precondition_1d"):
+    for flag in ("normalize_grads", "merge_dims", "precondition_1d", "mask_unseen"):
         if not isinstance(group[flag], bool):
             _fail(flag, group[flag], "must be True or False")
     if group["data_format"] not in ("channels_first", "channels_last"):

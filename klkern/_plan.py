@@ -28,6 +28,8 @@ change: each step compares identities, which costs no tensor operation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _distributed, _guard
@@ -164,6 +166,7 @@ class DevicePlan:
         self.ever = torch.zeros(2, len(params), dtype=torch.bool, device=dev)
         self.decay_row = self.coef[ROW["decay"]]
         self._kl_tables()
+        self._seen_tables()
         for st in self.stacks:
             rows = self.coef[:, st.lo:st.hi]
             if st.adamw:
@@ -259,6 +262,51 @@ class DevicePlan:
                 for k, on in enumerate(st.mask):
                     if on:
                         block[f"lam{k}"] = st.bufs[f"lam{k}"][b]
+
+    def _seen_tables(self) -> None:
+        """mask_unseen: one flat buffer for every seen{k} of every preconditioned block (state, the
+        largest |gradient entry| so far in each slice along mode k), the step's slice maxima, and
+        the 0/1 mask of the directions that have seen a gradient (``st.cache["live{k}"]``, shaped
+        to broadcast along mode k of the stack)."""
+        parts = [(st, k) for st in self.stacks if not st.adamw for k, on in enumerate(st.mask) if on]
+        self.seen_parts = parts
+        if not parts:
+            self.seen = None
+            return
+        total = sum(st.B * st.shape[k] for st, k in parts)
+        dev = self.device
+        self.seen = torch.empty(total, dtype=torch.float32, device=dev)
+        self.seen_new = torch.empty(total, dtype=torch.float32, device=dev)
+        self.live = torch.empty(total, dtype=torch.float32, device=dev)
+        offset = 0
+        for st, k in parts:
+            d = st.shape[k]
+            part = slice(offset, offset + st.B * d)
+            view = self.seen[part].view(st.B, d)
+            view.copy_(st.bufs[f"seen{k}"])
+            st.bufs[f"seen{k}"] = view
+            for b, block in enumerate(st.blocks):
+                block[f"seen{k}"] = view[b]
+            st.cache[f"seen_new{k}"] = self.seen_new[part].view(st.B, d)
+            st.cache[f"live{k}"] = _along(self.live[part].view(st.B, d), k, len(st.shape))
+            offset += st.B * d
+        torch.sign(self.seen, out=self.live)
+
+    def see(self) -> None:
+        """Every preconditioned block's slice maxima of this step's gradient (zero for a skipped
+        block: its seen stays) folded into seen, then the mask of the directions that have seen a
+        gradient: per stack one reduction per mode, then two operations for all."""
+        if self.seen is None:
+            return
+        for st, k in self.seen_parts:
+            dims = [j + 1 for j in range(len(st.shape)) if j != k]
+            out = st.cache[f"seen_new{k}"]
+            if dims:
+                torch.linalg.vector_norm(st.G, ord=math.inf, dim=dims, out=out)
+            else:
+                torch.abs(st.G, out=out)
+        torch.maximum(self.seen, self.seen_new, out=self.seen)
+        torch.sign(self.seen, out=self.live)  # seen >= 0: 1 where seen, else 0
 
     # ------------------------------------------------------------------ the step's parts
 

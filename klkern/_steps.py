@@ -146,6 +146,16 @@ def _adam_direction(m: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tenso
     return m / (torch.sqrt(v) + eps)
 
 
+def masked(st, hp, U: torch.Tensor) -> torch.Tensor:
+    """U with the directions that never saw a gradient set to 0 (mask_unseen; the mask is the
+    plan's, updated from this step's gradient by DevicePlan.see), in place."""
+    if hp["mask_unseen"]:
+        for k, on in enumerate(st.mask):
+            if on:
+                U.mul_(st.cache[f"live{k}"])
+    return U
+
+
 # ---------------------------------------------------------------------- KL-Shampoo, KL-SOAP
 
 
@@ -215,7 +225,7 @@ def kl_direction(st, hp, M: torch.Tensor | None = None) -> torch.Tensor:
         for root in roots[1:]:
             product = product * root
         denominator = product + hp["eps"]
-    return rotate_back(st, M / denominator, hp["rotation_mode"])
+    return masked(st, hp, rotate_back(st, M / denominator, hp["rotation_mode"]))
 
 
 def _constant(st, name: str, value: float) -> torch.Tensor:
@@ -248,7 +258,7 @@ def klsoap_update(st, hp, carry):
     factor EMAs of KL-Shampoo."""
     Gr = _spiked(st, carry)
     m, v = _adam_moments_(st, Gr, hp)
-    U = rotate_back(st, _adam_direction(m, v, hp["eps"]), hp["rotation_mode"])
+    U = masked(st, hp, rotate_back(st, _adam_direction(m, v, hp["eps"]), hp["rotation_mode"]))
     _kl_factors(st, hp, Gr)
     return U
 
@@ -263,7 +273,7 @@ def soap_update(st, hp, carry=None):
     if st.track_kl:
         F.soap_track_kl_(st.bufs, Gr, st.mask, keep=st.keep)
     m, v = _adam_moments_(st, Gr, hp)
-    U = rotate_back(st, _adam_direction(m, v, hp["eps"]), hp["rotation_mode"])
+    U = masked(st, hp, rotate_back(st, _adam_direction(m, v, hp["eps"]), hp["rotation_mode"]))
     fb = hp["factor_beta"]
     for k, on in enumerate(st.mask):
         if on:
@@ -290,7 +300,7 @@ def shampoo_update(st, hp, carry=None):
     if not st.roots:
         return A
     P = rotate_back(st, m, hp["rotation_mode"], prefix="root")  # m x_k root_k, last mode first
-    return F.shampoo_graft(P, A, hp)
+    return F.shampoo_graft(masked(st, hp, P), A, hp)  # masked first: the graft scales what is left
 
 
 # ---------------------------------------------------------------------- AdamW path

@@ -68,7 +68,8 @@ def _spiked(st, carry) -> torch.Tensor:
 
 def _direction(st, hp, **scaling) -> torch.Tensor:
     Qa, Qb = _bases(st)
-    return K.precondition(st.bufs["exp_avg"], Qa, Qb, eps=hp["eps"], precision=hp["rotation_mode"], **scaling)
+    U = K.precondition(st.bufs["exp_avg"], Qa, Qb, eps=hp["eps"], precision=hp["rotation_mode"], **scaling)
+    return S.masked(st, hp, U)
 
 
 def klshampoo_update(st, hp, carry):
@@ -126,7 +127,7 @@ def shampoo_update(st, hp, carry=None):
     T = K.batched_gemm(m, st.bufs["root1"], transpose_b=True, precision=mode,
                        out=torch.empty(m.shape, dtype=intermediate_dtype(mode), device=m.device))
     P = K.batched_gemm(st.bufs["root0"], T, out=torch.empty(m.shape, device=m.device), precision=mode)
-    return F.shampoo_graft(P, A, hp)
+    return F.shampoo_graft(S.masked(st, hp, P), A, hp)  # masked first: the graft scales what is left
 
 
 STEPS = {

@@ -43,6 +43,16 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   fp32), "high" (TF32 where the hardware has it) or "medium" (bf16 operands)
   override it. Accumulation, eigenvalue estimates, QR and eigendecompositions
   stay fp32 (see klkern/_precision.py).
+* ``mask_unseen`` (True): a direction of a preconditioned mode whose gradient
+  has been exactly zero at every step (an input feature never used, a masked
+  output, an embedding row never looked up: a row or column of the block that
+  never saw a nonzero entry) gets no update, as under AdamW. Without it,
+  float32 rounding in the null space of a factor is amplified by the
+  preconditioner into steps of such entries (up to 0.9x the live entries'
+  for SOAP and Shampoo). Where every direction has seen a gradient the step is
+  the SPEC's to the bit; False is the SPEC's step everywhere. State: per block
+  and preconditioned mode k, ``seen{k}`` (d_k,), the largest |gradient entry|
+  seen in each slice (float32).
 * ``backend`` ("auto"): "auto" (per device and matmul precision, the path
   measured faster on a GPU: today the torch path everywhere, see
   ``klkern._backend.AUTO_KERNELS``), "torch" (the batched torch path, any

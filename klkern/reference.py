@@ -7,6 +7,11 @@ preconditioned, which acts as an identity factor with unit eigenvalues).
 Nothing here is optimised: Kronecker factors live in the original basis,
 inverse factors are formed explicitly, every step recomputes what it needs.
 
+klkern's own options (``init_factor`` rules, ``spike_threshold``, ``mask_unseen``,
+``staleness_threshold``, ``stagger_refresh``, ...) are transcribed here too, each where it acts,
+so that every fast path is tested against one oracle; at their SPEC settings the steps are the
+SPEC's.
+
 The ``Reference*`` optimizer classes at the bottom apply these functions
 parameter by parameter and block by block. They are slow on purpose and are
 used by the tests and benchmarks only; use :mod:`klkern`'s optimizers for
@@ -60,6 +65,22 @@ def broadcast_along(vec: torch.Tensor, k: int, ndim: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[k] = vec.shape[0]
     return vec.reshape(shape)
+
+
+def update_seen(seen: list, G: torch.Tensor) -> list:
+    """mask_unseen (klkern's, not the SPEC's): per preconditioned mode k (``seen[k]`` (d_k,), None
+    for a mode without a factor), the largest |entry| of every gradient so far in each slice
+    G_(k)[i, :]; 0 while that slice has been exactly zero at every step."""
+    return [torch.maximum(s, unfold(G, k).abs().amax(1)) if s is not None else None for k, s in enumerate(seen)]
+
+
+def mask_unseen(U: torch.Tensor, seen: list) -> torch.Tensor:
+    """U with every slice along a preconditioned mode that never saw a gradient set to 0: such a
+    direction gets no update, as under AdamW, instead of the preconditioner's amplified rounding."""
+    for k, s in enumerate(seen):
+        if s is not None:
+            U = U * broadcast_along((s > 0).to(U.dtype), k, U.dim())
+    return U
 
 
 def lam_product(lams: list, ndim: int, skip: int | None = None) -> torch.Tensor | float:
@@ -428,7 +449,17 @@ class _ReferenceOptimizer(torch.optim.Optimizer):
     def _init_block(self, G, mask, group, adamw):
         if adamw:
             return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G)}
-        return self._init_preconditioned(G, mask, group)
+        block = self._init_preconditioned(G, mask, group)
+        block["seen"] = update_seen([G.new_zeros(d) if on else None for d, on in zip(G.shape, mask)], G)
+        return block
+
+    @staticmethod
+    def _see(b, G) -> None:
+        b["seen"] = update_seen(b["seen"], G)
+
+    @staticmethod
+    def _masked(U, b, group):
+        return mask_unseen(U, b["seen"]) if group.get("mask_unseen", True) else U
 
 
 class ReferenceKLShampoo(_ReferenceOptimizer):
@@ -450,19 +481,21 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
     def _block_step(self, b, G, mask, group, t):
         beta1, beta2 = group["betas"][0], factor_beta(group)
         # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
+        self._see(b, G)
         G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"), t)
         b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
         first = group.get("eigenvalues_first", False)  # steps 4-5 before 2-3 (Adam's order)
         if not first:
             D = kl_scaling(b["lam"], G.dim(), group["eps"])  # step 2
-            U = rotated_precondition(b["exp_avg"], b["Q"], D)  # step 3
+            U = self._masked(rotated_precondition(b["exp_avg"], b["Q"], D), b, group)  # step 3
         S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)  # step 4
         idealized = group["eigenbasis"] == "eigh"
         if not idealized:  # step 5
             lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
             b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
         if first:
-            U = rotated_precondition(b["exp_avg"], b["Q"], kl_scaling(b["lam"], G.dim(), group["eps"]))
+            U = self._masked(rotated_precondition(b["exp_avg"], b["Q"], kl_scaling(b["lam"], G.dim(), group["eps"])),
+                             b, group)
         b["S"] = S
         clock = group.get("refresh_clock", t)
         if clock % group["precondition_frequency"] == 0:  # step 6
@@ -494,10 +527,11 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
         beta1, adam_beta2 = group["betas"]
         beta2 = factor_beta(group)
         # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
+        self._see(b, G)
         G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"), t)
         Gr = rotate(G, b["Q"])
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
-        U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
+        U = self._masked(rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"]), b, group)
         S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)
         lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
         b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
@@ -524,9 +558,10 @@ class ReferenceSOAP(_ReferenceOptimizer):
 
     def _block_step(self, b, G, mask, group, t):
         beta1, adam_beta2 = group["betas"]
+        self._see(b, G)
         Gr = rotate(G, b["Q"])
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
-        U = rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"])
+        U = self._masked(rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"]), b, group)
         scale = adam_bias_scale(t, beta1, adam_beta2) if group["correct_bias"] else 1.0
         b["GG"] = factor_ema(b["GG"], G, factor_beta(group))
         clock = group.get("refresh_clock", t)
@@ -549,6 +584,7 @@ class ReferenceShampoo(_ReferenceOptimizer):
 
     def _block_step(self, b, G, mask, group, t):
         beta1, adam_beta2 = group["betas"]
+        self._see(b, G)
         b["L"] = factor_ema(b["L"], G, factor_beta(group))
         if t % group["precondition_frequency"] == 0:
             for k, L in enumerate(b["L"]):
@@ -561,5 +597,5 @@ class ReferenceShampoo(_ReferenceOptimizer):
         A = adam_bias_scale(t, beta1, adam_beta2) * adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"])
         if t < group["precondition_frequency"]:
             return A, 1.0  # no root yet
-        P = shampoo_precondition(b["exp_avg"], b["root"])
+        P = self._masked(shampoo_precondition(b["exp_avg"], b["root"]), b, group)  # before the graft
         return (graft(P, A) if group["grafting"] == "adam" else P), 1.0

@@ -87,16 +87,18 @@ def fast_block_to_reference(algorithm: str, block: dict, mask, adamw: bool) -> d
     if adamw:
         return {"exp_avg": f["exp_avg"], "exp_avg_sq": f["exp_avg_sq"]}
     modes = range(len(mask))
+    seen = [f[f"seen{k}"] if mask[k] else None for k in modes]
     if algorithm == "shampoo":
         return {
             "exp_avg": f["exp_avg"],
             "exp_avg_sq": f["exp_avg_sq"],
             "L": [f[f"L{k}"] if mask[k] else None for k in modes],
             "root": [f[f"root{k}"] if mask[k] else None for k in modes],
+            "seen": seen,
         }
     Qs = [f[f"Q{k}"] if mask[k] else None for k in modes]
     factors = [Qs[k] @ f[f"R{k}"] @ Qs[k].T if mask[k] else None for k in modes]
-    out = {"Q": Qs}
+    out = {"Q": Qs, "seen": seen}
     if algorithm == "soap":
         out.update(GG=factors, exp_avg=f["exp_avg"], exp_avg_sq=f["exp_avg_sq"])
         return out

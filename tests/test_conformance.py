@@ -85,7 +85,7 @@ def _alternative(name: str, default):
         "large_dim_policy": "identity" if default == "adamw" else "adamw", "matmul_precision": "medium",
         "init_factor": "rms" if default == 0.1 else 0.1, "eigval_clamp": 100.0, "eigenbasis": "eigh",
         "correct_bias": False, "exponent": 0.25, "grafting": "none", "eigenvalues_first": True,
-        "staleness_threshold": 1e-3, "spike_threshold": 100.0, "stagger_refresh": True,
+        "staleness_threshold": 1e-3, "spike_threshold": 100.0, "stagger_refresh": True, "mask_unseen": False,
     }
     if name not in table:
         raise AssertionError(f"option {name!r} has no alternative value here: add one to _alternative")
@@ -250,7 +250,7 @@ def _invalid(name: str):
         "precondition_1d": "no", "data_format": "nhwc", "block_size": 0, "state_dtype": torch.int8,
         "large_dim_policy": "drop", "matmul_precision": "low", "init_factor": 0.0, "eigval_clamp": -1.0,
         "eigenbasis": "svd", "correct_bias": 1, "exponent": 0.0, "grafting": "sgd", "eigenvalues_first": "yes",
-        "staleness_threshold": -1.0, "spike_threshold": 0.5, "stagger_refresh": "yes",
+        "staleness_threshold": -1.0, "spike_threshold": 0.5, "stagger_refresh": "yes", "mask_unseen": 1,
     }
     if name not in table:
         raise AssertionError(f"option {name!r} has no invalid value here: add one to _invalid")

@@ -196,7 +196,7 @@ def _assert_block_states_match(fast: dict, ref: dict, where) -> set:
         for k, (x, y) in enumerate(pairs):
             if y is None:
                 continue
-            if key in ("S", "GG", "L", "lam", "exp_avg", "exp_avg_sq"):
+            if key in ("S", "GG", "L", "lam", "exp_avg", "exp_avg_sq", "seen"):
                 err, tol = rel_err(x, y), STATE_RTOL
             elif key == "Q":
                 F = ref["S" if "S" in ref else "GG"][k]
