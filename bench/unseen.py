@@ -1,6 +1,6 @@
 """mask_unseen: how far each optimizer moves weight entries that never had a gradient.
 
-    python bench/unseen.py [--out bench/results/unseen_cpu.md]
+    python bench/unseen.py [--out bench/results/unseen_cpu.md] [--main-job]
 
 A small model with the three kinds of dead direction the report named: input features that are
 zero in every batch (dead columns of the first layer's weight), outputs left out of the loss
@@ -8,7 +8,9 @@ zero in every batch (dead columns of the first layer's weight), outputs left out
 the live ones. After 25 steps (5 refreshes, weight decay off, so AdamW moves a dead entry by
 exactly 0) the figure is the largest step of the dead entries over the largest step of the live
 ones, for klkern's default (``mask_unseen=True``) and the SPEC's step (``mask_unseen=False``).
-tests/test_unseen.py runs the same measurement.
+tests/test_unseen.py runs the same measurement. With ``--main-job`` it also trains the main job
+(bench/train_lm.py, seed 0) with KL-Shampoo and KL-SOAP under both settings and compares every
+logged loss and KL figure (a run where every direction sees a gradient is the same to the bit).
 """
 
 from __future__ import annotations
@@ -115,13 +117,41 @@ def ratio(cls, case: str, device, **kw) -> float:
     return worst
 
 
+def main_job_lines() -> str:
+    """The main job, seed 0, KL-Shampoo and KL-SOAP, with and without mask_unseen: every row."""
+    import csv
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("train_lm", ROOT / "bench" / "train_lm.py")
+    train_lm = importlib.util.module_from_spec(spec)
+    sys.modules["train_lm"] = train_lm  # its dataclasses look their module up there
+    spec.loader.exec_module(train_lm)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, sets in (("on", []), ("off", ["--set", "klshampoo.mask_unseen=False", "--set",
+                                                 "klsoap.mask_unseen=False"])):
+            out = Path(tmp) / label
+            train_lm.main(["--optimizers", "klshampoo,klsoap", "--seeds", "0", "--no-progress", "--out", str(out),
+                           *sets])
+            with open(out / "runs.csv") as fh:
+                rows[label] = [(r["optimizer"], r["step"], r["train_loss"], r["val_loss"], r["kl"])
+                               for r in csv.DictReader(fh)]
+    same = rows["on"] == rows["off"]
+    return (f"Main job (bench/train_lm.py, seed 0, KL-Shampoo and KL-SOAP, {len(rows['on'])} logged rows of "
+            f"train loss, validation loss and KL objective): mask_unseen=False against the default: "
+            + ("identical in every row." if same else "DIFFERENT."))
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "unseen_cpu.md"))
+    ap.add_argument("--main-job", action="store_true", help="also compare the main job under both settings")
     args = ap.parse_args(argv)
     cpu = torch.device("cpu")
     lines = ["# Entries that never had a gradient: their largest step over the live entries'", "",
-             "`python bench/unseen.py`. " + __doc__.split("\n\n")[1].replace("\n", " "), "",
+             "`python bench/unseen.py" + (" --main-job" if args.main_job else "") + "`. "
+             + __doc__.split("\n\n")[2].replace("\n", " "), "",
              f"- {platform.machine()} CPU; torch {torch.__version__}; commit {git_commit()}; {utc_now()}", "",
              "| case | " + " | ".join(c.__name__ for c in OPTIMIZERS) + " | AdamW |",
              "|---|" + "---|" * (len(OPTIMIZERS) + 1)]
@@ -130,6 +160,8 @@ def main(argv=None) -> str:
             cells = [f"{ratio(cls, case, cpu, backend='torch', **kw):.2g}" for cls in OPTIMIZERS]
             adamw = ratio(lambda params, **o: torch.optim.AdamW(params, lr=o["lr"], weight_decay=0.0), case, cpu)
             lines.append(f"| {case}, {label} | " + " | ".join(cells) + f" | {adamw:.2g} |")
+    if args.main_job:
+        lines += ["", main_job_lines()]
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
