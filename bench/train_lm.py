@@ -579,7 +579,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="train on this text file instead of the stdlib sources")
     p.add_argument("--max-bytes", type=int, default=0,
                    help="cap on corpus bytes (default: 4 MB for the stdlib, whole --data file)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu; e.g. cuda)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", help="output folder (default: a new runs/train_lm_<preset>-<time>; "
                                  "bench/results/train_lm_<preset> refreshes the committed results)")

@@ -93,7 +93,7 @@ def options() -> list:
 def table(rows: list) -> str:
     out = ["| option | optimizers | default | meaning |", "|---|---|---|---|"]
     for name, who, default, meaning in rows:
-        out.append(f"| `{name}` | {who} | `{default}` | {meaning.replace('|', '/')} |")
+        out.append(f"| `{name}` | {who} | `{default}` | {meaning.replace('|', chr(92) + '|')} |")
     return "\n".join(out)
 
 
