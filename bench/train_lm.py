@@ -61,7 +61,11 @@ OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograf
 # scale-free eigenvalue initialisations of klkern (init_factor="rms" / "debiased") and with the
 # prototype's constant 0.1 (which stays one argument away whatever the default is).
 VARIANTS = ("klshampoo-rms", "klshampoo-debiased", "klshampoo-0.1", "klsoap-rms", "klsoap-debiased", "klsoap-0.1",
-            "klshampoo-stale", "klsoap-stale", "soap-stale", "klshampoo-first")
+            "klshampoo-stale", "klsoap-stale", "soap-stale", "klshampoo-first", "klshampoo-absfloor",
+            "klsoap-relfloor")
+# The floor study (bench/results/floor_study.md): "-absfloor" is the SPEC's absolute eigenvalue
+# floor 1 / c_k^2 (eigval_floor="absolute", KL-SOAP's default), "-relfloor" the floor s / c_k^2
+# relative to the block's first gradient (KL-Shampoo's default).
 # The staleness study (bench/results/staleness_study.md): "-stale" refreshes only the bases whose
 # staleness exceeds STALENESS_THRESHOLD at a refresh step (staleness_threshold).
 STALENESS_THRESHOLD = 0.02
@@ -255,6 +259,8 @@ def optimizer_spec(name: str, cfg: Config) -> tuple:
         shared["staleness_threshold"] = STALENESS_THRESHOLD
     elif init == "first":  # Adam's order (bench/results/spike_recovery_cpu.md)
         shared["eigenvalues_first"] = True
+    elif init in ("absfloor", "relfloor"):  # the eigenvalue floors (bench/results/floor_study.md)
+        shared["eigval_floor"] = "absolute" if init == "absfloor" else "relative"
     elif init:
         shared["init_factor"] = float(init) if init[0].isdigit() else init
     return classes[base], shared

@@ -146,17 +146,39 @@ def _eigh_stack(S: torch.Tensor, fallback: torch.Tensor | None):
     return evals, evecs, ok
 
 
-def _floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
+def _floor(lam: torch.Tensor, eigval_clamp: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC step 5's floor in place: lam <- max(lam, s / c^2), c = max(10, min(d, eigval_clamp)),
+    s the block's floor scale (:func:`floor_scales`; ``scale`` (B,) for a (B, d) stack, None: 1)."""
     c = max(10.0, min(float(lam.shape[-1]), float(eigval_clamp)))
-    return lam.clamp_(min=1.0 / (c * c))
+    if scale is None:
+        return lam.clamp_(min=1.0 / (c * c))
+    return torch.maximum(lam, (scale / (c * c)).unsqueeze(-1).to(lam.dtype), out=lam)
+
+
+def floor_scales(bufs: dict) -> torch.Tensor:
+    """(B,) the scale s of each block's eigenvalue floor s / c_k^2 (``eigval_floor``): the state
+    ``floor_scale`` (set at initialisation, reference.floor_anchor) where it is positive, else 1
+    (reference.floor_scale)."""
+    s = bufs["floor_scale"]
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def anchor_scale(G: torch.Tensor, mask, hp) -> torch.Tensor:
+    """(B,) the floor scale of each block of a stack, from the gradient that initialises it
+    (reference.floor_anchor): mean(G^2)^(1/K) per block for "relative" (K preconditioned modes),
+    the value the scale-free initialisations start lam at; 1 for "absolute"."""
+    if hp.get("eigval_floor", "absolute") != "relative":
+        return torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
+    return G.double().pow(2).reshape(G.shape[0], -1).mean(1).pow(1.0 / len(_modes(mask))).float()
 
 
 # State kept in float32 whatever state_dtype says (STYLE.md: math whose eigenvalues are inverted
 # stays float32): KL eigenvalue estimates (lam*), Adam second moments (exp_avg_sq: their square
 # root divides), Shampoo's factors (L*: their eigenvalues are inverted) and roots (root*), and the
-# KL diagnostic (kl*), and which directions have seen a gradient (seen*, mask_unseen). state_dtype
+# KL diagnostic (kl*), which directions have seen a gradient (seen*, mask_unseen) and the
+# eigenvalue floor's scale (floor_scale, eigval_floor). state_dtype
 # stores the rest: bases Q*, rotated factors R*, momenta exp_avg.
-FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root", "seen")
+FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root", "seen", "floor_scale")
 
 
 def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
@@ -458,7 +480,7 @@ def _init_lams_(bufs, G, mask, hp) -> None:
         lam = bufs[f"lam{k}"]
         if isinstance(rule, str):
             lam.copy_(value.unsqueeze(1).expand_as(lam))
-            _floor(lam, hp["eigval_clamp"])
+            _floor(lam, hp["eigval_clamp"], floor_scales(bufs))
         else:
             lam.fill_(rule)
 
@@ -469,14 +491,16 @@ def _init_lams_(bufs, G, mask, hp) -> None:
 
 def klshampoo_init(G, mask, hp):
     N = G[0].numel()
-    extra = {"exp_avg": tuple(G.shape), **_kl_names(G.shape[0]), **_seen_names(G, mask)}
+    extra = {"exp_avg": tuple(G.shape), **_kl_names(G.shape[0]), **_seen_names(G, mask),
+             "floor_scale": (G.shape[0],)}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
     scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
     bufs, evals = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    bufs["floor_scale"].copy_(anchor_scale(G, mask, hp))
     for k in _modes(mask):
         if hp["eigenbasis"] == "eigh":
-            bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp["eigval_clamp"]))
+            bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp["eigval_clamp"], floor_scales(bufs)))
     if hp["eigenbasis"] != "eigh":
         _init_lams_(bufs, G, mask, hp)
     see_(bufs, G, mask)
@@ -501,7 +525,7 @@ def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
             evals, V, ok = _eigh_stack(R, identity)
             Q_new, R_new = Qs[k] @ V, V.mT @ R @ V
         lam = bufs[f"lam{k}"]
-        new_lam = _floor(evals, eigval_clamp)
+        new_lam = _floor(evals, eigval_clamp, floor_scales(bufs))
         if ok is not None:  # keep the previous eigenvalues where the solve failed
             new_lam = torch.where(ok.to(lam.device).unsqueeze(-1), new_lam, lam)
         lam.copy_(new_lam)
@@ -517,11 +541,12 @@ def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
 def klsoap_init(G, mask, hp):
     N = G[0].numel()
     extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0]),
-             **_seen_names(G, mask)}
+             **_seen_names(G, mask), "floor_scale": (G.shape[0],)}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
     scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
     bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    bufs["floor_scale"].copy_(anchor_scale(G, mask, hp))
     _init_lams_(bufs, G, mask, hp)
     see_(bufs, G, mask)
     return bufs
@@ -631,6 +656,8 @@ def state_names(path: str, mask) -> set:
             names |= {f"Q{k}", f"R{k}"}
         if path in ("klshampoo", "klsoap"):
             names.add(f"lam{k}")
+    if path in ("klshampoo", "klsoap"):
+        names.add("floor_scale")
     return names
 
 

@@ -507,6 +507,9 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     if on and f"seen{k}" not in block:
                         block[f"seen{k}"] = torch.ones(plan.block_shape(i)[k], dtype=torch.float32,
                                                        device=block["exp_avg"].device)
+            if path in ("klshampoo", "klsoap") and "exp_avg" in block and "floor_scale" not in block:
+                # saved before eigval_floor existed: the absolute floor it stepped with
+                block["floor_scale"] = torch.ones((), dtype=torch.float32, device=block["exp_avg"].device)
             wanted = state_names(path, plan.masks[i])
             missing, foreign = wanted - set(block), set(block) - wanted
             if missing:

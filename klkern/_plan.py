@@ -199,9 +199,11 @@ class DevicePlan:
             return
         dev = self.device
         sizes, floors, seg_len, seg_block, entry_block, first_seg, inv_first, inv_d = [], [], [], [], [], [], [], []
+        half_k1 = []
         for st in kl:
             modes = [k for k, on in enumerate(st.mask) if on]
             clamp = float(st.group["eigval_clamp"])
+            half_k1.extend([(len(modes) - 1) / 2.0] * st.B)
             for k in modes:
                 d = st.shape[k]
                 c = max(10.0, min(float(d), clamp))
@@ -224,7 +226,13 @@ class DevicePlan:
         self.proj_weight = torch.empty(total, dtype=torch.float32, device=dev)
         self.sqrt_lam = torch.empty(total, dtype=torch.float32, device=dev)
         self.inv_lam = torch.empty(total, dtype=torch.float32, device=dev)
-        self.floor = torch.tensor(floors, dtype=torch.float32, device=dev)
+        # eigval_floor: the floor s / c_k^2 of every entry, from 1 / c_k^2 and its block's scale s
+        # (scaled_floor), which also scales the block's gradient limit (klkern/_guard.py)
+        self.floor_base = torch.tensor(floors, dtype=torch.float32, device=dev)
+        self.floor = self.floor_base.clone()
+        self.anchor = torch.empty(self.nkb, dtype=torch.float32, device=dev)
+        self.half_k1 = torch.tensor(half_k1, dtype=torch.float32, device=dev)
+        self.glim_base = self.glim[: self.nkb].clone()
         self.seg_len = torch.tensor(seg_len, dtype=torch.long, device=dev)
         self.seg_block = torch.tensor(seg_block, dtype=torch.long, device=dev)
         self.entry_block = torch.tensor(entry_block, dtype=torch.long, device=dev)
@@ -258,10 +266,15 @@ class DevicePlan:
                                                        else self.proj_weight[part].view(st.B, 1, d))
                 offset += st.B * d
             st.cache["spike"] = st.broadcast(self.spike[st.lo:st.hi])
+            scale = self.anchor[st.lo:st.hi]
+            scale.copy_(st.bufs["floor_scale"])
+            st.bufs["floor_scale"] = scale
             for b, block in enumerate(st.blocks):
+                block["floor_scale"] = scale[b]
                 for k, on in enumerate(st.mask):
                     if on:
                         block[f"lam{k}"] = st.bufs[f"lam{k}"][b]
+        self.scaled_floor()
 
     def _seen_tables(self) -> None:
         """mask_unseen: one flat buffer for every seen{k} of every preconditioned block (state, the
@@ -380,6 +393,16 @@ class DevicePlan:
         squared = torch.maximum(torch.div(self.clip, worst), torch.div(self.growth, energy)).clamp_(max=1.0)
         torch.where(energy > self.threshold_row, squared.sqrt_(), self.one, out=self.spike)
         self.lam_w_row.mul_(self.spike).mul_(self.spike)
+
+    def scaled_floor(self) -> None:
+        """The floor of every KL entry, s / c_k^2, and each KL block's gradient limit, the
+        absolute floor's times s^((K-1)/2), from the blocks' scales s (state ``floor_scale``, set
+        at the block's initialisation: 1 for eigval_floor="absolute"), once per build."""
+        if self.lam is None:
+            return
+        s = torch.where(self.anchor > 0, self.anchor, self.one)
+        torch.mul(self.floor_base, s.index_select(0, self.entry_block), out=self.floor)
+        torch.mul(self.glim_base, s.pow_(self.half_k1), out=self.glim[: self.nkb])
 
     def lam_ema(self) -> None:
         """SPEC step 5 for every KL block: lam <- keep lam + w proj (masked), then the floor."""

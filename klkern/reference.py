@@ -184,20 +184,37 @@ def kl_init_factors(G: torch.Tensor, mask, beta2: float) -> list:
     return out
 
 
-def init_eigenvalues(G: torch.Tensor, mask, init_factor, eigval_clamp: float) -> list:
+def floor_anchor(G: torch.Tensor, mask, eigval_floor: str) -> float:
+    """``eigval_floor`` (klkern's, not the SPEC's): the scale s of a block's eigenvalue floor
+    s / c_k^2, from the gradient that initialises it (its first nonzero one: the block waits for
+    a gradient that carries scale). "relative": mean(G^2)^(1/K) (K preconditioned modes), the
+    value the scale-free initialisations start lam at; "absolute": 1, the SPEC's 1 / c_k^2."""
+    if eigval_floor != "relative":
+        return 1.0
+    modes = sum(1 for on in mask if on)
+    return float(torch.mean(G.double() ** 2)) ** (1.0 / modes)
+
+
+def floor_scale(anchor: float) -> float:
+    """The scale of the floor s / c_k^2 from a block's anchor (:func:`floor_anchor`): the anchor,
+    or 1 should it be 0."""
+    return anchor if anchor > 0 else 1.0
+
+
+def init_eigenvalues(G: torch.Tensor, mask, init_factor, eigval_clamp: float, scale: float = 1.0) -> list:
     """First step: the eigenvalue estimates of every preconditioned mode.
 
     * ``init_factor`` a number (SPEC, the prototype): lam_k = init_factor in every entry;
     * "rms" or "debiased": scale-free, from the first gradient: every entry of every
       preconditioned mode's lam_k is mean(G^2) ** (1 / K) (K = number of preconditioned
       modes), so that prod_k lam_k = mean(G^2) matches the gradient's second moment,
-      floored like step 5.
+      floored like step 5 (``scale``: the floor's, :func:`floor_scale`).
     """
     if isinstance(init_factor, str):
         modes = sum(1 for on in mask if on)
         value = float(torch.mean(G.double() ** 2)) ** (1.0 / modes)
-        return [eigval_floor(torch.full((d,), value, dtype=G.dtype, device=G.device), eigval_clamp) if on else None
-                for d, on in zip(G.shape, mask)]
+        return [eigval_floor(torch.full((d,), value, dtype=G.dtype, device=G.device), eigval_clamp, scale)
+                if on else None for d, on in zip(G.shape, mask)]
     return [torch.full((d,), float(init_factor), dtype=G.dtype, device=G.device) if on else None
             for d, on in zip(G.shape, mask)]
 
@@ -287,16 +304,17 @@ def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold, t: int) -> flo
     return math.sqrt(min(1.0, max(SPIKE_CLIP / worst, SPIKE_GROWTH / energy)))
 
 
-def eigval_floor(lam: torch.Tensor, eigval_clamp: float) -> torch.Tensor:
-    """Step 5 floor: lam <- max(lam, 1/c^2), c = max(10, min(d, eigval_clamp))."""
+def eigval_floor(lam: torch.Tensor, eigval_clamp: float, scale: float = 1.0) -> torch.Tensor:
+    """Step 5 floor: lam <- max(lam, s/c^2), c = max(10, min(d, eigval_clamp)); s = 1 is the
+    SPEC's, ``eigval_floor="relative"`` the block's :func:`floor_scale`."""
     c = max(10.0, min(float(lam.shape[0]), float(eigval_clamp)))
-    return torch.clamp(lam, min=1.0 / (c * c))
+    return torch.clamp(lam, min=scale / (c * c))
 
 
-def exact_eigen(S: torch.Tensor, eigval_clamp: float):
+def exact_eigen(S: torch.Tensor, eigval_clamp: float, scale: float = 1.0):
     """Idealized mode: exact (lam, Q) of S, descending, with the eigenvalue floor."""
     evals, Q = eigh_descending(S)
-    return eigval_floor(evals, eigval_clamp), Q
+    return eigval_floor(evals, eigval_clamp, scale), Q
 
 
 def kl_objective(Gr: torch.Tensor, lams: list) -> torch.Tensor:
@@ -470,18 +488,21 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
     def _init_preconditioned(self, G, mask, group):
         beta2 = factor_beta(group)
         S = kl_init_factors(G, mask, beta2)
+        anchor = floor_anchor(G, mask, group.get("eigval_floor", "absolute"))
+        scale = floor_scale(anchor)
         if group.get("eigenbasis", "qr") == "eigh":
-            eig = [exact_eigen(s, group["eigval_clamp"]) if s is not None else (None, None) for s in S]
+            eig = [exact_eigen(s, group["eigval_clamp"], scale) if s is not None else (None, None) for s in S]
             lams, Qs = [e[0] for e in eig], [e[1] for e in eig]
         else:
             Qs = [init_eigenbasis(s) if s is not None else None for s in S]
-            lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"])
-        return {"exp_avg": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams}
+            lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"], scale)
+        return {"exp_avg": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams, "anchor": anchor}
 
     def _block_step(self, b, G, mask, group, t):
         beta1, beta2 = group["betas"][0], factor_beta(group)
         # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
         self._see(b, G)
+        scale = floor_scale(b["anchor"])
         G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"), t)
         b["exp_avg"] = momentum_update(b["exp_avg"], G, beta1)  # step 1
         first = group.get("eigenvalues_first", False)  # steps 4-5 before 2-3 (Adam's order)
@@ -492,7 +513,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
         idealized = group["eigenbasis"] == "eigh"
         if not idealized:  # step 5
             lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
-            b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
+            b["lam"] = [eigval_floor(lam, group["eigval_clamp"], scale) if lam is not None else None for lam in lams]
         if first:
             U = self._masked(rotated_precondition(b["exp_avg"], b["Q"], kl_scaling(b["lam"], G.dim(), group["eps"])),
                              b, group)
@@ -504,7 +525,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
                     continue
                 if idealized:
                     try:
-                        b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"])
+                        b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"], scale)
                     except EighFailure:  # pragma: no cover - keep the previous basis
                         pass
                 elif refresh_wanted(s, b["Q"][k], group, clock):
@@ -520,21 +541,24 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
     def _init_preconditioned(self, G, mask, group):
         S = kl_init_factors(G, mask, factor_beta(group))
         Qs = [init_eigenbasis(s) if s is not None else None for s in S]
-        lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"])
-        return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams}
+        anchor = floor_anchor(G, mask, group.get("eigval_floor", "absolute"))
+        lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"], floor_scale(anchor))
+        return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams,
+                "anchor": anchor}
 
     def _block_step(self, b, G, mask, group, t):
         beta1, adam_beta2 = group["betas"]
         beta2 = factor_beta(group)
         # an outlier, scaled down; not at t = 1, whose projection sets a constant start's scale
         self._see(b, G)
+        scale = floor_scale(b["anchor"])
         G = G * spike_scale(b["lam"], G, b["Q"], group.get("spike_threshold"), t)
         Gr = rotate(G, b["Q"])
         b["exp_avg"], b["exp_avg_sq"] = adam_moments(b["exp_avg"], b["exp_avg_sq"], Gr, beta1, adam_beta2)
         U = self._masked(rotate_back(adam_direction(b["exp_avg"], b["exp_avg_sq"], group["eps"]), b["Q"]), b, group)
         S = kl_factor_update(b["S"], G, b["Q"], b["lam"], beta2)
         lams = eigenvalue_update(b["lam"], G, b["Q"], beta2, eigenvalue_weight(beta2, t, group["init_factor"]))
-        b["lam"] = [eigval_floor(lam, group["eigval_clamp"]) if lam is not None else None for lam in lams]
+        b["lam"] = [eigval_floor(lam, group["eigval_clamp"], scale) if lam is not None else None for lam in lams]
         b["S"] = S
         clock = group.get("refresh_clock", t)
         if clock % group["precondition_frequency"] == 0:

@@ -102,7 +102,7 @@ def fast_block_to_reference(algorithm: str, block: dict, mask, adamw: bool) -> d
     if algorithm == "soap":
         out.update(GG=factors, exp_avg=f["exp_avg"], exp_avg_sq=f["exp_avg_sq"])
         return out
-    out.update(S=factors, lam=[f[f"lam{k}"] if mask[k] else None for k in modes])
+    out.update(S=factors, lam=[f[f"lam{k}"] if mask[k] else None for k in modes], anchor=float(f["floor_scale"]))
     if algorithm == "klshampoo":
         out["exp_avg"] = R.rotate_back(f["exp_avg"], Qs)  # fast keeps momentum rotated
     else:

@@ -86,6 +86,7 @@ def _alternative(name: str, default):
         "init_factor": "rms" if default == 0.1 else 0.1, "eigval_clamp": 100.0, "eigenbasis": "eigh",
         "correct_bias": False, "exponent": 0.25, "grafting": "none", "eigenvalues_first": True,
         "staleness_threshold": 1e-3, "spike_threshold": 100.0, "stagger_refresh": True, "mask_unseen": False,
+            "eigval_floor": "absolute" if default == "relative" else "relative",
     }
     if name not in table:
         raise AssertionError(f"option {name!r} has no alternative value here: add one to _alternative")
@@ -251,6 +252,7 @@ def _invalid(name: str):
         "large_dim_policy": "drop", "matmul_precision": "low", "init_factor": 0.0, "eigval_clamp": -1.0,
         "eigenbasis": "svd", "correct_bias": 1, "exponent": 0.0, "grafting": "sgd", "eigenvalues_first": "yes",
         "staleness_threshold": -1.0, "spike_threshold": 0.5, "stagger_refresh": "yes", "mask_unseen": 1,
+        "eigval_floor": "none",
     }
     if name not in table:
         raise AssertionError(f"option {name!r} has no invalid value here: add one to _invalid")
@@ -597,7 +599,7 @@ def test_a_state_dict_of_another_optimizer_or_model_is_refused_at_load(cls):
 
 @pytest.mark.parametrize("source,target,foreign", [
     (klkern.KLSOAP, klkern.KLShampoo, r"\['exp_avg_sq'\]"),
-    (klkern.KLSOAP, klkern.SOAP, r"\['lam0', 'lam1'\]"),
+    (klkern.KLSOAP, klkern.SOAP, r"\['floor_scale', 'lam0', 'lam1'\]"),
     (klkern.SOAP, klkern.KLSOAP, r"lacks \['lam0', 'lam1'\]"),
 ], ids=["klsoap-into-klshampoo", "klsoap-into-soap", "soap-into-klsoap"])
 def test_a_state_dict_holding_more_than_this_optimizer_keeps_is_refused(source, target, foreign):

@@ -171,7 +171,8 @@ def test_idealized_klshampoo_state_is_exact_eigendecomposition():
             Q, Rk, lam = block[f"Q{k}"], block[f"R{k}"], block[f"lam{k}"]
             S = Q @ Rk @ Q.T
             evals = torch.linalg.eigvalsh(S).flip(0)
-            assert torch.allclose(lam, R.eigval_floor(evals, 4000.0), rtol=1e-4, atol=1e-7)
+            scale = R.floor_scale(float(block["floor_scale"]))
+            assert torch.allclose(lam, R.eigval_floor(evals, 4000.0, scale), rtol=1e-4, atol=1e-7)
 
 
 RECT_SHAPES = [(1, 9), (3, 5), (17, 130), (5, 3)]
@@ -196,7 +197,9 @@ def _assert_block_states_match(fast: dict, ref: dict, where) -> set:
         for k, (x, y) in enumerate(pairs):
             if y is None:
                 continue
-            if key in ("S", "GG", "L", "lam", "exp_avg", "exp_avg_sq", "seen"):
+            if key == "anchor":  # eigval_floor's scale, a float in the reference
+                err, tol = abs(x - y) / max(abs(y), 1e-30), STATE_RTOL
+            elif key in ("S", "GG", "L", "lam", "exp_avg", "exp_avg_sq", "seen"):
                 err, tol = rel_err(x, y), STATE_RTOL
             elif key == "Q":
                 F = ref["S" if "S" in ref else "GG"][k]
@@ -239,8 +242,9 @@ def run_step_by_step(name, shapes, steps, **kw):
                 compared |= _assert_block_states_match(bf, br, (t, tuple(pr.shape), i))
     start = make_params(shapes)
     assert max(rel_err(a, b) for a, b in zip(p_fast, start)) > 1e-3  # it moved
-    expected = {"shampoo": {"L", "root"}, "soap": {"GG", "Q", "exp_avg_sq"}, "klsoap": {"S", "Q", "lam", "exp_avg_sq"},
-                "klshampoo": {"S", "Q", "lam"}}[name] | {"exp_avg"}
+    expected = {"shampoo": {"L", "root"}, "soap": {"GG", "Q", "exp_avg_sq"},
+                "klsoap": {"S", "Q", "lam", "exp_avg_sq", "anchor"}, "klshampoo": {"S", "Q", "lam", "anchor"}}[name]
+    expected |= {"exp_avg"}
     assert expected <= compared, expected - compared
 
 

@@ -237,7 +237,7 @@ def test_what_is_inverted_stays_float32(name):
         for block in st["blocks"]:
             for key, value in block.items():
                 seen.add(key.rstrip("0123456789"))
-                inverted = key.startswith(("lam", "exp_avg_sq", "L", "root", "kl", "seen"))
+                inverted = key.startswith(("lam", "exp_avg_sq", "L", "root", "kl", "seen", "floor_scale"))
                 assert value.dtype == (torch.float32 if inverted else torch.bfloat16), key
     assert "exp_avg_sq" in seen and ("L" in seen or "R" in seen)
 
