@@ -169,6 +169,11 @@ def anchor_scale(G: torch.Tensor, mask, hp) -> torch.Tensor:
     the value the scale-free initialisations start lam at; 1 for "absolute"."""
     if hp.get("eigval_floor", "absolute") != "relative":
         return torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
+    return _gradient_scale(G, mask)
+
+
+def _gradient_scale(G: torch.Tensor, mask) -> torch.Tensor:
+    """(B,) mean(G^2)^(1/K) per block of a stack (K preconditioned modes), in float32."""
     return G.double().pow(2).reshape(G.shape[0], -1).mean(1).pow(1.0 / len(_modes(mask))).float()
 
 
@@ -475,7 +480,7 @@ def _init_lams_(bufs, G, mask, hp) -> None:
     rule = hp["init_factor"]
     modes = _modes(mask)
     if isinstance(rule, str):
-        value = G.double().pow(2).reshape(G.shape[0], -1).mean(1).pow(1.0 / len(modes)).float()
+        value = _gradient_scale(G, mask)
     for k in modes:
         lam = bufs[f"lam{k}"]
         if isinstance(rule, str):

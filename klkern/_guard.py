@@ -27,7 +27,8 @@ projections are <= g^2 prod_{j != k} c_j^2 / s (``lam_j >= s / c_j^2``, SPEC ste
 the block's floor scale: 1 for ``eigval_floor="absolute"``, the block's first nonzero gradient's
 mean(G^2)^(1/K) for "relative"). So ``g = sqrt(STATE_LIMIT / kappa)`` with ``kappa`` = 1, or for
 the KL variants the largest ``prod_{j != k} c_j^2 / s`` (:func:`gradient_limit` for s = 1; the
-plan multiplies it by ``s^((K-1)/2)`` on the device, klkern/_plan.py ``scaled_floor``). The update is then finite: KL-Shampoo's ``|U| <= sqrt(N) g c_a c_b``
+plan multiplies it by ``s^((K-1)/2)`` on the device, klkern/_plan.py ``scaled_floor``). The
+update is then finite: KL-Shampoo's ``|U| <= sqrt(N) g c_a c_b``
 (<= 1e4 * 1e15 * 1.6e7 at the largest sizes), an Adam direction's ``<= sqrt(N) g / eps`` with
 ``eps >= 1e-16``, Shampoo's ``P`` ``<= sqrt(N) g eps^-2p`` with ``eps^-2p <= 1e16``.
 
@@ -51,7 +52,7 @@ STATE_LIMIT = 1e30
 # The gradient entry below which no 2-D block of at most max_precond_dim = 1e4 rows and columns
 # reaches its gradient limit (||G||_F <= 1e4 * GRAD_SAFE = 1e9 <= sqrt(STATE_LIMIT / 4000^2)):
 # a gradient that small never skips (tests/test_guard.py), for the KL variants while their floor
-# scale s is at least 1 (else the bound on the entries is GRAD_SAFE * sqrt(s)).
+# scale s is at least 1 (else GRAD_SAFE * s^((K-1)/2), K the preconditioned modes).
 GRAD_SAFE = 1e5
 
 

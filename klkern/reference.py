@@ -189,10 +189,12 @@ def floor_anchor(G: torch.Tensor, mask, eigval_floor: str) -> float:
     s / c_k^2, from the gradient that initialises it (its first nonzero one: the block waits for
     a gradient that carries scale). "relative": mean(G^2)^(1/K) (K preconditioned modes), the
     value the scale-free initialisations start lam at; "absolute": 1, the SPEC's 1 / c_k^2."""
-    if eigval_floor != "relative":
-        return 1.0
-    modes = sum(1 for on in mask if on)
-    return float(torch.mean(G.double() ** 2)) ** (1.0 / modes)
+    return gradient_scale(G, mask) if eigval_floor == "relative" else 1.0
+
+
+def gradient_scale(G: torch.Tensor, mask) -> float:
+    """mean(G^2)^(1/K), K the number of preconditioned modes."""
+    return float(torch.mean(G.double() ** 2)) ** (1.0 / sum(1 for on in mask if on))
 
 
 def floor_scale(anchor: float) -> float:
@@ -211,8 +213,7 @@ def init_eigenvalues(G: torch.Tensor, mask, init_factor, eigval_clamp: float, sc
       floored like step 5 (``scale``: the floor's, :func:`floor_scale`).
     """
     if isinstance(init_factor, str):
-        modes = sum(1 for on in mask if on)
-        value = float(torch.mean(G.double() ** 2)) ** (1.0 / modes)
+        value = gradient_scale(G, mask)
         return [eigval_floor(torch.full((d,), value, dtype=G.dtype, device=G.device), eigval_clamp, scale)
                 if on else None for d, on in zip(G.shape, mask)]
     return [torch.full((d,), float(init_factor), dtype=G.dtype, device=G.device) if on else None
