@@ -87,7 +87,17 @@ def _cmd_step(work: Path, seconds: float):
 
 
 def _cmd_qr(work: Path, seconds: float):
-    return [_py("bench/qr_bench.py", "--out-dir", work, "--budget", max(int(seconds) - 10, 5))]
+    # the refresh's own input first (what decides method="auto"), then the random matrices
+    half = max(int(seconds) // 2 - 10, 5)
+    return [_py("bench/qr_bench.py", "--input", "factor", "--out-dir", work, "--budget", half),
+            _py("bench/qr_bench.py", "--out-dir", work, "--budget", half)]
+
+
+def _cmd_refresh(work: Path, seconds: float):
+    # the whole step with every refresh by shifted CholeskyQR3, against the step part's "auto"
+    return [_py("bench/step_bench.py", "--qr-method", "shifted_cholqr3", "--precisions", "high",
+                "--optimizers", "KLShampoo,KLSOAP", "--freq1-optimizers", "KLShampoo,KLSOAP", "--no-graph",
+                "--out", work, "--budget", max(int(seconds) - 15, 10))]
 
 
 def _cmd_kernels(work: Path, seconds: float):
@@ -124,7 +134,7 @@ def _cmd_train(work: Path, seconds: float):
 PARTS = [
     Part("check", 25, 120, "python -m klkern.check: every path against klkern.reference", _cmd_check),
     Part("step", 60, 240, "whole-step benchmark, torch vs Triton path at each precision", _cmd_step),
-    Part("qr", 20, 90, "the batched-QR methods", _cmd_qr),
+    Part("qr", 30, 120, "the batched-QR methods, on refresh-like factors and on random matrices", _cmd_qr),
     Part("kernels", 30, 120, "fused operations vs eager torch", _cmd_kernels,
          env={"KLKERN_KERNEL_SHAPES": SUITE_KERNEL_SHAPES}),
     Part("tests", 40, 180, "the tests that exercise kernels, QR and CUDA paths", _cmd_tests),
@@ -132,6 +142,7 @@ PARTS = [
          env={"TRITON_DEFAULT_FP_FUSION": "1"}),
     Part("profile", 20, 60, "torch.profiler of Triton and torch steps", _cmd_profile),
     Part("train", 60, 400, "the main job on the GPU, one seed", _cmd_train),
+    Part("refresh", 40, 180, "the step with the refreshes' QR by shifted CholeskyQR3", _cmd_refresh),
 ]
 PART_NAMES = [p.name for p in PARTS]
 

@@ -1,6 +1,7 @@
 """Batched QR on CUDA: the four methods of klkern.linalg.batched_qr and torch's other route.
 
     python bench/qr_bench.py [--quick] [--dtype float32] [--shapes 24x768x768,48x1024x1024]
+                             [--input random|factor]
 
 For each batch shape (default: (24, 768, 768), (48, 1024, 1024),
 (12, 3072, 3072), (8, 4096, 4096)) it times, with CUDA events (warm-up
@@ -13,12 +14,21 @@ calls, then the median of --reps calls):
 * ``torch``: torch.linalg.qr plus the sign fix (``method="torch"``);
 * ``cholqr2``: CholeskyQR2 in float64 with the Householder fallback
   (``method="cholqr2"``), on batched cuBLAS/cuSOLVER routines;
+* ``shifted_cholqr3``: shifted CholeskyQR3 on the column-scaled matrix in
+  float64 with the same fallback (``method="shifted_cholqr3"``); the number of
+  matrices it handed to Householder is recorded (``qr_fallbacks``);
 * ``householder``: torch.geqrf + torch.linalg.householder_product plus the
   sign fix, the other torch route to an explicit Q.
 
-Every result is checked: ||Q^T Q - I||_max and ||Q R - A||_F / ||A||_F with
-R = Q^T A (in float64), against the issue's 1e-5 bound for float32. Writes
-bench/results/qr_<device>.json and .md with device, torch/CUDA versions,
+``--input random`` (default) times standard normal matrices; ``--input factor``
+what a refresh factors: square, symmetric, ``V diag(lam) V^T`` with eigenvalues
+log-spaced from 1 to 1e-12 (the main job's factors reach 1e-15 of their largest:
+bench/results/refresh_factors_cpu.md) and V a random rotation by about 1e-2 of
+the identity (a factor in a basis one refresh stale), where CholeskyQR2's Gram
+matrix is singular in float64 and it falls back. Every result is checked:
+||Q^T Q - I||_max and ||Q R - A||_F / ||A||_F with R = Q^T A (in float64),
+against the issue's 1e-5 bound for float32. Writes bench/results/qr_<device>.json
+and .md (qr_<device>_factor.* for ``--input factor``) with device, torch/CUDA versions,
 commit and date. Targets (H100, float32): klkern at least 5x faster than
 torch.linalg.qr on the first two shapes, at least 2x on (8, 4096, 4096).
 """
@@ -56,6 +66,17 @@ def torch_qr(A: torch.Tensor) -> torch.Tensor:
 def householder_qr(A: torch.Tensor) -> torch.Tensor:
     H, tau = torch.geqrf(A)
     return sign_fix(torch.linalg.householder_product(H, tau), torch.diagonal(H, dim1=-2, dim2=-1))
+
+
+def factor_like(shape: tuple, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """(B, n, n) V diag(lam) V^T: lam log-spaced 1 .. 1e-12, V = qr(I + 1e-2 N) (see the docstring)."""
+    B, m, n = shape
+    if m != n:
+        raise SystemExit(f"qr_bench: --input factor needs square shapes, got {shape}")
+    noise = torch.randn(B, n, n, device=device, dtype=torch.float64, generator=gen)
+    V = torch.linalg.qr(torch.eye(n, device=device, dtype=torch.float64) + 1e-2 * noise)[0]
+    lam = torch.logspace(0, -12, n, device=device, dtype=torch.float64)
+    return ((V * lam) @ V.mT).to(dtype)
 
 
 def time_ms(fn, A: torch.Tensor, reps: int, warmup: int) -> tuple[float, torch.Tensor]:
@@ -113,7 +134,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def write(args, rows, routes, device, device_name, reps, warmup, not_run) -> None:
+def write(args, rows, routes, device, device_name, reps, warmup, not_run, fallbacks=None) -> None:
     """The result files (rewritten after each shape, so that a run cut short keeps what it measured)."""
     meta = {
         "date": utc_now(),
@@ -126,10 +147,13 @@ def write(args, rows, routes, device, device_name, reps, warmup, not_run) -> Non
         "warmup": warmup,
         "timing": ("CUDA events" if device.type == "cuda" else "wall clock") + " around one call, median of reps, "
                   "after warm-up calls",
-        "command": "python bench/qr_bench.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/qr_bench.py" + (" --quick" if args.quick else "")
+                   + (f" --input {args.input}" if args.input != "random" else ""),
+        "input": args.input,
+        "fallbacks": fallbacks,
         "not_run": not_run,
     }
-    base = os.path.join(args.out_dir, f"qr_{slug(device_name)}")
+    base = os.path.join(args.out_dir, f"qr_{slug(device_name)}" + ("_factor" if args.input == "factor" else ""))
     os.makedirs(args.out_dir, exist_ok=True)
     with open(base + ".json", "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=2)
@@ -137,7 +161,10 @@ def write(args, rows, routes, device, device_name, reps, warmup, not_run) -> Non
     lines = [
         f"# Batched QR methods ({device_name})",
         "",
-        f"- device: {device_name}; torch {meta['torch']}; CUDA {meta['cuda']}; {args.dtype}",
+        f"- device: {device_name}; torch {meta['torch']}; CUDA {meta['cuda']}; {args.dtype}; input: "
+        + ("standard normal" if args.input == "random" else "refresh-like factors (eigenvalues 1 .. 1e-12, "
+           "a basis one refresh stale)"),
+        f"- matrices handed to Householder in the timed and warm-up calls: {fallbacks}",
         f"- date: {meta['date']}; commit: {meta['commit']}",
         f"- {meta['timing']} ({reps} reps, {warmup} warm-up); command: `{meta['command']}`",
         "- every route includes the sign fix (diag(R) >= 0); accuracy in float64: "
@@ -165,6 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed calls per route (default 7, --quick 3)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="comma list of BxMxN")
+    parser.add_argument("--input", choices=["random", "factor"], default="random",
+                        help="random: standard normal; factor: what a refresh factors (see above)")
     parser.add_argument("--no-householder", action="store_true", help="skip the geqrf + householder_product route")
     parser.add_argument("--out-dir", default=os.path.join("bench", "results"))
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
@@ -190,6 +219,9 @@ def main(argv=None) -> int:
     routes = {"klkern": op} if op is not None else {}
     routes["torch"] = torch_qr
     routes["cholqr2"] = lambda A: batched_qr(A, method="cholqr2")
+    routes["shifted_cholqr3"] = lambda A: batched_qr(A, method="shifted_cholqr3")
+    from klkern.linalg import qr_fallbacks
+    qr_fallbacks(reset=True)
     if not args.no_householder:
         routes["householder"] = householder_qr
 
@@ -200,7 +232,10 @@ def main(argv=None) -> int:
             not_run.append("x".join(map(str, shape)))
             continue
         gen = torch.Generator(device=device).manual_seed(0)
-        A = torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+        if args.input == "factor":
+            A = factor_like(shape, device, dtype, gen)
+        else:
+            A = torch.randn(*shape, device=device, dtype=dtype, generator=gen)
         row = {"shape": list(shape), "dtype": args.dtype}
         results = {}
         for name, fn in routes.items():
@@ -219,7 +254,7 @@ def main(argv=None) -> int:
         row["target_speedup"] = target
         row["meets_target"] = None if target is None else row["klkern_speedup_vs_torch"] >= target
         rows.append(row)
-        write(args, rows, routes, device, device_name, reps, warmup, not_run)
+        write(args, rows, routes, device, device_name, reps, warmup, not_run, qr_fallbacks())
         print(f"{str(tuple(shape)):20s} " + "  ".join(
             f"{name} {row[f'{name}_ms']:9.2f} ms (orth {row[f'{name}_accuracy']['orth_max']:.1e})" for name in routes),
             flush=True)
@@ -227,8 +262,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    write(args, rows, routes, device, device_name, reps, warmup, not_run)
-    print(f"wrote {os.path.join(args.out_dir, 'qr_' + slug(device_name))}.json and .md")
+    write(args, rows, routes, device, device_name, reps, warmup, not_run, qr_fallbacks())
+    suffix = "_factor" if args.input == "factor" else ""
+    print(f"wrote {os.path.join(args.out_dir, 'qr_' + slug(device_name) + suffix)}.json and .md")
     bad = [(tuple(r["shape"]), n) for r in rows for n, ok in r["accurate"].items() if not ok]
     if bad:
         print(f"qr_bench: results above the accuracy bound for {bad}", file=sys.stderr)

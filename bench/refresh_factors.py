@@ -6,8 +6,9 @@ Trains the main job's model (bench/train_lm.py, preset cpu, the stdlib corpus, s
 ``--steps`` steps with each optimizer and captures every matrix the refresh factors (the
 rotated factor R, the input of linalg.power_step's QR). For each QR method it reports, against
 the exact Q (Householder in float64 on the same float32 input, diag(R) >= 0): the largest entry
-of Q - Q_exact, the orthogonality max|Q^T Q - I|, and for CholeskyQR2 how many matrices it
-answered itself (the others fall back to Householder). Also the eigenvalue span of the factors
+of Q - Q_exact, the orthogonality max|Q^T Q - I|, and for the product-built methods
+(CholeskyQR2, shifted CholeskyQR3) how many matrices each answered itself (the others fall
+back to Householder). Also the eigenvalue span of the factors
 (how ill-conditioned real refresh inputs are). Writes a Markdown table (``--out``).
 """
 
@@ -64,10 +65,14 @@ def capture(names: list, steps: int) -> dict:
 DETERMINED = 1e-4
 
 
+PRODUCT_BUILT = {"cholqr2": linalg.cholqr2, "shifted_cholqr3": linalg.shifted_cholqr3}
+
+
 def evaluate(stacks: list) -> dict:
     rows = {}
-    worst = {m: [0.0, 0.0, 0.0] for m in ("torch", "cholqr2")}
-    answered = total = 0
+    worst = {m: [0.0, 0.0, 0.0] for m in ("torch", *PRODUCT_BUILT)}
+    answered = dict.fromkeys(PRODUCT_BUILT, 0)
+    total = 0
     span = [float("inf"), 0.0]
     for R in stacks:
         exact, T = torch.linalg.qr(R.double())
@@ -78,11 +83,11 @@ def evaluate(stacks: list) -> dict:
         eye = torch.eye(R.shape[-1], dtype=torch.float64)
         ev = torch.linalg.eigvalsh(R.double()).abs()
         span = [min(span[0], ev.min().item()), max(span[1], ev.max().item())]
+        total += R.shape[0]
         for method in worst:
-            if method == "cholqr2":
-                Q, used = linalg.cholqr2(R)
-                answered += int(used.sum())
-                total += used.numel()
+            if method in PRODUCT_BUILT:
+                Q, used = PRODUCT_BUILT[method](R)
+                answered[method] += int(used.sum())
             else:
                 Q = linalg.batched_qr(R, method="torch")
             Q = Q.double()
@@ -113,16 +118,21 @@ def main(argv=None) -> int:
              "- error: largest entry of Q - Q_exact (Q_exact: float64 Householder of the same float32 input), over "
              f"all columns / over the determined ones (|R_jj| >= {DETERMINED:g} max |R_jj|: the others span a "
              "near null space, where any orthonormal completion is a QR); orthogonality: max |Q^T Q - I|", "",
+             "- answered: the matrices the method factored itself (the others it hands to Householder)", "",
              "| optimizer | matrices | eigenvalue span | Householder fp32: error all / determined / orthogonality | "
-             "CholeskyQR2: error all / determined / orthogonality | CholeskyQR2 answered |",
-             "|---|---|---|---|---|---|"]
+             "CholeskyQR2: error all / determined / orthogonality | CholeskyQR2 answered | "
+             "shifted CholeskyQR3: error all / determined / orthogonality | shifted CholeskyQR3 answered |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, stacks in captured.items():
         r = evaluate(stacks)
-        h, c = r["worst"]["torch"], r["worst"]["cholqr2"]
         answered, total = r["answered"]
-        lines.append(f"| {name} | {total} | {r['span'][0]:.1e} .. {r['span'][1]:.1e} | "
-                     f"{h[0]:.1e} / {h[1]:.1e} / {h[2]:.1e} | {c[0]:.1e} / {c[1]:.1e} / {c[2]:.1e} | "
-                     f"{answered} of {total} |")
+        cells = [f"{name}", f"{total}", f"{r['span'][0]:.1e} .. {r['span'][1]:.1e}"]
+        for method in r["worst"]:
+            e = r["worst"][method]
+            cells.append(f"{e[0]:.1e} / {e[1]:.1e} / {e[2]:.1e}")
+            if method in answered:
+                cells.append(f"{answered[method]} of {total}")
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)

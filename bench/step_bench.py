@@ -22,7 +22,11 @@ same precision (the "GEMM floor"), and the aten operations one steady step dispa
 (each a launch when it computes) and the values it reads back to the host
 (klkern._dispatch.DispatchCounter, counted once per row on the torch path). A second table times
 ``precondition_frequency=1`` (an eigenbasis refresh every step, the setting of
-recent KL-SOAP speedrun records). Writes ``step_<device>.json`` and ``.md``
+recent KL-SOAP speedrun records), and a third the refresh of the KL optimizers at the middle
+precision: the step that refreshes every basis against the steady step and against the
+refresh's products through cuBLAS, the amortised step, and the largest and mean step with
+``stagger_refresh=True``. ``--qr-method`` picks the refreshes' QR
+(klkern.linalg.preferred_qr_method). Writes ``step_<device>.json`` and ``.md``
 under ``--out`` as each table completes.
 """
 
@@ -45,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
 from bench._meta import git_commit, median_ms, sync, utc_now  # noqa: E402
 from klkern._dispatch import DispatchCounter  # noqa: E402
-from klkern import _precision  # noqa: E402
+from klkern import _precision, linalg  # noqa: E402
 from klkern._blocking import plan_for  # noqa: E402
 
 # Dense peak TFLOP/s per precision (vendor data sheets; fp32 = FMA units, no sparsity).
@@ -148,6 +152,36 @@ def gemm_floor_ms(shapes, mode, device, reps=5):
         return median_ms(run, device, reps)
 
 
+def refresh_floor_ms(name, mode, params, device, reps=3):
+    """cuBLAS time (float32 at "highest", as the refresh runs them) of the three d^3 products a
+    refresh does per preconditioned factor (``Q V``, ``V^T R``, ``(V^T R) V``; linalg.power_step),
+    stacked per factor size; the QR itself is not included (bench/qr_bench.py times it)."""
+    opt = getattr(klkern, name)([torch.nn.Parameter(p.detach()) for p in params], backend="torch",
+                                matmul_precision=mode)
+    sizes: dict = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            plan = plan_for(p.shape, group)
+            if plan.adamw:
+                continue
+            for i, mask in enumerate(plan.masks):
+                for d, on in zip(plan.block_shape(i), mask):
+                    if on:
+                        sizes[d] = sizes.get(d, 0) + 1
+    del opt
+    tensors = [(torch.randn(B, d, d, device=device), torch.randn(B, d, d, device=device))
+               for d, B in sizes.items()]
+
+    def run():
+        for Q, V in tensors:
+            torch.bmm(Q, V)
+            torch.bmm(torch.bmm(V.mT, Q), V)
+
+    with _precision.torch_precision("highest"):
+        run()
+        return median_ms(run, device, reps), sizes
+
+
 _INITIALISED: dict = {}
 
 
@@ -194,7 +228,7 @@ def measure(name, backend, mode, params, grads, steps, graph=False, count=False,
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     times = time_steps(opt, work, grads, steps, warmup=3 if graph else 1)  # a graph: eager, capture, replay
-    row = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+    row = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "max_ms": max(times),
            "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0,
            "state_mib": opt.state_bytes() / 2**20, "flops": step_flops(opt)}
     if count:
@@ -223,13 +257,15 @@ def _sorted(rows: list) -> list:
     return sorted(rows, key=lambda r: (_ORDER.get(r["precision"], 9), _ORDER.get(r["optimizer"], 9)))
 
 
-def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
-    rows, freq1 = _sorted(rows), _sorted(freq1)
-    (out / f"step_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows, "freq1": freq1}, indent=1) + "\n")
+def write(out: Path, slug: str, meta: dict, rows: list, freq1: list, refresh: list | None = None) -> None:
+    rows, freq1, refresh = _sorted(rows), _sorted(freq1), _sorted(refresh or [])
+    (out / f"step_{slug}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "freq1": freq1, "refresh": refresh}, indent=1) + "\n")
     peaks = device_peaks(meta["device"]) or {}
     lines = [f"# Whole-step benchmark, GPT-2-small parameter set ({meta['params'] / 1e6:.1f}M), {meta['device']}",
              "", f"- torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}, commit {meta['commit']}, "
-             f"{meta['date']}; {meta['steps']} timed steps; `python bench/step_bench.py`",
+             f"{meta['date']}; {meta['steps']} timed steps; `python bench/step_bench.py`; refresh QR: "
+             f"{meta.get('qr_method', 'auto')}",
              "- TFLOP/s: the step's matrix products (6 per preconditioned mode, 4 for Shampoo; refreshes not "
              "counted) over the median step time; peak: dense vendor figure at that precision"
              + (f" ({peaks})" if peaks else " (unknown device: no peak)"),
@@ -259,6 +295,25 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
             f"{r['triton']['median_ms'] / r['floor_ms']:.2f} | - | ")
         lines[-1] += (f"{tflops:.1f} | {pct} | {r['torch'].get('ops', '-')} | {r['torch'].get('host_reads', '-')} | "
                       f"{r['torch']['peak_extra_mib']:.0f} / {r['triton']['peak_extra_mib']:.0f} |")
+    if refresh:
+        lines += ["", "## The refresh (torch path, precondition_frequency 10)", "",
+                  "steady: median step; refresh step: the largest step of the synchronous schedule (every "
+                  "basis refreshed); products floor: the refresh's three d^3 products per factor through "
+                  "cuBLAS in float32 (its QR not included); amortised: the mean over the timed steps; "
+                  "staggered: `stagger_refresh=True` (each block refreshed every 10 steps, at its own offset).",
+                  "",
+                  "| precision | optimizer | steady ms | refresh step ms | refresh - steady ms | products floor ms "
+                  "| (refresh - steady) / floor | amortised ms | amortised / steady | staggered largest ms "
+                  "| staggered mean ms | largest / mean |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in refresh:
+            sync_, stag = r["sync"], r["stagger"]
+            extra = sync_["max_ms"] - sync_["median_ms"]
+            lines.append(
+                f"| {r['precision']} | {r['optimizer']} | {sync_['median_ms']:.2f} | {sync_['max_ms']:.2f} | "
+                f"{extra:.2f} | {r['floor_ms']:.2f} | {extra / r['floor_ms']:.2f} | {sync_['mean_ms']:.2f} | "
+                f"{sync_['mean_ms'] / sync_['median_ms']:.2f} | {stag['max_ms']:.2f} | {stag['mean_ms']:.2f} | "
+                f"{stag['max_ms'] / stag['mean_ms']:.2f} |")
     if freq1:
         lines += ["", "## precondition_frequency 1 (a refresh every step)", "",
                   "| precision | optimizer | torch median ms | triton median ms | speedup |", "|---|---|---|---|---|"]
@@ -270,13 +325,15 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list) -> None:
 
 def jobs(optimizers: list, precisions: list, freq1_optimizers: list) -> list:
     """(kind, precision, optimizer) in the order a budget should cut them: the KL optimizers at
-    every precision, then the refresh-every-step case at the middle precision, then the
-    baselines, then the rest of the refresh-every-step case."""
+    every precision, then the refresh-every-step case at the middle precision, then the refresh
+    (synchronous and staggered) of the KL optimizers there, then the baselines, then the rest of
+    the refresh-every-step case."""
     kl = [o for o in optimizers if o in ("KLShampoo", "KLSOAP")]
     rest = [o for o in optimizers if o not in kl]
     middle = "high" if "high" in precisions else precisions[0]
     out = [("freq10", mode, name) for name in kl for mode in precisions]
     out += [("freq1", middle, name) for name in freq1_optimizers]
+    out += [("refresh", middle, name) for name in kl]
     out += [("freq10", mode, name) for name in rest for mode in precisions]
     out += [("freq1", mode, name) for name in freq1_optimizers for mode in precisions if mode != middle]
     return out
@@ -295,14 +352,21 @@ def main(argv=None):
     ap.add_argument("--no-graph", action="store_true", help="skip the cuda_graph=True column")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="seconds: start no measurement that would likely end past this (0: no limit)")
+    ap.add_argument("--qr-method", choices=linalg.QR_METHODS, default="auto",
+                    help="the refreshes' QR (klkern.linalg.preferred_qr_method); the result files get "
+                         "its name when it is not auto")
     args = ap.parse_args(argv)
+    linalg.preferred_qr_method(args.qr_method)
     device = torch.device(args.device)
     shapes, params, grads = workload(args.model, device, "step_bench.py")
     meta = meta_info(args, sum(p.numel() for p in params), device)
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
+    meta["qr_method"] = args.qr_method
+    if args.qr_method != "auto":
+        slug += f"_qr-{args.qr_method}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, freq1 = [], []
+    rows, freq1, refresh = [], [], []
     floors: dict = {}
     started = time.monotonic()
     last = 0.0
@@ -315,6 +379,16 @@ def main(argv=None):
             continue
         t0 = time.monotonic()
         row = {"precision": mode, "optimizer": name}
+        if kind == "refresh":
+            row["floor_ms"], row["factor_sizes"] = refresh_floor_ms(name, mode, params, device)
+            row["sync"] = measure(name, "torch", mode, params, grads, args.steps)
+            row["stagger"] = measure(name, "torch", mode, params, grads, args.steps, stagger_refresh=True)
+            refresh.append(row)
+            last = time.monotonic() - t0
+            print(json.dumps(row), flush=True)
+            meta["not_run"] = not_run
+            write(out, slug, meta, rows, freq1, refresh)
+            continue
         if kind == "freq10":
             if mode not in floors:
                 floors[mode] = gemm_floor_ms(shapes, mode, device)
@@ -335,9 +409,9 @@ def main(argv=None):
         last = time.monotonic() - t0
         print(json.dumps(row), flush=True)
         meta["not_run"] = not_run
-        write(out, slug, meta, rows, freq1)
+        write(out, slug, meta, rows, freq1, refresh)
     meta["not_run"] = not_run
-    write(out, slug, meta, rows, freq1)
+    write(out, slug, meta, rows, freq1, refresh)
     if not_run:
         print(f"step_bench: budget of {args.budget} s reached; not run: {', '.join(not_run)}")
     print((out / f"step_{slug}.md").read_text())

@@ -229,7 +229,7 @@ def check(quick: bool = False) -> list[dict]:
     for device in devices:
         for dtype in (torch.float32, torch.float64):
             dname = str(dtype).replace("torch.", "")
-            for method in ("torch", "cholqr2"):
+            for method in ("torch", "cholqr2", "shifted_cholqr3"):
                 table.run(f"qr: {method}", device.type, dname, QR_TOL[dtype],
                           lambda method=method, device=device, dtype=dtype: _qr_error(method, device, dtype))
             if device.type == "cuda":

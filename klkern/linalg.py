@@ -19,14 +19,15 @@ import torch
 from ._ext import qr_extension
 from ._precision import torch_precision
 
-__all__ = ["batched_qr", "cholqr2", "eigh_descending", "EighFailure", "QR_METHODS", "BasisChange", "power_step"]
+__all__ = ["batched_qr", "cholqr2", "shifted_cholqr3", "eigh_descending", "EighFailure", "QR_METHODS",
+           "BasisChange", "power_step", "preferred_qr_method", "qr_fallbacks"]
 
 
 class EighFailure(RuntimeError):
     """Raised when the eigendecomposition fails in float32 and in float64."""
 
 
-QR_METHODS = ("auto", "extension", "torch", "cholqr2")
+QR_METHODS = ("auto", "extension", "torch", "cholqr2", "shifted_cholqr3")
 
 # "auto" on CUDA takes the extension where it measured faster than torch.linalg.qr (first GPU run,
 # NVIDIA H200, float32, random stacks; bench/results/gpu_nvidia-h200/qr/qr_nvidia_h200.md):
@@ -38,10 +39,48 @@ AUTO_EXTENSION_MAX_N = 3072
 
 
 def auto_method(device_type: str, n: int, extension_available: bool) -> str:
-    """What method="auto" runs for an (..., m, n) stack on ``device_type``: "extension" or "torch"."""
+    """What method="auto" runs for an (..., m, n) stack on ``device_type``: "extension" or "torch"
+    (unless :func:`preferred_qr_method` sets another)."""
     if device_type == "cuda" and extension_available and n <= AUTO_EXTENSION_MAX_N:
         return "extension"
     return "torch"
+
+
+_preferred = "auto"
+
+
+def preferred_qr_method(method: str | None = None) -> str:
+    """The method that ``batched_qr(method="auto")`` (so every eigenbasis refresh) runs.
+
+    Without an argument, returns the current choice; with one of ``QR_METHODS``, sets it for the
+    process and returns it, as ``torch.backends.cuda.preferred_linalg_library`` does for torch's
+    solvers. "auto" (the default) restores the measured choice of :func:`auto_method`;
+    "extension" applies to CUDA tensors only (elsewhere "auto" decides). Any other choice also
+    makes the CPU refresh form V with that method instead of applying LAPACK's reflectors
+    (:func:`applies_reflectors`). Raises ValueError for a value not in ``QR_METHODS``.
+    """
+    global _preferred
+    if method is not None:
+        if method not in QR_METHODS:
+            raise ValueError(f"preferred_qr_method: invalid method={method!r}; must be one of {QR_METHODS}")
+        _preferred = method
+    return _preferred
+
+
+# Matrices that a product-built method ("cholqr2", "shifted_cholqr3") handed to Householder, per
+# method, since the process started (or qr_fallbacks(reset=True)).
+_FALLBACKS = {"cholqr2": 0, "shifted_cholqr3": 0}
+
+
+def qr_fallbacks(reset: bool = False) -> dict:
+    """{method: number of matrices it redid by Householder} for "cholqr2" and "shifted_cholqr3"
+    (a matrix whose Cholesky failed or whose check tripped; non-finite matrices are not counted).
+    ``reset=True`` returns the counts and sets them to 0."""
+    counts = dict(_FALLBACKS)
+    if reset:
+        for k in _FALLBACKS:
+            _FALLBACKS[k] = 0
+    return counts
 
 
 # CholeskyQR2 accepts a matrix when its Q is orthonormal to this (max |Q^T Q - I|, in float64);
@@ -86,8 +125,12 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
     if m < n:
         raise ValueError(f"batched_qr: A must have m >= n, got shape {tuple(A.shape)}")
     work = A if A.dtype in (torch.float32, torch.float64) else A.float()
+    if method == "auto" and _preferred != "auto" and (_preferred != "extension" or work.is_cuda):
+        method = _preferred
     if method == "cholqr2":
         return cholqr2(work)[0]
+    if method == "shifted_cholqr3":
+        return shifted_cholqr3(work)[0]
     if method == "torch" or work.numel() == 0:
         return _torch_qr(work)
     usable = work.is_cuda and not (work.requires_grad and torch.is_grad_enabled())
@@ -122,11 +165,70 @@ def cholqr2(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
     orth = (Q.mT @ Q - eye).abs().flatten(1).amax(1) if n else torch.zeros_like(ok, dtype=X.dtype)
     ok &= orth <= CHOLQR2_ORTH_TOL  # False for NaN too
+    return _redo_failed("cholqr2", work, Q, ok, finite)
+
+
+def _redo_failed(method: str, work: torch.Tensor, Q: torch.Tensor, ok: torch.Tensor,
+                 finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q (float64, (B, m, n)) in ``work``'s dtype and shape, with the matrices not ``ok`` redone by
+    Householder (one host read for the whole batch); counts the finite ones in qr_fallbacks."""
+    m, n = work.shape[-2], work.shape[-1]
     Q = Q.to(work.dtype)
     redo = ~ok
     if bool(redo.any()):
         Q[redo] = _torch_qr(work.reshape(-1, m, n)[redo])
+        _FALLBACKS[method] += int((redo & finite).sum())
     return Q.reshape(work.shape), ok.reshape(work.shape[:-2])
+
+
+# shifted_cholqr3 accepts a matrix when the Cholesky factor L of its third pass is the identity to
+# this (max |L - I|): the second pass's Q is then orthonormal to about 2e-2 (condition number about
+# 1.05), and a CholeskyQR pass on such a matrix is orthonormal to float64 rounding times n. On the
+# main job's real refresh inputs the largest |L - I| was 2.9e-4 (bench/refresh_factors.py).
+SHIFTED_CHOLQR3_TOL = 1e-2
+_U64 = 2.0 ** -53  # float64 unit roundoff
+
+
+def shifted_cholqr3(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted CholeskyQR3 of a float32/float64 stack on its column-scaled matrix, in float64.
+
+    Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, "Shifted Cholesky QR for computing the QR
+    factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 42(1), 2020 (Algorithm 4.1).
+    Every column is first scaled to unit norm (``A D`` has the same Q as ``A`` for a positive
+    diagonal D, and a refresh's input, a factor nearly diagonal in its eigenbasis, is nearly
+    orthogonal once scaled). Pass 1: ``R_1^T R_1 = X^T X + s I`` (Cholesky), ``X <- X R_1^-1``,
+    with the shift ``s = 11 (m n + n (n + 1)) u ||X||_F^2`` (u = 2^-53) that lets the Cholesky
+    succeed for any condition number up to ~1/u, then two plain CholeskyQR passes. The R of
+    every pass has a positive diagonal, so Q is the one with diag(R) >= 0. Per (m, n) matrix:
+    three Gram products (2 m n^2 each), three Cholesky factorizations (n^3 / 3) and three
+    triangular solves (m n^2): batched library routines, no Householder reflector.
+
+    Returns ``(Q, used)`` as :func:`cholqr2`: ``used`` (batch shape, bool) marks the matrices it
+    answered; a matrix whose Cholesky fails (a zero column, exact rank deficiency) or whose third
+    pass is not the identity to ``SHIFTED_CHOLQR3_TOL`` is redone by Householder (one host read
+    per call, counted in :func:`qr_fallbacks`); a non-finite one gives an all-NaN Q.
+    """
+    m, n = work.shape[-2], work.shape[-1]
+    X = work.reshape(-1, m, n).double()
+    finite = torch.isfinite(X).flatten(1).all(1)
+    X = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
+    norms = torch.linalg.vector_norm(X, dim=-2, keepdim=True)
+    X = X / torch.where(norms > 0, norms, 1.0)
+    ok = finite.clone()
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    shift = 11 * (m * n + n * (n + 1)) * _U64 * (norms > 0).sum((-2, -1)).to(X.dtype)  # ||X||_F^2
+    L = eye
+    for i in range(3):
+        G = X.mT @ X
+        if i == 0:
+            G = G + shift[:, None, None] * eye
+        L, info = torch.linalg.cholesky_ex(G)
+        ok &= info == 0
+        L = torch.where(ok[:, None, None], L, eye)
+        X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
+    if n:
+        ok &= (L - eye).abs().flatten(1).amax(1) <= SHIFTED_CHOLQR3_TOL  # False for NaN too
+    return _redo_failed("shifted_cholqr3", work, X, ok, finite)
 
 
 def _torch_qr(work: torch.Tensor) -> torch.Tensor:
@@ -201,7 +303,7 @@ class BasisChange:
 def applies_reflectors(A: torch.Tensor) -> bool:
     """Whether power_step keeps LAPACK's reflectors (CPU; measured 1.3x faster than forming V and
     multiplying at d = 3072) or forms V with batched_qr (CUDA, where the extension is batched)."""
-    return not A.is_cuda and A.numel() > 0
+    return not A.is_cuda and A.numel() > 0 and _preferred in ("auto", "extension")
 
 
 def power_step(R: torch.Tensor, order: torch.Tensor | None = None,

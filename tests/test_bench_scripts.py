@@ -41,8 +41,14 @@ def test_step_bench_smoke(tmp_path):
     assert [(r["precision"], r["optimizer"]) for r in data["rows"]] == [
         ("highest", "KLShampoo"), ("highest", "Shampoo"), ("medium", "KLShampoo"), ("medium", "Shampoo")]
     assert len(data["freq1"]) == 2 and {"device", "torch", "triton", "commit", "date"} <= set(data["meta"])
+    # the refresh table: KL-Shampoo at the middle precision, its factors (the bias takes AdamW's path)
+    (refresh,) = data["refresh"]
+    assert (refresh["precision"], refresh["optimizer"]) == ("highest", "KLShampoo")
+    assert refresh["factor_sizes"] == {"32": 3, "20": 1, "24": 1, "48": 1}
+    assert refresh["floor_ms"] > 0 and refresh["sync"]["max_ms"] >= refresh["sync"]["median_ms"] > 0
+    assert refresh["stagger"]["max_ms"] > 0
     md = next(tmp_path.glob("step_*.md")).read_text()
-    assert "precondition_frequency 1" in md and "TFLOP/s" in md
+    assert "precondition_frequency 1" in md and "TFLOP/s" in md and "## The refresh" in md
 
 
 def test_step_flops_counts_the_products():

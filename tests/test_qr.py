@@ -1,11 +1,13 @@
 """Batched QR: klkern.linalg.batched_qr, its torch transcription, and the CUDA kernels.
 
-Five implementations of the same contract (Q with diag(R) >= 0, NaN rule)
+Six implementations of the same contract (Q with diag(R) >= 0, NaN rule)
 run the same checks on the CPU:
 
 * ``fallback``: klkern.linalg.batched_qr on CPU tensors (torch.linalg.qr);
 * ``cholqr2``: batched_qr(method="cholqr2"), CholeskyQR2 in float64 with the
   per-matrix Householder fallback;
+* ``shifted_cholqr3``: batched_qr(method="shifted_cholqr3"), shifted CholeskyQR3
+  on the column-scaled matrix in float64, with the same fallback;
 * ``blocked`` / ``blocked_nb4``: klkern._qr_blocked, the step-by-step torch
   transcription of csrc/batched_qr_kernels.cu (nb=4 crosses many panels on
   small shapes);
@@ -155,15 +157,15 @@ def emulated_qr(lib, A: torch.Tensor) -> torch.Tensor:
     return q.reshape(A.shape).clone()
 
 
-IMPLS = ["fallback", "cholqr2", "blocked", "blocked_nb4", "emulated"]
+IMPLS = ["fallback", "cholqr2", "shifted_cholqr3", "blocked", "blocked_nb4", "emulated"]
 
 
 @pytest.fixture(params=IMPLS)
 def qr_impl(request):
     if request.param == "fallback":
         return linalg.batched_qr
-    if request.param == "cholqr2":
-        return functools.partial(linalg.batched_qr, method="cholqr2")
+    if request.param in ("cholqr2", "shifted_cholqr3"):
+        return functools.partial(linalg.batched_qr, method=request.param)
     if request.param == "blocked":
         return blocked_householder_qr
     if request.param == "blocked_nb4":
@@ -279,10 +281,125 @@ def test_cholqr2_answers_well_conditioned_and_falls_back_per_matrix():
     assert torch.isnan(Q[4]).all()
 
 
+def test_shifted_cholqr3_answers_ill_conditioned_and_falls_back_per_matrix():
+    """The shift lets shifted CholeskyQR3 answer cond 1e12 itself (CholeskyQR2 cannot), and only
+    the matrices whose Cholesky fails (a zero column) or that are non-finite fall back; the
+    fallback is counted in qr_fallbacks, the non-finite matrix is not."""
+    linalg.qr_fallbacks(reset=True)
+    U, _ = torch.linalg.qr(torch.randn(40, 33, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(33, 33, dtype=torch.float64))
+    ill = (U * torch.logspace(0, -12, 33, dtype=torch.float64)) @ V.mT
+    good = well_conditioned((1, 40, 33), torch.float64)[0]
+    mixed = torch.stack([good, ill, good.clone(), good.clone()])
+    mixed[2, :, 7] = 0  # a zero column
+    mixed[3, 5, 5] = float("inf")
+    Q, used = linalg.shifted_cholqr3(mixed)
+    assert used.tolist() == [True, True, False, False]
+    assert linalg.qr_fallbacks() == {"cholqr2": 0, "shifted_cholqr3": 1}
+    assert_qr_of(Q[:3], mixed[:3])
+    assert torch.isnan(Q[3]).all()
+    # cond 1e12 is beyond CholeskyQR2 (its Gram matrix has cond 1e24 > 1 / eps)
+    assert linalg.cholqr2(ill[None])[1].tolist() == [False]
+    assert linalg.qr_fallbacks(reset=True)["cholqr2"] == 1 and linalg.qr_fallbacks()["cholqr2"] == 0
+
+
+def captured_refresh_inputs(steps: int = 12) -> list[torch.Tensor]:
+    """The matrices a refresh factors (linalg.power_step's R), captured from KL-Shampoo and SOAP
+    trained on gradients of rank 4 with a refresh every step: rank-deficient and ill-conditioned
+    factors whose eigenvalues span 1e-16 to 1 of the largest, with bases stale by one step."""
+    captured = []
+    inner = linalg.power_step
+
+    def recording(R, *args, **kwargs):
+        captured.append(R.detach().clone())
+        return inner(R, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(48, 40), (24, 24), (64, 16)]
+    lefts = [torch.randn(s[0], 4, generator=gen) for s in shapes]
+    for cls in (klkern.KLShampoo, klkern.SOAP):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = cls(params, lr=1e-2, precondition_frequency=1, backend="torch")
+        from klkern import _functional
+        original = _functional.power_step
+        _functional.power_step = recording
+        try:
+            for _ in range(steps):
+                for p, left in zip(params, lefts):
+                    p.grad = left @ torch.randn(4, p.shape[1], generator=gen) + 1e-3 * p.detach()
+                opt.step()
+        finally:
+            _functional.power_step = original
+    return captured
+
+
+def test_shifted_cholqr3_on_real_refresh_inputs():
+    """On real refresh inputs (rank-deficient, eigenvalues spanning 16 orders) shifted CholeskyQR3
+    answers every matrix itself, and its Q (float64 arithmetic, rounded to float32) is the float64
+    Householder Q to float32 rounding on every column, where float32 Householder's is not on the
+    columns that span the factor's near null space (there any orthonormal completion is a QR)."""
+    captured = captured_refresh_inputs()
+    assert len(captured) >= 100
+    worst_span = 1.0
+    for R in captured:
+        R64 = R.double()
+        ev = torch.linalg.eigvalsh(R64).abs()
+        worst_span = min(worst_span, (ev.amin(-1) / ev.amax(-1)).min().item())
+        Q, used = linalg.shifted_cholqr3(R)
+        assert used.all()
+        exact = sign_normalised_torch_qr(R64)
+        assert (Q.double() - exact).abs().max().item() < 1e-6
+        assert (Q.double().mT @ Q.double() - torch.eye(R.shape[-1], dtype=torch.float64)).abs().max() < 1e-6
+    assert worst_span < 1e-12  # the inputs are as ill-conditioned as the docstring says
+
+
+def test_preferred_qr_method():
+    """preferred_qr_method sets what method="auto" and the optimizers' refresh run, and the CPU
+    refresh then forms V with it; an unknown method is refused with the choices."""
+    A = well_conditioned((2, 9, 6), torch.float64)
+    assert linalg.preferred_qr_method() == "auto"
+    linalg.qr_fallbacks(reset=True)
+    calls = []
+    original = linalg.shifted_cholqr3
+    try:
+        linalg.shifted_cholqr3 = lambda work: calls.append(work.shape) or original(work)
+        assert linalg.preferred_qr_method("shifted_cholqr3") == "shifted_cholqr3"
+        assert not linalg.applies_reflectors(A)
+        linalg.batched_qr(A)
+        assert calls == [A.shape]
+        linalg.preferred_qr_method("extension")  # CUDA only: CPU tensors keep auto's choice
+        torch.testing.assert_close(linalg.batched_qr(A), sign_normalised_torch_qr(A), rtol=0, atol=1e-12)
+        assert linalg.applies_reflectors(A)
+    finally:
+        linalg.shifted_cholqr3 = original
+        linalg.preferred_qr_method("auto")
+    with pytest.raises(ValueError, match="preferred_qr_method: invalid method='geqrf'"):
+        linalg.preferred_qr_method("geqrf")
+    assert linalg.preferred_qr_method() == "auto"
+
+
+def test_klshampoo_refresh_by_shifted_cholqr3_matches_householder(monkeypatch):
+    """The optimizer with every refresh by shifted CholeskyQR3 (explicit V, products) against the
+    default CPU refresh (LAPACK's reflectors): the same trajectory to the paths' tolerance."""
+    without = run_klshampoo("cpu")
+    linalg.qr_fallbacks(reset=True)
+    calls = []
+    original = linalg.shifted_cholqr3
+    monkeypatch.setattr(linalg, "shifted_cholqr3", lambda work: calls.append(work.shape) or original(work))
+    try:
+        linalg.preferred_qr_method("shifted_cholqr3")
+        with_cholqr = run_klshampoo("cpu")
+    finally:
+        linalg.preferred_qr_method("auto")
+    assert len(calls) >= 4 and linalg.qr_fallbacks()["shifted_cholqr3"] == 0
+    for a, b in zip(with_cholqr, without):
+        assert rel_err(a, b) < OPT_RTOL, rel_err(a, b)
+
+
 def test_qr_methods_and_errors():
     A = well_conditioned((2, 9, 6), torch.float64)
     ref = sign_normalised_torch_qr(A)
-    for method in ("auto", "torch", "cholqr2"):
+    for method in ("auto", "torch", "cholqr2", "shifted_cholqr3"):
         assert (linalg.batched_qr(A, method=method) - ref).abs().max().item() < MATCH_TOL[torch.float64]
     with pytest.raises(ValueError, match="method='householder'"):
         linalg.batched_qr(A, method="householder")
