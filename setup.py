@@ -97,27 +97,12 @@ def _csrc_files() -> list:
 
 cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
-with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
-    long_description = fh.read()
-
+# The metadata (name, version, dependencies, extras) is pyproject.toml's [project] table.
 setup(
-    name="klkern",
-    version="0.1.0",
-    description="KL-Shampoo, KL-SOAP, SOAP and Shampoo optimizers for PyTorch",
-    long_description=long_description,
-    long_description_content_type="text/markdown",
     # triton_kernels/ installs as klkern.triton_kernels (the top-level name
     # `triton_kernels` belongs to another package).
     packages=find_packages(include=["klkern", "klkern.*"]) + ["klkern.triton_kernels"],
     package_dir={"klkern.triton_kernels": "triton_kernels"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11"],
-    extras_require={
-        # wheel: tests/test_wheel.py builds the wheel without build isolation (no download)
-        "test": ["pytest", "pytest-benchmark", "numpy", "triton>=3.6", "wheel"],
-        "triton": ["triton>=3.6"],
-        "train": ["tqdm", "matplotlib"],
-    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

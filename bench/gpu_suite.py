@@ -107,13 +107,14 @@ def _cmd_kernels(work: Path, seconds: float):
 
 
 def _cmd_tests(work: Path, seconds: float):
-    return [_py("-m", "pytest", "-q", "-rfEs", "--durations=10", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}",
+    return [_py("-m", "pytest", "-q", "-rfEs", "--durations=10", "-p", "no:cacheprovider",
+                f"--junitxml={work / 'tests.xml'}",
                 *SUITE_TESTS)]
 
 
 def _cmd_compile(work: Path, seconds: float):
     arch = os.environ.get("KLKERN_SUITE_ARCH", "90")
-    # recorded under the interpreter (kernels not executed), compiled without it (PLATFORM.md)
+    # recorded under the interpreter (kernels not executed), compiled without it (compile_check's docstring)
     return [(_py("-m", "klkern.triton_kernels.compile_check", "record", work / "variants.json"),
              {"TRITON_INTERPRET": "1"}),
             (_py("-m", "klkern.triton_kernels.compile_check", "compile", work / "variants.json", "--arch", arch,
@@ -550,7 +551,8 @@ def main(argv=None) -> int:
     echo(parts_table(rows))
     bad = [r["part"] for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("skipped")]
     echo(f"gpu_suite: {time.monotonic() - started:.0f} s; results packed in {out} "
-         f"({len(list(out.iterdir()))} files); " + (f"FAILED: {' '.join(bad)}" if bad else "every part that ran passed"))
+         f"({len(list(out.iterdir()))} files); "
+         + (f"FAILED: {' '.join(bad)}" if bad else "every part that ran passed"))
     log.close()
     return 1 if bad or "triton_kernels" not in record else 0
 

@@ -1,6 +1,6 @@
 """The eigenvalue-initialisation study of KL-Shampoo and KL-SOAP, on two tasks.
 
-    python bench/init_study.py --shakespeare ../shared/data/shakespeare_complete.txt
+    python bench/init_study.py --shakespeare FILE   # FILE: the complete works of Shakespeare, one text file
 
 Three initialisations of the eigenvalue estimates ``lam`` (klkern's
 ``init_factor``): the prototype's constant 0.1, "rms" (every entry

@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     lines = [
         "# The update at loss scale c over the update at c = 1",
         "",
-        f"`python bench/loss_scale.py`. {' '.join(__doc__.split(chr(10) + chr(10))[1].split())}",
+        f"`python bench/loss_scale.py`. {' '.join(__doc__.split(chr(10) + chr(10))[2].split())}",
         "",
         f"- {platform.machine()} CPU; torch {torch.__version__}; commit {git_commit()}; {utc_now()}",
         "",

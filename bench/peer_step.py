@@ -232,7 +232,8 @@ def profile_refresh(model: str, reps: int = 3) -> dict:
                             "memory" if e.key in MEMORY_OPS else None)
                         if key:
                             groups[key] += e.self_cpu_time_total / 1e3
-                row = {"refresh_ms": wall * 1e3, "step_ms": (step - wall) * 1e3, **{f"{k}_ms": v for k, v in groups.items()}}
+                row = {"refresh_ms": wall * 1e3, "step_ms": (step - wall) * 1e3,
+                       **{f"{k}_ms": v for k, v in groups.items()}}
                 if best is None or row["refresh_ms"] < best["refresh_ms"]:
                     best = row
         finally:

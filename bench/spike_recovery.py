@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="default: the task's (mlp 600, lstsq 60)")
     ap.add_argument("--spike-at", type=int, help="default: the task's (mlp 500, lstsq 16)")
     ap.add_argument("--after", type=int, help="steps after the spike that are compared (mlp 100, lstsq 40)")
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated, from: " + ", ".join(OPTIMIZERS))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                    help="comma-separated, from: " + ", ".join(OPTIMIZERS))
     ap.add_argument("--out", type=Path, help="result file (default: bench/results/spike_recovery_cpu.md for the "
                                              "mlp task, spike_recovery_<task>_cpu.md for another)")
     args = ap.parse_args(argv)

@@ -286,7 +286,8 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list, refresh: li
         lines.append(
             f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | {r['triton']['median_ms']:.2f} | "
             f"{graph['median_ms']:.2f} | " if graph else
-            f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | {r['triton']['median_ms']:.2f} | - | ")
+            f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | "
+            f"{r['triton']['median_ms']:.2f} | - | ")
         lines[-1] += (
             f"{r['torch']['mean_ms']:.2f} | {r['floor_ms']:.2f} | {r['torch']['median_ms'] / r['floor_ms']:.2f} | "
             f"{r['triton']['median_ms'] / r['floor_ms']:.2f} | "

@@ -494,7 +494,8 @@ def markdown(table: list[dict], meta: dict) -> str:
         f"threads {meta['threads']}; klkern {meta['klkern']}; commit {meta.get('commit', 'unknown')}; "
         f"date {meta['date']}",
         f"- command: `{meta['command']}`",
-        *([f"- optimizer arguments beyond the defaults: {meta['optimizer_args']}"] if meta.get("optimizer_args") else []),
+        *([f"- optimizer arguments beyond the defaults: {meta['optimizer_args']}"]
+          if meta.get("optimizer_args") else []),
         "",
         "Final validation loss (mean +- std over seeds, [min, max]); time per training step "
         "(median, forward+backward+optimizer) and per optimizer step (mean); optimizer state.",

@@ -40,7 +40,7 @@ def triton_import_error() -> str | None:
         import triton  # noqa: F401
 
         from . import triton_kernels  # noqa: F401
-    except Exception as err:  # ImportError, or a broken triton install
+    except Exception as err:  # noqa: BLE001 - ImportError, or a broken triton install
         return f"{type(err).__name__}: {err}"
     return None
 
@@ -79,7 +79,7 @@ def _cuda_driver_ok() -> bool:
         import triton
 
         triton.runtime.driver.active  # noqa: B018 - raises without an active driver
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means no usable driver
         return False
     return True
 

@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from ._blocking import plan_for
+from ._blocking import BlockPlan, plan_for
 
 __all__ = ["ReplicatedSplit", "block_cost", "assign", "is_dtensor", "local", "shard_offset", "check_process_group"]
 
@@ -47,7 +47,7 @@ def is_dtensor(t) -> bool:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor a rank computes on: a DTensor's local shard (sharing its storage), else ``t``."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]  # a DTensor there
 
 
 def shard_offset(t) -> int:
@@ -111,7 +111,7 @@ class ReplicatedSplit:
         self.world = dist.get_world_size(process_group)
         self.dtype = communication_dtype
         self.whole: set[int] = set()  # parameters assigned (and exchanged) as a whole
-        self.plans: dict[int, object] = {}
+        self.plans: dict[int, BlockPlan] = {}
         self.params: list = []
         self.owner: dict[tuple, int] = {}
         self.load = [0.0] * self.world
@@ -191,6 +191,7 @@ class ReplicatedSplit:
         if mine:
             values = [v.reshape(-1).to(_work_dtype(v)) for v in mine]
             if self.dtype != torch.float32:
+                assert self.old is not None, "before_step() keeps the old values of a bfloat16 exchange"
                 values = [v - o.reshape(-1) for v, o in zip(values, self.old)]
             send[: self.sizes[self.rank]].copy_(torch.cat([v.to(self.buffer_dtype) for v in values]))
         received = torch.empty(self.world * self.padded, dtype=self.buffer_dtype, device=self.device)

@@ -227,12 +227,12 @@ class StepEngine:
         """The device plans of this step's stepping parameters (re-used when nothing changed)."""
         opt = self.opt
         stepping = []
-        key = [self.version, id(opt.state)]
+        parts: list = [self.version, id(opt.state)]
         for index, group, entries in work:
             chosen = [e for e in entries if id(e[0]) not in initialised_only and "step" in opt.state.get(e[0], {})]
             stepping.append((index, group, chosen))
-            key.append((id(group), structure_key(group), tuple(id(e[0]) for e in chosen)))
-        key = tuple(key)
+            parts.append((id(group), structure_key(group), tuple(id(e[0]) for e in chosen)))
+        key = tuple(parts)
         if key == self.key and all(plan.valid(opt) for plan in self.plans):
             return self.plans
         if self.plans:
@@ -257,8 +257,8 @@ class StepEngine:
                                            "another number of ranks?")
                     dtypes = tuple(sorted((name, str(v.dtype)) for name, v in block.items()))
                     shape = () if plan.adamw else plan.block_shape(i)
-                    by_key[(index, path, shape, plan.masks[i], tensor.device, work_dtype, state["step"], dtypes)].append(
-                        (p, i, block))
+                    key = (index, path, shape, plan.masks[i], tensor.device, work_dtype, state["step"], dtypes)
+                    by_key[key].append((p, i, block))
         per_device: dict = defaultdict(list)
         params_of: dict = defaultdict(dict)
         for (index, path, shape, mask, device, _, t, _), members in by_key.items():
@@ -489,8 +489,9 @@ class StepEngine:
                 "(same math). backend='triton' raises instead; run `python -m klkern.check` to see what fails."))
             kernels[id(st)] = None
             st.cache.pop("trial", None)
-            if phase >= 1 and _steps.STEPS[st.path][0] is not None:
-                carry = _steps.STEPS[st.path][0](st, hp, None)  # the torch path's own projections
+            project = _steps.STEPS[st.path][0]
+            if phase >= 1 and project is not None:
+                carry = project(st, hp, None)  # the torch path's own projections
             return self._phase(st, hp, kernels, phase, carry)
         return result
 
@@ -631,7 +632,7 @@ class StepEngine:
                 clocks = {}
                 for b in st.due:  # blocks that share (t + offset) // T share the periodic QR's turn
                     clocks.setdefault(st.t + st.offsets[b], []).append(b)
-            kept = None if on_device else keeps[offset: offset + st.B]
+            kept = None if keeps is None else keeps[offset: offset + st.B]
             offset += st.B
             for clock, blocks in clocks.items():
                 chosen = blocks if kept is None else [b for b in blocks if kept[b]]

@@ -15,11 +15,12 @@ _NOISE = set("^~ |")
 def describe(err: BaseException, limit: int = 6000) -> str:
     """``Type: message`` of ``err`` and of each exception it was raised from, whole."""
     parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err).strip()
-        parts.append(f"{type(err).__name__}: {text}" if text else type(err).__name__)
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        parts.append(f"{type(current).__name__}: {text}" if text else type(current).__name__)
+        current = current.__cause__ or current.__context__
     return "\n-- caused by --\n".join(parts)[:limit]
 
 

@@ -177,7 +177,7 @@ def _gradient_scale(G: torch.Tensor, mask) -> torch.Tensor:
     return G.double().pow(2).reshape(G.shape[0], -1).mean(1).pow(1.0 / len(_modes(mask))).float()
 
 
-# State kept in float32 whatever state_dtype says (STYLE.md: math whose eigenvalues are inverted
+# State kept in float32 whatever state_dtype says (docs/conventions.md: what is inverted or divides
 # stays float32): KL eigenvalue estimates (lam*), Adam second moments (exp_avg_sq: their square
 # root divides), Shampoo's factors (L*: their eigenvalues are inverted) and roots (root*), and the
 # KL diagnostic (kl*), which directions have seen a gradient (seen*, mask_unseen) and the
@@ -389,14 +389,14 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
             return parts[group[0]] if len(group) == 1 else torch.cat([parts[k] for k in group])
         Q, R = joined(Qs), joined(Rs)
         if any(k in orders for k in group):  # sorted columns (SOAP), the identity where already sorted
-            order = joined({k: orders.get(k, torch.arange(Rs[k].shape[-1], device=Rs[k].device).expand(
-                Rs[k].shape[:-1])) for k in group})
+            perm: torch.Tensor | None = joined({k: orders.get(k, torch.arange(
+                Rs[k].shape[-1], device=Rs[k].device).expand(Rs[k].shape[:-1])) for k in group})
         else:
-            order = None
+            perm = None
         if direct:
             Y = _precision.bmm(Q, R, "highest")
-            if order is not None:
-                Y = Y.gather(2, order.unsqueeze(1).expand_as(Y))
+            if perm is not None:
+                Y = Y.gather(2, perm.unsqueeze(1).expand_as(Y))
             Q_new = batched_qr(Y)
             change = BasisChange(V=_precision.bmm(Q.mT, Q_new, "highest"))
             R_new = change.apply(_precision.bmm(change.V.mT, R, "highest"))
@@ -406,7 +406,7 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
             whole = len(group) == 1 and group[0] not in chosen
             def into(name):
                 return bufs[name] if whole and bufs[name].dtype == R.dtype else None
-            change, R_new = power_step(R, order, out=into(f"R{group[0]}"))
+            change, R_new = power_step(R, perm, out=into(f"R{group[0]}"))
             Q_new = change.apply(Q, out=into(f"Q{group[0]}"))
         sizes = [Qs[k].shape[0] for k in group]
         for k, q, r, part in zip(group, Q_new.split(sizes), R_new.split(sizes), change.split(sizes)):

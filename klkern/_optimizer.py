@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import types
 import warnings
 from collections import OrderedDict
 
@@ -71,6 +72,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
     """Base class of KLShampoo, KLSOAP, SOAP and Shampoo (see optimizers.py)."""
 
     algorithm = ""
+    _engine: StepEngine  # built by _reset_derived (None until then)
 
     def __init__(self, params, lr=None, *, backend: str = "auto", process_group=None,
                  communication_dtype: torch.dtype = torch.float32, cuda_graph: bool = False, **hyperparameters):
@@ -92,7 +94,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         self.cuda_graph = cuda_graph
         self.process_group = process_group
         self.communication_dtype = communication_dtype
-        self._engine = None
+        self._engine = None  # type: ignore[assignment]
         # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/_guard.py): the part
         # read back to the host; the rest is on the device until nonfinite_skipped is read
         self._nonfinite = 0
@@ -112,7 +114,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
         self._split: _distributed.ReplicatedSplit | None = None
         self._engine = StepEngine(self)
         self._graphs = StepGraphs(self)
-        self._warned = set()  # causes already warned about (each once)
+        self._warned: set[str] = set()  # causes already warned about (each once)
         self._kernels_proven: set = set()  # Triton step variants that ran (backend="auto")
         self._kernels_failed: dict = {}  # Triton step variants that failed -> the whole error
         self._unscaled: dict[int, set] = {}  # id(param) -> blocks still waiting for a gradient with scale
@@ -131,7 +133,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         had_differentiable = "differentiable" in state.get("defaults", {})
         state = dict(state)
-        self._engine = None
+        self._engine = None  # type: ignore[assignment]
         self._nonfinite = int(state.pop("nonfinite_skipped", 0))
         super().__setstate__(state)
         if not had_differentiable:  # torch.optim adds it for its own optimizers; a copy equals its original
@@ -281,7 +283,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             self._warned.add(cause)
             # point at the user's line: the first caller outside klkern and torch (step() is wrapped
             # by torch's no_grad and hook machinery, a varying number of frames)
-            frame, level = sys._getframe(1), 2
+            frame: types.FrameType | None = sys._getframe(1)
+            level = 2
             while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
                 frame, level = frame.f_back, level + 1
             warnings.warn(message, RuntimeWarning, stacklevel=level)
@@ -339,8 +342,8 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
             hook(self)
         with self._hooks_held("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
             sd = self._state_dict()
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, sd)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
@@ -382,7 +385,7 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     mine = _distributed.owned_blocks(split, p, len(plan.masks))
                     if not mine:
                         continue
-                    blocks = [None] * len(plan.masks)
+                    blocks: list[dict | None] = [None] * len(plan.masks)
                     path = "adamw" if plan.adamw else self.algorithm
                     for i in mine:
                         G = torch.zeros((1,) + plan.block_shape(i), device=tensor.device)

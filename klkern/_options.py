@@ -114,6 +114,13 @@ def _fail(name: str, value, valid: str) -> None:
 
 def validate_group(algorithm: str, group: dict) -> None:
     """Raise ValueError for any hyperparameter of ``group`` outside its range."""
+    _validate_numbers(group)
+    _validate_choices(group)
+    _validate_algorithm_options(algorithm, group)
+
+
+def _validate_numbers(group: dict) -> None:
+    """The numeric options every algorithm has."""
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
@@ -143,6 +150,11 @@ def validate_group(algorithm: str, group: dict) -> None:
     bs = group["block_size"]
     if bs is not None and (not _int(bs) or bs < 1):
         _fail("block_size", bs, "must be None (no splitting) or an integer >= 1")
+
+
+
+def _validate_choices(group: dict) -> None:
+    """The flags and named choices every algorithm has."""
     for flag in ("normalize_grads", "merge_dims", "precondition_1d", "mask_unseen"):
         if not isinstance(group[flag], bool):
             _fail(flag, group[flag], "must be True or False")
@@ -150,13 +162,18 @@ def validate_group(algorithm: str, group: dict) -> None:
         _fail("data_format", group["data_format"], "must be 'channels_first' or 'channels_last'")
     if group["state_dtype"] not in _STATE_DTYPES:
         why = (" (float16's range underflows squared gradients in the second moments and factors; "
-               "torch.bfloat16 saves the same memory with float32's range)") if group["state_dtype"] == torch.float16 else ""
+               "torch.bfloat16 saves the same memory with float32's range)"
+               if group["state_dtype"] == torch.float16 else "")
         _fail("state_dtype", group["state_dtype"], "must be torch.float32 or torch.bfloat16" + why)
     if group["matmul_precision"] not in (None, *PRECISIONS):
         _fail("matmul_precision", group["matmul_precision"],
               "must be None (follow torch.get_float32_matmul_precision()), 'highest', 'high' or 'medium'")
     if group["large_dim_policy"] not in ("adamw", "identity"):
         _fail("large_dim_policy", group["large_dim_policy"], "must be 'adamw' or 'identity'")
+
+
+def _validate_algorithm_options(algorithm: str, group: dict) -> None:
+    """The options only some algorithms have."""
     if algorithm in ("klshampoo", "klsoap"):
         init = group["init_factor"]
         if not (init in INIT_RULES or (_real(init) and init > 0)):
@@ -170,8 +187,9 @@ def validate_group(algorithm: str, group: dict) -> None:
     if algorithm in ("klshampoo", "klsoap", "soap"):
         threshold = group["staleness_threshold"]
         if threshold is not None and (not _real(threshold) or threshold < 0):
-            _fail("staleness_threshold", threshold, "must be None (refresh every basis at every refresh step) or a "
-                                                    "finite number >= 0 (refresh only bases whose staleness exceeds it)")
+            _fail("staleness_threshold", threshold,
+                  "must be None (refresh every basis at every refresh step) or a finite number >= 0 (refresh "
+                  "only bases whose staleness exceeds it)")
     if algorithm in ("klshampoo", "klsoap", "soap") and not isinstance(group["stagger_refresh"], bool):
         _fail("stagger_refresh", group["stagger_refresh"], "must be True (each block refreshed every "
                                                            "precondition_frequency steps at its own offset) or False")

@@ -120,6 +120,9 @@ class Stack:
 class DevicePlan:
     """The stacks and per-block tables of one device (see the module docstring)."""
 
+    lam: torch.Tensor  # every KL block's eigenvalue estimates, flat (None when there is none)
+    idle: set  # ids of parameters whose stacks this plan holds but that do not step now (_engine)
+
     def __init__(self, opt, device: torch.device, stacks: list, params: list):
         self.device = device
         self.stacks = stacks
@@ -195,10 +198,17 @@ class DevicePlan:
         kl = [st for st in self.stacks if st.path in KL_PATHS]
         self.kl_stacks = kl
         if not kl:
-            self.lam = None
+            self.lam = None  # type: ignore[assignment]  # no KL block: no phase reads it
             return
         dev = self.device
-        sizes, floors, seg_len, seg_block, entry_block, first_seg, inv_first, inv_d = [], [], [], [], [], [], [], []
+        sizes: list[int] = []
+        floors: list[float] = []
+        seg_len: list[int] = []
+        seg_block: list[int] = []
+        entry_block: list[int] = []
+        first_seg: list[int] = []
+        inv_first: list[float] = []
+        inv_d: list[float] = []
         half_k1 = []
         for st in kl:
             modes = [k for k, on in enumerate(st.mask) if on]

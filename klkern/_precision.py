@@ -61,7 +61,7 @@ def global_precision(device: torch.device | None = None) -> str:
     except RuntimeError:
         pass
     if device is not None and device.type == "cpu":
-        value = torch.backends.mkldnn.matmul.fp32_precision
+        value = torch.backends.mkldnn.matmul.fp32_precision  # type: ignore[attr-defined]  # torch >= 2.9
         return {"bf16": "medium", "tf32": "high"}.get(value, "highest")
     return "high" if _effective(torch.backends.cuda.matmul.fp32_precision) == "tf32" else "highest"
 
@@ -86,7 +86,7 @@ _BACKEND_VALUES = {"highest": ("ieee", "ieee"), "high": ("tf32", "tf32")}
 def _effective(value: str) -> str:
     """A per-backend value with "none" (follow the generic setting) resolved."""
     if value == "none":
-        value = torch.backends.fp32_precision
+        value = torch.backends.fp32_precision  # type: ignore[attr-defined]  # torch >= 2.9
     return "ieee" if value == "none" else value
 
 
@@ -97,7 +97,7 @@ def torch_precision(mode: str):
     Sets and restores the per-backend values (cuda and mkldnn), which leaves
     torch's settings exactly as they were, whichever API the caller used.
     """
-    cuda_m, cpu_m = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    cuda_m, cpu_m = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul  # type: ignore[attr-defined]
     saved = (cuda_m.fp32_precision, cpu_m.fp32_precision)
     wanted = _BACKEND_VALUES["high" if mode == "high" else "highest"]
     if tuple(map(_effective, saved)) == wanted:

@@ -176,6 +176,9 @@ def _as_four_way(C: torch.Tensor, m: int, n: int, name: str) -> torch.Tensor:
 class _Moments:
     """Expectations over G from a dense second moment or from a stack of samples."""
 
+    samples: torch.Tensor | None  # (k, m, n) sampled gradients, or None with a dense C4
+    C4: torch.Tensor  # (m, n, m, n) dense second moment; not used (None) with samples
+
     def __init__(self, moments: torch.Tensor, m: int | None, n: int | None, caller: str):
         if moments.dim() == 3:
             k, sm, sn = moments.shape
@@ -183,7 +186,7 @@ class _Moments:
                 raise ValueError(f"{caller}: samples have blocks {sm} x {sn} but m={m}, n={n} were given")
             if k == 0:
                 raise ValueError(f"{caller}: moments holds no samples")
-            self.samples, self.C4, self.m, self.n = moments, None, sm, sn
+            self.samples, self.C4, self.m, self.n = moments, None, sm, sn  # type: ignore[assignment]
         elif moments.dim() == 2:
             if m is None or n is None:
                 raise ValueError(f"{caller}: m and n are required with a dense second moment")

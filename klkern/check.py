@@ -203,8 +203,9 @@ def check(quick: bool = False) -> list[dict]:
                 except RuntimeError as err:  # triton imports but has no usable driver: a row, not a crash
                     table.error("triton kernels", "cuda", "-", str(err))
             elif device.type == "cpu" and _backend.interpreting():
-                if _backend.interpreter_problem():
-                    table.skip("triton kernels", "cpu (interpreter)", _backend.interpreter_problem())
+                problem = _backend.interpreter_problem()
+                if problem:
+                    table.skip("triton kernels", "cpu (interpreter)", problem)
                 else:
                     triton_devices.append(device)
         if not triton_devices and not torch.cuda.is_available() and not _backend.interpreting():
@@ -219,10 +220,10 @@ def check(quick: bool = False) -> list[dict]:
                 return max(results.values())
 
             table.run(f"triton kernels at {mode}", label, "float32", OP_TOL[mode], kernels)
-            for op, err in results.items():
+            for op, op_err in results.items():
                 table.rows.append({"path": f"  {op} ({mode})", "device": label, "dtype": "float32",
-                                   "tolerance": OP_TOL[mode], "max_error": err, "time_ms": 0.0,
-                                   "status": "ok" if err <= OP_TOL[mode] else "MISMATCH"})
+                                   "tolerance": OP_TOL[mode], "max_error": op_err, "time_ms": 0.0,
+                                   "status": "ok" if op_err <= OP_TOL[mode] else "MISMATCH"})
         for name in names[: 1 if quick else 4]:
             table.run(f"triton path: {name} (12 steps)", label, "float32", TRAJ_TOL,
                       lambda name=name, device=device: _trajectory_error(name, device, "triton"))

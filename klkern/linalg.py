@@ -1,6 +1,6 @@
 """Small dense linear-algebra helpers shared by every backend.
 
-``batched_qr`` and ``eigh_descending`` pin the conventions that SPEC.md leaves
+``batched_qr`` and ``eigh_descending`` pin the conventions that docs/spec.md leaves
 to the implementation, so results are deterministic and comparable across
 backends:
 
@@ -314,7 +314,8 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
     ``Q_new = qr(S Q Pi) = qr(Q R Pi)`` equals ``Q V`` where ``R Pi = V T`` (QR, diag(T) >= 0;
     Q V is orthogonal and T upper triangular, so by uniqueness both sides agree). Returns
     ``(change, R_new)``: ``change`` a :class:`BasisChange` applying V (``change.apply(Q)`` is
-    Q_new; ``change.V`` is None where V is kept as reflectors), and ``R_new = Q_new^T S Q_new = V^T R V``, computed as ``(T Pi^T V)^T`` (the
+    Q_new; ``change.V`` is None where V is kept as reflectors), and
+    ``R_new = Q_new^T S Q_new = V^T R V``, computed as ``(T Pi^T V)^T`` (the
     same symmetric matrix; symmetric up to rounding, as the factors' products are, and the
     asymmetry does not grow over refreshes, measured ~5e-8).
     ``order`` (B, d) is the column permutation Pi (SOAP sorts by diag(R)); None is the identity.
@@ -360,7 +361,7 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
             -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         Tt = rows_gather(reflectors.mT.tril().mul_(signs.unsqueeze(-2)), inverse, out=home)
     change.apply(Tt.mT, out=Tt.mT)  # Tt now holds R_new (the transpose of T Pi^T V)
-    return change, Tt if home is out else out.copy_(Tt)
+    return change, Tt if home is out or out is None else out.copy_(Tt)
 
 
 def rows_gather(X: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

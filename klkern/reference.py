@@ -1,4 +1,4 @@
-"""The literal transcription of SPEC.md: the oracle of every test and benchmark.
+"""The literal transcription of docs/spec.md: the oracle of every test and benchmark.
 
 One small function per step of the specification, named after the step, on a
 single block ``G`` of any number of modes (a 2-D block is the ``m x n`` case of
@@ -231,7 +231,7 @@ def eigenvalue_weight(beta2: float, t: int, init_factor) -> float:
 
 def kl_scaling(lams: list, ndim: int, eps: float) -> torch.Tensor:
     """Step 2: D = 1 / (sqrt(prod_k lam_k) + eps) (D_ij = 1/(sqrt(lam_a_i lam_b_j) + eps))."""
-    return 1.0 / (torch.sqrt(lam_product(lams, ndim)) + eps)
+    return 1.0 / (torch.as_tensor(lam_product(lams, ndim)).sqrt() + eps)
 
 
 def rotated_precondition(M: torch.Tensor, Qs: list, D: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ def kl_factor_update(Ss: list, G: torch.Tensor, Qs: list, lams: list, beta2: flo
     modes use the old Q and lam.
     """
     N = G.numel()
-    out = []
+    out: list[torch.Tensor | None] = []
     for k, S in enumerate(Ss):
         if S is None:
             out.append(None)
@@ -264,7 +264,7 @@ def eigenvalue_projection(lams: list, G: torch.Tensor, Qs: list) -> list:
     """Step 5's projections from ``lams``: with Gr = rotate(G), for each mode k,
     proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (None where lam_k is None)."""
     Gr = rotate(G, Qs)
-    out = []
+    out: list[torch.Tensor | None] = []
     for k, lam in enumerate(lams):
         if lam is None:
             out.append(None)
@@ -297,7 +297,7 @@ def spike_scale(lams: list, G: torch.Tensor, Qs: list, threshold, t: int) -> flo
     SPIKE_GROWTH; otherwise 1. None: always 1."""
     if threshold is None or t == 1:
         return 1.0
-    energy = float(lam_product(lams, G.dim()).reciprocal().mul(rotate(G, Qs) ** 2).mean())
+    energy = float(torch.as_tensor(lam_product(lams, G.dim())).reciprocal().mul(rotate(G, Qs) ** 2).mean())
     if not energy > threshold:
         return 1.0
     worst = max(float((proj / lam).max()) for proj, lam in zip(eigenvalue_projection(lams, G, Qs), lams)
@@ -336,7 +336,7 @@ def kl_objective(Gr: torch.Tensor, lams: list) -> torch.Tensor:
 
 def factor_ema(Fs: list, G: torch.Tensor, beta2: float) -> list:
     """F_k <- beta2 F_k + (1 - beta2) G_(k) G_(k)^T (SOAP's GG, Shampoo's L and R)."""
-    out = []
+    out: list[torch.Tensor | None] = []
     for k, F in enumerate(Fs):
         if F is None:
             out.append(None)
@@ -398,6 +398,14 @@ class _ReferenceOptimizer(torch.optim.Optimizer):
         super().__init__(params, build_defaults(self.algorithm, kwargs, type(self).__name__))
         for group in self.param_groups:
             validate_group(self.algorithm, group)
+
+    def _init_preconditioned(self, G, mask, group) -> dict:
+        """The state of a preconditioned block initialised from gradient G (each algorithm's)."""
+        raise NotImplementedError
+
+    def _block_step(self, b, G, mask, group, t) -> tuple:
+        """(update, scale) of one preconditioned block at step t (each algorithm's)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -482,7 +490,7 @@ class _ReferenceOptimizer(torch.optim.Optimizer):
 
 
 class ReferenceKLShampoo(_ReferenceOptimizer):
-    """KL-Shampoo exactly as SPEC.md writes it (see module docstring)."""
+    """KL-Shampoo exactly as docs/spec.md writes it (see module docstring)."""
 
     algorithm = "klshampoo"
 
@@ -535,7 +543,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
 
 
 class ReferenceKLSOAP(_ReferenceOptimizer):
-    """KL-SOAP exactly as SPEC.md writes it."""
+    """KL-SOAP exactly as docs/spec.md writes it."""
 
     algorithm = "klsoap"
 
@@ -571,7 +579,7 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
 
 
 class ReferenceSOAP(_ReferenceOptimizer):
-    """SOAP (public release semantics) exactly as SPEC.md writes it."""
+    """SOAP (public release semantics) exactly as docs/spec.md writes it."""
 
     algorithm = "soap"
 
@@ -599,7 +607,7 @@ class ReferenceSOAP(_ReferenceOptimizer):
 
 
 class ReferenceShampoo(_ReferenceOptimizer):
-    """Shampoo with Adam grafting exactly as SPEC.md writes it."""
+    """Shampoo with Adam grafting exactly as docs/spec.md writes it."""
 
     algorithm = "shampoo"
 

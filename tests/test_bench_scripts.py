@@ -118,7 +118,8 @@ def test_peer_step_smoke(tmp_path):
     """bench/peer_step.py on tiny shapes: klkern's rows, a peer that is absent skipped with its
     reason (none is installed in CI), the refresh profile, and the result files."""
     out = tmp_path / "peer.md"
-    done = _run(["bench/peer_step.py", "--model", "tiny", "--steps", "10", "--frequencies", "1,10", "--rounds", "1", "--warmup", "2",
+    done = _run(["bench/peer_step.py", "--model", "tiny", "--steps", "10", "--frequencies", "1,10", "--rounds", "1",
+                 "--warmup", "2",
                  "--out", str(out)], env_extra={"PYTHONPATH": ""})
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(out.with_suffix(".json").read_text())

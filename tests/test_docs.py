@@ -99,3 +99,20 @@ def test_the_options_check_catches_drift(monkeypatch):
     monkeypatch.setitem(_options.DEFAULTS, "soap", dict(_options.DEFAULTS["soap"], eps=1e-6))
     _, problems = generate_options.options()
     assert any("'eps' documented default 1e-08, the code uses 1e-06" in p for p in problems), problems
+
+
+# Files of the maintainers' workspace that the repository does not ship: code and docs must name
+# the repository's own copies (docs/spec.md) or say what they mean instead.
+OUTSIDE = re.compile(r"\b(SPEC\.md|STYLE\.md|PLATFORM\.md)|\.\./shared/|\bpapers/")
+
+
+def test_comments_and_docs_name_files_of_the_repository():
+    sources = [p for d in ("klkern", "triton_kernels", "bench", "csrc", "examples", "docs", "tests")
+               for p in (ROOT / d).rglob("*") if p.suffix in {".py", ".md", ".cu", ".cpp", ".h", ".sh"}]
+    sources += [ROOT / "README.md", ROOT / "setup.py", ROOT / "pyproject.toml"]
+    allowed = {ROOT / "docs" / "spec.md",  # the verbatim specification (test above)
+               Path(__file__).resolve()}  # this check and the maintainers' comparison above
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sources if p not in allowed
+             and "results" not in p.relative_to(ROOT).parts
+             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if OUTSIDE.search(line)]
+    assert not found, "\n".join(found)

@@ -80,7 +80,9 @@ def _factor_in_basis(B, d, dtype, generator, rank=None):
 def test_power_step_equals_the_qr_of_q_r(B, d, sort, dtype, explicit, monkeypatch):
     """Q V equals batched_qr(Q R Pi) and R_new = Q_new^T S Q_new, by both routes (LAPACK's
     reflectors on the CPU, the explicit V that CUDA uses), tiny to non-power-of-two sizes, stacks.
-    Tolerance: float32 2e-4 relative on Q (the QR's own conditioning), 1e-5 on R_new; float64 1e-10."""
+    Tolerance: float32 1e-3 on Q (the QR's own conditioning: measured up to 2e-4 on one CPU and 6e-4
+    on another, whose BLAS kernels round differently; a wrong V differs by O(1)), 1e-5 on R_new;
+    float64 1e-10."""
     monkeypatch.setattr(linalg, "applies_reflectors", lambda A: not explicit and A.numel() > 0)
     g = torch.Generator().manual_seed(d)
     Q, R = _factor_in_basis(B, d, dtype, g)
@@ -89,7 +91,7 @@ def test_power_step_equals_the_qr_of_q_r(B, d, sort, dtype, explicit, monkeypatc
     Y = Q @ R if order is None else (Q @ R).gather(-1, order.unsqueeze(-2).expand(B, d, d))
     Q_ref = batched_qr(Y)
     Q_new = change.apply(Q)
-    tol_q, tol_r = (2e-4, 1e-5) if dtype == torch.float32 else (1e-10, 1e-10)
+    tol_q, tol_r = (1e-3, 1e-5) if dtype == torch.float32 else (1e-10, 1e-10)
     assert (Q_new - Q_ref).abs().max() < tol_q
     S = Q @ R @ Q.mT
     R_ref = Q_ref.mT @ S @ Q_ref

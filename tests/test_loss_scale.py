@@ -118,11 +118,12 @@ def test_relative_floor_matches_reference(name, eigenbasis, zero_first):
         ref.step()
         moved = (Wr.detach() - start).abs().max()
         # float32 rounding, amplified where lam sits on its floor: measured <= 1.3e-4 of the
-        # movement; the absolute floor in the fast path alone differs by more than the movement
-        assert (Wf.detach() - Wr.detach()).abs().max() <= 1e-3 * moved + 1e-12, t
+        # movement on one CPU and <= 1.1e-3 on another (their BLAS kernels round differently);
+        # the absolute floor in the fast path alone differs by more than the movement
+        assert (Wf.detach() - Wr.detach()).abs().max() <= 1e-2 * moved + 1e-12, t
     lam_f = fast.state[Wf]["blocks"][0]["lam0"]
     lam_r = ref.state[Wr]["blocks"][0]["lam"][0]
-    assert rel_err(lam_f, lam_r) < 1e-4
+    assert rel_err(lam_f, lam_r) < 1e-3  # measured up to 2e-4; the absolute floor: 1e5 (1/c^2 over 1e-7)
     s = float(fast.state[Wf]["blocks"][0]["floor_scale"])
     assert 0 < s < 1e-5 and lam_f.min() >= s / 100 * (1 - 1e-6)  # s / c^2, c = max(10, min(6, 8))
 

@@ -276,9 +276,10 @@ def _bases_now(opt, params):
 def test_staggered_refresh_matches_the_reference(algorithm):
     """The fast path and the reference, which follows the same schedule block by block, agree
     over 24 steps with T = 4 (6 periods, every offset) as closely as they do without staggering:
-    per parameter within 3x the synchronous run's difference or 1e-5 (the (12, 20) weight's
-    float32 rounding grows to 1e-4..4e-3 over these steps on both schedules; a block refreshed
-    at another step than the reference's would differ by far more: 1e-1)."""
+    per parameter within 3x the synchronous run's difference or 1e-4. The (12, 20) weight's
+    float32 rounding grows over these steps, by how much depends on the CPU's BLAS kernels: to
+    1e-4..4e-3 on both schedules on one machine, to 4e-8 synchronous and 1.5e-5 staggered on
+    another; a block refreshed at another step than the reference's differs by far more (1e-1)."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
@@ -292,7 +293,7 @@ def test_staggered_refresh_matches_the_reference(algorithm):
                                     stagger_refresh=stagger)
         errors[stagger] = [rel_err(a, b) for a, b in zip(p_fast, p_ref)]
     for shape, synchronous, staggered in zip(STAGGER_SHAPES, errors[False], errors[True]):
-        assert staggered <= max(1e-5, 3 * synchronous), (shape, staggered, synchronous)
+        assert staggered <= max(1e-4, 3 * synchronous), (shape, staggered, synchronous)
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGOS))

@@ -1,7 +1,7 @@
 """klkern's fused Triton kernels (installed as ``klkern.triton_kernels``).
 
 Three operations over stacks of same-shape blocks, one launch (or two) per
-stack, each matching a step of SPEC.md and tested against klkern.reference:
+stack, each matching a step of docs/spec.md and tested against klkern.reference:
 
 * :func:`rotate_project`: ``Gr = Q_a^T G Q_b`` with the rotated moment
   updates and the diagonal eigenvalue projection in the epilogue;

@@ -305,7 +305,7 @@ def _label(row: dict) -> str:
 
 
 def markdown(rows: list, meta: dict) -> str:
-    lines = [f"# Triton kernel variants compiled for sm_80 / sm_90", "",
+    lines = ["# Triton kernel variants compiled for sm_80 / sm_90", "",
              f"- {meta}", "",
              "| variant | arch | registers | spill stores B | shared KB | mma | wgmma | status |",
              "|---|---|---|---|---|---|---|---|"]
