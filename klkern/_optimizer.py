@@ -1,10 +1,11 @@
-"""The torch.optim surface of the four optimizers: groups, copies, state dicts, diagnostics.
+"""The torch.optim surface of the four optimizers: groups, copies, counters, diagnostics.
 
 The optimizer classes are thin (see optimizers.py). ``step()`` hands its work to
-klkern/_engine.py (which parameters start, the plan of the steady step, running it); this
-module keeps what a torch.optim user touches: ``param_groups``, ``state``, ``add_param_group``,
-``state_dict``/``load_state_dict`` with their hooks, copies and pickling,
-``nonfinite_skipped``, ``diagnostics()``.
+klkern/_engine.py (which parameters start, the plan of the steady step, running it); the
+checkpoint format (``state_dict``/``load_state_dict`` with their hooks, the keys of blocks
+across ranks, ``init_state``) is klkern/_checkpoint.py's base class; this module keeps the rest
+of what a torch.optim user touches: ``param_groups``, ``state``, ``add_param_group``, copies and
+pickling, ``nonfinite_skipped``, ``diagnostics()``.
 
 State layout, per parameter: ``{"step": t, "blocks": [block_state, ...]}`` where each block
 state maps names (``exp_avg``, ``Q0``, ``R0``, ``lam0``...) to tensors. Blocks that step
@@ -16,19 +17,16 @@ the buffers are rebuilt once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import types
 import warnings
-from collections import OrderedDict
 
 import torch
 
 from . import _backend, _distributed, _guard, _precision
-from ._blocking import plan_for
-from ._engine import StepEngine, hyper
-from ._functional import INITS, state_names
+from ._checkpoint import CheckpointedOptimizer
+from ._engine import StepEngine
 from ._graph import StepGraphs
 from ._options import build_defaults, validate_group
 
@@ -68,7 +66,7 @@ def tensor_bytes(obj) -> int:
     return total
 
 
-class ShampooFamilyOptimizer(torch.optim.Optimizer):
+class ShampooFamilyOptimizer(CheckpointedOptimizer):
     """Base class of KLShampoo, KLSOAP, SOAP and Shampoo (see optimizers.py)."""
 
     algorithm = ""
@@ -309,223 +307,6 @@ class ShampooFamilyOptimizer(torch.optim.Optimizer):
                     self._unscaled.setdefault(pid, set()).add(i)
 
     # ------------------------------------------------------------ state dict
-
-    def _distributed(self) -> bool:
-        return self.process_group is not None or any(
-            _distributed.is_dtensor(p) for g in self.param_groups for p in g["params"])
-
-    def _block_key_prefix(self, p) -> str:
-        """FSDP2: a shard's blocks are keyed by the shard's first row, so that keys are unique
-        across ranks and a different sharding cannot be loaded by mistake."""
-        return f"{_distributed.shard_offset(p)}:" if _distributed.is_dtensor(p) else ""
-
-    @contextlib.contextmanager
-    def _hooks_held(self, *names: str):
-        """torch.optim's hooks ``names`` set aside (run by the caller at the right moment)."""
-        held = {name: getattr(self, name) for name in names}
-        for name in names:
-            setattr(self, name, OrderedDict())
-        try:
-            yield held
-        finally:
-            for name, hooks in held.items():
-                setattr(self, name, hooks)
-
-    def state_dict(self) -> dict:
-        """torch.optim's state dict. With ``process_group`` or DTensor parameters (FSDP2) it
-        holds this rank's blocks only, as ``{"step": tensor, "blocks": {key: state}}`` with keys
-        unique across ranks (the block index; for a shard, its first row and the index), which is
-        the form torch.distributed.checkpoint saves without duplicates: see :meth:`init_state`.
-        State-dict hooks run as torch.optim runs them: pre-hooks first, post-hooks on the final
-        dictionary (a post-hook's return value replaces it)."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
-        with self._hooks_held("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
-            sd = self._state_dict()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
-
-    def _state_dict(self) -> dict:
-        sd = super().state_dict()
-        if not self._distributed():
-            return sd
-        params = [p for g in self.param_groups for p in g["params"]]
-        state = {}
-        for index, value in sd["state"].items():
-            if "blocks" not in value:
-                state[index] = value
-                continue
-            prefix = self._block_key_prefix(params[index])
-            state[index] = {"step": torch.tensor(float(value["step"])),
-                            "blocks": {f"{prefix}{i}": block for i, block in enumerate(value["blocks"])
-                                       if block is not None}}
-        return {**sd, "state": state}
-
-    def init_state(self) -> None:
-        """Allocate the state of every block this rank steps, as a first step from a zero gradient
-        would; for loading a checkpoint into it (torch.distributed.checkpoint loads in place)::
-
-            opt.init_state()
-            sd = {"optim": opt.state_dict()}
-            torch.distributed.checkpoint.load(sd, checkpoint_id=path)
-            opt.load_state_dict(sd["optim"])
-        """
-        split = self._replicated_split()
-        with torch.no_grad(), _precision.optimizer_math():
-            for group in self.param_groups:
-                hp = dict(hyper(self.algorithm, group), rotation_mode="highest", factor_mode="highest")
-                for p in group["params"]:
-                    tensor = _distributed.local(p)
-                    if tensor.numel() == 0 or "step" in self.state.get(p, {}):
-                        continue
-                    plan = plan_for(tensor.shape, group)
-                    mine = _distributed.owned_blocks(split, p, len(plan.masks))
-                    if not mine:
-                        continue
-                    blocks: list[dict | None] = [None] * len(plan.masks)
-                    path = "adamw" if plan.adamw else self.algorithm
-                    for i in mine:
-                        G = torch.zeros((1,) + plan.block_shape(i), device=tensor.device)
-                        bufs = INITS[path](G, plan.masks[i], hp)
-                        blocks[i] = {name: buf[0].clone() for name, buf in bufs.items()}
-                    self.state[p] = {"step": 0, "blocks": blocks}
-        self._engine.version += 1
-        self._unscaled, self._unscaled_known = {}, False  # zero-gradient state: found on the next step
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by :meth:`state_dict` (from any device).
-
-        Unlike torch.optim's default, state tensors keep their saved dtype
-        (float32 factors stay float32 for bf16 parameters); they are copied to
-        the device of their parameter. A rank keeps the blocks it steps: with
-        ``process_group``, a state saved on another number of ranks (or on one
-        process) loads, since blocks are keyed by their index; for FSDP2 shards
-        the saved blocks must belong to this rank's shard (same sharding).
-
-        A group saved before an option existed gets the option's default (as torch.optim does),
-        and every loaded group is validated. Load-state-dict hooks run as torch.optim runs them:
-        pre-hooks on the whole dictionary (what one returns is loaded), post-hooks once it is
-        loaded.
-        """
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        before = (self.param_groups, self.state, self._split)
-        with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
-            try:
-                self._load_state_dict(state_dict)
-            except Exception:  # a refused state dict leaves the optimizer as it was
-                self.param_groups, self.state, self._split = before
-                self._engine.version += 1
-                raise
-        for hook in held["_optimizer_load_state_dict_post_hooks"].values():
-            hook(self)
-
-    def _load_state_dict(self, state_dict: dict) -> None:
-        saved_state = state_dict["state"]
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        self._fill_defaults(groups)
-        for group in groups:
-            validate_group(self.algorithm, group)
-        super().load_state_dict({**state_dict, "param_groups": groups, "state": {}})
-        self._reset_derived()  # the loaded groups' options decide the block-to-rank assignment, and more
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        id_map = dict(zip(saved_ids, params))
-        split = self._replicated_split()
-
-        def to_device(value, device):
-            if isinstance(value, torch.Tensor):
-                return value.to(device=device, copy=True)
-            if isinstance(value, dict):
-                return {k: to_device(v, device) for k, v in value.items()}
-            if isinstance(value, list):
-                return [to_device(v, device) for v in value]
-            return value
-
-        for key, value in saved_state.items():
-            if key not in id_map:
-                raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
-            param = id_map[key]
-            value = to_device(value, _distributed.local(param).device)
-            if "blocks" in value:
-                value = self._own_blocks(param, value, split)
-                if value is None:
-                    continue
-            self._check_loaded(key, param, value)
-            self.state[param] = value
-
-    def _own_blocks(self, param, value: dict, split) -> dict | None:
-        """A loaded parameter state reduced to the blocks this rank steps (list form, step an int)."""
-        step = value["step"]
-        step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
-        blocks = value["blocks"]
-        if isinstance(blocks, dict):
-            prefix = self._block_key_prefix(param)
-            by_index = {}
-            for k, block in blocks.items():
-                if not str(k).startswith(prefix):
-                    raise ValueError(
-                        f"loaded state dict: block {k!r} of a parameter of shape {tuple(param.shape)} belongs to "
-                        f"another shard (this rank's blocks start with {prefix!r}): FSDP2 shards are "
-                        "preconditioned locally, so a checkpoint loads only with the same sharding (world size)")
-                by_index[int(str(k)[len(prefix):])] = block
-            plan_len = len(plan_for(_distributed.local(param).shape, self._group_of(param)).masks)
-            blocks = [by_index.get(i) for i in range(plan_len)]
-        mine = _distributed.owned_blocks(split, param, len(blocks))
-        if not mine:
-            return None
-        missing = [i for i in mine if blocks[i] is None]
-        if missing:
-            raise ValueError(f"loaded state dict has no state for blocks {missing} of a parameter of shape "
-                             f"{tuple(param.shape)} that this rank steps")
-        return {**value, "step": step, "blocks": [b if i in mine else None for i, b in enumerate(blocks)]}
-
-    def _check_loaded(self, key, param, value: dict) -> None:
-        """A loaded parameter state must be this optimizer's, for this parameter's shape (else
-        the first step would fail on a missing name or a shape mismatch, far from the cause)."""
-        if not value:  # no state yet (a parameter that never stepped)
-            return
-        tensor = _distributed.local(param)
-        where = f"loaded state dict: the state of parameter {key} (shape {tuple(tensor.shape)})"
-        hint = "; was it saved by another optimizer, or for another model or option (block_size, max_precond_dim)?"
-        if "blocks" not in value or "step" not in value:
-            raise ValueError(f"{where} is not a {type(self).__name__} state (no 'blocks'/'step'){hint}")
-        plan = plan_for(tensor.shape, self._group_of(param))
-        if len(value["blocks"]) != len(plan.masks):
-            raise ValueError(f"{where} has {len(value['blocks'])} blocks, this parameter has "
-                             f"{len(plan.masks)}{hint}")
-        path = "adamw" if plan.adamw else self.algorithm
-        for i, block in enumerate(value["blocks"]):
-            if block is None:
-                continue
-            if path != "adamw" and "exp_avg" in block:  # saved before mask_unseen existed: every
-                # direction counts as seen, so the loaded run steps as it did
-                for k, on in enumerate(plan.masks[i]):
-                    if on and f"seen{k}" not in block:
-                        block[f"seen{k}"] = torch.ones(plan.block_shape(i)[k], dtype=torch.float32,
-                                                       device=block["exp_avg"].device)
-            if path in ("klshampoo", "klsoap") and "exp_avg" in block and "floor_scale" not in block:
-                # saved before eigval_floor existed: the absolute floor it stepped with
-                block["floor_scale"] = torch.ones((), dtype=torch.float32, device=block["exp_avg"].device)
-            wanted = state_names(path, plan.masks[i])
-            missing, foreign = wanted - set(block), set(block) - wanted
-            if missing:
-                raise ValueError(f"{where}, block {i}, lacks {sorted(missing)}{hint}")
-            if foreign:  # e.g. KL-SOAP's exp_avg_sq and lam* in a KL-Shampoo or SOAP load
-                raise ValueError(f"{where}, block {i}, holds {sorted(foreign)}, which a {type(self).__name__} "
-                                 f"block does not{hint}")
-            if tuple(block["exp_avg"].shape) != plan.block_shape(i):
-                raise ValueError(f"{where}, block {i}, holds moments of shape {tuple(block['exp_avg'].shape)}, "
-                                 f"the block is {plan.block_shape(i)}{hint}")
-
-    def _group_of(self, param) -> dict:
-        return next(g for g in self.param_groups if any(p is param for p in g["params"]))
 
     def diagnostics(self, named_parameters=None) -> dict:
         """Per parameter (keyed by its index, or by name given ``model.named_parameters()``):
