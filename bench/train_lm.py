@@ -429,8 +429,13 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
     if bar is not None:
         bar.close()
     final_val = next((r["val_loss"] for r in reversed(rows) if r["val_loss"] != ""), float("nan"))
+    first_val = next((r["val_loss"] for r in rows if r["val_loss"] != ""), float("nan"))
+    # a run that ends above the untrained model's loss has diverged too, finite or not
+    worse = not diverged and math.isfinite(final_val) and final_val > first_val
+    diverged = diverged or worse
     if lines:
-        ending = "diverged" if diverged else f"final val loss {final_val:.4f}"
+        ending = (f"diverged (final val loss {final_val:.4f}, above the untrained model's {first_val:.4f})"
+                  if worse else "diverged" if diverged else f"final val loss {final_val:.4f}")
         print(f"{title}: {ending} after {rows[-1]['step']} steps, {wall:.0f} s", file=sys.stderr, flush=True)
     return {
         "optimizer": name, "seed": seed, "lr": lr, "rows": rows, "diverged": diverged,
@@ -576,7 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help=f"comma-separated subset of {','.join(ALL_OPTIMIZERS)} (variants: -rms/-debiased/-0.1 "
                         f"set init_factor, -stale sets staleness_threshold={STALENESS_THRESHOLD}, -first sets "
-                        "eigenvalues_first=True, shampoo-nograft sets grafting='none')")
+                        "eigenvalues_first=True, -absfloor/-relfloor set eigval_floor='absolute'/'relative', "
+                        "shampoo-nograft sets grafting='none')")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
                    help="override a learning rate, e.g. --lr klshampoo=3e-3 (repeatable)")

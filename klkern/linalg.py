@@ -92,8 +92,9 @@ CHOLQR2_ORTH_TOL = 1e-10
 def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Q factor of a QR of ``A`` (..., m, n), m >= n, with diag(R) >= 0.
 
-    Computed in at least float32 and returned in ``A``'s dtype (float32 or
-    float64). Column j of Q is multiplied by sign(R_jj) (+1 where R_jj == 0),
+    A float64 ``A`` is factored and returned in float64, any other real
+    floating dtype (float32, bfloat16, float16) in float32 (returned as
+    float32). Column j of Q is multiplied by sign(R_jj) (+1 where R_jj == 0),
     which makes Q unique for full-rank input.
 
     ``method``:
@@ -108,9 +109,17 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
     * "cholqr2": CholeskyQR2 in float64 (``Q = A R^-1`` from the Cholesky
       factor of ``A^T A``, twice), batched matrix products, Cholesky and
       triangular solves; each matrix whose Cholesky fails or whose Q is not
-      orthonormal to ``CHOLQR2_ORTH_TOL`` is redone by Householder.
+      orthonormal to ``CHOLQR2_ORTH_TOL`` (condition beyond ~1e7) is redone by
+      Householder (:func:`cholqr2`);
+    * "shifted_cholqr3": shifted CholeskyQR3 in float64 on the column-scaled
+      matrix, the same routines; it answers matrices up to a condition number
+      of about 1e14 itself and redoes the others by Householder
+      (:func:`shifted_cholqr3`; :func:`qr_fallbacks` counts them).
 
-    All methods agree to rounding on full-rank input.
+    :func:`preferred_qr_method` sets what "auto" runs (and so every
+    eigenbasis refresh). All methods agree to rounding on full-rank input.
+    Raises ValueError for an unknown ``method``, fewer than 2 dims, m < n, or a
+    complex or integer ``A``.
 
     Non-finite input: a matrix of the batch that holds a NaN or Inf (or whose
     R gets a non-finite diagonal) returns an all-NaN Q; the other matrices of
@@ -124,14 +133,19 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
     m, n = A.shape[-2], A.shape[-1]
     if m < n:
         raise ValueError(f"batched_qr: A must have m >= n, got shape {tuple(A.shape)}")
+    if A.is_complex() or not A.is_floating_point():
+        raise ValueError(f"batched_qr: A must be a real floating tensor (float32 or float64; bfloat16 and float16 "
+                         f"are factored in float32), got {A.dtype}")
     work = A if A.dtype in (torch.float32, torch.float64) else A.float()
     if method == "auto" and _preferred != "auto" and (_preferred != "extension" or work.is_cuda):
         method = _preferred
+    if work.numel() == 0:
+        return _torch_qr(work)
     if method == "cholqr2":
         return cholqr2(work)[0]
     if method == "shifted_cholqr3":
         return shifted_cholqr3(work)[0]
-    if method == "torch" or work.numel() == 0:
+    if method == "torch":
         return _torch_qr(work)
     usable = work.is_cuda and not (work.requires_grad and torch.is_grad_enabled())
     wanted = method == "extension" or auto_method(work.device.type, n, True) == "extension"
@@ -142,7 +156,8 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
         why = ("it needs CUDA tensors that autograd does not track" if not usable else
                "the CUDA extension is not available (KLKERN_NO_EXT=1, or it could not be built: see the "
                "warning above)")
-        raise RuntimeError(f"batched_qr(method='extension'): {why}; use method='auto', 'torch' or 'cholqr2'")
+        raise RuntimeError(f"batched_qr(method='extension'): {why}; use method='auto', 'torch', 'cholqr2' or "
+                           "'shifted_cholqr3'")
     return _torch_qr(work)
 
 
@@ -153,7 +168,7 @@ def cholqr2(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     that CholeskyQR2 answered (False: Householder, or a non-finite matrix).
     """
     m, n = work.shape[-2], work.shape[-1]
-    X = work.reshape(-1, m, n).double()
+    X = work.reshape(work.shape[:-2].numel(), m, n).double()
     finite = torch.isfinite(X).flatten(1).all(1)
     Q = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
     ok = finite.clone()
@@ -176,16 +191,16 @@ def _redo_failed(method: str, work: torch.Tensor, Q: torch.Tensor, ok: torch.Ten
     Q = Q.to(work.dtype)
     redo = ~ok
     if bool(redo.any()):
-        Q[redo] = _torch_qr(work.reshape(-1, m, n)[redo])
+        Q[redo] = _torch_qr(work.reshape(work.shape[:-2].numel(), m, n)[redo])
         _FALLBACKS[method] += int((redo & finite).sum())
     return Q.reshape(work.shape), ok.reshape(work.shape[:-2])
 
 
 # shifted_cholqr3 accepts a matrix when the Cholesky factor L of its third pass is the identity to
-# this (max |L - I|): the second pass's Q is then orthonormal to about 2e-2 (condition number about
-# 1.05), and a CholeskyQR pass on such a matrix is orthonormal to float64 rounding times n. On the
-# main job's real refresh inputs the largest |L - I| was 2.9e-4 (bench/refresh_factors.py).
-SHIFTED_CHOLQR3_TOL = 1e-2
+# this (max |L - I|): the second pass's Q then has a condition number of at most about 3, and a
+# CholeskyQR pass on such a matrix is orthonormal to float64 rounding times a small multiple of n
+# (tests/test_qr.py measures the orthogonality of what it accepts).
+SHIFTED_CHOLQR3_TOL = 0.5
 _U64 = 2.0 ** -53  # float64 unit roundoff
 
 
@@ -197,30 +212,34 @@ def shifted_cholqr3(work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Every column is first scaled to unit norm (``A D`` has the same Q as ``A`` for a positive
     diagonal D, and a refresh's input, a factor nearly diagonal in its eigenbasis, is nearly
     orthogonal once scaled). Pass 1: ``R_1^T R_1 = X^T X + s I`` (Cholesky), ``X <- X R_1^-1``,
-    with the shift ``s = 11 (m n + n (n + 1)) u ||X||_F^2`` (u = 2^-53) that lets the Cholesky
-    succeed for any condition number up to ~1/u, then two plain CholeskyQR passes. The R of
+    with the shift ``s = 11 (m n + n (n + 1)) u g`` (u = 2^-53; g = max_i sum_j |(X^T X)_ij|, an
+    upper bound of ||X||_2^2, so the first Cholesky succeeds as the paper proves), then two plain
+    CholeskyQR passes: it answers matrices up to a condition number of about 1e14 (measured on
+    dense 64 x 48 float64 matrices; tests/test_qr.py checks 1e13) and hands those beyond to
+    Householder, where the second pass's Cholesky fails. The R of
     every pass has a positive diagonal, so Q is the one with diag(R) >= 0. Per (m, n) matrix:
     three Gram products (2 m n^2 each), three Cholesky factorizations (n^3 / 3) and three
     triangular solves (m n^2): batched library routines, no Householder reflector.
 
     Returns ``(Q, used)`` as :func:`cholqr2`: ``used`` (batch shape, bool) marks the matrices it
-    answered; a matrix whose Cholesky fails (a zero column, exact rank deficiency) or whose third
-    pass is not the identity to ``SHIFTED_CHOLQR3_TOL`` is redone by Householder (one host read
-    per call, counted in :func:`qr_fallbacks`); a non-finite one gives an all-NaN Q.
+    answered; a matrix whose Cholesky fails (a zero column, exact rank deficiency, a condition
+    number beyond about 1e14) or whose third pass is not the identity to ``SHIFTED_CHOLQR3_TOL`` is
+    redone by Householder (one host read per call, counted in :func:`qr_fallbacks`); a non-finite
+    one gives an all-NaN Q.
     """
     m, n = work.shape[-2], work.shape[-1]
-    X = work.reshape(-1, m, n).double()
+    X = work.reshape(work.shape[:-2].numel(), m, n).double()
     finite = torch.isfinite(X).flatten(1).all(1)
     X = torch.where(finite[:, None, None], X, torch.zeros((), dtype=X.dtype, device=X.device))
     norms = torch.linalg.vector_norm(X, dim=-2, keepdim=True)
     X = X / torch.where(norms > 0, norms, 1.0)
     ok = finite.clone()
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
-    shift = 11 * (m * n + n * (n + 1)) * _U64 * (norms > 0).sum((-2, -1)).to(X.dtype)  # ||X||_F^2
     L = eye
     for i in range(3):
         G = X.mT @ X
-        if i == 0:
+        if i == 0:  # the shift, from the row sums' bound of ||X||_2^2 = ||G||_2
+            shift = 11 * (m * n + n * (n + 1)) * _U64 * G.abs().sum(-1).amax(-1)
             G = G + shift[:, None, None] * eye
         L, info = torch.linalg.cholesky_ex(G)
         ok &= info == 0

@@ -282,13 +282,14 @@ def test_cholqr2_answers_well_conditioned_and_falls_back_per_matrix():
 
 
 def test_shifted_cholqr3_answers_ill_conditioned_and_falls_back_per_matrix():
-    """The shift lets shifted CholeskyQR3 answer cond 1e12 itself (CholeskyQR2 cannot), and only
-    the matrices whose Cholesky fails (a zero column) or that are non-finite fall back; the
-    fallback is counted in qr_fallbacks, the non-finite matrix is not."""
+    """The shift lets shifted CholeskyQR3 answer cond 1e13 itself (CholeskyQR2 cannot: its Gram
+    matrix has cond 1e26 > 1 / eps), orthonormal to float64 rounding, and only the matrices whose
+    Cholesky fails (a zero column) or that are non-finite fall back; the fallback is counted in
+    qr_fallbacks, the non-finite matrix is not."""
     linalg.qr_fallbacks(reset=True)
     U, _ = torch.linalg.qr(torch.randn(40, 33, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(33, 33, dtype=torch.float64))
-    ill = (U * torch.logspace(0, -12, 33, dtype=torch.float64)) @ V.mT
+    ill = (U * torch.logspace(0, -13, 33, dtype=torch.float64)) @ V.mT
     good = well_conditioned((1, 40, 33), torch.float64)[0]
     mixed = torch.stack([good, ill, good.clone(), good.clone()])
     mixed[2, :, 7] = 0  # a zero column
@@ -297,8 +298,8 @@ def test_shifted_cholqr3_answers_ill_conditioned_and_falls_back_per_matrix():
     assert used.tolist() == [True, True, False, False]
     assert linalg.qr_fallbacks() == {"cholqr2": 0, "shifted_cholqr3": 1}
     assert_qr_of(Q[:3], mixed[:3])
+    assert (Q[1].mT @ Q[1] - torch.eye(33, dtype=torch.float64)).abs().max() < 1e-13
     assert torch.isnan(Q[3]).all()
-    # cond 1e12 is beyond CholeskyQR2 (its Gram matrix has cond 1e24 > 1 / eps)
     assert linalg.cholqr2(ill[None])[1].tolist() == [False]
     assert linalg.qr_fallbacks(reset=True)["cholqr2"] == 1 and linalg.qr_fallbacks()["cholqr2"] == 0
 
@@ -394,6 +395,29 @@ def test_klshampoo_refresh_by_shifted_cholqr3_matches_householder(monkeypatch):
     assert len(calls) >= 4 and linalg.qr_fallbacks()["shifted_cholqr3"] == 0
     for a, b in zip(with_cholqr, without):
         assert rel_err(a, b) < OPT_RTOL, rel_err(a, b)
+
+
+@pytest.mark.parametrize("method", linalg.QR_METHODS[:1] + linalg.QR_METHODS[2:])
+@pytest.mark.parametrize("shape", [(3, 10, 0), (10, 0), (0, 5, 3), (0, 0)])
+def test_empty_input(method, shape):
+    """Zero columns or an empty batch give an empty Q of the right shape, whatever the method."""
+    A = torch.randn(*shape)
+    Q = linalg.batched_qr(A, method=method)
+    assert Q.shape == A.shape and Q.dtype == A.dtype
+
+
+def test_dtypes():
+    """float64 stays float64; bfloat16 and float16 are factored and returned in float32; complex
+    and integer input is refused with the dtypes that work."""
+    A = well_conditioned((2, 9, 6), torch.float64)
+    for method in ("torch", "cholqr2", "shifted_cholqr3"):
+        assert linalg.batched_qr(A, method=method).dtype == torch.float64
+        Q = linalg.batched_qr(A.bfloat16(), method=method)
+        assert Q.dtype == torch.float32
+        assert_qr_of(Q, A.bfloat16().float())
+    for bad in (torch.complex64, torch.int64):
+        with pytest.raises(ValueError, match="A must be a real floating tensor.*got torch"):
+            linalg.batched_qr(torch.ones(3, 2, dtype=bad))
 
 
 def test_qr_methods_and_errors():

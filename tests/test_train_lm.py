@@ -204,3 +204,23 @@ def test_progress_is_one_line_per_run_start_and_end_without_a_terminal(corpus, t
         shown = terminal.getvalue()
         assert ("\r" in shown) == bars, shown
         assert "[run 1/1] adamw seed=0" in shown
+
+
+def test_a_run_that_ends_above_its_start_is_reported_diverged(corpus, tmp_path, capsys, monkeypatch):
+    """A finite final loss above the untrained model's (a run that blew up and stayed up) is a
+    divergence, as a NaN is: the line says so with both losses, and the summary leaves the run out
+    of the mean and counts it as diverged."""
+    calls = []
+
+    def rising(*args, **kwargs):
+        calls.append(1)
+        return 5.0 + 1000.0 * (len(calls) > 1)  # the start, then far above it
+
+    monkeypatch.setattr(train_lm, "evaluate", rising)
+    table = train_lm.main(["--preset", "tiny", "--data", str(corpus), "--seeds", "0", "--optimizers", "adamw",
+                           "--steps", "2", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert "diverged (final val loss 1005.0000, above the untrained model's 5.0000)" in err, err
+    (row,) = table
+    assert row["diverged"] == 1 and not math.isfinite(row["val_loss_mean"])
+    assert "1 of 1 diverged" in (tmp_path / "summary.md").read_text()
