@@ -100,6 +100,13 @@ def _cmd_refresh(work: Path, seconds: float):
                 "--out", work, "--budget", max(int(seconds) - 15, 10))]
 
 
+def _cmd_peers(work: Path, seconds: float):
+    # the public implementations, from peers/ (bench/fetch_peers.py; it travels with the lease)
+    return [_py("bench/fetch_peers.py", "--install", "--dir", ROOT / "peers"),
+            _py("bench/peer_step.py", "--device", "cuda", "--matmul-precision", "highest", "--no-profile",
+                "--rounds", "2", "--out", work / "peer_step_cuda.md")]
+
+
 def _cmd_kernels(work: Path, seconds: float):
     return [_py("-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_kernel_bench.py",
                 f"--benchmark-json={work / 'kernels.json'}", "--benchmark-columns=median,min,max"),
@@ -144,6 +151,8 @@ PARTS = [
     Part("profile", 20, 60, "torch.profiler of Triton and torch steps", _cmd_profile),
     Part("train", 60, 400, "the main job on the GPU, one seed", _cmd_train),
     Part("refresh", 40, 180, "the step with the refreshes' QR by shifted CholeskyQR3", _cmd_refresh),
+    Part("peers", 60, 300, "the public implementations on the same step (needs peers/: bench/fetch_peers.py)",
+         _cmd_peers),
 ]
 PART_NAMES = [p.name for p in PARTS]
 

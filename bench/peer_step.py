@@ -3,6 +3,7 @@
     python bench/peer_step.py [--frequencies 1,10] [--rounds 2] [--out bench/results/peer_step_cpu.md]
     python bench/peer_step.py --source soap=/path/to/SOAP         # the public SOAP's soap.py
     python bench/peer_step.py --model tiny --steps 2 --rounds 1   # smoke run
+    python bench/peer_step.py --device cuda --out bench/results/peer_step_cuda.md   # on a GPU
 
 Workload: one GPT-2-small layer, (768, 768) x 4, (3072, 768), (768, 3072), float32, the same
 seeded gradients for every implementation. Each runs at its defaults except the learning rate,
@@ -19,7 +20,18 @@ Peers are optional and never a dependency; each absent one is skipped with a lin
   is kept (compilation happens in the untimed warm-up steps);
 * pytorch-optimizer (``pip install pytorch-optimizer``): SOAP;
 * Emerging-Optimizers (``emerging_optimizers``, Python >= 3.12): SOAP;
+* ISTA-DASLab-Optimizers (``ista_daslab_optimizers``): DASH, a Shampoo with stacked blocks, against
+  klkern's Shampoo (Adam grafting) at the same block size (DASH_BLOCK: DASH needs every dimension
+  a multiple of it); only its ``dash`` subpackage is imported (the package's own ``__init__``
+  imports kernels of a separate CUDA package), and its logging imports (wandb, gpustat), when
+  absent, get inert stand-ins;
 * the public SOAP release, not a package: ``--source soap=DIR`` (DIR holds soap.py).
+
+``python bench/fetch_peers.py`` fetches the packaged peers into ``peers/`` where there is
+network, and ``--install`` installs them on a machine without it (the GPU machine). ``--device
+cuda`` runs everything on the GPU at ``--matmul-precision`` (torch's setting for every
+implementation; klkern follows it), synchronised around the timed steps, and reports peak memory;
+the refresh's profile and kernels alone are CPU-only.
 """
 
 from __future__ import annotations
@@ -28,10 +40,12 @@ import argparse
 import contextlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -45,7 +59,9 @@ from klkern._optimizer import tensor_bytes  # noqa: E402
 SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)],
           "tiny": [(24, 24)] * 2 + [(40, 24), (24, 40)]}
 LR = 1e-3
-ALGORITHMS = ("KL-Shampoo", "KL-SOAP", "SOAP")
+ALGORITHMS = ("KL-Shampoo", "KL-SOAP", "SOAP", "Shampoo")
+DASH_BLOCK = {"gpt2-layer": 768, "tiny": 8}  # a divisor of every dimension of the workload
+_MODEL = {"name": "gpt2-layer"}  # the workload of this run (DASH's block size follows it)
 
 
 def _klkern(cls):
@@ -60,6 +76,43 @@ def _heavyball(name):
         return getattr(hb, name)(params, lr=LR, precondition_frequency=freq, max_precond_dim=1 << 20,
                                  use_precond_schedule=False)
     return make
+
+
+def _klkern_blocked(cls):
+    def make(params, freq):
+        return cls(params, lr=LR, precondition_frequency=freq, block_size=DASH_BLOCK[_MODEL["name"]])
+    return make
+
+
+class _Inert(types.ModuleType):
+    """A stand-in for a logging module that is imported but not used on this path."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def _import_dash():
+    """ista_daslab_optimizers.dash without the package's __init__ (see the module docstring)."""
+    if "ista_daslab_optimizers.dash" in sys.modules:
+        return sys.modules["ista_daslab_optimizers.dash"]
+    spec = importlib.util.find_spec("ista_daslab_optimizers")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'ista_daslab_optimizers'")
+    for name in ("wandb", "gpustat"):
+        if importlib.util.find_spec(name) is None:
+            sys.modules.setdefault(name, _Inert(name))
+    package = types.ModuleType("ista_daslab_optimizers")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["ista_daslab_optimizers"] = package
+    return importlib.import_module("ista_daslab_optimizers.dash")
+
+
+def _dash(params, freq):
+    dash = _import_dash()
+    config = dash.DashConfig(inv_root_freq=freq, block_size=DASH_BLOCK[_MODEL["name"]])
+    return dash.DashGpu([{"params": params}], lr=LR, weight_decay=0.0, config=config)
 
 
 def _pytorch_optimizer(params, freq):
@@ -90,7 +143,9 @@ def implementations(sources: dict) -> list:
             ("KL-SOAP", "HeavyBall", "heavyball", _heavyball("KLSOAP")),
             ("SOAP", "HeavyBall", "heavyball", _heavyball("SOAP")),
             ("SOAP", "pytorch-optimizer", "pytorch_optimizer", _pytorch_optimizer),
-            ("SOAP", "Emerging-Optimizers", "emerging_optimizers", _emerging)]
+            ("SOAP", "Emerging-Optimizers", "emerging_optimizers", _emerging),
+            ("Shampoo", "klkern", None, _klkern_blocked(klkern.Shampoo)),
+            ("Shampoo", "ISTA-DASLab DASH", "ista_daslab_optimizers", _dash)]
     if "soap" in sources:
         rows.append(("SOAP", "public SOAP release", None, _public_soap(sources["soap"])))
     return rows
@@ -101,7 +156,7 @@ def available(dist: str | None) -> str | None:
     if dist is None:
         return None
     try:
-        importlib.import_module(dist)
+        _import_dash() if dist == "ista_daslab_optimizers" else importlib.import_module(dist)
     except Exception as err:  # noqa: BLE001 - any import failure means "skip, say why"
         return f"{dist} not importable ({type(err).__name__}: {err})"
     return None
@@ -118,16 +173,28 @@ def version_of(impl: str, dist: str | None, sources: dict) -> str:
     return dist
 
 
-def workload(model: str, steps: int, seed: int = 0):
+def workload(model: str, steps: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     shapes = SHAPES[model]
-    init = [torch.randn(*s, generator=g) * 0.02 for s in shapes]
-    grads = [[torch.randn(*s, generator=g) * 1e-3 for s in shapes] for _ in range(4)]
+    init = [(torch.randn(*s, generator=g) * 0.02).to(device) for s in shapes]
+    grads = [[(torch.randn(*s, generator=g) * 1e-3).to(device) for s in shapes] for _ in range(4)]
     return init, grads
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_one(factory, freq: int, init, grads, warmup: int, steps: int) -> dict:
+    """Amortised ms per step over ``steps`` timed steps after ``warmup``; state MiB; on CUDA the
+    peak memory above the parameters and gradients."""
+    device = init[0].device
     params = [torch.nn.Parameter(p.clone()) for p in init]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     opt = factory(params, freq)
 
     def step(i):
@@ -137,12 +204,17 @@ def run_one(factory, freq: int, init, grads, warmup: int, steps: int) -> dict:
 
     for i in range(warmup):
         step(i)
+    _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
+    _sync(device)
     ms = (time.perf_counter() - t0) * 1e3 / steps
     finite = all(bool(torch.isfinite(p).all()) for p in params)
-    return {"ms": ms, "state_mib": tensor_bytes(opt.state) / 2**20, "finite": finite}
+    row = {"ms": ms, "state_mib": tensor_bytes(opt.state) / 2**20, "finite": finite}
+    if device.type == "cuda":
+        row["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return row
 
 
 QR_OPS = ("aten::geqrf", "aten::ormqr", "aten::linalg_qr", "aten::linalg_householder_product")
@@ -259,9 +331,17 @@ def main(argv=None) -> int:
                     help="skip the profile of klkern's refresh and the timing of its kernels alone")
     ap.add_argument("--profile-only", action="store_true", help="only the profile of klkern's refresh (no peers)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer_step_cpu.md")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda")
+    ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
+                    help="torch.set_float32_matmul_precision for every implementation (klkern follows it)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("peer_step: --device cuda needs a CUDA GPU")
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    _MODEL["name"] = args.model
     sources = dict(s.split("=", 1) for s in args.source)
     freqs = [int(f) for f in args.frequencies.split(",")]
     if args.steps and any(args.steps % f for f in freqs):
@@ -281,21 +361,24 @@ def main(argv=None) -> int:
     best: dict = {}
     for freq in ([] if args.profile_only else freqs):
         steps = args.steps or (3 if freq == 1 else freq)
-        init, grads = workload(args.model, steps)
+        init, grads = workload(args.model, steps, device=args.device)
         for rnd in range(args.rounds):
             for algo, impl, dist, factory in impls:
                 key = (freq, algo, impl)
                 try:
                     r = run_one(factory, freq, init, grads, args.warmup, steps)
                 except Exception as err:  # noqa: BLE001 - a peer that fails is reported, not fatal
-                    r = {"error": f"{type(err).__name__}: {err}"}
+                    r = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:300]}
                 print(f"period {freq} round {rnd} {algo:10s} {impl:22s} "
                       + (f"{r['ms']:9.1f} ms  {r['state_mib']:7.1f} MiB" if "ms" in r else r["error"]), flush=True)
                 if key not in best or ("ms" in r and r["ms"] < best[key].get("ms", float("inf"))):
                     best[key] = r
-    profile = {} if args.no_profile else profile_refresh(args.model)
-    floor = {} if args.no_profile else refresh_floor(args.model)
-    meta = {"date": utc_now(), "commit": git_commit(), "device": platform.processor() or platform.machine(),
+    cpu_parts = not args.no_profile and device.type == "cpu"  # LAPACK's kernels: the CPU's refresh
+    profile = profile_refresh(args.model) if cpu_parts else {}
+    floor = refresh_floor(args.model) if cpu_parts else {}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    meta = {"date": utc_now(), "commit": git_commit(), "device": name, "device_type": device.type,
+            "matmul_precision": args.matmul_precision, "dash_block": DASH_BLOCK[args.model],
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "model": args.model, "shapes": SHAPES[args.model], "rounds": args.rounds, "warmup": args.warmup,
             "versions": {impl: version_of(impl, dist, sources) for _, impl, dist, _ in impls}, "skipped": skipped}
@@ -310,28 +393,34 @@ def write(out: Path, meta: dict, rows: list, profile: dict, floor: dict) -> None
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "refresh_profile": profile,
                                                     "refresh_floor": floor}, indent=1) + "\n")
     title = "Amortised step against peers" if rows else "Where klkern's eigenbasis refresh goes"
-    lines = [f"# {title} ({meta['model']}, float32, CPU)", "",
+    kind = meta.get("device_type", "cpu")
+    lines = [f"# {title} ({meta['model']}, float32, {kind.upper()})", "",
              f"{meta['date']}, klkern {meta['commit']}, torch {meta['torch']}, Python {meta['python']}, "
-             f"{meta['threads']} threads, {meta['device']}" + (f"; better of {meta['rounds']} interleaved rounds."
-                                                              if rows else "."), ""]
+             f"{meta['threads']} threads, {meta['device']}, matmul precision "
+             f"{meta.get('matmul_precision', 'highest')} for every implementation"
+             + (f"; better of {meta['rounds']} interleaved rounds." if rows else "."), ""]
+    if any(r["algorithm"] == "Shampoo" for r in rows):
+        lines += [f"Shampoo rows: klkern's Shampoo (Adam grafting) and DASH both precondition blocks of "
+                  f"{meta.get('dash_block')} (DASH's block size, which must divide every dimension).", ""]
     if rows:
         lines += ["Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()) + ".", ""]
     if meta["skipped"]:
         lines += ["Skipped: " + "; ".join(meta["skipped"]) + ".", ""]
     if rows:
-        lines += ["| refresh period | algorithm | implementation | ms / step | ratio to klkern | state MiB |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| refresh period | algorithm | implementation | ms / step | ratio to klkern | state MiB "
+                  "| peak extra MiB |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["period"], ALGORITHMS.index(r["algorithm"]), r["implementation"] != "klkern",
                                          r.get("ms", float("inf")))):
         ours = next((x for x in rows if x["period"] == r["period"] and x["algorithm"] == r["algorithm"]
                      and x["implementation"] == "klkern" and "ms" in x), None)
         if "ms" not in r:
-            lines.append(f"| {r['period']} | {r['algorithm']} | {r['implementation']} | failed: {r['error']} | | |")
+            lines.append(f"| {r['period']} | {r['algorithm']} | {r['implementation']} | failed: {r['error']} | | | |")
             continue
         ratio = f"{r['ms'] / ours['ms']:.2f}x" if ours else ""
         flag = "" if r["finite"] else " (non-finite parameters)"
-        lines.append(f"| {r['period']} | {r['algorithm']} | {r['implementation']}{flag} | {r['ms']:.0f} | {ratio} | "
-                     f"{r['state_mib']:.1f} |")
+        peak = f"{r['peak_extra_mib']:.0f}" if "peak_extra_mib" in r else "-"
+        lines.append(f"| {r['period']} | {r['algorithm']} | {r['implementation']}{flag} | {r['ms']:.1f} | {ratio} | "
+                     f"{r['state_mib']:.1f} | {peak} |")
     if profile:
         lines += ["", "## Where klkern's refresh goes (ms, one refresh of every factor, best of 3; torch.profiler "
                   "self time around the refresh only)", "",

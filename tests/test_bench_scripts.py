@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,68 @@ def test_spike_recovery_smoke(tmp_path):
     assert "| KL-Shampoo (eigenvalues_first) |" in out.read_text()
     lstsq = json.loads((tmp_path / "lstsq.json").read_text())
     assert lstsq["meta"]["task"] == "lstsq" and lstsq["rows"][0]["ratio_20"] < 1.1  # the default recovers
+
+
+def _wheel(tmp_path: Path, name: str, requires_python: str = ">=3.8") -> Path:
+    """A one-module wheel written by hand (no network, no build backend)."""
+    import zipfile
+
+    out = tmp_path / "wheels"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}/__init__.py": "VALUE = 42\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"
+                                 f"Requires-Python: {requires_python}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as zf:
+        for f, text in files.items():
+            zf.writestr(f, text)
+    return path
+
+
+def test_fetch_peers_installs_without_network(tmp_path):
+    """What fetch_peers leaves in its folder installs with no index: each wheel on its own (one this
+    Python refuses is reported, the others go on), the copied sources beside them; the manifest
+    lists every file with its size and hash. The download itself needs network (not run here)."""
+    import fetch_peers
+
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    for wheel in (_wheel(tmp_path, "peer_probe_ok"), _wheel(tmp_path, "peer_probe_future", ">=9.9")):
+        shutil.copy(wheel, peers)
+    source = tmp_path / "checkout" / "peer_probe_src"
+    source.mkdir(parents=True)
+    (source / "__init__.py").write_text("FROM_SOURCE = True\n")
+    (source / "__pycache__").mkdir()
+    done = _run(["bench/fetch_peers.py", "--no-download", "--dir", str(peers), "--source",
+                 f"peer_probe_src={source}"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    info = json.loads((peers / "manifest.json").read_text())
+    wheels = {p.name for p in peers.glob("*.whl")}
+    assert {f["file"] for f in info["files"]} == wheels | {"src/peer_probe_src/__init__.py"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in info["files"])
+    assert [p["distribution"] for p in info["peers"]] == [name for name, _, _ in fetch_peers.PEERS]
+
+    target = tmp_path / "site"
+    done = _run(["bench/fetch_peers.py", "--install", "--dir", str(peers), "--target", str(target)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not installed: peer_probe_future" in done.stderr and "requires a different Python" in done.stderr
+    probe = subprocess.run([sys.executable, "-c", "import peer_probe_ok, peer_probe_src; "
+                            "print(peer_probe_ok.VALUE, peer_probe_src.FROM_SOURCE)"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
+    assert probe.stdout.split() == ["42", "True"], probe.stdout + probe.stderr
+    assert not (tmp_path / "missing").exists()
+    done = _run(["bench/fetch_peers.py", "--install", "--dir", str(tmp_path / "missing")])
+    assert done.returncode != 0 and "does not exist" in done.stderr
+
+
+def test_fetch_peers_download_command_pins_every_peer():
+    import fetch_peers
+
+    cmd = fetch_peers.download_command(Path("peers"), "3.12")
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--only-binary=:all:" in cmd
+    assert cmd[cmd.index("--python-version") + 1] == "3.12"
+    pinned = [c for c in cmd if "==" in c]
+    assert len(pinned) == len(fetch_peers.PEERS) and "heavyball==3.2.1" in pinned
