@@ -126,7 +126,7 @@ def test_peer_step_smoke(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     ours = [r for r in data["rows"] if r["implementation"] == "klkern"]
     assert {(r["period"], r["algorithm"]) for r in ours} == {(p, a) for p in (1, 10)
-                                                            for a in ("KL-Shampoo", "KL-SOAP", "SOAP")}
+                                                            for a in ("KL-Shampoo", "KL-SOAP", "SOAP", "Shampoo")}
     assert all(r["ms"] > 0 and r["finite"] and r["state_mib"] > 0 for r in ours)
     for name, prof in data["refresh_profile"].items():
         assert prof["refresh_ms"] > 0 and prof["step_ms"] > 0 and prof["qr_ms"] > 0, name
