@@ -9,10 +9,11 @@ built, and prints that in its first lines (device, versions, commit, kernels,
 extension). Then it runs its parts in priority order, the decisive numbers
 first (PARTS below: check, the whole-step benchmark, the QR methods, the
 kernel microbenchmarks, the CUDA tests, the compile check, a profile of one
-step, the main job), each in its own process group with a time limit, and
-starts a part only while the budget (seconds from the suite's start, default
-480) leaves the part its least useful time. Every part writes into a work
-folder outside DIR; after each part, DIR is rewritten to hold at most
+step, the GPU main job's learning-rate sweep and comparison, the refresh, the
+peers), each in its own process group with a time limit, and starts a part
+only while the budget (seconds from the suite's start, default 480) leaves
+the part its least useful time. Every part writes into a work folder outside
+DIR; after each part, DIR is rewritten to hold at most
 ``MAX_FILES`` files: ``summary.md`` (environment, a table of parts, the
 parts' own tables), ``suite.log`` (everything printed), ``environment.json``
 and ``results.tar.gz`` (every file the parts wrote). A lease returns only
@@ -102,7 +103,7 @@ def _cmd_refresh(work: Path, seconds: float):
 
 def _cmd_peers(work: Path, seconds: float):
     # the public implementations, from peers/ (bench/fetch_peers.py; it travels with the lease)
-    return [_py("bench/fetch_peers.py", "--install", "--dir", ROOT / "peers"),
+    return [*_install_peers(),
             _py("bench/peer_step.py", "--device", "cuda", "--matmul-precision", "highest", "--no-profile",
                 "--rounds", "2", "--out", work / "peer_step_cuda.md")]
 
@@ -133,10 +134,35 @@ def _cmd_profile(work: Path, seconds: float):
     return [_py("bench/step_profile.py", "--out", work)]
 
 
+# The GPU main job's comparison: torch's fused AdamW, klkern's four, and HeavyBall's SOAP where
+# peers/ travelled with the lease (bench/fetch_peers.py; train_lm skips it, and says so, otherwise)
+GPU_JOB_OPTIMIZERS = "adamw,klshampoo,klsoap,soap,shampoo,heavyball-soap"
+SWEEP_GRID = "1e-3,3e-3,1e-2"
+SWEEP_STEPS = 200
+
+
+def _install_peers() -> list:
+    """Installing the peers that travelled in peers/ (none when it is absent)."""
+    peers = ROOT / "peers"
+    return [_py("bench/fetch_peers.py", "--install", "--dir", peers)] if peers.is_dir() else []
+
+
+def _cmd_sweep(work: Path, seconds: float):
+    # the GPU main job's learning rates: one short run per rate of the same grid for every optimizer
+    return [*_install_peers(),
+            _py("bench/lr_sweep.py", "--preset", "gpu", "--device", "cuda", "--steps", SWEEP_STEPS,
+                "--grid", SWEEP_GRID, "--extend", "1", "--optimizers", GPU_JOB_OPTIMIZERS, "--no-progress",
+                "--out", work / "lr_sweep_gpu")]
+
+
 def _cmd_train(work: Path, seconds: float):
-    steps = 300 if seconds > 200 else 100
-    return [_py("bench/train_lm.py", "--device", "cuda", "--seeds", "0", "--steps", steps, "--no-progress",
-                "--out", work / "train_lm")]
+    # the GPU main job, 2 seeds, seed-major (a cut leaves whole comparisons; train_lm's summary is
+    # rewritten after every run), at the rates the sweep part chose when it ran before in this lease
+    sweep = work.parent / "sweep" / "lr_sweep_gpu.json"
+    rates = ["--lr-from", sweep] if sweep.is_file() else []
+    return [*_install_peers(),
+            _py("bench/train_lm.py", "--preset", "gpu", "--device", "cuda", "--seeds", "0,1",
+                "--optimizers", GPU_JOB_OPTIMIZERS, *rates, "--no-progress", "--out", work / "train_lm")]
 
 
 PARTS = [
@@ -149,7 +175,9 @@ PARTS = [
     Part("compile", 30, 90, "compile check with this machine's triton", _cmd_compile,
          env={"TRITON_DEFAULT_FP_FUSION": "1"}),
     Part("profile", 20, 60, "torch.profiler of Triton and torch steps", _cmd_profile),
-    Part("train", 60, 400, "the main job on the GPU, one seed", _cmd_train),
+    Part("sweep", 60, 240, "the GPU main job's learning rates: a short sweep of the same grid", _cmd_sweep),
+    Part("train", 60, 400, "the GPU main job: fused AdamW, klkern's four, HeavyBall's SOAP; 2 seeds",
+         _cmd_train),
     Part("refresh", 40, 180, "the step with the refreshes' QR by shifted CholeskyQR3", _cmd_refresh),
     Part("peers", 60, 300, "the public implementations on the same step (needs peers/: bench/fetch_peers.py)",
          _cmd_peers),

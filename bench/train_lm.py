@@ -3,8 +3,21 @@
 The main job of the project. From the repository root::
 
     python bench/train_lm.py                       # the CPU comparison (< 10 min, 2 cores)
+    python bench/train_lm.py --preset gpu --device cuda --seeds 0,1 \
+        --optimizers adamw,klshampoo,klsoap,soap,shampoo,heavyball-soap   # the GPU main job
     python bench/train_lm.py --preset shakespeare-char --device cuda \
         --data path/to/shakespeare.txt             # the nanoGPT setting, on a GPU
+
+The ``gpu`` preset is the main job on a GPU: a 25M-parameter GPT on a fixed token budget
+(600 steps of 64 x 256 byte tokens, 9.8M tokens, of the whole stdlib) under bf16 autocast, torch's fused AdamW as the
+baseline, the factor products at ``torch.set_float32_matmul_precision("high")`` (klkern keeps its
+eigenvalue estimates in float32 whatever the setting), and an untimed warm-up on a throwaway copy
+of the model before each timed run, so that compiling kernels (klkern's Triton kernels,
+HeavyBall's torch.compile) is not counted as training time. Its summary adds the seconds each run
+takes to reach AdamW's final loss and their ratio to AdamW's training time.
+``heavyball-soap`` is HeavyBall's SOAP at its defaults (learning rate, refresh period and
+largest preconditioned dimension matched), run when ``heavyball`` imports and reported as
+skipped otherwise (``bench/fetch_peers.py`` installs it on a machine without network).
 
 Every optimizer receives ALL parameters of the model (embeddings, attention
 and MLP matrices, LayerNorm gains and biases); klkern routes 1-D parameters
@@ -69,7 +82,9 @@ VARIANTS = ("klshampoo-rms", "klshampoo-debiased", "klshampoo-0.1", "klsoap-rms"
 # The staleness study (bench/results/staleness_study.md): "-stale" refreshes only the bases whose
 # staleness exceeds STALENESS_THRESHOLD at a refresh step (staleness_threshold).
 STALENESS_THRESHOLD = 0.02
-ALL_OPTIMIZERS = OPTIMIZERS + VARIANTS
+# A public implementation beside klkern's in the main job (when installed; never a dependency).
+PEER_OPTIMIZERS = ("heavyball-soap",)
+ALL_OPTIMIZERS = OPTIMIZERS + VARIANTS + PEER_OPTIMIZERS
 
 
 # --------------------------------------------------------------------------- config
@@ -92,6 +107,11 @@ class Config:
     min_lr_frac: float = 0.1
     weight_decay: float = 0.01
     precondition_frequency: int = 10
+    autocast: str = ""  # "bf16": the forward and backward passes under torch.autocast(bfloat16)
+    fused_adamw: bool = False  # AdamW as torch's fused implementation (the fastest on a GPU)
+    matmul_precision: str = ""  # torch.set_float32_matmul_precision for the runs ("": leave torch's)
+    warmup_steps: int = 0  # untimed steps on a throwaway model before each run (kernel compilation)
+    max_bytes: int = 4_000_000  # the stdlib corpus's cap when --max-bytes is not given
 
 
 PRESETS = {
@@ -109,6 +129,14 @@ PRESETS = {
     "shakespeare-char": Config(n_layer=6, n_head=6, d_model=384, context=256, batch_size=64,
                                steps=5000, eval_every=250, eval_batches=20, dropout=0.2,
                                tokens="chars", warmup_frac=0.02, weight_decay=0.1),
+    # The main job on a GPU (issue 33): 8 layers, 8 heads, 512 dims, context 256, 25.3M parameters,
+    # a fixed budget of 600 x 64 x 256 = 9.8M byte tokens, under one pass over the whole stdlib's
+    # training split (about 11M tokens on Python 3.11-3.12; the summary states the passes), bf16
+    # autocast.
+    "gpu": Config(n_layer=8, n_head=8, d_model=512, context=256, batch_size=64,
+                  steps=600, eval_every=60, eval_batches=16, warmup_frac=0.05, weight_decay=0.1,
+                  autocast="bf16", fused_adamw=True, matmul_precision="high", warmup_steps=20,
+                  max_bytes=64_000_000),
 }
 
 # Per-preset default learning rates, chosen by bench/lr_sweep.py on the same
@@ -169,7 +197,7 @@ def load_data(args, cfg: Config) -> dict:
         raw = Path(args.data).read_bytes()
         raw, source = raw[: args.max_bytes or len(raw)], str(args.data)
     else:
-        raw, source = stdlib_corpus(args.max_bytes or 4_000_000)
+        raw, source = stdlib_corpus(args.max_bytes or cfg.max_bytes)
     ids, vocab = encode(raw, cfg.tokens)
     split = int(0.9 * len(ids))
     train, val = ids[:split], ids[split:]
@@ -246,8 +274,16 @@ def optimizer_spec(name: str, cfg: Config) -> tuple:
     """(class, keyword arguments) of a named optimizer of the comparison, before --set."""
     common = dict(weight_decay=cfg.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW, dict(common, betas=ADAMW_BETAS)
+        return torch.optim.AdamW, dict(common, betas=ADAMW_BETAS, **({"fused": True} if cfg.fused_adamw else {}))
     shared = dict(common, precondition_frequency=cfg.precondition_frequency)
+    if name == "heavyball-soap":
+        try:
+            import heavyball  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise PeerMissing(f"{name}: heavyball is not installed (bench/fetch_peers.py installs it)") from exc
+        # HeavyBall at its defaults but for what the comparison matches: every mode preconditioned,
+        # the refresh period fixed (no schedule)
+        return heavyball.SOAP, dict(shared, max_precond_dim=1 << 20, use_precond_schedule=False)
     base, _, init = name.partition("-")
     classes = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP,
                "shampoo": klkern.Shampoo}
@@ -264,6 +300,10 @@ def optimizer_spec(name: str, cfg: Config) -> tuple:
     elif init:
         shared["init_factor"] = float(init) if init[0].isdigit() else init
     return classes[base], shared
+
+
+class PeerMissing(RuntimeError):
+    """A public implementation of the comparison that is not installed here (the run is skipped)."""
 
 
 class RefreshCounter:
@@ -288,6 +328,13 @@ class RefreshCounter:
 
     def __exit__(self, *exc):
         F_klkern.power_step, F_klkern.batched_qr = self._saved
+
+
+def peer_versions(names) -> dict:
+    """{distribution: version} of the public implementations among ``names``."""
+    import importlib.metadata
+
+    return {"heavyball": importlib.metadata.version("heavyball")} if "heavyball-soap" in names else {}
 
 
 def make_optimizer(name: str, params, lr: float, cfg: Config, extra: dict | None = None):
@@ -329,13 +376,21 @@ def kl_of(opt) -> float | str:
     return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else ""
 
 
+def autocast(cfg: Config, device) -> torch.autocast:
+    """The preset's autocast context for forward passes (disabled when ``cfg.autocast`` is "")."""
+    if cfg.autocast not in ("", "bf16"):
+        raise ValueError(f"Config.autocast must be '' or 'bf16'; got {cfg.autocast!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+
+
 @torch.no_grad()
 def evaluate(model, data, starts, cfg: Config, device) -> float:
     model.eval()
     losses = []
     for chunk in starts.split(cfg.batch_size):
         x, y = batch(data, chunk, cfg.context, device)
-        losses.append(model(x, y).item())
+        with autocast(cfg, device):
+            losses.append(model(x, y).float().item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -348,6 +403,27 @@ def progress_bars(progress) -> bool:
     return progress is True and bool(isatty and isatty())
 
 
+def warm_up(name: str, lr: float, cfg: Config, data: dict, device, extra: dict | None = None) -> None:
+    """``cfg.warmup_steps`` untimed training steps of a throwaway model (its own weights and
+    batches), refresh steps and an evaluation included, so that what compiles on first use
+    (Triton kernels, torch.compile, cuBLAS handles) is not counted as the timed run's training time.
+    Leaves no state behind: the timed run reseeds torch's generator."""
+    model = GPT(cfg, data["vocab"]).to(device)
+    opt = make_optimizer(name, model.parameters(), lr, cfg, extra)
+    batches = torch.Generator().manual_seed(987654)
+    for _ in range(cfg.warmup_steps):
+        starts = torch.randint(0, len(data["train"]) - cfg.context - 1, (cfg.batch_size,), generator=batches)
+        x, y = batch(data["train"], starts, cfg.context, device)
+        with autocast(cfg, device):
+            loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    evaluate(model, data["val"], torch.arange(cfg.batch_size), cfg, device)
+    _sync(device)
+    del model, opt
+
+
 def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
               progress: bool | str = True, on_row=None, val_seed: int = 1234, extra: dict | None = None,
               label: str = "") -> dict:
@@ -357,7 +433,22 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
     validation windows (the learning-rate sweep uses other windows than the
     comparison it tunes). ``progress``: True, a tqdm bar on stderr when it is a terminal, else
     one line on stderr when the run starts and one when it ends; "lines", those lines
-    whatever stderr is; False, nothing. ``label`` prefixes them (``[run 4/18]``)."""
+    whatever stderr is; False, nothing. ``label`` prefixes them (``[run 4/18]``).
+
+    The preset's matmul precision holds for the run (torch's setting is restored after it); its
+    warm-up (``cfg.warmup_steps``) runs first, untimed."""
+    saved = torch.get_float32_matmul_precision()
+    if cfg.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    try:
+        if cfg.warmup_steps:
+            warm_up(name, lr, cfg, data, device, extra)
+        return _train_one(name, seed, lr, cfg, data, device, progress, on_row, val_seed, extra, label)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _train_one(name, seed, lr, cfg, data, device, progress, on_row, val_seed, extra, label) -> dict:
     torch.manual_seed(seed)
     model = GPT(cfg, data["vocab"]).to(device)
     opt = make_optimizer(name, model.parameters(), lr, cfg, extra)
@@ -396,7 +487,8 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
             group["lr"] = group["base_lr"] * lr_at(step - 1, cfg)
         _sync(device)
         t0 = time.perf_counter()
-        loss = model(x, y)
+        with autocast(cfg, device):
+            loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _sync(device)
@@ -408,7 +500,7 @@ def train_one(name: str, seed: int, lr: float, cfg: Config, data: dict, device,
         wall += t2 - t0
         opt_time += t2 - t1
         step_times.append(t2 - t0)
-        train_loss = loss.item()
+        train_loss = loss.float().item()
         val_loss = None
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val_loss = evaluate(model, val, val_starts, cfg, device)
@@ -461,10 +553,22 @@ def steps_to(run: dict, target: float) -> float:
     return math.inf
 
 
+def seconds_to(run: dict, target: float) -> float:
+    """Training wall time (forward, backward and optimizer step; not evaluations) at which the
+    run's validation loss reaches ``target`` (linear between evaluations), or inf."""
+    evals = [(r["wall_time_s"], r["val_loss"]) for r in run["rows"] if r["val_loss"] != ""]
+    for (t0, v0), (t1, v1) in zip(evals, evals[1:]):
+        if v1 <= target:
+            return t1 if v0 == v1 else t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
+    return math.inf
+
+
 def summarize(results: list[dict]) -> list[dict]:
-    adamw = [r["final_val_loss"] for r in results if r["optimizer"] == "adamw"
-             and math.isfinite(r["final_val_loss"])]
+    adamw_runs = [r for r in results if r["optimizer"] == "adamw" and math.isfinite(r["final_val_loss"])]
+    adamw = [r["final_val_loss"] for r in adamw_runs]
     target = statistics.fmean(adamw) if adamw else None
+    # AdamW's time to its own final loss: its whole training time (mean over its seeds)
+    adamw_s = statistics.fmean(r["rows"][-1]["wall_time_s"] for r in adamw_runs) if adamw_runs else None
     table = []
     for name in dict.fromkeys(r["optimizer"] for r in results):
         runs = [r for r in results if r["optimizer"] == name]
@@ -484,6 +588,8 @@ def summarize(results: list[dict]) -> list[dict]:
             "bases_refreshed": statistics.fmean(r.get("bases_refreshed", 0) for r in runs),
             "target": target,
             "steps_to_target": ([steps_to(r, target) for r in runs] if target is not None else None),
+            "seconds_to_target": ([seconds_to(r, target) for r in runs] if target is not None else None),
+            "adamw_seconds": adamw_s,
         })
     return table
 
@@ -498,7 +604,15 @@ def markdown(table: list[dict], meta: dict) -> str:
         f"- device: {meta['device']}; torch {meta['torch']}; python {meta['python']}; "
         f"threads {meta['threads']}; klkern {meta['klkern']}; commit {meta.get('commit', 'unknown')}; "
         f"date {meta['date']}",
+        *([f"- precision: autocast {meta['autocast']}; float32 matmul precision {meta['matmul_precision']}; "
+           f"AdamW {'fused' if meta['fused_adamw'] else 'torch default (foreach)'}; "
+           f"{meta['passes']:g} passes over the training split"
+           + (f"; peers: {', '.join(f'{k} {v}' for k, v in meta['peers'].items())}" if meta.get("peers") else "")]
+          if "autocast" in meta else []),
         f"- command: `{meta['command']}`",
+        *([f"- skipped (not installed here): {'; '.join(meta['skipped'])}"] if meta.get("skipped") else []),
+        *([f"- **partial**: {meta['runs_done']} of {meta['runs_planned']} runs done (seed-major order)"]
+          if meta.get("runs_done", 0) < meta.get("runs_planned", 0) else []),
         *([f"- optimizer arguments beyond the defaults: {meta['optimizer_args']}"]
           if meta.get("optimizer_args") else []),
         "",
@@ -506,12 +620,14 @@ def markdown(table: list[dict], meta: dict) -> str:
         "(median, forward+backward+optimizer) and per optimizer step (mean); optimizer state.",
         "",
         "Steps to target: the step at which the validation loss first reaches AdamW's final "
-        "validation loss (mean over its seeds; linear between evaluations), per seed. Bases "
+        "validation loss (mean over its seeds; linear between evaluations), per seed; seconds to "
+        "target: the training wall time (forward, backward, optimizer; evaluations not counted) at "
+        "that point, per seed, and (x) their mean over AdamW's mean training time. Bases "
         "refreshed: eigenbases (one per block and preconditioned mode) refreshed in a run, mean over seeds.",
         "",
-        "| optimizer | lr | seeds | final val loss | [min, max] | steps to AdamW's final loss | ms/step | "
-        "optimizer ms/step | state MiB | bases refreshed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | lr | seeds | final val loss | [min, max] | steps to AdamW's final loss | "
+        "seconds to AdamW's final loss | ms/step | optimizer ms/step | state MiB | bases refreshed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         loss = (f"{r['val_loss_mean']:.4f} +- {r['val_loss_std']:.4f}"
@@ -522,9 +638,26 @@ def markdown(table: list[dict], meta: dict) -> str:
             "not reached" if not math.isfinite(x) else f"{x:.0f}" for x in r["steps_to_target"])
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g} | {r['seeds']} | {loss} | "
-            f"[{r['val_loss_min']:.4f}, {r['val_loss_max']:.4f}] | {reach} | {r['ms_per_step']:.1f} | "
+            f"[{r['val_loss_min']:.4f}, {r['val_loss_max']:.4f}] | {reach} | {_seconds_cell(r)} | "
+            f"{r['ms_per_step']:.1f} | "
             f"{r['opt_ms_per_step']:.1f} | {r['state_mib']:.3f} | {r.get('bases_refreshed', 0):.0f} |")
+    ranked = sorted((r for r in table if math.isfinite(r["val_loss_mean"])), key=lambda r: r["val_loss_mean"])
+    if len(ranked) > 1:
+        lines += ["", "Ordered by mean final validation loss (lowest first): "
+                  + " < ".join(f"{r['optimizer']} ({r['val_loss_mean']:.4f})" for r in ranked) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _seconds_cell(r: dict) -> str:
+    """"12.3, 14.0 (0.65x)": the seconds to AdamW's final loss per seed and their mean's ratio to
+    AdamW's training time; "-" without AdamW in the comparison."""
+    times = r.get("seconds_to_target")
+    if not times:
+        return "-"
+    cell = ", ".join("not reached" if not math.isfinite(x) else f"{x:.3g}" for x in times)
+    if all(math.isfinite(x) for x in times) and r.get("adamw_seconds"):
+        cell += f" ({statistics.fmean(times) / r['adamw_seconds']:.2f}x)"
+    return cell
 
 
 def plot(results: list[dict], path: Path, title: str) -> bool:
@@ -586,6 +719,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--lr", action="append", default=[], metavar="OPT=LR",
                    help="override a learning rate, e.g. --lr klshampoo=3e-3 (repeatable)")
+    p.add_argument("--lr-from", metavar="JSON",
+                   help="learning rates from a sweep of this preset (bench/lr_sweep.py's .json; --lr overrides)")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
     p.add_argument("--set", action="append", default=[], metavar="OPT.KEY=VALUE",
                    help="extra optimizer argument, e.g. --set klshampoo.init_factor=1e-3 (repeatable)")
@@ -606,7 +741,14 @@ def parse_args(argv=None):
 def learning_rates(args) -> dict:
     lrs = dict(DEFAULT_LR.get(args.preset, DEFAULT_LR["cpu"]))
     for name in ALL_OPTIMIZERS:  # a variant without a swept rate starts from its base optimizer's
-        lrs.setdefault(name, lrs.get(name.split("-")[0], 3e-3))
+        base = name.split("-")[1] if name in PEER_OPTIMIZERS else name.split("-")[0]  # a peer: its algorithm's
+        lrs.setdefault(name, lrs.get(base, 3e-3))
+    if args.lr_from:  # the winners of a sweep (bench/lr_sweep.py's JSON) on this preset
+        sweep = json.loads(Path(args.lr_from).read_text())
+        if sweep["meta"].get("preset") != args.preset:
+            raise SystemExit(f"--lr-from {args.lr_from}: a sweep of preset {sweep['meta'].get('preset')!r}, "
+                             f"not {args.preset!r}")
+        lrs.update({name: float(lr) for name, lr in sweep["best"].items()})
     for item in args.lr:
         name, _, value = item.partition("=")
         if name not in ALL_OPTIMIZERS or not value:
@@ -666,6 +808,16 @@ def main(argv=None) -> list[dict]:
         if n not in ALL_OPTIMIZERS:
             raise SystemExit(f"unknown optimizer {n!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    skipped = []
+    for n in list(names):  # a public implementation that is not installed is skipped, and said so
+        try:
+            optimizer_spec(n, cfg)
+        except PeerMissing as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            skipped.append(str(exc))
+            names.remove(n)
+    if not names:
+        raise SystemExit("no optimizer to run: " + "; ".join(skipped))
     lrs = learning_rates(args)
     extras = optimizer_args(args)
     device = torch.device(args.device)
@@ -680,35 +832,46 @@ def main(argv=None) -> list[dict]:
     data = load_data(args, cfg)
     print(f"corpus: {data['source']}: {data['bytes']} bytes, {len(data['train'])} train / "
           f"{len(data['val'])} val tokens, vocab {data['vocab']}", file=sys.stderr)
+    passes = cfg.steps * cfg.batch_size * cfg.context / len(data["train"])
+    if passes > 1:
+        print(f"note: {cfg.steps} steps of {cfg.batch_size} x {cfg.context} tokens make {passes:.2f} passes "
+              "over the training split (later passes see repeated data)", file=sys.stderr)
 
     commit = git_commit()  # taken before the runs: the code they ran
-    results = []
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(cfg, data["vocab"]).parameters())
+    meta = {
+        "preset": args.preset, "source": data["source"], "bytes": data["bytes"],
+        "sha256": data["sha256"], "tokens": cfg.tokens, "vocab": data["vocab"],
+        "params": params, "config": asdict(cfg),
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "klkern": klkern.__version__,
+        "commit": commit, "date": utc_now(), "optimizer_args": extras, "skipped": skipped,
+        "passes": float(f"{passes:.3g}"), "autocast": cfg.autocast or "none", "fused_adamw": cfg.fused_adamw,
+        "matmul_precision": cfg.matmul_precision or torch.get_float32_matmul_precision(),
+        "peers": peer_versions(names),
+        "command": " ".join(["python bench/train_lm.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    results: list[dict] = []
     with open(out / "runs.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["optimizer", "seed", "lr", "step", "train_loss",
                                                 "val_loss", "wall_time_s", "kl"])
         writer.writeheader()
-        runs = [(name, seed) for name in names for seed in seeds]
+        # seed-major: a run cut short (a lease's time limit) still leaves whole comparisons behind
+        runs = [(name, seed) for seed in seeds for name in names]
         for i, (name, seed) in enumerate(runs, 1):
             result = train_one(name, seed, lrs[name], cfg, data, device,
                                progress="lines" if args.no_progress else True, on_row=writer.writerow,
                                extra=extras.get(name), label=f"[run {i}/{len(runs)}]")
             fh.flush()
             results.append(result)
+            meta["runs_done"], meta["runs_planned"] = i, len(runs)
+            table = summarize(results)  # the summary so far, after every run
+            (out / "summary.md").write_text(markdown(table, meta))
+            (out / "summary.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
 
-    table = summarize(results)
-    meta = {
-        "preset": args.preset, "source": data["source"], "bytes": data["bytes"],
-        "sha256": data["sha256"], "tokens": cfg.tokens, "vocab": data["vocab"],
-        "params": results[0]["params"], "config": asdict(cfg),
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "klkern": klkern.__version__,
-        "commit": commit, "date": utc_now(), "optimizer_args": extras,
-        "command": " ".join(["python bench/train_lm.py", *(sys.argv[1:] if argv is None else argv)]),
-    }
-    (out / "summary.md").write_text(markdown(table, meta))
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
     plot(results, out / "val_loss.png", f"GPT ({meta['params']} params), preset {args.preset}")
     print(markdown(table, meta))
     print(f"results in {out}", file=sys.stderr)

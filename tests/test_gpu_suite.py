@@ -139,6 +139,25 @@ def test_every_part_has_a_command_and_priority_order():
         gpu_suite._select(["nope"])
 
 
+def test_the_main_job_takes_its_rates_from_the_sweep_run_before_it(tmp_path):
+    """The train part passes the sweep part's winners (--lr-from) when the sweep ran earlier in the
+    same lease, and the preset's rates otherwise; both run the GPU preset on the same optimizers."""
+    def command(name):
+        part = next(p for p in gpu_suite.PARTS if p.name == name)
+        return [str(c) for c in part.command(tmp_path / name, 300)[-1]]
+    names = [p.name for p in gpu_suite.PARTS]
+    assert names.index("sweep") < names.index("train")
+    train = command("train")
+    assert "--lr-from" not in train and train[train.index("--preset") + 1] == "gpu"
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "lr_sweep_gpu.json").write_text("{}")
+    train = command("train")
+    assert train[train.index("--lr-from") + 1] == str(tmp_path / "sweep" / "lr_sweep_gpu.json")
+    sweep = command("sweep")
+    assert sweep[sweep.index("--out") + 1] == str(tmp_path / "sweep" / "lr_sweep_gpu")
+    assert train[train.index("--optimizers") + 1] == sweep[sweep.index("--optimizers") + 1]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_without_a_gpu_it_exits_at_once_with_one_line(tmp_path):
     """With this test's interpreter as $PYTHON (a venv's python whether or not the venv is active,

@@ -189,7 +189,7 @@ def test_progress_is_one_line_per_run_start_and_end_without_a_terminal(corpus, t
     assert "\r" not in err and "it/s" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("[run ")]
     expected = [f"[run {i}/4] {name} seed={seed} lr=" for i, (name, seed) in
-                enumerate([("adamw", 0), ("adamw", 1), ("klshampoo", 0), ("klshampoo", 1)], 1)]
+                enumerate([("adamw", 0), ("klshampoo", 0), ("adamw", 1), ("klshampoo", 1)], 1)]  # seed-major
     assert len(lines) == 8, err
     for i, prefix in enumerate(expected):
         start, end = lines[2 * i], lines[2 * i + 1]
@@ -224,3 +224,102 @@ def test_a_run_that_ends_above_its_start_is_reported_diverged(corpus, tmp_path, 
     (row,) = table
     assert row["diverged"] == 1 and not math.isfinite(row["val_loss_mean"])
     assert "1 of 1 diverged" in (tmp_path / "summary.md").read_text()
+
+
+def test_seconds_to_target_interpolates_training_time():
+    run = {"rows": [{"wall_time_s": 0.0, "val_loss": 5.0}, {"wall_time_s": 1.0, "val_loss": ""},
+                    {"wall_time_s": 4.0, "val_loss": 3.0}, {"wall_time_s": 10.0, "val_loss": 1.0}]}
+    assert train_lm.seconds_to(run, 4.0) == 2.0  # halfway between the evaluations at 0 s and 4 s
+    assert train_lm.seconds_to(run, 2.0) == 7.0
+    assert train_lm.seconds_to(run, 0.5) == math.inf
+    row = {"seconds_to_target": [7.0, 5.0], "adamw_seconds": 10.0}
+    assert train_lm._seconds_cell(row) == "7, 5 (0.60x)"
+    assert train_lm._seconds_cell({"seconds_to_target": [7.0, math.inf], "adamw_seconds": 10.0}) == "7, not reached"
+    assert train_lm._seconds_cell({"seconds_to_target": None}) == "-"
+
+
+def test_gpu_preset_is_tens_of_millions_of_parameters_under_bf16():
+    cfg = train_lm.PRESETS["gpu"]
+    with torch.device("meta"):
+        params = sum(p.numel() for p in train_lm.GPT(cfg, 256).parameters())
+    assert 10e6 < params < 100e6
+    assert (cfg.autocast, cfg.fused_adamw, cfg.warmup_steps > 0) == ("bf16", True, True)
+    assert train_lm.optimizer_spec("adamw", cfg)[1]["fused"] is True
+    assert "fused" not in train_lm.optimizer_spec("adamw", train_lm.PRESETS["cpu"])[1]  # the CPU job as it was
+
+
+def test_gpu_preset_settings_on_a_tiny_model(corpus):
+    """The GPU preset's mechanisms on the CPU: bf16 autocast changes the numbers and training still
+    learns, the preset's matmul precision holds during the run only, fused AdamW, and the untimed
+    warm-up leaves the timed run exactly as without it."""
+    from dataclasses import replace
+
+    base = train_lm.PRESETS["tiny"]
+    gpu_like = replace(base, autocast="bf16", fused_adamw=True, matmul_precision="high", warmup_steps=3)
+    args = train_lm.parse_args(["--data", str(corpus)])
+    data = train_lm.load_data(args, base)
+    cpu = torch.device("cpu")
+    seen = []
+    before = torch.get_float32_matmul_precision()
+
+    def run(name, cfg):
+        out = train_lm.train_one(name, 0, 1e-2, cfg, data, cpu, progress=False,
+                                 on_row=lambda r: seen.append(torch.get_float32_matmul_precision()))
+        return [r["train_loss"] for r in out["rows"][1:]], out
+
+    for name in ("adamw", "klshampoo"):
+        warm, out = run(name, gpu_like)
+        assert not out["diverged"] and out["final_val_loss"] < out["rows"][0]["val_loss"], name
+        cold, _ = run(name, replace(gpu_like, warmup_steps=0))
+        assert warm == cold, name  # the warm-up touches nothing the run sees
+        full, _ = run(name, replace(base, fused_adamw=gpu_like.fused_adamw))
+        assert full != warm, name  # autocast is on
+    assert set(seen) == {"high", before} and torch.get_float32_matmul_precision() == before
+    with pytest.raises(ValueError, match="Config.autocast"):
+        train_lm.autocast(replace(base, autocast="fp16"), cpu)
+
+
+def test_a_peer_that_is_not_installed_is_skipped_and_said(corpus, tmp_path):
+    if importlib.util.find_spec("heavyball") is not None:
+        pytest.skip("heavyball is installed here")
+    table = train_lm.main(["--preset", "tiny", "--data", str(corpus), "--seeds", "0", "--optimizers",
+                           "adamw,heavyball-soap", "--out", str(tmp_path), "--no-progress"])
+    assert [r["optimizer"] for r in table] == ["adamw"]
+    meta = json.loads((tmp_path / "summary.json").read_text())["meta"]
+    assert meta["skipped"] and "heavyball" in meta["skipped"][0]
+    assert "skipped (not installed here): heavyball-soap" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="no optimizer to run"):
+        train_lm.main(["--preset", "tiny", "--data", str(corpus), "--optimizers", "heavyball-soap",
+                       "--out", str(tmp_path)])
+
+
+def test_learning_rates_from_a_sweep(tmp_path):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"meta": {"preset": "gpu"}, "best": {"klsoap": 0.003, "adamw": 0.001}}))
+    lrs = train_lm.learning_rates(train_lm.parse_args(["--preset", "gpu", "--lr-from", str(sweep),
+                                                       "--lr", "adamw=5e-4"]))
+    assert (lrs["klsoap"], lrs["adamw"]) == (0.003, 5e-4)  # --lr wins over the sweep
+    assert lrs["heavyball-soap"] == lrs["soap"]  # a peer starts from its algorithm's rate
+    with pytest.raises(SystemExit, match="not 'cpu'"):
+        train_lm.learning_rates(train_lm.parse_args(["--lr-from", str(sweep)]))
+
+
+def test_a_comparison_cut_short_leaves_its_summary_so_far(corpus, tmp_path, monkeypatch):
+    """The summary is rewritten after every run (seed-major), so a run killed by a time limit
+    leaves whole comparisons of the seeds done, marked partial."""
+    real = train_lm.train_one
+    calls = []
+
+    def cut(*args, **kwargs):
+        calls.append(args[:2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the third run never ends
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_lm, "train_one", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm.main(["--preset", "tiny", "--data", str(corpus), "--seeds", "0,1", "--optimizers",
+                       "adamw,klshampoo", "--out", str(tmp_path), "--no-progress"])
+    assert calls == [("adamw", 0), ("klshampoo", 0), ("adamw", 1)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["optimizer"], r["seeds"]) for r in summary["table"]] == [("adamw", 1), ("klshampoo", 1)]
+    assert "**partial**: 2 of 4 runs done" in (tmp_path / "summary.md").read_text()
