@@ -21,7 +21,8 @@ import torch
 from . import _distributed, _precision
 from ._blocking import plan_for
 from ._engine import StepEngine, hyper
-from ._functional import INITS, state_names
+from ._algorithms import ALGORITHMS
+from ._functional import INITS
 from ._options import validate_group
 
 __all__ = ["CheckpointedOptimizer"]
@@ -237,20 +238,20 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
         if len(value["blocks"]) != len(plan.masks):
             raise ValueError(f"{where} has {len(value['blocks'])} blocks, this parameter has "
                              f"{len(plan.masks)}{hint}")
-        path = "adamw" if plan.adamw else self.algorithm
+        algorithm = ALGORITHMS["adamw" if plan.adamw else self.algorithm]
         for i, block in enumerate(value["blocks"]):
             if block is None:
                 continue
-            if path != "adamw" and "exp_avg" in block:  # saved before mask_unseen existed: every
+            if algorithm.preconditioned and "exp_avg" in block:  # saved before mask_unseen existed: every
                 # direction counts as seen, so the loaded run steps as it did
                 for k, on in enumerate(plan.masks[i]):
                     if on and f"seen{k}" not in block:
                         block[f"seen{k}"] = torch.ones(plan.block_shape(i)[k], dtype=torch.float32,
                                                        device=block["exp_avg"].device)
-            if path in ("klshampoo", "klsoap") and "exp_avg" in block and "floor_scale" not in block:
+            if algorithm.kl_estimate and "exp_avg" in block and "floor_scale" not in block:
                 # saved before eigval_floor existed: the absolute floor it stepped with
                 block["floor_scale"] = torch.ones((), dtype=torch.float32, device=block["exp_avg"].device)
-            wanted = state_names(path, plan.masks[i])
+            wanted = algorithm.state_names(plan.masks[i])
             missing, foreign = wanted - set(block), set(block) - wanted
             if missing:
                 raise ValueError(f"{where}, block {i}, lacks {sorted(missing)}{hint}")

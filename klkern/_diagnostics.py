@@ -35,6 +35,7 @@ from collections import defaultdict
 
 import torch
 
+from ._algorithms import ALGORITHMS
 from ._blocking import plan_for
 from ._distributed import local
 from ._functional import _lam_product, _rotate_back, staleness
@@ -43,22 +44,23 @@ from ._precision import optimizer_math
 __all__ = ["collect"]
 
 
-def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, group: dict, t: int) -> dict:
+def _block_stats(path: str, block: dict, shape: tuple, mask, group: dict, t: int) -> dict:
     """0-d tensors: kl (per entry), eig_min, eig_max, staleness, and the update's squared norm."""
+    algorithm = ALGORITHMS[path]
     f = {k: v.float() for k, v in block.items()}
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     bias = math.sqrt(1 - beta2**t) / (1 - beta1**t) if t > 0 else 1.0
     out: dict = {}
-    if path == "adamw":
+    if not algorithm.preconditioned:
         scale = bias if group.get("correct_bias", True) else 1.0
         out["update_sq"] = ((f["exp_avg"] / (f["exp_avg_sq"].sqrt() + eps)) ** 2).sum() * scale**2
         return out
     modes = [k for k, on in enumerate(mask) if on]
-    if algorithm in ("klshampoo", "klsoap"):
+    if algorithm.kl_estimate:
         eigs = [f[f"lam{k}"] for k in modes]
         factors = [f[f"R{k}"] for k in modes]
-    elif algorithm == "soap":
+    elif algorithm.eigenbasis:  # SOAP: the eigenvalues diag(Q^T GG Q)
         factors = [f[f"R{k}"] for k in modes]
         eigs = [torch.diagonal(R) for R in factors]
     else:  # shampoo: the basis in use is the eigenbasis of its roots
@@ -73,13 +75,13 @@ def _block_stats(algorithm: str, path: str, block: dict, shape: tuple, mask, gro
     out["staleness"] = torch.stack([staleness(R) for R in factors]).mean()
     weight = f["kl_weight"]
     out["kl"] = torch.where(weight > 0, f["kl"] / weight.clamp(min=1e-30), torch.full_like(weight, float("nan")))
-    if algorithm == "klshampoo":
+    if algorithm.kl_estimate and not algorithm.second_moment:  # KL-Shampoo: 1 / sqrt(lam) scaling
         lams = [f[f"lam{k}"] if on else None for k, on in enumerate(mask)]
         D = 1.0 / (torch.sqrt(_lam_product([lam.unsqueeze(0) if lam is not None else None for lam in lams],
                                            len(shape))[0]) + eps)
         out["update_sq"] = ((f["exp_avg"] * D) ** 2).sum()
-    elif algorithm in ("klsoap", "soap"):
-        scale = bias if algorithm == "soap" and group.get("correct_bias", True) else 1.0
+    elif algorithm.eigenbasis:  # KL-SOAP, SOAP: Adam in the eigenbasis
+        scale = bias if algorithm.bias_corrected_update and group.get("correct_bias", True) else 1.0
         out["update_sq"] = ((f["exp_avg"] / (f["exp_avg_sq"].sqrt() + eps)) ** 2).sum() * scale**2
     else:
         A = f["exp_avg"] / (f["exp_avg_sq"].sqrt() + eps) * bias
@@ -122,7 +124,7 @@ def collect(opt, named_parameters=None) -> dict:
                     shape = plan.block_shape(i)
                     n = math.prod(shape)
                     numel += n
-                    stats = _block_stats(opt.algorithm, path, block, shape, plan.masks[i], group, state["step"])
+                    stats = _block_stats(path, block, shape, plan.masks[i], group, state["step"])
                     for name, value in stats.items():
                         sums[name].append((value, n))
                 if not numel:
@@ -130,7 +132,7 @@ def collect(opt, named_parameters=None) -> dict:
                 device = tensor.device
                 pending.append((key, "update_rms", torch.sqrt(torch.stack([v for v, _ in sums["update_sq"]]).sum()
                                                               / numel).to(device)))
-                if path == "adamw":
+                if not ALGORITHMS[path].preconditioned:
                     continue
                 pending.append((key, "kl", (torch.stack([v * n for v, n in sums["kl"]]).sum() / numel).to(device)))
                 pending.append((key, "eig_min", torch.stack([v for v, _ in sums["eig_min"]]).min().to(device)))

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from ._algorithms import ALGORITHMS
 from ._blocking import BlockPlan, plan_for
 
 __all__ = ["ReplicatedSplit", "block_cost", "assign", "is_dtensor", "local", "shard_offset", "check_process_group"]
@@ -74,17 +75,10 @@ def check_process_group(process_group) -> None:
                          "e.g. torch.distributed.group.WORLD, or None")
 
 
-def block_cost(algorithm: str, path: str, shape: tuple, mask: tuple, frequency: int) -> float:
-    """Work of one block per step: its matrix products (2 N d per product and preconditioned mode
-    of size d: 6 for KL-Shampoo, KL-SOAP and SOAP, 4 for Shampoo) plus its refresh (about 10 d^3:
-    QR or eigendecomposition and the products around it) every ``frequency`` steps; an AdamW block
-    costs a few operations per entry."""
-    n = math.prod(shape)
-    if path == "adamw":
-        return 10.0 * n
-    per_mode = 4.0 if algorithm == "shampoo" else 6.0
-    dims = [d for d, on in zip(shape, mask) if on]
-    return sum(per_mode * n * d + 10.0 * d**3 / frequency for d in dims) + 10.0 * n
+def block_cost(path: str, shape: tuple, mask: tuple, frequency: int) -> float:
+    """Work of one block of ``path`` (an algorithm's name, or "adamw") per step:
+    :meth:`klkern._algorithms.Algorithm.step_cost`."""
+    return ALGORITHMS[path].step_cost(shape, mask, frequency)
 
 
 def assign(costs: list[float], world: int, load: list[float] | None = None) -> list[int]:
@@ -128,7 +122,7 @@ class ReplicatedSplit:
                 self.plans[id(p)] = plan
                 self.params.append(p)
                 path = "adamw" if plan.adamw else algorithm
-                cost = [block_cost(algorithm, path, plan.block_shape(i), plan.masks[i], group["precondition_frequency"])
+                cost = [block_cost(path, plan.block_shape(i), plan.masks[i], group["precondition_frequency"])
                         for i in range(len(plan.masks))]
                 if group["normalize_grads"] or not plan.blocks_are_views(p.detach()):
                     units.append([(p, i) for i in range(len(plan.masks))])

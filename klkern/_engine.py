@@ -30,8 +30,9 @@ import torch
 from . import _backend, _distributed, _errors, _guard, _precision
 from . import _functional as F
 from . import _schedule, _steps
+from ._algorithms import ALGORITHMS
 from ._blocking import plan_for
-from ._plan import KL_PATHS, ROW, ROWS, DevicePlan, Stack, block_views, stack_state, structure_key
+from ._plan import ROW, ROWS, DevicePlan, Stack, block_views, stack_state, structure_key
 
 __all__ = ["StepEngine", "hyper"]
 
@@ -157,7 +158,7 @@ class StepEngine:
             for i in mine:
                 G = grads[i]
                 init_batches[(index, path, tuple(G.shape), plan.masks[i], G.device, G.dtype)].append((p, i, G))
-            if opt.algorithm != "shampoo":  # Shampoo has no initialisation-only step
+            if ALGORITHMS[opt.algorithm].initialises_on_first_step:  # Shampoo: no initialisation-only step
                 initialised_only.add(id(p))
         if skipped:
             opt._count_skipped([tuple(p.shape) for p in skipped], [])
@@ -265,10 +266,10 @@ class StepEngine:
             group = opt.param_groups[index]
             st = Stack(path, index, group, shape, mask, t, [(p, i) for p, i, _ in members], [b for _, _, b in members])
             st.device = device
-            if path == "adamw":
+            if st.adamw:
                 st.sizes = [_distributed.local(p).numel() for p, _, _ in members]
                 st.shape = (sum(st.sizes),)
-            if path != "adamw":
+            else:
                 offsets = _schedule.refresh_offsets(group)
                 st.offsets = [offsets[(id(p), i)] for p, i, _ in members] if offsets else None
             stack_state(st)
@@ -318,14 +319,14 @@ class StepEngine:
             period = hp["precondition_frequency"]
             synchronous = st.t % period == 0
             if st.offsets is None:
-                st.refresh = st.path != "adamw" and synchronous
+                st.refresh = not st.adamw and synchronous
             else:  # stagger_refresh: the blocks whose own schedule falls on this step
                 st.due = [b for b, offset in enumerate(st.offsets) if _schedule.due(st.t, offset, period)]
                 st.refresh = bool(st.due)
             # the KL diagnostic (no update reads it) is evaluated at the first update and every T steps
-            st.track_kl = st.path != "adamw" and (synchronous or st.t == 1)
-            st.spike = st.path in KL_PATHS and F.spike_threshold(hp, st.t) is not None
-            st.roots = st.path == "shampoo" and st.t >= hp["precondition_frequency"]
+            st.track_kl = st.algorithm.tracks_kl and (synchronous or st.t == 1)
+            st.spike = st.kl and F.spike_threshold(hp, st.t) is not None
+            st.roots = st.algorithm.inverse_root and st.t >= hp["precondition_frequency"]
         plan.upload(list(zip(*rows)))
         graph = opt._graphs.ready(plan, hps) if opt.cuda_graph else None
         if graph is not None:
@@ -417,7 +418,7 @@ class StepEngine:
         hp = hyper(opt.algorithm, st.group)
         mode = _precision.resolve(st.group["matmul_precision"], st.device, opt._global_modes)
         # Shampoo inverts its factors' eigenvalues: its factor products stay fp32.
-        hp.update(rotation_mode=mode, factor_mode="highest" if st.path == "shampoo" else mode)
+        hp.update(rotation_mode=mode, factor_mode="highest" if st.algorithm.inverse_root else mode)
         return hp
 
     def _host_row(self, st: Stack, hp: dict) -> list:
@@ -428,14 +429,14 @@ class StepEngine:
         row[ROW["b1"]], row[ROW["b2"]], row[ROW["fb"]] = hp["beta1"], hp["beta2"], hp["factor_beta"]
         row[ROW["lam_keep"]], row[ROW["lam_w"]] = 1.0, 0.0
         row[ROW["threshold"]] = math.inf
-        if st.path in KL_PATHS:
-            if hp["eigenbasis"] != "eigh":
+        if st.kl:
+            if not st.algorithm.exact_mode(hp):
                 w = F.lam_weight(hp, t)
                 row[ROW["lam_keep"]], row[ROW["lam_w"]] = 1 - w, w
             threshold = F.spike_threshold(hp, t)
             if threshold is not None:
                 row[ROW["threshold"]] = float(threshold)
-        scale = F.bias_scale(hp, t) if st.path in ("soap", "adamw") else 1.0
+        scale = F.bias_scale(hp, t) if st.algorithm.bias_corrected_update else 1.0
         row[ROW["update"]] = -lr * scale
         # Shampoo's Adam direction (grafting, and its update before the first roots) is bias-corrected
         row[ROW["bias"]] = math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
@@ -454,7 +455,7 @@ class StepEngine:
         if not _triton_path.supports(st.path, st.shape, st.mask, hp):
             return None
         variant = (st.path, st.shape, st.mask, st.device, hp["rotation_mode"], hp["state_dtype"],
-                   st.path == "shampoo" and st.t >= hp["precondition_frequency"])
+                   st.algorithm.inverse_root and st.t >= hp["precondition_frequency"])
         if _backend.requested(opt.backend) == "auto":
             if variant in opt._kernels_failed:
                 return None
@@ -618,7 +619,7 @@ class StepEngine:
         """The eigenbasis refreshes due at this step (Shampoo's roots were refreshed inside its
         update), on the blocks that stepped; with stagger_refresh only the blocks whose own
         schedule falls on this step, each with its own clock (t + offset) for the periodic QR."""
-        due = [st for st in plan.stacks if st.refresh and st.path != "shampoo"]
+        due = [st for st in plan.stacks if st.refresh and st.algorithm.eigenbasis]
         if not due:
             return False
         on_device = plan.device.type in self.SELECT_ON_DEVICE
@@ -639,14 +640,14 @@ class StepEngine:
                 if not chosen:
                     continue
                 index = None if len(chosen) == st.B else torch.tensor(chosen, dtype=torch.long, device=plan.device)
-                if st.path == "klshampoo" and hp["eigenbasis"] == "eigh":
+                if st.algorithm.exact_mode(hp):
                     direct = (clock // period) % F.REORTHOGONALIZE_EVERY == 0
 
                     def fn(bufs, st=st, hp=hp, direct=direct):
                         F._refresh_exact(bufs, st.mask, F._bases(bufs, st.mask), hp["eigval_clamp"], direct=direct)
                 else:
                     def fn(bufs, st=st, hp=hp, clock=clock):
-                        F.refresh_(bufs, st.mask, hp, clock, sort_v=st.path == "soap")
+                        F.refresh_(bufs, st.mask, hp, clock, sort_v=st.algorithm.sorts_basis)
                 keep = st.keep if on_device else None
                 F.on_blocks_(st.bufs, index, fn, keep=keep)
         return True

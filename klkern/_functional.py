@@ -33,7 +33,7 @@ import torch
 from . import _precision, linalg
 from .linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
 
-__all__ = ["INITS", "refresh_", "state_names"]
+__all__ = ["INITS", "refresh_"]
 
 # --------------------------------------------------------------------------
 # batched tensor helpers
@@ -642,28 +642,6 @@ def shampoo_graft(P, A, hp):
 
 def adamw_init(G, mask, hp):
     return _new_state(G, {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}, hp["state_dtype"])
-
-
-def state_names(path: str, mask) -> set:
-    """The state names a block of ``path`` with preconditioned modes ``mask`` holds (what its
-    init creates): used to check a loaded state dict before a step trips over it."""
-    if path == "adamw":
-        return {"exp_avg", "exp_avg_sq"}
-    modes = _modes(mask)
-    names = {"exp_avg", "kl", "kl_weight"}
-    if path in ("klsoap", "soap", "shampoo"):
-        names.add("exp_avg_sq")
-    for k in modes:
-        names.add(f"seen{k}")
-        if path == "shampoo":
-            names |= {f"L{k}", f"root{k}"}
-        else:
-            names |= {f"Q{k}", f"R{k}"}
-        if path in ("klshampoo", "klsoap"):
-            names.add(f"lam{k}")
-    if path in ("klshampoo", "klsoap"):
-        names.add("floor_scale")
-    return names
 
 
 # Each path's initialisation from the first gradient (its steady step: klkern._steps.STEPS).

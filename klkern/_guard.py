@@ -45,6 +45,8 @@ from collections import defaultdict
 
 import torch
 
+from ._algorithms import ALGORITHMS
+
 __all__ = ["STATE_LIMIT", "host_values", "unbounded", "block_flags", "gradient_limit", "GRAD_SAFE"]
 
 STATE_LIMIT = 1e30
@@ -74,18 +76,12 @@ def unbounded(algorithm: str, group: dict) -> bool:
     eps = group["eps"]
     if eps < 1e-16:
         return True
-    return algorithm == "shampoo" and eps ** (-2 * group["exponent"]) > 1e16
+    return ALGORITHMS[algorithm].inverse_root and eps ** (-2 * group["exponent"]) > 1e16
 
 
 def gradient_limit(path: str, group: dict, shape: tuple, mask: tuple) -> float:
     """The largest Frobenius norm of a block's gradient that steps (module docstring)."""
-    kappa = 1.0
-    if path in ("klshampoo", "klsoap"):
-        clamp = float(group["eigval_clamp"])
-        squares = [max(10.0, min(float(d), clamp)) ** 2 for d, on in zip(shape, mask) if on]
-        total = math.prod(squares)
-        kappa = max(total / s for s in squares) if squares else 1.0
-    return math.sqrt(STATE_LIMIT / kappa)
+    return math.sqrt(STATE_LIMIT / ALGORITHMS[path].gradient_condition(group, shape, mask))
 
 
 # State that no update reads: the KL diagnostic's EMAs (optimizer.diagnostics()). They never

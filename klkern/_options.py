@@ -172,44 +172,87 @@ def _validate_choices(group: dict) -> None:
         _fail("large_dim_policy", group["large_dim_policy"], "must be 'adamw' or 'identity'")
 
 
-def _validate_algorithm_options(algorithm: str, group: dict) -> None:
-    """The options only some algorithms have."""
-    if algorithm in ("klshampoo", "klsoap"):
-        init = group["init_factor"]
-        if not (init in INIT_RULES or (_real(init) and init > 0)):
-            _fail("init_factor", init, f"must be a finite number > 0 (every initial eigenvalue estimate) or one of "
-                                       f"{INIT_RULES} (scale-free, from the first gradient)")
-        if not _real(group["eigval_clamp"]) or group["eigval_clamp"] <= 0:
-            _fail("eigval_clamp", group["eigval_clamp"], "must be a finite number > 0")
-        if group["eigval_floor"] not in ("relative", "absolute"):
-            _fail("eigval_floor", group["eigval_floor"], "must be 'relative' (the floor scales with the block's "
-                                                          "first nonzero gradient) or 'absolute' (the SPEC's 1/c^2)")
-    if algorithm in ("klshampoo", "klsoap", "soap"):
-        threshold = group["staleness_threshold"]
-        if threshold is not None and (not _real(threshold) or threshold < 0):
-            _fail("staleness_threshold", threshold,
-                  "must be None (refresh every basis at every refresh step) or a finite number >= 0 (refresh "
-                  "only bases whose staleness exceeds it)")
-    if algorithm in ("klshampoo", "klsoap", "soap") and not isinstance(group["stagger_refresh"], bool):
+def _check_init_factor(group: dict) -> None:
+    init = group["init_factor"]
+    if not (init in INIT_RULES or (_real(init) and init > 0)):
+        _fail("init_factor", init, f"must be a finite number > 0 (every initial eigenvalue estimate) or one of "
+                                   f"{INIT_RULES} (scale-free, from the first gradient)")
+
+
+def _check_eigval_clamp(group: dict) -> None:
+    if not _real(group["eigval_clamp"]) or group["eigval_clamp"] <= 0:
+        _fail("eigval_clamp", group["eigval_clamp"], "must be a finite number > 0")
+
+
+def _check_eigval_floor(group: dict) -> None:
+    if group["eigval_floor"] not in ("relative", "absolute"):
+        _fail("eigval_floor", group["eigval_floor"], "must be 'relative' (the floor scales with the block's "
+                                                      "first nonzero gradient) or 'absolute' (the SPEC's 1/c^2)")
+
+
+def _check_staleness_threshold(group: dict) -> None:
+    threshold = group["staleness_threshold"]
+    if threshold is not None and (not _real(threshold) or threshold < 0):
+        _fail("staleness_threshold", threshold,
+              "must be None (refresh every basis at every refresh step) or a finite number >= 0 (refresh "
+              "only bases whose staleness exceeds it)")
+
+
+def _check_stagger_refresh(group: dict) -> None:
+    if not isinstance(group["stagger_refresh"], bool):
         _fail("stagger_refresh", group["stagger_refresh"], "must be True (each block refreshed every "
                                                            "precondition_frequency steps at its own offset) or False")
-    if algorithm in ("klshampoo", "klsoap"):
-        threshold = group["spike_threshold"]
-        if threshold is not None and (not _real(threshold) or threshold < 1):
-            _fail("spike_threshold", threshold, "must be None (every gradient enters the SPEC's steps as it is) or a "
-                                                "finite number >= 1 (e.g. the default 1e3)")
-    if algorithm == "klshampoo" and not isinstance(group["eigenvalues_first"], bool):
+
+
+def _check_spike_threshold(group: dict) -> None:
+    threshold = group["spike_threshold"]
+    if threshold is not None and (not _real(threshold) or threshold < 1):
+        _fail("spike_threshold", threshold, "must be None (every gradient enters the SPEC's steps as it is) or a "
+                                            "finite number >= 1 (e.g. the default 1e3)")
+
+
+def _check_eigenvalues_first(group: dict) -> None:
+    if not isinstance(group["eigenvalues_first"], bool):
         _fail("eigenvalues_first", group["eigenvalues_first"], "must be True or False")
-    if algorithm == "klshampoo" and group["eigenbasis"] not in ("qr", "eigh"):
+
+
+def _check_eigenbasis(group: dict) -> None:
+    if group["eigenbasis"] not in ("qr", "eigh"):
         _fail("eigenbasis", group["eigenbasis"], "must be 'qr' (power iteration + QR) or 'eigh' (exact, idealized)")
-    if algorithm == "klshampoo" and group["eigenvalues_first"] and group["eigenbasis"] == "eigh":
+    if group.get("eigenvalues_first") and group["eigenbasis"] == "eigh":
         _fail("eigenvalues_first", True, "has no effect with eigenbasis='eigh' (the idealized mode takes its "
                                           "eigenvalues from the exact eigendecomposition and has no eigenvalue "
                                           "update to move); use eigenbasis='qr' or eigenvalues_first=False")
-    if algorithm == "soap" and not isinstance(group["correct_bias"], bool):
+
+
+def _check_correct_bias(group: dict) -> None:
+    if not isinstance(group["correct_bias"], bool):
         _fail("correct_bias", group["correct_bias"], "must be True or False")
-    if algorithm == "shampoo":
-        if not _real(group["exponent"]) or not 0.0 < group["exponent"] <= 1.0:
-            _fail("exponent", group["exponent"], "must be in (0, 1], e.g. 0.5 or 0.25")
-        if group["grafting"] not in ("adam", "none"):
-            _fail("grafting", group["grafting"], "must be 'adam' or 'none'")
+
+
+def _check_exponent(group: dict) -> None:
+    if not _real(group["exponent"]) or not 0.0 < group["exponent"] <= 1.0:
+        _fail("exponent", group["exponent"], "must be in (0, 1], e.g. 0.5 or 0.25")
+
+
+def _check_grafting(group: dict) -> None:
+    if group["grafting"] not in ("adam", "none"):
+        _fail("grafting", group["grafting"], "must be 'adam' or 'none'")
+
+
+# The options only some algorithms have, each with its check: an algorithm has an option when its
+# DEFAULTS hold it, so its checks follow from its defaults (in this order).
+OPTION_CHECKS = {
+    "init_factor": _check_init_factor, "eigval_clamp": _check_eigval_clamp, "eigval_floor": _check_eigval_floor,
+    "staleness_threshold": _check_staleness_threshold, "stagger_refresh": _check_stagger_refresh,
+    "spike_threshold": _check_spike_threshold, "eigenvalues_first": _check_eigenvalues_first,
+    "eigenbasis": _check_eigenbasis, "correct_bias": _check_correct_bias, "exponent": _check_exponent,
+    "grafting": _check_grafting,
+}
+
+
+def _validate_algorithm_options(algorithm: str, group: dict) -> None:
+    """The options only some algorithms have (those in the algorithm's DEFAULTS)."""
+    for name, check in OPTION_CHECKS.items():
+        if name in DEFAULTS[algorithm]:
+            check(group)

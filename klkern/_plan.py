@@ -33,6 +33,7 @@ import math
 import torch
 
 from . import _distributed, _guard
+from ._algorithms import ALGORITHMS
 from ._blocking import plan_for, writes_into
 
 __all__ = ["DevicePlan", "Stack", "ROWS", "structure_key"]
@@ -54,15 +55,13 @@ def structure_key(group: dict) -> tuple:
     return tuple(group.get(name) for name in STRUCTURAL)
 
 
-KL_PATHS = ("klshampoo", "klsoap")
-
-
 class Stack:
     """Blocks that step together: one path, block shape, mask, group, device and step count."""
 
     def __init__(self, path: str, group_index: int, group: dict, shape: tuple, mask: tuple, t: int,
                  members: list, blocks: list):
         self.path = path
+        self.algorithm = ALGORITHMS[path]  # what is specific to the path (klkern/_algorithms.py)
         self.device = torch.device("cpu")
         self.group_index = group_index
         self.group = group
@@ -97,7 +96,12 @@ class Stack:
 
     @property
     def adamw(self) -> bool:
-        return self.path == "adamw"
+        return not self.algorithm.preconditioned
+
+    @property
+    def kl(self) -> bool:
+        """Whether the stack's eigenvalues are KL estimates (the flat lam tables hold them)."""
+        return self.algorithm.kl_estimate
 
     @property
     def t(self) -> int:
@@ -129,7 +133,7 @@ class DevicePlan:
         self.params = params  # every parameter with a block here, in a fixed order
         self.algorithm = opt.algorithm
         # per-block bookkeeping, blocks in stack order (KL stacks first: their blocks are 0..nkb-1)
-        self.stacks.sort(key=lambda s: (s.path not in KL_PATHS, s.path == "adamw"))
+        self.stacks.sort(key=lambda s: (not s.kl, s.adamw))
         col = 0
         block_param, block_stack, glim = [], [], []
         index_of = {id(p): j for j, p in enumerate(params)}
@@ -139,11 +143,10 @@ class DevicePlan:
             for p, i in st.members:
                 block_param.append(index_of[id(p)])
                 block_stack.append(s_index)
-            glim.extend([_guard.gradient_limit(opt.algorithm if st.path != "adamw" else "adamw", st.group,
-                                               st.shape, st.mask)] * st.B)
+            glim.extend([_guard.gradient_limit(st.path, st.group, st.shape, st.mask)] * st.B)
         self.nb = col
         dev = device
-        self.nkb = sum(st.B for st in self.stacks if st.path in KL_PATHS)
+        self.nkb = sum(st.B for st in self.stacks if st.kl)
         self.block_stack = torch.tensor(block_stack, dtype=torch.long, device=dev)
         self.single_block_params = len(set(block_param)) == len(block_param) and len(block_param) == len(params)
         self.block_param = torch.tensor(block_param, dtype=torch.long, device=dev)
@@ -195,7 +198,7 @@ class DevicePlan:
     def _kl_tables(self) -> None:
         """One flat buffer for every lam of every KL block (state), its projections, floors and
         the segment structure the spike test and the EMA reduce over."""
-        kl = [st for st in self.stacks if st.path in KL_PATHS]
+        kl = [st for st in self.stacks if st.kl]
         self.kl_stacks = kl
         if not kl:
             self.lam = None  # type: ignore[assignment]  # no KL block: no phase reads it

@@ -15,12 +15,13 @@ import torch
 
 from . import _functional as F
 from . import _steps as S
+from ._algorithms import ALGORITHMS
 from . import triton_kernels as K
 from .triton_kernels._config import intermediate_dtype
 
 
 def supports(path: str, block_shape: tuple, mask, hp: dict) -> bool:
-    if path == "klshampoo" and hp["eigenbasis"] == "eigh":  # the idealized mode: torch path
+    if ALGORITHMS[path].exact_mode(hp):  # the idealized mode: torch path
         return False
     return path in STEPS and len(block_shape) == 2 and all(mask)
 

@@ -391,8 +391,8 @@ def test_param_groups_added_after_steps_and_float64_parameters(tmp_path):
 def test_assignment_is_balanced_and_deterministic():
     from klkern._distributed import assign, block_cost
 
-    costs = [block_cost("klshampoo", "klshampoo", (768, 768), (True, True), 10)] * 8 + \
-            [block_cost("klshampoo", "klshampoo", (3072, 768), (True, True), 10)] * 2 + [1.0] * 5
+    costs = [block_cost("klshampoo", (768, 768), (True, True), 10)] * 8 + \
+            [block_cost("klshampoo", (3072, 768), (True, True), 10)] * 2 + [1.0] * 5
     for world in (1, 2, 3, 4):
         owner = assign(costs, world)
         assert owner == assign(costs, world)

@@ -94,3 +94,46 @@ def test_the_kernels_import_no_optimizer():
 
 def test_linalg_reaches_only_its_loader():
     assert reach(graph(), "linalg") <= LINALG_REACHES, reach(graph(), "linalg")
+
+
+ALGORITHM_NAMES = {"klshampoo", "klsoap", "soap", "shampoo", "adamw",  # as the state and defaults key them
+                   "KLShampoo", "KLSOAP", "SOAP", "Shampoo", "AdamW",  # as the classes are named
+                   "KL-Shampoo", "KL-SOAP"}  # as the papers write them
+# A group option whose value is spelled like an algorithm: large_dim_policy="adamw" sends the modes
+# above max_precond_dim to the AdamW path; comparing it is not asking which algorithm a block is.
+NOT_AN_ALGORITHM = ("large_dim_policy",)
+
+
+def _names_compared(tree: ast.AST, source: str) -> list:
+    """(line, source) of every comparison of a value with an algorithm's name (or a tuple of them)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        constants = set()
+        for operand in operands:
+            items = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+            constants |= {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)}
+        text = ast.get_source_segment(source, node) or ""
+        if constants & ALGORITHM_NAMES and not any(word in text for word in NOT_AN_ALGORITHM):
+            found.append((node.lineno, text))
+    return found
+
+
+def test_no_module_compares_algorithm_names_but_the_algorithms_own():
+    """What is specific to an algorithm is asked of its object (klkern/_algorithms.py), never
+    decided by comparing its name; the reference keeps its own comparisons on purpose (its
+    docstring: it must not share a mistake with the paths it checks)."""
+    offenders = []
+    for path in sorted([*PACKAGE.glob("*.py"), *KERNELS.glob("*.py")]):
+        if path.name in ("_algorithms.py", "reference.py"):
+            continue
+        source = path.read_text()
+        offenders += [f"{path.relative_to(ROOT)}:{line}: {text}" for line, text in _names_compared(ast.parse(source),
+                                                                                                   source)]
+    assert not offenders, "\n".join(offenders)
+    # the check itself finds what it is meant to find
+    sample = 'if path == "soap": pass\nif algo in ("klshampoo", "klsoap"): pass\nif p == "adamw" or x: pass\n' \
+             'if group["large_dim_policy"] == "adamw": pass\n'
+    assert [line for line, _ in _names_compared(ast.parse(sample), sample)] == [1, 2, 3]

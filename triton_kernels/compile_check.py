@@ -59,6 +59,8 @@ def _record_scenarios():
     """(optimizer class name, constructor kwargs, param dtype, shapes) of the recorded runs."""
     import torch
 
+    import klkern
+    from klkern._options import DEFAULTS
     from klkern._precision import PRECISIONS
 
     # (32, 32) and (20, 24) are single blocks (aligned and unaligned); (48, 32) splits into blocks
@@ -73,7 +75,7 @@ def _record_scenarios():
                 for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
                     scenarios.append((name, base, param_dtype, shapes))
                 scenarios.append((name, dict(base, normalize_grads=True), torch.float32, shapes))
-                if name in ("KLShampoo", "KLSOAP"):
+                if "spike_threshold" in DEFAULTS[getattr(klkern, name).algorithm]:  # the KL optimizers
                     scenarios.append((name, dict(base, spike_threshold=None), torch.float32, shapes))
     return scenarios
 
