@@ -29,10 +29,11 @@ import torch
 
 from . import _backend, _distributed, _errors, _guard, _precision
 from . import _functional as F
-from . import _schedule, _steps
+from . import _refresh, _schedule, _steps, _write
 from ._algorithms import ALGORITHMS
 from ._blocking import plan_for
-from ._plan import ROW, ROWS, DevicePlan, Stack, block_views, stack_state, structure_key
+from ._plan import ROW, ROWS, DevicePlan, Stack, structure_key
+from ._stacking import block_views, stack_state
 
 __all__ = ["StepEngine", "hyper"]
 
@@ -337,7 +338,7 @@ class StepEngine:
                 opt._graphs.capture(plan, hps, lambda: self.steady(plan, hps, kernels))
             else:
                 self.steady(plan, hps, kernels)
-        refreshed = self._refresh(plan, hps)
+        refreshed = _refresh.refresh(plan, hps)
         due = False
         for st in plan.stacks:
             st.U = None
@@ -389,9 +390,9 @@ class StepEngine:
             trial = st.cache.pop("trial", None)
             if trial is not None:
                 opt._kernels_proven.add(trial[0])
-        self._check_unbounded(plan)
-        self._normalize(plan, hps)
-        self._write(plan, hps)
+        _write.check_unbounded(plan)
+        _write.normalize(plan)
+        _write.write(plan)
         for st in plan.stacks:
             st.U = None
 
@@ -495,159 +496,3 @@ class StepEngine:
                 carry = project(st, hp, None)  # the torch path's own projections
             return self._phase(st, hp, kernels, phase, carry)
         return result
-
-    def _check_unbounded(self, plan: DevicePlan) -> None:
-        """Stacks of groups whose hyperparameters do not bound the update: each block whose new
-        state exceeds STATE_LIMIT or whose update is not finite is restored from the copy taken
-        before the step, its update and weight decay masked (klkern/_guard.py)."""
-        checked = [st for st in plan.stacks if "before" in st.cache]
-        if not checked:
-            return
-        for st in checked:
-            before = st.cache.pop("before")
-            if st.adamw:
-                sizes = st.cache["sizes"]
-                bad_entry = torch.isfinite(st.U).logical_not()
-                for name in ("exp_avg", "exp_avg_sq"):
-                    bad_entry |= st.bufs[name].float().abs() > _guard.STATE_LIMIT
-                bad = torch.segment_reduce(bad_entry.float(), "max", lengths=sizes, unsafe=True) > 0
-                ok = st.cache["keep"] & bad.logical_not()
-                keep_e = torch.repeat_interleave(ok, sizes, output_size=st.shape[0])
-                for name, buf in st.bufs.items():
-                    torch.where(keep_e, buf, before[name], out=buf)
-                st.cache["keep"].copy_(ok)
-                st.cache["keep_e"] = keep_e
-                st.U = torch.where(keep_e, st.U, plan.zero)
-            else:
-                ok = st.keep & _guard.block_flags(st.bufs, st.U, None, st.B, plan.device)
-                ok_b = st.broadcast(ok)
-                for name, buf in st.bufs.items():
-                    restore = ok.view((st.B,) + (1,) * (buf.dim() - 1))
-                    torch.where(restore, buf, before[name], out=buf)
-                st.keep.copy_(ok)
-                st.U = torch.where(ok_b, st.U, plan.zero)
-            rolled = torch.zeros(len(plan.params), dtype=torch.float32, device=plan.device)
-            lost = (st.cache["keep"] if st.adamw else st.keep).logical_not().float()
-            rolled.index_add_(0, plan.block_param[st.lo:st.hi], lost)
-            newly = (rolled > 0) & plan.flags[1].logical_not() & plan.flags[0].logical_not()
-            plan.counts[1].add_(newly.sum())
-            plan.ever[1].logical_or_(newly)
-            plan.flags[1].logical_or_(newly)
-        plan.remask()
-
-    # ------------------------------------------------------------------ write-back and refresh
-
-    def _normalize(self, plan: DevicePlan, hps: dict) -> None:
-        """normalize_grads: each parameter's update divided by 1e-30 + its RMS (SPEC step 7)."""
-        if not any(st.group["normalize_grads"] for st in plan.stacks):
-            return
-        sums = torch.zeros(plan.nb, dtype=torch.float32, device=plan.device)
-        for st in plan.stacks:
-            if not st.group["normalize_grads"]:
-                continue
-            U = st.U
-            if st.adamw:
-                sq = torch.segment_reduce(U * U, "sum", lengths=st.cache["sizes"], unsafe=True)
-            else:
-                sq = (U * U).reshape(st.B, -1).sum(1)
-            sums[st.lo:st.hi] = sq
-        numel = torch.zeros(plan.nb, dtype=torch.float32, device=plan.device)
-        for st in plan.stacks:
-            numel[st.lo:st.hi] = torch.tensor(st.sizes if st.adamw else [math.prod(st.shape)] * st.B,
-                                              dtype=torch.float32)
-        total = torch.zeros(len(plan.params), dtype=torch.float32, device=plan.device)
-        total.index_add_(0, plan.block_param, sums)
-        count = torch.zeros_like(total).index_add_(0, plan.block_param, numel)
-        factor = torch.reciprocal(1e-30 + torch.sqrt(total / count.clamp(min=1))).index_select(0, plan.block_param)
-        for st in plan.stacks:
-            if not st.group["normalize_grads"]:
-                continue
-            f = factor[st.lo:st.hi]
-            if st.adamw:
-                st.U = st.U * torch.repeat_interleave(f, st.cache["sizes"], output_size=st.shape[0])
-            else:
-                st.U = st.U * st.broadcast(f)
-
-    def _write(self, plan: DevicePlan, hps: dict) -> None:
-        """SPEC step 8 for every block: W <- W + update U, then W <- W + decay W (update = -lr times
-        the algorithm's step-size factor, decay = -lr wd, both 0 for a skipped block), on the
-        parameters gathered into each stack's W; copied back in their own dtype."""
-        self._copying_sources(plan)
-        plan.gather_params()
-        for st in plan.stacks:
-            W, U = st.W, st.U
-            if st.adamw:  # its coefficients are the same for every member: 0-d views of the plan's rows
-                new = torch.addcmul(W, U, st.cache["update"])
-                if st.group["weight_decay"] != 0:
-                    new.addcmul_(new, st.cache["decay"])
-                torch.where(st.cache["keep_e"], new, W, out=W)
-                continue
-            W.addcmul_(U, st.coef("update"))
-            if st.group["weight_decay"] != 0 or plan.has_waiting:
-                W.addcmul_(W, st.coef("decay"))
-        plan.scatter_params()
-        self._write_copying(plan)
-
-    def _copying_sources(self, plan: DevicePlan) -> None:
-        """Blocks that are copies of their parameter (a copying layout): gathered one by one."""
-        for st, b in plan.copying:
-            p, i = st.members[b]
-            blocks = plan_for(_distributed.local(p).shape, st.group).extract(_distributed.local(p).detach())
-            st.w_dst[b].copy_(blocks[i])
-
-    def _write_copying(self, plan: DevicePlan) -> None:
-        if not plan.copying:
-            return
-        by_param: dict = defaultdict(dict)
-        for st, b in plan.copying:
-            p, i = st.members[b]
-            by_param[id(p)][i] = (p, st, st.w_dst[b])
-        for pieces in by_param.values():
-            p, st, _ = next(iter(pieces.values()))
-            tensor = _distributed.local(p)
-            layout = plan_for(tensor.shape, st.group)
-            blocks = layout.extract(tensor.detach())
-            blocks = [pieces[i][2].to(tensor.dtype) if i in pieces else b.clone() for i, b in enumerate(blocks)]
-            tensor.detach().copy_(layout.assemble(blocks))
-
-    # Refreshes choose their blocks with a host read of keep where it costs nothing (the CPU: the
-    # refresh then runs in place on the stacked state when every block stepped); on a GPU every
-    # due block is refreshed on a copy and the result kept only where the block stepped.
-    SELECT_ON_DEVICE = ("cuda",)
-
-    def _refresh(self, plan: DevicePlan, hps: dict) -> bool:
-        """The eigenbasis refreshes due at this step (Shampoo's roots were refreshed inside its
-        update), on the blocks that stepped; with stagger_refresh only the blocks whose own
-        schedule falls on this step, each with its own clock (t + offset) for the periodic QR."""
-        due = [st for st in plan.stacks if st.refresh and st.algorithm.eigenbasis]
-        if not due:
-            return False
-        on_device = plan.device.type in self.SELECT_ON_DEVICE
-        keeps = None if on_device else torch.cat([st.keep for st in due]).tolist()
-        offset = 0
-        for st in due:
-            hp, period = hps[id(st)], hps[id(st)]["precondition_frequency"]
-            if st.offsets is None:
-                clocks = {st.t: list(range(st.B))}
-            else:
-                clocks = {}
-                for b in st.due:  # blocks that share (t + offset) // T share the periodic QR's turn
-                    clocks.setdefault(st.t + st.offsets[b], []).append(b)
-            kept = None if keeps is None else keeps[offset: offset + st.B]
-            offset += st.B
-            for clock, blocks in clocks.items():
-                chosen = blocks if kept is None else [b for b in blocks if kept[b]]
-                if not chosen:
-                    continue
-                index = None if len(chosen) == st.B else torch.tensor(chosen, dtype=torch.long, device=plan.device)
-                if st.algorithm.exact_mode(hp):
-                    direct = (clock // period) % F.REORTHOGONALIZE_EVERY == 0
-
-                    def fn(bufs, st=st, hp=hp, direct=direct):
-                        F._refresh_exact(bufs, st.mask, F._bases(bufs, st.mask), hp["eigval_clamp"], direct=direct)
-                else:
-                    def fn(bufs, st=st, hp=hp, clock=clock):
-                        F.refresh_(bufs, st.mask, hp, clock, sort_v=st.algorithm.sorts_basis)
-                keep = st.keep if on_device else None
-                F.on_blocks_(st.bufs, index, fn, keep=keep)
-        return True

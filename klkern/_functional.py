@@ -1,4 +1,6 @@
-"""The torch path's building blocks: initialisation, refresh and diagnostics over a stack.
+"""The torch path's building blocks: initialisation, refresh and eigenvalue estimates over a
+stack (the products and state access they share: klkern/_stacked.py; the seen directions and
+the tracked KL objective: klkern/_tracking.py).
 
 Every function works on a batch of ``B`` same-shape blocks: ``G`` is
 (B, d_0, ..., d_{n-1}) float32 and ``bufs`` maps state names to stacked
@@ -31,100 +33,11 @@ import math
 import torch
 
 from . import _precision, linalg
+from ._stacked import _along, _gram_, _load, _modes, _new_state, _rotate, _store
+from ._tracking import _kl_names, _seen_names, see_, track_kl_
 from .linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
 
 __all__ = ["INITS", "refresh_"]
-
-# --------------------------------------------------------------------------
-# batched tensor helpers
-
-
-def _mode_mul(X: torch.Tensor, A: torch.Tensor, k: int, mode: str = "highest") -> torch.Tensor:
-    """Per batch element b: X[b] x_k A[b] (mode k of X[b] multiplied by A[b]), the product
-    at precision ``mode`` (klkern._precision)."""
-    B, shape = X.shape[0], X.shape[1:]
-    nd = len(shape)
-    r = A.shape[-2]
-    mm = _precision.bmm
-    if nd == 1:
-        return mm(A, X.unsqueeze(-1), mode).squeeze(-1)
-    if k == 0:
-        return mm(A, X.reshape(B, shape[0], -1), mode).reshape(B, r, *shape[1:])
-    if k == nd - 1:
-        return mm(X.reshape(B, -1, shape[-1]), A.mT, mode).reshape(B, *shape[:-1], r)
-    moved = X.movedim(k + 1, -1)
-    out = mm(moved.reshape(B, -1, shape[k]), A.mT, mode)
-    return out.reshape(*moved.shape[:-1], r).movedim(-1, k + 1)
-
-
-def _rotate(X: torch.Tensor, Qs: list, mode: str = "highest") -> torch.Tensor:
-    """X x_k Q_k^T for every mode with a basis (Q_a^T X Q_b in 2-D). The last mode goes
-    first, as in the kernels ((X Q_b) first), so both paths round the same intermediates."""
-    for k in reversed(range(len(Qs))):
-        if Qs[k] is not None:
-            X = _mode_mul(X, Qs[k].mT, k, mode)
-    return X
-
-
-def _rotate_back(X: torch.Tensor, Qs: list, mode: str = "highest") -> torch.Tensor:
-    for k in reversed(range(len(Qs))):
-        if Qs[k] is not None:
-            X = _mode_mul(X, Qs[k], k, mode)
-    return X
-
-
-def _unfold(X: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, d_k, N / d_k) mode-k unfoldings of a stack."""
-    return X.movedim(k + 1, 1).reshape(X.shape[0], X.shape[k + 1], -1)
-
-
-def _gram_(R: torch.Tensor, X: torch.Tensor, k: int, beta: float, alpha: float,
-           mode: str = "highest", left: torch.Tensor | None = None) -> torch.Tensor:
-    """R <- beta R + alpha L_(k) X_(k)^T in place, L = ``left`` (default X; KL's weighted
-    gradient), without copying X for the first/last mode; the product at precision ``mode``."""
-    L = X if left is None else left
-    B, shape = X.shape[0], X.shape[1:]
-    if k == 0:
-        return _precision.baddbmm_(R, L.reshape(B, shape[0], -1), X.reshape(B, shape[0], -1).mT, beta, alpha, mode)
-    if k == len(shape) - 1:
-        return _precision.baddbmm_(R, L.reshape(B, -1, shape[-1]).mT, X.reshape(B, -1, shape[-1]), beta, alpha,
-                                   mode)
-    return _precision.baddbmm_(R, _unfold(L, k), _unfold(X, k).mT, beta, alpha, mode)
-
-
-def _along(vec: torch.Tensor, k: int, nd: int) -> torch.Tensor:
-    """(B, d_k) shaped to broadcast along mode k of a (B, ...) stack."""
-    shape = [vec.shape[0]] + [1] * nd
-    shape[k + 1] = vec.shape[1]
-    return vec.reshape(shape)
-
-
-def _lam_product(lams: list, nd: int, skip: int | None = None):
-    out = None
-    for j, lam in enumerate(lams):
-        if lam is not None and j != skip:
-            term = _along(lam, j, nd)
-            out = term if out is None else out * term
-    return out
-
-
-def _load(bufs: dict, name: str) -> torch.Tensor:
-    """State tensor in float32 (the buffer itself when it is float32)."""
-    return bufs[name].float()
-
-
-def _store(bufs: dict, name: str, value: torch.Tensor) -> None:
-    if bufs[name] is not value:
-        bufs[name].copy_(value)
-
-
-def _modes(mask) -> list[int]:
-    return [k for k, on in enumerate(mask) if on]
-
-
-def _bases(bufs: dict, mask, prefix: str = "Q") -> list:
-    return [_load(bufs, f"{prefix}{k}") if on else None for k, on in enumerate(mask)]
-
 
 def _eigh_stack(S: torch.Tensor, fallback: torch.Tensor | None):
     """Batched descending eigh; a block whose solve fails even in float64 keeps
@@ -177,123 +90,7 @@ def _gradient_scale(G: torch.Tensor, mask) -> torch.Tensor:
     return G.double().pow(2).reshape(G.shape[0], -1).mean(1).pow(1.0 / len(_modes(mask))).float()
 
 
-# State kept in float32 whatever state_dtype says (docs/conventions.md: what is inverted or divides
-# stays float32): KL eigenvalue estimates (lam*), Adam second moments (exp_avg_sq: their square
-# root divides), Shampoo's factors (L*: their eigenvalues are inverted) and roots (root*), and the
-# KL diagnostic (kl*), which directions have seen a gradient (seen*, mask_unseen) and the
-# eigenvalue floor's scale (floor_scale, eigval_floor). state_dtype
-# stores the rest: bases Q*, rotated factors R*, momenta exp_avg.
-FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root", "seen", "floor_scale")
-
-
-def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
-    """Zero-filled state: FLOAT32_STATE names in float32, the others in ``state_dtype``."""
-    return {
-        name: torch.zeros(shape, dtype=torch.float32 if name.startswith(FLOAT32_STATE) else state_dtype,
-                          device=G.device)
-        for name, shape in names_shapes.items()
-    }
-
-
-# --------------------------------------------------------------------------
 # the KL objective of each block's estimate, tracked every step (optimizer.diagnostics())
-
-KL_TRACK_BETA = 0.9  # EMA over steps of the per-entry KL objective
-
-
-def _kl_names(B: int) -> dict:
-    return {"kl": (B,), "kl_weight": (B,)}
-
-
-def _seen_names(G: torch.Tensor, mask) -> dict:
-    """mask_unseen: seen{k} (B, d_k) for every preconditioned mode."""
-    return {f"seen{k}": (G.shape[0], G.shape[k + 1]) for k in _modes(mask)}
-
-
-def see_(bufs: dict, G: torch.Tensor, mask) -> None:
-    """seen_k <- max(seen_k, max |G| over each slice along mode k), in place: 0 in a slice while
-    every gradient was exactly zero there (reference.update_seen). At initialisation; a step's
-    is DevicePlan.see, for all stacks at once."""
-    nd = G.dim()
-    for k in _modes(mask):
-        seen = bufs[f"seen{k}"]
-        dims = [j for j in range(1, nd) if j != k + 1]
-        norm = torch.linalg.vector_norm(G, ord=math.inf, dim=dims) if dims else G.abs()
-        torch.maximum(seen, norm, out=seen)
-
-
-def track_kl_(bufs: dict, Gr: torch.Tensor, lams: list, keep: torch.Tensor | None = None) -> None:
-    """Fold the KL objective of the block's current estimate, evaluated on the incoming
-    rotated gradient ``Gr`` (before the estimate sees it), into an EMA over steps.
-
-    The estimate is S = kron_k Q_k diag(lam_k) Q_k^T (``lams[k]`` (B, d_k), None for a mode
-    without one). What is tracked is its objective minus that of an isotropic estimate c I,
-    both at their KL-optimal overall scale, per entry:
-
-        0.5 (log(q / ||Gr||^2) + logdet / N),  q = ||Gr / sqrt(prod lam)||^2,
-        logdet = sum_k (N / d_k) sum log lam_k  (klkern.analysis.kl_objective)
-
-    In expectation this is KL(E[gg^T], S) - KL(E[gg^T], c I): 0 for an estimate no better
-    than the identity, negative when it captures the gradients' structure. It does not
-    depend on the scale of the gradients or of the estimate, so optimizers compare. Blocks with
-    ``keep`` False (a skipped step) leave their EMA as it was."""
-    B, shape = Gr.shape[0], tuple(Gr.shape[1:])
-    # float64: a product of floored eigenvalues (1e-30 each for SOAP's diagonals of a rank-deficient
-    # factor) underflows float32, and Gr^2 over it would overflow; the diagnostic must stay finite.
-    # q is contracted one mode at a time (the last first) by matrix-vector products with 1 / lam_k,
-    # so the only block-sized tensor is the float64 copy of Gr, squared in place.
-    squares = Gr.double().square_()
-    energy = squares.reshape(B, -1).sum(1)
-    q = squares
-    for k in reversed(range(len(shape))):
-        if lams[k] is None:
-            q = q.sum(-1)
-        else:
-            inverse = lams[k].double().reciprocal().unsqueeze(-1)  # (B, d_k, 1)
-            q = torch.bmm(q.reshape(B, -1, shape[k]), inverse).reshape(q.shape[:-1])
-    _fold_kl_(bufs, q, energy, lams, shape, keep)
-
-
-def kl_from_projection_(bufs: dict, proj: torch.Tensor, lams: list, k: int, Gr: torch.Tensor,
-                        keep: torch.Tensor | None = None) -> None:
-    """:func:`track_kl_` for the KL variants from mode k's eigenvalue projection
-    proj_k = mean over the other modes of Gr^2 / prod_{j!=k} lam_j (computed anyway, by the
-    kernels too): q = (N / d_k) sum_i proj_k_i / lam_k_i, against ||Gr||^2 = ||G||^2."""
-    shape = tuple(Gr.shape[1:])
-    energy = torch.linalg.vector_norm(Gr.reshape(Gr.shape[0], -1), dim=1, dtype=torch.float64).square()
-    q = (math.prod(shape) / shape[k]) * (proj.double() / lams[k].double()).sum(1)
-    _fold_kl_(bufs, q, energy, lams, shape, keep)
-
-
-# The tracked objective is clamped to this magnitude: a diagnostic, finite whatever the factors
-# (a rank-deficient one gives log-ratios of hundreds; nothing here can decide a step).
-KL_LIMIT = 1e6
-
-
-def _fold_kl_(bufs: dict, q: torch.Tensor, energy: torch.Tensor, lams: list, shape: tuple,
-              keep: torch.Tensor | None = None) -> None:
-    """Fold one step's objective into the EMA, computed in float64 and clamped to +-KL_LIMIT
-    (a non-finite one, from an overflowing gradient, leaves the EMA as it was)."""
-    N = math.prod(shape)
-    q, energy = q.double(), energy.double()
-    logdet = torch.zeros_like(q)
-    for k, lam in enumerate(lams):
-        if lam is not None:
-            logdet = logdet + (N / shape[k]) * torch.log(lam.double().clamp(min=1e-300)).sum(1)
-    ratio = torch.clamp(q, min=1e-300) / torch.clamp(energy, min=1e-300)
-    objective = 0.5 * (torch.log(ratio) + logdet / N)
-    # q = 0 measures nothing: a zero gradient, or one whose squares underflow float32 in the KL
-    # variants' projection (|g| below ~1e-23), which would fold in log(1e-300): the EMA is kept
-    finite = torch.isfinite(objective) & (q > 0)
-    if keep is not None:
-        finite &= keep
-    decay = torch.where(finite, KL_TRACK_BETA, 1.0).to(bufs["kl"].dtype)
-    add = torch.where(finite, 1 - KL_TRACK_BETA, 0.0).to(bufs["kl"].dtype)
-    objective = torch.where(finite, objective.clamp(-KL_LIMIT, KL_LIMIT), 0.0).to(bufs["kl"].dtype)
-    bufs["kl"].mul_(decay).add_(add * objective)
-    bufs["kl_weight"].mul_(decay).add_(add)
-
-
 def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
     """Common init of the rotated-factor algorithms: S_k = c_k G_(k) G_(k)^T,
     Q_k = eigenvectors (descending), R_k = Q_k^T S_k Q_k. Returns (bufs, evals)."""

@@ -29,6 +29,7 @@ import math
 import torch
 
 from . import _functional as F
+from . import _stacked, _tracking
 from . import _precision
 
 __all__ = ["STEPS"]
@@ -79,7 +80,7 @@ def rotate(st, X: torch.Tensor, mode: str, prefix: str = "Q") -> torch.Tensor:
     if _two_d(st):
         Ts = _transposed(st, Qs, prefix)
         return _precision.bmm(Ts[0], _precision.bmm(X, Qs[1], mode), mode)
-    return F._rotate(X, Qs, mode)
+    return _stacked._rotate(X, Qs, mode)
 
 
 def rotate_back(st, X: torch.Tensor, mode: str, prefix: str = "Q") -> torch.Tensor:
@@ -88,7 +89,7 @@ def rotate_back(st, X: torch.Tensor, mode: str, prefix: str = "Q") -> torch.Tens
     if _two_d(st):
         Ts = _transposed(st, Qs, prefix)
         return _precision.bmm(Qs[0], _precision.bmm(X, Ts[1], mode), mode)
-    return F._rotate_back(X, Qs, mode)
+    return _stacked._rotate_back(X, Qs, mode)
 
 
 def _lams(st) -> list:
@@ -99,7 +100,7 @@ def _lam_along(st, k: int) -> torch.Tensor:
     """lam_k (a view into the plan's flat buffer) shaped to broadcast along mode k (made once)."""
     key = f"lam_along{k}"
     if key not in st.cache:
-        st.cache[key] = F._along(st.bufs[f"lam{k}"], k, len(st.shape))
+        st.cache[key] = _stacked._along(st.bufs[f"lam{k}"], k, len(st.shape))
     return st.cache[key]
 
 
@@ -128,7 +129,7 @@ def _factor_ema_(st, name: str, X: torch.Tensor, k: int, alpha: float, mode: str
         else:
             _precision.baddbmm_(R, L.mT, X, 1.0, alpha, mode)
     else:
-        F._gram_(R, X, k, 1.0, alpha, mode, left)
+        _stacked._gram_(R, X, k, 1.0, alpha, mode, left)
     _store(st, name, R)
 
 
@@ -185,7 +186,7 @@ def kl_project(st, hp, carry=None):
                 torch.mul(W, Gr, out=st.proj[k])
     if st.track_kl:
         first = next(k for k, on in enumerate(st.mask) if on)
-        F.kl_from_projection_(st.bufs, st.proj[first], _lams(st), first, Gr, keep=st.keep)
+        _tracking.kl_from_projection_(st.bufs, st.proj[first], _lams(st), first, Gr, keep=st.keep)
     return Gr, None
 
 

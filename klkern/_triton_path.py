@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _functional as F
+from . import _tracking
 from . import _steps as S
 from ._algorithms import ALGORITHMS
 from . import triton_kernels as K
@@ -42,7 +43,7 @@ def kl_project(st, hp, carry=None):
     st.proj[0].copy_(pa)
     st.proj[1].copy_(pb)
     if st.track_kl:
-        F.kl_from_projection_(st.bufs, st.proj[0], list(lam), 0, Gr, keep=st.keep)
+        _tracking.kl_from_projection_(st.bufs, st.proj[0], list(lam), 0, Gr, keep=st.keep)
     return Gr, None
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from klkern._functional import FLOAT32_STATE
+from klkern._stacked import FLOAT32_STATE
 
 from _helpers import PAIRS, clone_params, make_params, quadratic_grads, rel_err
 

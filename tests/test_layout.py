@@ -137,3 +137,11 @@ def test_no_module_compares_algorithm_names_but_the_algorithms_own():
     sample = 'if path == "soap": pass\nif algo in ("klshampoo", "klsoap"): pass\nif p == "adamw" or x: pass\n' \
              'if group["large_dim_policy"] == "adamw": pass\n'
     assert [line for line, _ in _names_compared(ast.parse(sample), sample)] == [1, 2, 3]
+
+
+def test_no_module_over_500_lines():
+    """A module a reader can hold: none of klkern's or the kernels' over 500 lines (split by role,
+    klkern/README.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in [*PACKAGE.glob("*.py"), *KERNELS.glob("*.py")]
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

@@ -4,7 +4,7 @@ hand, and against the claims of the paper (Claim 3's optimum)."""
 import pytest
 import torch
 
-from klkern import reference as R
+from klkern import linalg, reference as R
 
 ATOL = 1e-5  # float32 products of O(1) numbers, a few hundred terms
 
@@ -133,7 +133,7 @@ def test_soap_refresh_sorts_and_permutes_v():
     Qs, v_new = R.soap_refresh([GG, None], [Q, None], v)
     order = torch.argsort(torch.diag(Q.T @ GG @ Q), descending=True)
     torch.testing.assert_close(v_new, v[order])
-    torch.testing.assert_close(Qs[0], R.batched_qr(GG @ Q[:, order]))
+    torch.testing.assert_close(Qs[0], linalg.batched_qr(GG @ Q[:, order]))
 
 
 def test_inverse_root():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import klkern
-from klkern import _functional as F, linalg
+from klkern import _functional as F, _stacked, linalg
 from klkern._engine import hyper
 
 ALGOS = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP}
@@ -36,14 +36,14 @@ def _state(algorithm, shape, steps=3, seed=0):
 
 def _in_parameter_basis(bufs, mask):
     """Every factor S_k = Q_k R_k Q_k^T and the momentum rotated back to the parameter's basis."""
-    Qs = F._bases(bufs, mask)
-    S = [Qs[k] @ bufs[f"R{k}"] @ Qs[k].mT for k in F._modes(mask)]
-    return S, F._rotate_back(bufs["exp_avg"], Qs)
+    Qs = _stacked._bases(bufs, mask)
+    S = [Qs[k] @ bufs[f"R{k}"] @ Qs[k].mT for k in _stacked._modes(mask)]
+    return S, _stacked._rotate_back(bufs["exp_avg"], Qs)
 
 
 def _orthogonality(bufs, mask):
     return max((bufs[f"Q{k}"].mT @ bufs[f"Q{k}"] - torch.eye(bufs[f"Q{k}"].shape[-1])).abs().max().item()
-               for k in F._modes(mask))
+               for k in _stacked._modes(mask))
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGOS))
@@ -73,7 +73,7 @@ def test_a_drifted_basis_is_made_orthogonal_again_by_the_periodic_qr():
     QR of Q R removes it, and both keep S = Q R Q^T. Fails if the periodic QR is dropped."""
     bufs, mask, hp = _state("klshampoo", (24, 16))
     g = torch.Generator().manual_seed(5)
-    for k in F._modes(mask):
+    for k in _stacked._modes(mask):
         bufs[f"Q{k}"].add_(1e-3 * torch.randn(bufs[f"Q{k}"].shape, generator=g))
     drift = _orthogonality(bufs, mask)
     assert drift > 5e-4
@@ -96,19 +96,19 @@ def test_the_idealized_refresh_keeps_the_factor_and_repairs_a_drifted_basis(dire
     bufs, mask, hp = _state("klshampoo", (24, 16))
     hp = dict(hp, eigenbasis="eigh")
     S_before, M_before = _in_parameter_basis(bufs, mask)
-    F._refresh_exact(bufs, mask, F._bases(bufs, mask), hp["eigval_clamp"], direct=direct)
+    F._refresh_exact(bufs, mask, _stacked._bases(bufs, mask), hp["eigval_clamp"], direct=direct)
     S_after, M_after = _in_parameter_basis(bufs, mask)
     for a, b in zip(S_after, S_before):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     assert (M_after - M_before).abs().max() <= 1e-5 * M_before.abs().max()
-    for k in F._modes(mask):
+    for k in _stacked._modes(mask):
         R = bufs[f"R{k}"]
         assert (R - torch.diag_embed(torch.diagonal(R, dim1=-2, dim2=-1))).abs().max() <= 1e-5 * R.abs().max()
     g = torch.Generator().manual_seed(5)
-    for k in F._modes(mask):
+    for k in _stacked._modes(mask):
         bufs[f"Q{k}"].add_(1e-3 * torch.randn(bufs[f"Q{k}"].shape, generator=g))
     drift = _orthogonality(bufs, mask)
-    F._refresh_exact(bufs, mask, F._bases(bufs, mask), hp["eigval_clamp"], direct=direct)
+    F._refresh_exact(bufs, mask, _stacked._bases(bufs, mask), hp["eigval_clamp"], direct=direct)
     if direct:
         assert _orthogonality(bufs, mask) < 1e-5
     else:
@@ -373,11 +373,11 @@ def test_refresh_selected_on_the_device_equals_the_host_choice(stagger, monkeypa
     """On a GPU a refresh step keeps the result only where the block stepped, decided on the
     device; the CPU reads keep back and refreshes in place. Both give the same run, a NaN
     gradient at a refresh step included."""
-    from klkern import _engine
+    from klkern import _refresh
 
     runs = []
     for device_choice in (False, True):
-        monkeypatch.setattr(_engine.StepEngine, "SELECT_ON_DEVICE", ("cpu",) if device_choice else ("cuda",))
+        monkeypatch.setattr(_refresh, "SELECT_ON_DEVICE", ("cpu",) if device_choice else ("cuda",))
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(*s)) for s in STAGGER_SHAPES]
         opt = klkern.KLShampoo(params, lr=1e-2, precondition_frequency=4, stagger_refresh=stagger)
