@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._hyper import StepHyperparameters
 
 __all__ = ["ALGORITHMS", "ADAMW", "Algorithm"]
 
@@ -50,9 +54,12 @@ class Algorithm:
         return self.preconditioned and not self.eigenbasis
 
     @property
-    def initialises_on_first_step(self) -> bool:
-        """Whether its first step only initialises state from the gradient (every eigenbasis
-        method, SPEC "Initialisation"); Shampoo and AdamW update from their first step."""
+    def initialises_from_gradient(self) -> bool:
+        """Whether its state is initialised from a block's first gradient (its factors, bases and,
+        for the KL variants, scale-free eigenvalue estimates; every eigenbasis method, SPEC
+        "Initialisation"): that step only initialises, and a block starts from its first gradient
+        that carries scale (a nonzero sum of squares in float32). Shampoo and the AdamW path start
+        from zeros whatever the gradient and update from their first step."""
         return self.preconditioned and self.eigenbasis
 
     @property
@@ -60,9 +67,9 @@ class Algorithm:
         """Whether it keeps the KL diagnostic's EMAs (optimizer.diagnostics()['kl'])."""
         return self.preconditioned
 
-    def exact_mode(self, hp: dict) -> bool:
+    def exact_mode(self, hp: StepHyperparameters) -> bool:
         """Whether this group steps in the idealized mode (exact eigendecomposition)."""
-        return self.exact_eigenbasis and hp.get("eigenbasis", "qr") == "eigh"
+        return self.exact_eigenbasis and hp.eigenbasis == "eigh"
 
     def state_names(self, mask) -> set:
         """The state names a block with preconditioned modes ``mask`` holds (what its init

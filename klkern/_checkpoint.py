@@ -20,7 +20,8 @@ import torch
 
 from . import _distributed, _precision
 from ._blocking import plan_for
-from ._engine import StepEngine, hyper
+from ._engine import StepEngine
+from ._hyper import hyper
 from ._algorithms import ALGORITHMS
 from ._functional import INITS
 from ._options import validate_group
@@ -114,7 +115,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
         split = self._replicated_split()
         with torch.no_grad(), _precision.optimizer_math():
             for group in self.param_groups:
-                hp = dict(hyper(self.algorithm, group), rotation_mode="highest", factor_mode="highest")
+                hp = hyper(group)
                 for p in group["params"]:
                     tensor = _distributed.local(p)
                     if tensor.numel() == 0 or "step" in self.state.get(p, {}):

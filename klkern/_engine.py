@@ -23,35 +23,32 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 from collections import defaultdict
 
 import torch
 
-from . import _backend, _distributed, _errors, _guard, _precision
+from . import _distributed, _guard, _precision
 from . import _functional as F
-from . import _refresh, _schedule, _steps, _write
+from . import _phases, _refresh, _schedule, _write
 from ._algorithms import ALGORITHMS
 from ._blocking import plan_for
+from ._hyper import StepHyperparameters, hyper
 from ._plan import ROW, ROWS, DevicePlan, Stack, structure_key
 from ._stacking import block_views, stack_state
 
-__all__ = ["StepEngine", "hyper"]
+__all__ = ["StepEngine"]
 
 
-def hyper(algorithm: str, group: dict) -> dict:
-    """The scalars a step reads, resolved once per group and step."""
-    from ._options import factor_beta
+class InitBatch(NamedTuple):
+    """Blocks initialised together: one group, path, block shape, mask, device and gradient dtype."""
 
-    beta1, beta2 = group["betas"]
-    hp = dict(group)
-    hp.update(
-        beta1=float(beta1),
-        beta2=float(beta2),
-        factor_beta=float(factor_beta(group)),
-        correct_bias=group.get("correct_bias", True),
-        eigenbasis=group.get("eigenbasis", "qr"),
-    )
-    return hp
+    group_index: int  # the param group's index
+    path: str  # an algorithm's name or "adamw" (klkern/_algorithms.py)
+    shape: tuple
+    mask: tuple
+    device: torch.device
+    dtype: torch.dtype
 
 
 class StepEngine:
@@ -105,9 +102,9 @@ class StepEngine:
     def start(self, work: list) -> tuple[set, list]:
         """Initialise the parameters seen for the first time; find the waiting blocks whose
         gradient now carries scale. Returns (ids of parameters that only initialised this step,
-        [(group index, key, [(param, block index, gradient copy)])] to initialise after the step)."""
+        [(InitBatch, (param, block index, gradient copy))] to initialise after the step)."""
         opt = self.opt
-        scale_started = opt.algorithm in opt.SCALE_STARTED
+        scale_started = ALGORITHMS[opt.algorithm].initialises_from_gradient
         if scale_started and not opt._unscaled_known:
             opt._find_unscaled()
         fresh, waiting = [], []
@@ -158,14 +155,14 @@ class StepEngine:
             path = "adamw" if plan.adamw else opt.algorithm
             for i in mine:
                 G = grads[i]
-                init_batches[(index, path, tuple(G.shape), plan.masks[i], G.device, G.dtype)].append((p, i, G))
-            if ALGORITHMS[opt.algorithm].initialises_on_first_step:  # Shampoo: no initialisation-only step
+                init_batches[InitBatch(index, path, tuple(G.shape), plan.masks[i], G.device, G.dtype)].append((p, i, G))
+            if ALGORITHMS[opt.algorithm].initialises_from_gradient:  # Shampoo: no initialisation-only step
                 initialised_only.add(id(p))
         if skipped:
             opt._count_skipped([tuple(p.shape) for p in skipped], [])
         failed = []
         for key, members in init_batches.items():
-            failed += self._initialise(key, members, opt.param_groups[key[0]])
+            failed += self._initialise(key, members, opt.param_groups[key.group_index])
         if failed:  # a parameter whose initialisation is not finite is left uninitialised
             for p in failed:
                 opt.state.pop(p, None)
@@ -178,17 +175,17 @@ class StepEngine:
             for i in blocks:
                 if math.isfinite(amax[(id(p), i)]) and sumsq[(id(p), i)] > 0:
                     G = grads[i]
-                    later.append((index, ("adamw" if plan.adamw else opt.algorithm, tuple(G.shape), plan.masks[i],
-                                          G.device, G.dtype), (p, i, G.float().clone())))
+                    later.append((InitBatch(index, "adamw" if plan.adamw else opt.algorithm, tuple(G.shape),
+                                            plan.masks[i], G.device, G.dtype), (p, i, G.float().clone())))
         self.version += 1 if init_batches else 0
         return initialised_only, later
 
-    def _initialise(self, key: tuple, members: list, group: dict) -> list:
+    def _initialise(self, key: InitBatch, members: list, group: dict) -> list:
         """Initialise a batch of blocks from their gradients; returns the parameters whose new
         state is not finite (host read)."""
         opt = self.opt
-        path, mask = key[1], key[3]
-        hp = dict(hyper(opt.algorithm, group), rotation_mode="highest", factor_mode="highest")
+        path, mask = key.path, key.mask
+        hp = hyper(group)
         G = torch.stack([G for _, _, G in members]).float()
         bufs = F.INITS[path](G, mask, hp)
         flags = _guard.block_flags(bufs, None, None, G.shape[0], G.device).tolist()
@@ -205,11 +202,11 @@ class StepEngine:
         waits on."""
         opt = self.opt
         batches: dict = defaultdict(list)
-        for index, key, member in later:
-            batches[(index,) + key].append(member)
-        for (index, path, shape, mask, device, dtype), members in batches.items():
-            group = opt.param_groups[index]
-            hp = dict(hyper(opt.algorithm, group), rotation_mode="highest", factor_mode="highest")
+        for key, member in later:
+            batches[key].append(member)
+        for key, members in batches.items():
+            group, path, mask = opt.param_groups[key.group_index], key.path, key.mask
+            hp = hyper(group)
             G = torch.stack([G for _, _, G in members])
             bufs = F.INITS[path](G, mask, hp)
             flags = _guard.block_flags(bufs, None, None, G.shape[0], G.device).tolist()
@@ -317,7 +314,7 @@ class StepEngine:
             hp = self._stack_hp(st)
             hps[id(st)] = hp
             rows.append(self._host_row(st, hp))
-            period = hp["precondition_frequency"]
+            period = hp.precondition_frequency
             synchronous = st.t % period == 0
             if st.offsets is None:
                 st.refresh = not st.adamw and synchronous
@@ -327,13 +324,13 @@ class StepEngine:
             # the KL diagnostic (no update reads it) is evaluated at the first update and every T steps
             st.track_kl = st.algorithm.tracks_kl and (synchronous or st.t == 1)
             st.spike = st.kl and F.spike_threshold(hp, st.t) is not None
-            st.roots = st.algorithm.inverse_root and st.t >= hp["precondition_frequency"]
+            st.roots = st.algorithm.inverse_root and st.t >= hp.precondition_frequency
         plan.upload(list(zip(*rows)))
         graph = opt._graphs.ready(plan, hps) if opt.cuda_graph else None
         if graph is not None:
             graph.replay()
         else:
-            kernels = {id(st): self._kernel_steps(st, hps[id(st)]) for st in plan.stacks}
+            kernels = {id(st): _phases.kernel_steps(opt, st, hps[id(st)]) for st in plan.stacks}
             if opt.cuda_graph:
                 opt._graphs.capture(plan, hps, lambda: self.steady(plan, hps, kernels))
             else:
@@ -345,7 +342,7 @@ class StepEngine:
             for p, _ in st.members:
                 if id(p) not in plan.idle:
                     opt.state[p]["step"] = st.t
-            due = due or st.t % hps[id(st)]["precondition_frequency"] == 0
+            due = due or st.t % hps[id(st)].precondition_frequency == 0
             st.t_prev += 1
         return refreshed or due
 
@@ -370,7 +367,7 @@ class StepEngine:
         if plan.kl_stacks:
             plan.project_weights()
         for st in plan.kl_stacks:
-            carries[id(st)] = self._phase(st, hps[id(st)], kernels, 0, None)
+            carries[id(st)] = _phases.run_phase(opt, st, hps[id(st)], kernels, 0, None)
         if plan.kl_stacks:
             spiked = any(st.spike for st in plan.kl_stacks)
             if spiked:
@@ -378,14 +375,14 @@ class StepEngine:
             plan.factor_weights()
             plan.sqrt_lams()
         for st in plan.stacks:
-            st.U = self._phase(st, hps[id(st)], kernels, 1, carries.get(id(st)))
+            st.U = _phases.run_phase(opt, st, hps[id(st)], kernels, 1, carries.get(id(st)))
         if plan.kl_stacks:
             plan.lam_ema()
             if any(st.U is None for st in plan.kl_stacks):
                 plan.sqrt_lams()  # eigenvalues_first: U from the new lam
         for st in plan.stacks:
             if st.U is None:
-                st.U = self._phase(st, hps[id(st)], kernels, 2, None)
+                st.U = _phases.run_phase(opt, st, hps[id(st)], kernels, 2, None)
         for st in plan.stacks:  # a Triton variant that ran every phase is proven
             trial = st.cache.pop("trial", None)
             if trial is not None:
@@ -414,20 +411,18 @@ class StepEngine:
                     out.append(cached[1][i])
         return out
 
-    def _stack_hp(self, st: Stack) -> dict:
+    def _stack_hp(self, st: Stack) -> StepHyperparameters:
         opt = self.opt
-        hp = hyper(opt.algorithm, st.group)
         mode = _precision.resolve(st.group["matmul_precision"], st.device, opt._global_modes)
         # Shampoo inverts its factors' eigenvalues: its factor products stay fp32.
-        hp.update(rotation_mode=mode, factor_mode="highest" if st.algorithm.inverse_root else mode)
-        return hp
+        return hyper(st.group, rotation_mode=mode, factor_mode="highest" if st.algorithm.inverse_root else mode)
 
-    def _host_row(self, st: Stack, hp: dict) -> list:
+    def _host_row(self, st: Stack, hp: StepHyperparameters) -> list:
         """The stack's coefficients (ROWS): the same for all its blocks; masked on the device."""
         t = st.t
         lr = float(st.group["lr"])
         row = [0.0] * len(ROWS)
-        row[ROW["b1"]], row[ROW["b2"]], row[ROW["fb"]] = hp["beta1"], hp["beta2"], hp["factor_beta"]
+        row[ROW["b1"]], row[ROW["b2"]], row[ROW["fb"]] = hp.beta1, hp.beta2, hp.factor_beta
         row[ROW["lam_keep"]], row[ROW["lam_w"]] = 1.0, 0.0
         row[ROW["threshold"]] = math.inf
         if st.kl:
@@ -440,59 +435,6 @@ class StepEngine:
         scale = F.bias_scale(hp, t) if st.algorithm.bias_corrected_update else 1.0
         row[ROW["update"]] = -lr * scale
         # Shampoo's Adam direction (grafting, and its update before the first roots) is bias-corrected
-        row[ROW["bias"]] = math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
+        row[ROW["bias"]] = math.sqrt(1 - hp.beta2 ** t) / (1 - hp.beta1 ** t)
         row[ROW["decay"]] = -lr * st.group["weight_decay"]
         return row
-
-    # ------------------------------------------------------------------ phases and kernels
-
-    def _kernel_steps(self, st: Stack, hp: dict):
-        """The Triton step of the stack when the backend picks the kernels for it, else None."""
-        opt = self.opt
-        if st.adamw or _backend.resolve(opt.backend, st.device, hp["rotation_mode"]) != "triton":
-            return None
-        from . import _triton_path
-
-        if not _triton_path.supports(st.path, st.shape, st.mask, hp):
-            return None
-        variant = (st.path, st.shape, st.mask, st.device, hp["rotation_mode"], hp["state_dtype"],
-                   st.algorithm.inverse_root and st.t >= hp["precondition_frequency"])
-        if _backend.requested(opt.backend) == "auto":
-            if variant in opt._kernels_failed:
-                return None
-            if variant not in opt._kernels_proven:
-                st.cache["trial"] = (variant, {name: buf.clone() for name, buf in st.bufs.items()})
-        return _triton_path.STEPS[st.path]
-
-    def _phase(self, st: Stack, hp: dict, kernels: dict, phase: int, carry):
-        """Run phase ``phase`` (0 project, 1 update, 2 late) of the stack on its path; a Triton
-        variant on trial under backend="auto" that fails is undone and replaced by the torch path
-        (one warning); backend="triton" raises."""
-        steps = kernels.get(id(st))
-        fn = _steps.STEPS[st.path][phase] if steps is None else steps[phase]
-        if fn is None:
-            return None
-        if steps is None:
-            return fn(st, hp, carry)
-        trial = st.cache.get("trial")
-        try:
-            result = fn(st, hp, carry)
-        except Exception as err:  # noqa: BLE001 - any kernel failure: the torch path takes over
-            if trial is None:
-                raise
-            variant, saved = trial
-            for name, buf in st.bufs.items():
-                buf.copy_(saved[name])
-            reason = _errors.summary(err)
-            self.opt._kernels_failed[variant] = _errors.describe(err)
-            self.opt._warn_once(f"kernel:{reason}", (
-                f"{type(self.opt).__name__}: the Triton kernels failed ({reason}) for {variant[0]} blocks of shape "
-                f"{variant[1]} on {variant[3]}; this step and the later ones use the torch path for them "
-                "(same math). backend='triton' raises instead; run `python -m klkern.check` to see what fails."))
-            kernels[id(st)] = None
-            st.cache.pop("trial", None)
-            project = _steps.STEPS[st.path][0]
-            if phase >= 1 and project is not None:
-                carry = project(st, hp, None)  # the torch path's own projections
-            return self._phase(st, hp, kernels, phase, carry)
-        return result

@@ -80,7 +80,7 @@ def anchor_scale(G: torch.Tensor, mask, hp) -> torch.Tensor:
     """(B,) the floor scale of each block of a stack, from the gradient that initialises it
     (reference.floor_anchor): mean(G^2)^(1/K) per block for "relative" (K preconditioned modes),
     the value the scale-free initialisations start lam at; 1 for "absolute"."""
-    if hp.get("eigval_floor", "absolute") != "relative":
+    if hp.eigval_floor != "relative":
         return torch.ones(G.shape[0], dtype=torch.float32, device=G.device)
     return _gradient_scale(G, mask)
 
@@ -153,11 +153,11 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
     descending and exp_avg_sq is permuted along that mode. Every REORTHOGONALIZE_EVERY-th refresh
     forms Q R and its QR instead (same result in exact arithmetic; resets Q's orthogonality).
 
-    With ``hp["staleness_threshold"]`` set, only the blocks whose factor's ``staleness`` exceeds
+    With ``hp.staleness_threshold`` set, only the blocks whose factor's ``staleness`` exceeds
     it are refreshed along that mode (every block at a REORTHOGONALIZE_EVERY-th refresh).
     """
-    direct = (t // hp["precondition_frequency"]) % REORTHOGONALIZE_EVERY == 0
-    threshold = None if direct else hp.get("staleness_threshold")
+    direct = (t // hp.precondition_frequency) % REORTHOGONALIZE_EVERY == 0
+    threshold = None if direct else hp.staleness_threshold
     Qs, Rs, orders, chosen = {}, {}, {}, {}
     for k in _modes(mask):
         Q, R = _load(bufs, f"Q{k}"), _load(bufs, f"R{k}")
@@ -261,20 +261,20 @@ SPIKE_GROWTH = 2.0
 def spike_threshold(hp, t: int):
     """The threshold in force at step t: none at t = 1, whose projection sets the scale of
     estimates that start from a constant (init_factor=0.1), so it is no outlier against them."""
-    return hp.get("spike_threshold") if t > 1 else None
+    return hp.spike_threshold if t > 1 else None
 
 
 def lam_weight(hp, t: int) -> float:
     """Step 5's EMA weight w of the projections (lam <- (1 - w) lam + w proj): 1 - beta2, or its
     bias-corrected (1 - beta2) / (1 - beta2^t) for init_factor="debiased"."""
-    beta2 = hp["factor_beta"]
-    return (1 - beta2) / (1 - beta2**t) if hp.get("init_factor") == "debiased" else 1 - beta2
+    beta2 = hp.factor_beta
+    return (1 - beta2) / (1 - beta2**t) if hp.init_factor == "debiased" else 1 - beta2
 
 
 def _init_lams_(bufs, G, mask, hp) -> None:
     """Step 0 eigenvalue estimates (reference.init_eigenvalues): init_factor in every entry,
     or for "rms"/"debiased" mean(G^2)^(1/K) per block (K preconditioned modes), floored."""
-    rule = hp["init_factor"]
+    rule = hp.init_factor
     modes = _modes(mask)
     if isinstance(rule, str):
         value = _gradient_scale(G, mask)
@@ -282,7 +282,7 @@ def _init_lams_(bufs, G, mask, hp) -> None:
         lam = bufs[f"lam{k}"]
         if isinstance(rule, str):
             lam.copy_(value.unsqueeze(1).expand_as(lam))
-            _floor(lam, hp["eigval_clamp"], floor_scales(bufs))
+            _floor(lam, hp.eigval_clamp, floor_scales(bufs))
         else:
             lam.fill_(rule)
 
@@ -297,13 +297,13 @@ def klshampoo_init(G, mask, hp):
              "floor_scale": (G.shape[0],)}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
-    scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
-    bufs, evals = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    scale = lambda k: (1 - hp.factor_beta) * G.shape[k + 1] / N  # noqa: E731
+    bufs, evals = _rotated_factor_init(G, mask, scale, hp.state_dtype, extra)
     bufs["floor_scale"].copy_(anchor_scale(G, mask, hp))
     for k in _modes(mask):
-        if hp["eigenbasis"] == "eigh":
-            bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp["eigval_clamp"], floor_scales(bufs)))
-    if hp["eigenbasis"] != "eigh":
+        if hp.eigenbasis == "eigh":
+            bufs[f"lam{k}"].copy_(_floor(evals[k].clone(), hp.eigval_clamp, floor_scales(bufs)))
+    if hp.eigenbasis != "eigh":
         _init_lams_(bufs, G, mask, hp)
     see_(bufs, G, mask)
     return bufs
@@ -346,8 +346,8 @@ def klsoap_init(G, mask, hp):
              **_seen_names(G, mask), "floor_scale": (G.shape[0],)}
     for k in _modes(mask):
         extra[f"lam{k}"] = (G.shape[0], G.shape[k + 1])
-    scale = lambda k: (1 - hp["factor_beta"]) * G.shape[k + 1] / N  # noqa: E731
-    bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    scale = lambda k: (1 - hp.factor_beta) * G.shape[k + 1] / N  # noqa: E731
+    bufs, _ = _rotated_factor_init(G, mask, scale, hp.state_dtype, extra)
     bufs["floor_scale"].copy_(anchor_scale(G, mask, hp))
     _init_lams_(bufs, G, mask, hp)
     see_(bufs, G, mask)
@@ -361,8 +361,8 @@ def klsoap_init(G, mask, hp):
 def soap_init(G, mask, hp):
     extra = {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape), **_kl_names(G.shape[0]),
              **_seen_names(G, mask)}
-    scale = lambda k: 1 - hp["factor_beta"]  # noqa: E731
-    bufs, _ = _rotated_factor_init(G, mask, scale, hp["state_dtype"], extra)
+    scale = lambda k: 1 - hp.factor_beta  # noqa: E731
+    bufs, _ = _rotated_factor_init(G, mask, scale, hp.state_dtype, extra)
     see_(bufs, G, mask)
     return bufs
 
@@ -378,9 +378,9 @@ def soap_track_kl_(bufs, Gr, mask, keep: torch.Tensor | None = None) -> None:
 def bias_scale(hp, t) -> float:
     """Adam's bias correction of the step size, sqrt(1 - beta2^t) / (1 - beta1^t) (1 without
     ``correct_bias``)."""
-    if not hp["correct_bias"]:
+    if not hp.correct_bias:
         return 1.0
-    return math.sqrt(1 - hp["beta2"] ** t) / (1 - hp["beta1"] ** t)
+    return math.sqrt(1 - hp.beta2 ** t) / (1 - hp.beta1 ** t)
 
 
 # --------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def shampoo_init(G, mask, hp):
         d = G.shape[k + 1]
         shapes[f"L{k}"] = (G.shape[0], d, d)
         shapes[f"root{k}"] = (G.shape[0], d, d)
-    bufs = _new_state(G, shapes, hp["state_dtype"])
+    bufs = _new_state(G, shapes, hp.state_dtype)
     see_(bufs, G, mask)
     return bufs
 
@@ -410,21 +410,21 @@ def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None, keep: torch.Te
     for k in _modes(mask):
         previous = _load(bufs, f"root{k}")
         evals, Q, ok = _eigh_stack(_load(bufs, f"L{k}"), None)
-        shifted = evals.clamp(min=0) + hp["eps"]
-        root = (Q * shifted.pow(-hp["exponent"]).unsqueeze(-2)) @ Q.mT
+        shifted = evals.clamp(min=0) + hp.eps
+        root = (Q * shifted.pow(-hp.exponent).unsqueeze(-2)) @ Q.mT
         if ok is not None:  # keep the previous root where the solve failed
             root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
         if keep is not None:
             root = torch.where(keep.view(-1, 1, 1), root, previous)
         _store(bufs, f"root{k}", root)
-        Qs[k], lams[k] = Q, shifted.pow(2 * hp["exponent"])
+        Qs[k], lams[k] = Q, shifted.pow(2 * hp.exponent)
     if G is not None:
         track_kl_(bufs, _rotate(G, Qs), lams, keep)
 
 
 def shampoo_graft(P, A, hp):
     """Grafting "adam": P scaled per block to the Frobenius norm of A; "none": P."""
-    if hp["grafting"] == "none":
+    if hp.grafting == "none":
         return P
     dims = tuple(range(1, P.dim()))
     norm_p = torch.linalg.vector_norm(P, dim=dims, keepdim=True)
@@ -438,7 +438,7 @@ def shampoo_graft(P, A, hp):
 
 
 def adamw_init(G, mask, hp):
-    return _new_state(G, {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}, hp["state_dtype"])
+    return _new_state(G, {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}, hp.state_dtype)
 
 
 # Each path's initialisation from the first gradient (its steady step: klkern._steps.STEPS).

@@ -25,6 +25,7 @@ is captured and replayed, the later ones are replayed.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -79,6 +80,14 @@ EMULATE = False
 _UPLOADED = ("lr", "params")
 
 
+class CapturedStep(NamedTuple):
+    """A device plan's captured steady step and what it was captured from."""
+
+    plan: object  # the klkern._plan.DevicePlan it belongs to
+    signature: tuple  # StepGraphs.signature at capture
+    graph: object  # the replayable graph (_CudaGraph or EmulatedGraph)
+
+
 class StepGraphs:
     """The captured steady step of each device plan of an optimizer."""
 
@@ -90,7 +99,7 @@ class StepGraphs:
     def __init__(self, opt):
         self._opt = weakref.ref(opt)  # no cycle: the optimizer (and its process group) is freed
         # when its last user reference goes, not at a later garbage collection
-        self.captured: dict = {}  # id(plan) -> (plan, signature, graph)
+        self.captured: dict[int, CapturedStep] = {}  # id(plan) -> its captured step
         self.seen: dict = {}  # id(plan) -> the signature of the last eager steady step
 
     def signature(self, plan, hps: dict, modes: dict) -> tuple | None:
@@ -100,17 +109,18 @@ class StepGraphs:
             return None
         parts = []
         for st in plan.stacks:
-            hp = hps[id(st)]
-            options = tuple(sorted((k, _frozen(v)) for k, v in hp.items() if k not in _UPLOADED))
+            hp = hps[id(st)]  # the group's options and the precisions its products run at
+            options = (tuple(sorted((k, _frozen(v)) for k, v in st.group.items() if k not in _UPLOADED)),
+                       hp.rotation_mode, hp.factor_mode)
             parts.append((id(st), st.spike, getattr(st, "roots", False), options))
         return (tuple(parts), tuple(sorted(modes.items())), opt.backend, tuple(sorted(map(str, opt._kernels_failed))))
 
     def ready(self, plan, hps: dict):
         """The graph to replay for this step, or None (run it eagerly, maybe capturing)."""
         entry = self.captured.get(id(plan))
-        if entry is None or entry[0] is not plan:
+        if entry is None or entry.plan is not plan:
             return None
-        return entry[2] if entry[1] == self.signature(plan, hps, self.opt._global_modes) else None
+        return entry.graph if entry.signature == self.signature(plan, hps, self.opt._global_modes) else None
 
     def capture(self, plan, hps: dict, fn) -> None:
         """Run this (eager) step; capture it when the same kind of step ran eagerly before."""
@@ -120,8 +130,8 @@ class StepGraphs:
             fn()
             return
         graph = graph_factory(plan.device)(fn, plan.device)
-        self.captured = {key: entry for key, entry in self.captured.items() if entry[0] in self.opt._engine.plans}
-        self.captured[id(plan)] = (plan, signature, graph)
+        self.captured = {key: entry for key, entry in self.captured.items() if entry.plan in self.opt._engine.plans}
+        self.captured[id(plan)] = CapturedStep(plan, signature, graph)
         if isinstance(graph, _CudaGraph):
             graph.replay()  # capturing ran nothing: this step is the first replay
 

@@ -287,12 +287,6 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
                 frame, level = frame.f_back, level + 1
             warnings.warn(message, RuntimeWarning, stacklevel=level)
 
-    # Algorithms whose initialisation is computed from the first gradient (its factors, bases
-    # and, for the KL variants, scale-free eigenvalue estimates): a block starts from its first
-    # gradient that carries scale (a nonzero sum of squares in float32). Shampoo and the AdamW
-    # path start from zeros whatever the gradient.
-    SCALE_STARTED = ("klshampoo", "klsoap", "soap")
-
     def _find_unscaled(self) -> None:
         """After a load or a copy: the blocks whose factors are all zero have not seen scale."""
         self._unscaled_known = True

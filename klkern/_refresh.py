@@ -32,7 +32,7 @@ def refresh(plan: DevicePlan, hps: dict) -> bool:
     keeps = None if on_device else torch.cat([st.keep for st in due]).tolist()
     offset = 0
     for st in due:
-        hp, period = hps[id(st)], hps[id(st)]["precondition_frequency"]
+        hp, period = hps[id(st)], hps[id(st)].precondition_frequency
         if st.offsets is None:
             clocks = {st.t: list(range(st.B))}
         else:
@@ -50,7 +50,7 @@ def refresh(plan: DevicePlan, hps: dict) -> bool:
                 direct = (clock // period) % F.REORTHOGONALIZE_EVERY == 0
 
                 def fn(bufs, st=st, hp=hp, direct=direct):
-                    F._refresh_exact(bufs, st.mask, _stacked._bases(bufs, st.mask), hp["eigval_clamp"],
+                    F._refresh_exact(bufs, st.mask, _stacked._bases(bufs, st.mask), hp.eigval_clamp,
                                      direct=direct)
             else:
                 def fn(bufs, st=st, hp=hp, clock=clock):

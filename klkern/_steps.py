@@ -136,8 +136,8 @@ def _factor_ema_(st, name: str, X: torch.Tensor, k: int, alpha: float, mode: str
 def _adam_moments_(st, Gr: torch.Tensor, hp) -> tuple[torch.Tensor, torch.Tensor]:
     """m <- b1 m + (1 - b1) Gr and v <- b2 v + (1 - b2) Gr^2 in place (masked betas)."""
     m, v = _load(st, "exp_avg"), _load(st, "exp_avg_sq")
-    m.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp["beta1"])
-    v.mul_(st.coef("b2")).addcmul_(Gr, Gr, value=1 - hp["beta2"])
+    m.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp.beta1)
+    v.mul_(st.coef("b2")).addcmul_(Gr, Gr, value=1 - hp.beta2)
     _store(st, "exp_avg", m)
     _store(st, "exp_avg_sq", v)
     return m, v
@@ -150,7 +150,7 @@ def _adam_direction(m: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tenso
 def masked(st, hp, U: torch.Tensor) -> torch.Tensor:
     """U with the directions that never saw a gradient set to 0 (mask_unseen; the mask is the
     plan's, updated from this step's gradient by DevicePlan.see), in place."""
-    if hp["mask_unseen"]:
+    if hp.mask_unseen:
         for k, on in enumerate(st.mask):
             if on:
                 U.mul_(st.cache[f"live{k}"])
@@ -166,7 +166,7 @@ def kl_project(st, hp, carry=None):
     plan's buffer (``st.proj[k]``; in 2-D two products of Gr^2 with the weights 1 / (d_j lam_j)).
     At a refresh step (and the first update) the tracked KL diagnostic folds this gradient in,
     before the estimate sees it. Returns (Gr, None)."""
-    Gr = rotate(st, st.G, hp["rotation_mode"])
+    Gr = rotate(st, st.G, hp.rotation_mode)
     if _two_d(st):
         squares = Gr * Gr
         with _precision.torch_precision("highest"):  # eigenvalue estimates: true fp32
@@ -202,7 +202,7 @@ def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
     """Step 4 in the rotated basis, every mode from the old lam:
     R_k <- fb R_k + (1 - fb) (d_k / N) W_(k) Gr_(k)^T with W_k = Gr / prod_{j != k} lam_j (the
     weights on one side, as the kernel applies them; 1 / lam from the plan's buffer)."""
-    fb = hp["factor_beta"]
+    fb = hp.factor_beta
     N = math.prod(st.shape)
     for k, on in enumerate(st.mask):
         if not on:
@@ -211,7 +211,7 @@ def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
         W = Gr
         for j in others:
             W = W * st.cache[f"inv_lam{j}"]
-        _factor_ema_(st, f"R{k}", Gr, k, (1 - fb) * st.shape[k] / N, hp["factor_mode"], left=W)
+        _factor_ema_(st, f"R{k}", Gr, k, (1 - fb) * st.shape[k] / N, hp.factor_mode, left=W)
 
 
 def kl_direction(st, hp, M: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,13 +220,13 @@ def kl_direction(st, hp, M: torch.Tensor | None = None) -> torch.Tensor:
     M = _load(st, "exp_avg") if M is None else M
     roots = [st.cache[f"sqrt_lam{k}"] for k, on in enumerate(st.mask) if on]
     if len(roots) == 2:
-        denominator = torch.addcmul(_constant(st, "eps", hp["eps"]), roots[0], roots[1])
+        denominator = torch.addcmul(_constant(st, "eps", hp.eps), roots[0], roots[1])
     else:
         product = roots[0]
         for root in roots[1:]:
             product = product * root
-        denominator = product + hp["eps"]
-    return masked(st, hp, rotate_back(st, M / denominator, hp["rotation_mode"]))
+        denominator = product + hp.eps
+    return masked(st, hp, rotate_back(st, M / denominator, hp.rotation_mode))
 
 
 def _constant(st, name: str, value: float) -> torch.Tensor:
@@ -243,15 +243,15 @@ def klshampoo_update(st, hp, carry):
     eigenvalues_first, whose U waits for the new lam) and the factor EMAs (step 4)."""
     Gr = _spiked(st, carry)
     M = _load(st, "exp_avg")
-    M.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp["beta1"])
+    M.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp.beta1)
     _store(st, "exp_avg", M)
-    U = None if hp.get("eigenvalues_first") else kl_direction(st, hp, M)
+    U = None if hp.eigenvalues_first else kl_direction(st, hp, M)
     _kl_factors(st, hp, Gr)
     return U
 
 
 def klshampoo_late(st, hp, carry=None):
-    return kl_direction(st, hp) if hp.get("eigenvalues_first") else None
+    return kl_direction(st, hp) if hp.eigenvalues_first else None
 
 
 def klsoap_update(st, hp, carry):
@@ -259,7 +259,7 @@ def klsoap_update(st, hp, carry):
     factor EMAs of KL-Shampoo."""
     Gr = _spiked(st, carry)
     m, v = _adam_moments_(st, Gr, hp)
-    U = masked(st, hp, rotate_back(st, _adam_direction(m, v, hp["eps"]), hp["rotation_mode"]))
+    U = masked(st, hp, rotate_back(st, _adam_direction(m, v, hp.eps), hp.rotation_mode))
     _kl_factors(st, hp, Gr)
     return U
 
@@ -270,15 +270,15 @@ def klsoap_update(st, hp, carry):
 def soap_update(st, hp, carry=None):
     """SOAP: Adam on Gr, ``U = rotate_back(m / (sqrt(v) + eps))`` (the bias correction is in the
     update coefficient), then GG_k <- fb GG_k + (1 - fb) Gr_(k) Gr_(k)^T in the eigenbasis."""
-    Gr = rotate(st, st.G, hp["rotation_mode"])
+    Gr = rotate(st, st.G, hp.rotation_mode)
     if st.track_kl:
         F.soap_track_kl_(st.bufs, Gr, st.mask, keep=st.keep)
     m, v = _adam_moments_(st, Gr, hp)
-    U = masked(st, hp, rotate_back(st, _adam_direction(m, v, hp["eps"]), hp["rotation_mode"]))
-    fb = hp["factor_beta"]
+    U = masked(st, hp, rotate_back(st, _adam_direction(m, v, hp.eps), hp.rotation_mode))
+    fb = hp.factor_beta
     for k, on in enumerate(st.mask):
         if on:
-            _factor_ema_(st, f"R{k}", Gr, k, 1 - fb, hp["factor_mode"])
+            _factor_ema_(st, f"R{k}", Gr, k, 1 - fb, hp.factor_mode)
     return U
 
 
@@ -290,17 +290,17 @@ def shampoo_update(st, hp, carry=None):
     are inverted); at a refresh step the roots; the Adam direction A (bias-corrected); until the
     first roots exist U = A, then P = M x_k root_k grafted to ||A|| per block."""
     G = st.G
-    fb = hp["factor_beta"]
+    fb = hp.factor_beta
     for k, on in enumerate(st.mask):
         if on:
             _factor_ema_(st, f"L{k}", G, k, 1 - fb, "highest")
     if st.refresh:
         F.shampoo_roots_(st.bufs, st.mask, hp, G, keep=st.keep)
     m, v = _adam_moments_(st, G, hp)
-    A = _adam_direction(m, v, hp["eps"]).mul_(st.coef("bias"))  # Adam's bias correction
+    A = _adam_direction(m, v, hp.eps).mul_(st.coef("bias"))  # Adam's bias correction
     if not st.roots:
         return A
-    P = rotate_back(st, m, hp["rotation_mode"], prefix="root")  # m x_k root_k, last mode first
+    P = rotate_back(st, m, hp.rotation_mode, prefix="root")  # m x_k root_k, last mode first
     return F.shampoo_graft(masked(st, hp, P), A, hp)  # masked first: the graft scales what is left
 
 
@@ -315,11 +315,11 @@ def adamw_update(st, hp, carry=None):
     G = st.G
     m_buf, v_buf = st.bufs["exp_avg"], st.bufs["exp_avg_sq"]
     m, v = m_buf.float(), v_buf.float()
-    m_new = torch.mul(m, hp["beta1"]).add_(G, alpha=1 - hp["beta1"])
-    v_new = torch.mul(v, hp["beta2"]).addcmul_(G, G, value=1 - hp["beta2"])
+    m_new = torch.mul(m, hp.beta1).add_(G, alpha=1 - hp.beta1)
+    v_new = torch.mul(v, hp.beta2).addcmul_(G, G, value=1 - hp.beta2)
     _select_(m_buf, keep, m_new)
     _select_(v_buf, keep, v_new)
-    return _adam_direction(m_new, v_new, hp["eps"])
+    return _adam_direction(m_new, v_new, hp.eps)
 
 
 def _select_(buf: torch.Tensor, keep: torch.Tensor, new: torch.Tensor) -> None:

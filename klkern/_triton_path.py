@@ -17,11 +17,12 @@ from . import _functional as F
 from . import _tracking
 from . import _steps as S
 from ._algorithms import ALGORITHMS
+from ._hyper import StepHyperparameters
 from . import triton_kernels as K
 from .triton_kernels._config import intermediate_dtype
 
 
-def supports(path: str, block_shape: tuple, mask, hp: dict) -> bool:
+def supports(path: str, block_shape: tuple, mask, hp: StepHyperparameters) -> bool:
     if ALGORITHMS[path].exact_mode(hp):  # the idealized mode: torch path
         return False
     return path in STEPS and len(block_shape) == 2 and all(mask)
@@ -39,7 +40,7 @@ def kl_project(st, hp, carry=None):
     """Gr and step 5's projections (the kernel's epilogue), into the plan's buffer."""
     Qa, Qb = _bases(st)
     lam = _lams(st)
-    Gr, (pa, pb) = K.rotate_project(st.G, Qa, Qb, lam=lam, precision=hp["rotation_mode"])
+    Gr, (pa, pb) = K.rotate_project(st.G, Qa, Qb, lam=lam, precision=hp.rotation_mode)
     st.proj[0].copy_(pa)
     st.proj[1].copy_(pb)
     if st.track_kl:
@@ -50,10 +51,10 @@ def kl_project(st, hp, carry=None):
 def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
     """R_a <- fb R_a + (1 - fb)/n Gr diag(1/lam_b) Gr^T and R_b alike, one triangle each (fb
     masked: 1 for a skipped block, whose Gr is zero)."""
-    fb = hp["factor_beta"]
+    fb = hp.factor_beta
     _, m, n = Gr.shape
     lam_a, lam_b = _lams(st)
-    mode = hp["factor_mode"]
+    mode = hp.factor_mode
     R0, R1 = st.bufs["R0"], st.bufs["R1"]
     R0.mul_(st.coef_matrix("fb"))
     R1.mul_(st.coef_matrix("fb"))
@@ -70,22 +71,22 @@ def _spiked(st, carry) -> torch.Tensor:
 
 def _direction(st, hp, **scaling) -> torch.Tensor:
     Qa, Qb = _bases(st)
-    U = K.precondition(st.bufs["exp_avg"], Qa, Qb, eps=hp["eps"], precision=hp["rotation_mode"], **scaling)
+    U = K.precondition(st.bufs["exp_avg"], Qa, Qb, eps=hp.eps, precision=hp.rotation_mode, **scaling)
     return S.masked(st, hp, U)
 
 
 def klshampoo_update(st, hp, carry):
     Gr = _spiked(st, carry)
     M = S._load(st, "exp_avg")
-    M.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp["beta1"])
+    M.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp.beta1)
     S._store(st, "exp_avg", M)
-    U = None if hp.get("eigenvalues_first") else _direction(st, hp, lam=_lams(st))
+    U = None if hp.eigenvalues_first else _direction(st, hp, lam=_lams(st))
     _kl_factors(st, hp, Gr)
     return U
 
 
 def klshampoo_late(st, hp, carry=None):
-    return _direction(st, hp, lam=_lams(st)) if hp.get("eigenvalues_first") else None
+    return _direction(st, hp, lam=_lams(st)) if hp.eigenvalues_first else None
 
 
 def klsoap_update(st, hp, carry):
@@ -98,15 +99,15 @@ def klsoap_update(st, hp, carry):
 
 def soap_update(st, hp, carry=None):
     Qa, Qb = _bases(st)
-    Gr, _ = K.rotate_project(st.G, Qa, Qb, precision=hp["rotation_mode"])
+    Gr, _ = K.rotate_project(st.G, Qa, Qb, precision=hp.rotation_mode)
     if st.track_kl:
         F.soap_track_kl_(st.bufs, Gr, st.mask, keep=st.keep)
     S._adam_moments_(st, Gr, hp)
     U = _direction(st, hp, v=st.bufs["exp_avg_sq"])
-    fb = hp["factor_beta"]
+    fb = hp.factor_beta
     for k, name in enumerate(("R0", "R1")):
         st.bufs[name].mul_(st.coef_matrix("fb"))
-        K.factor_ema_(st.bufs[name], Gr, None, 1.0, 1 - fb, transpose_x=k == 1, precision=hp["factor_mode"])
+        K.factor_ema_(st.bufs[name], Gr, None, 1.0, 1 - fb, transpose_x=k == 1, precision=hp.factor_mode)
     return U
 
 
@@ -114,17 +115,17 @@ def shampoo_update(st, hp, carry=None):
     """Factor EMAs (one triangle, true fp32: Shampoo inverts their eigenvalues) and the two-sided
     product L_root M R_root in kernels; roots, moments and grafting in torch."""
     G = st.G
-    fb = hp["factor_beta"]
+    fb = hp.factor_beta
     for k, name in enumerate(("L0", "L1")):
         st.bufs[name].mul_(st.coef_matrix("fb"))
         K.factor_ema_(st.bufs[name], G, None, 1.0, 1 - fb, transpose_x=k == 1)
     if st.refresh:
         F.shampoo_roots_(st.bufs, st.mask, hp, G, keep=st.keep)
     m, v = S._adam_moments_(st, G, hp)
-    A = S._adam_direction(m, v, hp["eps"]).mul_(st.coef("bias"))  # Adam's bias correction
+    A = S._adam_direction(m, v, hp.eps).mul_(st.coef("bias"))  # Adam's bias correction
     if not st.roots:
         return A
-    mode = hp["rotation_mode"]
+    mode = hp.rotation_mode
     # m R_root^T (R_root is symmetric up to rounding; the torch path multiplies by the transpose too)
     T = K.batched_gemm(m, st.bufs["root1"], transpose_b=True, precision=mode,
                        out=torch.empty(m.shape, dtype=intermediate_dtype(mode), device=m.device))

@@ -9,11 +9,13 @@ in the parameter's basis (Q_0 M Q_1^T) unchanged; the refresh only changes the b
 import warnings
 
 import pytest
+import dataclasses
+
 import torch
 
 import klkern
 from klkern import _functional as F, _stacked, linalg
-from klkern._engine import hyper
+from klkern._hyper import hyper
 
 ALGOS = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP}
 
@@ -29,8 +31,7 @@ def _state(algorithm, shape, steps=3, seed=0):
             p.grad = torch.randn(*shape, generator=g)
         opt.step()
     (stack,) = [st for plan in opt._engine.plans for st in plan.stacks]
-    hp = dict(hyper(algorithm, dict(opt.param_groups[0], precondition_frequency=1)), rotation_mode="highest",
-              factor_mode="highest")
+    hp = hyper(dict(opt.param_groups[0], precondition_frequency=1), rotation_mode="highest", factor_mode="highest")
     return stack.bufs, stack.mask, hp
 
 
@@ -94,9 +95,9 @@ def test_the_idealized_refresh_keeps_the_factor_and_repairs_a_drifted_basis(dire
     in the parameter's basis (1e-5 on an orthogonal Q) and make R diagonal; only the direct one
     repairs a Q drifted by 1e-3."""
     bufs, mask, hp = _state("klshampoo", (24, 16))
-    hp = dict(hp, eigenbasis="eigh")
+    hp = dataclasses.replace(hp, eigenbasis="eigh")
     S_before, M_before = _in_parameter_basis(bufs, mask)
-    F._refresh_exact(bufs, mask, _stacked._bases(bufs, mask), hp["eigval_clamp"], direct=direct)
+    F._refresh_exact(bufs, mask, _stacked._bases(bufs, mask), hp.eigval_clamp, direct=direct)
     S_after, M_after = _in_parameter_basis(bufs, mask)
     for a, b in zip(S_after, S_before):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
@@ -108,7 +109,7 @@ def test_the_idealized_refresh_keeps_the_factor_and_repairs_a_drifted_basis(dire
     for k in _stacked._modes(mask):
         bufs[f"Q{k}"].add_(1e-3 * torch.randn(bufs[f"Q{k}"].shape, generator=g))
     drift = _orthogonality(bufs, mask)
-    F._refresh_exact(bufs, mask, _stacked._bases(bufs, mask), hp["eigval_clamp"], direct=direct)
+    F._refresh_exact(bufs, mask, _stacked._bases(bufs, mask), hp.eigval_clamp, direct=direct)
     if direct:
         assert _orthogonality(bufs, mask) < 1e-5
     else:

@@ -1,0 +1,63 @@
+"""The hyperparameters a step reads, typed: one frozen record per stack and step.
+
+``hyper(group, ...)`` resolves a param group once per step into a
+:class:`StepHyperparameters` (the betas split and the factor EMA's beta resolved, the matmul
+precisions of the step's products attached); every step function (klkern/_functional.py,
+klkern/_steps.py, klkern/_triton_path.py) reads its fields. An option an algorithm does not have
+keeps the field's default, which is that option's neutral value (KL-SOAP, SOAP and Shampoo never
+read ``eigenvalues_first``; Shampoo's ``exponent`` is None for the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._options import factor_beta
+
+__all__ = ["StepHyperparameters", "hyper"]
+
+
+@dataclass(frozen=True)
+class StepHyperparameters:
+    """The scalars of one stack's step (docs/algorithms.md explains each option)."""
+
+    beta1: float  # momentum EMA (betas[0])
+    beta2: float  # second-moment EMA (betas[1])
+    factor_beta: float  # the factors' EMA: shampoo_beta when given, else betas[1]
+    eps: float
+    weight_decay: float
+    precondition_frequency: int  # T: refresh every T steps
+    state_dtype: torch.dtype
+    mask_unseen: bool
+    normalize_grads: bool
+    rotation_mode: str = "highest"  # matmul precision of the rotations and the update's products
+    factor_mode: str = "highest"  # of the factor EMAs (Shampoo's stay "highest": it inverts them)
+    # the options only some algorithms have (klkern/_options.py's DEFAULTS)
+    correct_bias: bool = True  # SOAP
+    eigenbasis: str = "qr"  # KL-Shampoo: "qr" or the idealized "eigh"
+    eigenvalues_first: bool = False  # KL-Shampoo
+    eigval_floor: str = "absolute"  # KL-Shampoo, KL-SOAP
+    eigval_clamp: float = 0.0  # KL-Shampoo, KL-SOAP (read only by them)
+    init_factor: float | str | None = None  # KL-Shampoo, KL-SOAP
+    spike_threshold: float | None = None  # KL-Shampoo, KL-SOAP
+    staleness_threshold: float | None = None  # KL-Shampoo, KL-SOAP, SOAP
+    exponent: float | None = None  # Shampoo
+    grafting: str | None = None  # Shampoo
+
+
+_OPTIONAL = ("correct_bias", "eigenbasis", "eigenvalues_first", "eigval_floor", "eigval_clamp", "init_factor",
+             "spike_threshold", "staleness_threshold", "exponent", "grafting")
+
+
+def hyper(group: dict, rotation_mode: str = "highest", factor_mode: str = "highest") -> StepHyperparameters:
+    """The group's step hyperparameters, with the matmul precisions of the step's products."""
+    beta1, beta2 = group["betas"]
+    return StepHyperparameters(
+        beta1=float(beta1), beta2=float(beta2), factor_beta=float(factor_beta(group)), eps=group["eps"],
+        weight_decay=group["weight_decay"], precondition_frequency=group["precondition_frequency"],
+        state_dtype=group["state_dtype"], mask_unseen=group["mask_unseen"], normalize_grads=group["normalize_grads"],
+        rotation_mode=rotation_mode, factor_mode=factor_mode,
+        **{name: group[name] for name in _OPTIONAL if name in group})
+
