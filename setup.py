@@ -24,7 +24,7 @@ def _cuda_extension():
     """(ext_modules, cmdclass) for klkern._C, or ([], {}) with the reason printed.
 
     The extension is optional: when its build fails, one line says why and the
-    package installs as pure Python (klkern/_ext.py can still JIT-build it on
+    package installs as pure Python (klkern/linalg/_ext.py can still JIT-build it on
     first CUDA use, else batched_qr falls back to torch.linalg.qr).
     """
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
@@ -80,7 +80,7 @@ ext_modules, cmdclass = _cuda_extension()
 
 class BuildPyWithSources(build_py):
     """build_py that also ships csrc/ inside the package (klkern/csrc/), so that an installed
-    wheel can JIT-build the QR extension on first CUDA use (klkern/_ext.py)."""
+    wheel can JIT-build the QR extension on first CUDA use (klkern/linalg/_ext.py)."""
 
     def run(self):
         super().run()

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import klkern  # noqa: E402
 from bench._meta import git_commit, utc_now  # noqa: E402
 from klkern import reference  # noqa: E402
-from klkern._optimizer import tensor_bytes  # noqa: E402
+from klkern.engine._optimizer import tensor_bytes  # noqa: E402
 
 SHAPES = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
 PAIRS = [

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
 from bench._meta import git_commit, median_ms, utc_now  # noqa: E402
-from klkern import _functional, _tracking  # noqa: E402
+from klkern.algorithms import _functional, _tracking  # noqa: E402
 
 SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)],
           "tiny": [(16, 16), (24, 8), (8,)]}  # tiny: the smoke test

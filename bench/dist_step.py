@@ -16,7 +16,7 @@ processes share a core, so that row's time is not a speedup measurement.
 Part 2, projected: the optimizer's step time at 64 and 1024 GPUs for a
 1B-parameter GPT (24 layers, d_model 2048, 4x MLP, 50304-token vocabulary),
 split across ranks against replicated on every rank, from the cost model
-that assigns blocks to ranks (klkern._distributed.block_cost: 6 N d per
+that assigns blocks to ranks (klkern.distributed._distributed.block_cost: 6 N d per
 preconditioned mode and step plus 10 d^3 per refresh), calibrated by per-block
 step times measured here, and a stated network model (see --help). Writes
 bench/results/dist_step_cpu.json and .md.
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
 from bench._meta import git_commit, utc_now  # noqa: E402
-from klkern._distributed import assign, block_cost  # noqa: E402
+from klkern.distributed._distributed import assign, block_cost  # noqa: E402
 
 LAYER = [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)]
 
@@ -119,7 +119,7 @@ def gpt_1b_shapes():
 
 def blocks_of(shapes, algorithm, block_size, frequency=10, max_precond_dim=10000):
     """(cost, numel) of every block, as the assignment sees them."""
-    from klkern._blocking import make_plan
+    from klkern.algorithms._blocking import make_plan
 
     out = []
     for s in shapes:

@@ -426,7 +426,7 @@ except Exception as err:
     out["triton"] = f"not importable ({type(err).__name__}: {err})"
 import numpy
 out["numpy"] = numpy.__version__
-from klkern import _backend, _ext
+from klkern.engine import _backend, _ext
 cuda = __import__("torch").device("cuda")
 try:
     out["kernels_on_cuda"] = _backend.resolve("triton", cuda)

@@ -3,7 +3,7 @@
 Each case is a stack of B same-shape blocks. The eager reference of each
 fused operation is what the torch path does for the same work, one torch
 op at a time, its products at the given matmul precision through the torch
-path's own product function (klkern._precision.bmm: "highest" true fp32,
+path's own product function (klkern.runtime._precision.bmm: "highest" true fp32,
 "high" TF32, "medium" bf16 operands with fp32 results).
 """
 
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from klkern._precision import bmm
+from klkern.runtime._precision import bmm
 
 # (B, m, n): GPT-2-small and 1B-class block shapes, stacks of 12; KLKERN_KERNEL_SHAPES
 # ("12x768x768,12x2048x2048") narrows them (bench/gpu_suite.py does, to fit a lease).

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
 from bench._meta import git_commit, times_ms, utc_now  # noqa: E402
-from klkern._optimizer import tensor_bytes  # noqa: E402
+from klkern.engine._optimizer import tensor_bytes  # noqa: E402
 
 SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)],
           "tiny": [(24, 24)] * 2 + [(40, 24), (24, 40)]}
@@ -264,12 +264,12 @@ def refresh_floor(model: str, reps: int = 3) -> dict:
 
 def profile_refresh(model: str, reps: int = 3) -> dict:
     """Where klkern's refresh time goes: each algorithm's refreshing steps, with torch.profiler
-    around klkern._functional.refresh_ only. Per refresh (best of ``reps``): its wall time, the
+    around klkern.algorithms._functional.refresh_ only. Per refresh (best of ``reps``): its wall time, the
     step's wall time without it, and the self time of the QR (geqrf/ormqr), the matrix products,
     the memory passes (copies, triangles, gathers, sign scalings) and the rest."""
     from torch.profiler import ProfilerActivity, profile
 
-    from klkern import _functional as F
+    from klkern.algorithms import _functional as F
 
     init, grads = workload(model, 1)
     out = {}

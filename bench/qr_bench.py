@@ -46,8 +46,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from klkern import _ext  # noqa: E402
 from bench._meta import git_commit, utc_now  # noqa: E402
+from klkern.linalg import _ext  # noqa: E402
 
 DEFAULT_SHAPES = [(24, 768, 768), (48, 1024, 1024), (12, 3072, 3072), (8, 4096, 4096)]
 TARGETS = {(24, 768, 768): 5.0, (48, 1024, 1024): 5.0, (8, 4096, 4096): 2.0}  # speedup vs torch.linalg.qr

@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench._meta import git_commit, utc_now  # noqa: E402
-from klkern import _functional as F  # noqa: E402
 from klkern import linalg  # noqa: E402
+from klkern.algorithms import _functional as F  # noqa: E402
 
 
 def _train_lm():

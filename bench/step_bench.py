@@ -20,7 +20,7 @@ against the device's peak at that precision, peak memory above the
 parameters and gradients, and the cuBLAS time of the same products at the
 same precision (the "GEMM floor"), and the aten operations one steady step dispatches
 (each a launch when it computes) and the values it reads back to the host
-(klkern._dispatch.DispatchCounter, counted once per row on the torch path). A second table times
+(klkern.tools._dispatch.DispatchCounter, counted once per row on the torch path). A second table times
 ``precondition_frequency=1`` (an eigenbasis refresh every step, the setting of
 recent KL-SOAP speedrun records), and a third the refresh of the KL optimizers at the middle
 precision: the step that refreshes every basis against the steady step and against the
@@ -48,9 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
 from bench._meta import git_commit, median_ms, sync, utc_now  # noqa: E402
-from klkern._dispatch import DispatchCounter  # noqa: E402
-from klkern import _precision, linalg  # noqa: E402
-from klkern._blocking import plan_for  # noqa: E402
+from klkern import linalg  # noqa: E402
+from klkern.algorithms._blocking import plan_for  # noqa: E402
+from klkern.runtime import _precision  # noqa: E402
+from klkern.tools._dispatch import DispatchCounter  # noqa: E402
 
 # Dense peak TFLOP/s per precision (vendor data sheets; fp32 = FMA units, no sparsity).
 PEAKS = {

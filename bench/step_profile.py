@@ -25,9 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from step_bench import workload  # noqa: E402
+
 import klkern  # noqa: E402
 from bench._meta import git_commit, sync, utc_now  # noqa: E402
-from step_bench import workload  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 COPY_EVENTS = ("cudaMemcpy", "cudaMemcpyAsync")

@@ -43,7 +43,7 @@ def case(request):
 
 
 def _bench(benchmark, fn):
-    from klkern._precision import torch_precision
+    from klkern.runtime._precision import torch_precision
 
     with torch_precision("highest"):  # products not routed through a mode stay fp32, as in a step
         fn()  # compile / warm up

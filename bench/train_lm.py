@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime
 import csv
+import datetime
 import hashlib
 import json
 import math
@@ -66,8 +66,8 @@ if str(ROOT) not in sys.path:  # run from a clone without installing
 
 import klkern  # noqa: E402
 from bench._meta import git_commit, utc_now  # noqa: E402
-from klkern import _functional as F_klkern  # noqa: E402
-from klkern._optimizer import tensor_bytes  # noqa: E402
+from klkern.algorithms import _functional as F_klkern  # noqa: E402
+from klkern.engine._optimizer import tensor_bytes  # noqa: E402
 
 OPTIMIZERS = ("adamw", "klshampoo", "klsoap", "soap", "shampoo", "shampoo-nograft")
 # The initialisation study (bench/results/init_study.md): KL-Shampoo and KL-SOAP with the
@@ -308,7 +308,7 @@ class PeerMissing(RuntimeError):
 
 class RefreshCounter:
     """Counts the eigenbases klkern refreshes (per block and mode) while active: both routes of
-    klkern._functional.refresh_ (power_step and the periodic QR of Q R) are wrapped."""
+    klkern.algorithms._functional.refresh_ (power_step and the periodic QR of Q R) are wrapped."""
 
     def __init__(self):
         self.count = 0

@@ -4,7 +4,7 @@
 // (batch, m, n), m >= n, float32 or float64, on a CUDA device; returns the
 // contiguous Q (batch, m, n) with diag(R) >= 0 (see batched_qr_kernels.h for
 // the contract, including NaN). The input is never modified: the kernels
-// work on a contiguous copy. klkern/linalg.py reshapes any (..., m, n) input.
+// work on a contiguous copy. klkern/linalg/__init__.py reshapes any (..., m, n) input.
 //
 // Kept free of torch/extension.h (pybind11) and ATen/cuda/CUDAContext.h (it
 // needs cuSPARSE headers): the stream comes from c10/cuda/CUDAStream.h and
@@ -72,7 +72,7 @@ TORCH_LIBRARY_FRAGMENT(klkern, m) { m.def("batched_qr(Tensor A) -> Tensor"); }
 TORCH_LIBRARY_IMPL(klkern, CUDA, m) { m.impl("batched_qr", &batched_qr_cuda); }
 
 // `import klkern._C` (setup.py build) needs a module init function; loading
-// the library runs the registrations above. The JIT build (klkern/_ext.py) is
+// the library runs the registrations above. The JIT build (klkern/linalg/_ext.py) is
 // loaded with torch.ops.load_library and does not use it.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {

@@ -4,7 +4,7 @@
 // (CI: nvcc -c -arch=sm_80 / sm_90) and, with -DKLKERN_CUDA_EMULATION and the
 // fake runtime in tests/cuda_emu/, as plain C++ that runs the kernels on the
 // CPU (tests/test_qr.py). The torch binding lives in batched_qr.cpp; the
-// executable specification is klkern/_qr_blocked.py, which follows this file
+// executable specification is klkern/linalg/_qr_blocked.py, which follows this file
 // function by function (its docstrings name the kernels here).
 //
 // Algorithm, per matrix A (m x n, row-major, m >= n), all matrices of the

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP, SPIKE_GROWTH
+from .algorithms._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP, SPIKE_GROWTH
 from .linalg import EighFailure, batched_qr, eigh_descending
 
 # --------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._analysis_core import (
+from .tools._analysis_core import (
     _Moments,
     _spd_inverse_and_logdet,
     _square_size,

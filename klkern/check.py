@@ -39,7 +39,7 @@ import types
 
 import torch
 
-from klkern._errors import describe, summary
+from .runtime._errors import describe, summary
 
 __all__ = ["check", "main"]
 
@@ -93,7 +93,8 @@ def _quadratic_grad(p: torch.Tensor, target: torch.Tensor, step: int) -> torch.T
 def _trajectory_error(name: str, device: torch.device, backend: str, steps: int = 12) -> float:
     """Max relative parameter difference after ``steps`` steps against the reference optimizer."""
     import klkern
-    from klkern import reference as R
+
+    from . import reference as R
 
     ref_cls = {"KLShampoo": R.ReferenceKLShampoo, "KLSOAP": R.ReferenceKLSOAP, "SOAP": R.ReferenceSOAP,
                "Shampoo": R.ReferenceShampoo}[name]
@@ -119,8 +120,8 @@ def _trajectory_error(name: str, device: torch.device, backend: str, steps: int 
 
 def _kernel_errors(device: torch.device, mode: str) -> dict:
     """Max relative error of each fused operation against the reference step at ``mode``."""
-    from klkern import reference as R
-    from klkern import triton_kernels as K
+    from . import reference as R
+    from . import triton_kernels as K
 
     gen = torch.Generator().manual_seed(1)
     B, m, n = 2, 17, 40
@@ -159,7 +160,7 @@ def _kernel_errors(device: torch.device, mode: str) -> dict:
 
 
 def _qr_error(method: str, device: torch.device, dtype: torch.dtype) -> float:
-    from klkern.linalg import batched_qr
+    from .linalg import batched_qr
 
     gen = torch.Generator().manual_seed(2)
     A = (torch.randn(3, 40, 33, generator=gen, dtype=torch.float64) / 40**0.5
@@ -182,7 +183,8 @@ def _qr_error(method: str, device: torch.device, dtype: torch.dtype) -> float:
 
 def check(quick: bool = False) -> list[dict]:
     """Run every available path against the reference; return the table's rows."""
-    from klkern import _backend, _ext, _precision
+    from .linalg import _ext
+    from .runtime import _backend, _precision
 
     table = _Table()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

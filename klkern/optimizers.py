@@ -42,7 +42,7 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   ``torch.get_float32_matmul_precision()`` at every step; "highest" (true
   fp32), "high" (TF32 where the hardware has it) or "medium" (bf16 operands)
   override it. Accumulation, eigenvalue estimates, QR and eigendecompositions
-  stay fp32 (see klkern/_precision.py).
+  stay fp32 (see klkern/runtime/_precision.py).
 * ``mask_unseen`` (True): a direction of a preconditioned mode whose gradient
   has been exactly zero at every step (an input feature never used, a masked
   output, an embedding row never looked up: a row or column of the block that
@@ -60,7 +60,7 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   this option over the constructor's.
 * ``backend`` ("auto"): "auto" (per device and matmul precision, the path
   measured faster on a GPU: today the torch path everywhere, see
-  ``klkern._backend.AUTO_KERNELS``), "torch" (the batched torch path, any
+  ``klkern.runtime._backend.AUTO_KERNELS``), "torch" (the batched torch path, any
   device) or "triton" (the fused Triton kernels, else a clear error; on CPU
   tensors only under ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND``
   environment variable overrides it. The kernels handle 2-D blocks with both
@@ -79,7 +79,7 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   upload of the step's coefficients and one graph launch. Refresh steps run
   eagerly; anything that changes what the step computes (a load, a new group,
   a hyperparameter other than lr, the matmul precision) captures again, so a
-  graph is never replayed stale (klkern/_graph.py). ``.grad`` tensors need not
+  graph is never replayed stale (klkern/engine/_graph.py). ``.grad`` tensors need not
   stay the same from step to step.
 
 A step never poisons the state: a NaN/Inf gradient skips its parameter, and
@@ -87,7 +87,7 @@ a block whose gradient is too large for its state to stay finite (a finite
 gradient can overflow) is skipped; both are decided on the device (a steady
 step reads nothing back to the host), counted in ``optimizer.nonfinite_skipped``
 (read from the device when it is read, and at refresh steps) and warned about
-once (klkern/_guard.py). A skipped step still counts in the parameter's step
+once (klkern/engine/_guard.py). A skipped step still counts in the parameter's step
 count (which schedules its refreshes and bias corrections).
 
 1-D parameters (and parameters sent to the AdamW path) get
@@ -107,8 +107,8 @@ import inspect
 
 import torch
 
-from . import _options
-from ._optimizer import ShampooFamilyOptimizer
+from .algorithms import _options
+from .engine._optimizer import ShampooFamilyOptimizer
 
 __all__ = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
 
@@ -150,7 +150,7 @@ class KLShampoo(ShampooFamilyOptimizer):
       tasks the final loss is 0.015 lower on one (all three seeds) and level on
       the other (0.001 lower, inside the seed spread);
       ``eigval_floor="absolute"`` restores the SPEC's floor. Checkpoints saved
-      without it load with ``s = 1``. The gradient limit of klkern/_guard.py
+      without it load with ``s = 1``. The gradient limit of klkern/engine/_guard.py
       scales with ``s^((K-1)/2)``.
     * ``eigenvalues_first`` (False): update the factors and eigenvalue estimates
       with the current gradient before preconditioning it (Adam's order: the
@@ -187,7 +187,7 @@ class KLShampoo(ShampooFamilyOptimizer):
       (``staleness_threshold`` does not apply to it).
     * ``stagger_refresh`` (False): each block keeps the refresh period T but gets its own offset,
       dealt so that every step of a period refreshes about 1/T of the refresh work (blocks
-      largest first onto the least-loaded step; klkern/_schedule.py): no step pays for every
+      largest first onto the least-loaded step; klkern/engine/_schedule.py): no step pays for every
       refresh at once. The offsets follow from the shapes, so a resumed run keeps them. False
       (the SPEC's schedule) refreshes every basis at ``t % precondition_frequency == 0``.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
@@ -232,7 +232,7 @@ class KLSOAP(ShampooFamilyOptimizer):
       (bench/results/spike_recovery*.md). None: the SPEC's step.
     * ``stagger_refresh`` (False): each block keeps the refresh period T but gets its own offset,
       dealt so that every step of a period refreshes about 1/T of the refresh work (blocks
-      largest first onto the least-loaded step; klkern/_schedule.py): no step pays for every
+      largest first onto the least-loaded step; klkern/engine/_schedule.py): no step pays for every
       refresh at once. The offsets follow from the shapes, so a resumed run keeps them. False
       (the SPEC's schedule) refreshes every basis at ``t % precondition_frequency == 0``.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a
@@ -260,7 +260,7 @@ class SOAP(ShampooFamilyOptimizer):
       (Adam's bias correction); False: ``lr``.
     * ``stagger_refresh`` (False): each block keeps the refresh period T but gets its own offset,
       dealt so that every step of a period refreshes about 1/T of the refresh work (blocks
-      largest first onto the least-loaded step; klkern/_schedule.py): no step pays for every
+      largest first onto the least-loaded step; klkern/engine/_schedule.py): no step pays for every
       refresh at once. The offsets follow from the shapes, so a resumed run keeps them. False
       (the SPEC's schedule) refreshes every basis at ``t % precondition_frequency == 0``.
     * ``staleness_threshold`` (None): refresh only the bases that have gone stale. At a

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._blocking import plan_for
-from ._options import build_defaults, factor_beta, validate_group
-from ._reference_steps import (  # the steps, one function each (public here)
+from ._reference_steps import (
     adam_bias_scale,
     adam_direction,
     adam_moments,
@@ -67,7 +65,9 @@ from ._reference_steps import (  # the steps, one function each (public here)
     unfold,
     update_seen,
 )
-from ._schedule import refresh_offsets
+from .algorithms._blocking import plan_for
+from .algorithms._options import build_defaults, factor_beta, validate_group
+from .engine._schedule import refresh_offsets
 from .linalg import EighFailure
 
 __all__ = [
@@ -184,7 +184,7 @@ class _ReferenceOptimizer(torch.optim.Optimizer):
             if plan.adamw:
                 U, scale = self._adamw_block(block, G, group, t)
             else:
-                # stagger_refresh (klkern/_schedule.py): the block's refreshes follow its own clock
+                # stagger_refresh (klkern/engine/_schedule.py): the block's refreshes follow its own clock
                 clock = t + refresh_offsets(group).get((id(p), i), 0)
                 U, scale = self._block_step(block, G, plan.masks[i], dict(group, refresh_clock=clock), t)
             updates.append(U)

@@ -30,7 +30,7 @@ def mlp(seed: int = 0) -> torch.nn.Module:
 def kernel_device() -> torch.device | None:
     """Where this test process runs the Triton kernels: CUDA on a GPU machine (the interpreter is
     off there), the CPU under the interpreter (conftest.py sets it without a GPU), else None."""
-    from klkern import _backend
+    from klkern.runtime import _backend
 
     if _backend.triton_import_error() is not None:
         return None
@@ -41,7 +41,7 @@ def kernel_device() -> torch.device | None:
 
 def kernel_skip_reason() -> str:
     """Why :func:`kernel_device` is None (for skip marks)."""
-    from klkern import _backend
+    from klkern.runtime import _backend
 
     if _backend.triton_import_error() is not None:
         return f"triton not importable: {_backend.triton_import_error()}"

@@ -17,7 +17,7 @@ if CUDA_REPORTED:
 # GPU is present. The interpreter flag is read when a kernel is decorated, so
 # it must be set before klkern.triton_kernels is first imported.
 if not torch.cuda.is_available():
-    from klkern import _backend
+    from klkern.runtime import _backend
 
     if _backend.interpreter_problem() is None:  # else the kernel tests skip, saying why
         os.environ.setdefault("TRITON_INTERPRET", "1")

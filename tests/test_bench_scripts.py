@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klkern import _backend
+from klkern.runtime import _backend
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import klkern
-from klkern._blocking import make_plan, merge_shape
+from klkern.algorithms._blocking import make_plan, merge_shape
 
 OPTS = dict(merge_dims=False, max_precond_dim=10000, block_size=None, precondition_1d=False,
             data_format="channels_first", large_dim_policy="adamw")

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import klkern
-from klkern import _backend
 from klkern import check as check_module
+from klkern.runtime import _backend
 
 
 def _run(env_extra: dict, *args):
@@ -62,7 +62,7 @@ def test_a_mismatch_or_an_error_fails_the_check(monkeypatch, capsys):
 def test_on_a_gpu_machine_a_missing_extension_or_driver_is_a_failure(monkeypatch):
     """With CUDA present, an extension that could not be built and a triton without a driver are
     failing rows (the GPU suite must not pass with them), not skips; KLKERN_NO_EXT=1 is a skip."""
-    from klkern import _ext
+    from klkern.linalg import _ext
 
     monkeypatch.setattr(check_module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(check_module, "_trajectory_error", lambda *a, **k: 0.0)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from klkern import _backend
+from klkern.runtime import _backend
 
 ROOT = Path(__file__).resolve().parent.parent
 RESOURCE_FILE = ROOT / "csrc" / "resource_usage.txt"
@@ -78,7 +78,7 @@ def _compile(variants: Path, tmp_path: Path, subset: str, timeout: int) -> tuple
 def test_recorded_variants_cover_what_the_optimizers_launch(variants):
     """The recording saw every precision, every kernel, both prologues, the projection epilogue,
     unaligned shapes, and both tile-table entries. The step's masked moment updates and its
-    write-back run in torch (klkern/_triton_path.py): no launch writes moments or parameters."""
+    write-back run in torch (klkern/algorithms/_triton_path.py): no launch writes moments or parameters."""
     recorded = json.loads(variants.read_text())
     kernels = {(v["kernel"].split(":")[-1], v["constexprs"]["DOT"]) for v in recorded}
     assert kernels == {(k, d) for k in ("_gemm_kernel", "_factor_ema_kernel") for d in ("ieee", "tf32", "bf16")}

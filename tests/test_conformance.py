@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import rel_err
 
 import klkern
-from klkern import _distributed, _options
-
-from _helpers import rel_err
+from klkern.algorithms import _options
+from klkern.distributed import _distributed
 
 OPTIMIZERS = [klkern.KLShampoo, klkern.KLSOAP, klkern.SOAP, klkern.Shampoo]
 IDS = [cls.__name__ for cls in OPTIMIZERS]
@@ -675,7 +675,7 @@ def test_a_deleted_optimizer_is_freed_at_once(cls, cuda_graph, monkeypatch):
     import gc
     import weakref
 
-    from klkern import _graph
+    from klkern.engine import _graph
 
     monkeypatch.setattr(_graph, "EMULATE", True)
     params = _params()

@@ -40,7 +40,7 @@ def _loss(params, X):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_three_parameter_model_gives_finite_values(name, backend):
-    from klkern import _backend
+    from klkern.runtime import _backend
 
     if backend == "triton" and (_backend.triton_import_error() is not None or not _backend.interpreting()):
         pytest.skip("needs the Triton interpreter")

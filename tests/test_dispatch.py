@@ -1,6 +1,6 @@
 """A steady step's launches are flat in model depth and it reads nothing back to the host.
 
-Counted on the CPU with klkern._dispatch.DispatchCounter (every aten operation dispatched, views
+Counted on the CPU with klkern.tools._dispatch.DispatchCounter (every aten operation dispatched, views
 included: on a GPU each operation that computes is a kernel launch; and every read back to the
 host, through the dispatcher or around it). The parameter set has GPT-2-small's structure (token
 and position embeddings, per layer the attention and MLP weights, biases and LayerNorms) at a
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import klkern
-from klkern._dispatch import DispatchCounter
+from klkern.tools._dispatch import DispatchCounter
 
 MAX_OPS = 200
 OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]

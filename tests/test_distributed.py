@@ -30,9 +30,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _helpers import mlp, rel_err
 
 import klkern
-from _helpers import mlp, rel_err
 
 TRAJ_RTOL = 1e-5
 DDP_RTOL = 1e-4
@@ -389,7 +389,7 @@ def test_param_groups_added_after_steps_and_float64_parameters(tmp_path):
 
 
 def test_assignment_is_balanced_and_deterministic():
-    from klkern._distributed import assign, block_cost
+    from klkern.distributed._distributed import assign, block_cost
 
     costs = [block_cost("klshampoo", (768, 768), (True, True), 10)] * 8 + \
             [block_cost("klshampoo", (3072, 768), (True, True), 10)] * 2 + [1.0] * 5

@@ -94,7 +94,7 @@ def test_the_options_check_catches_drift(monkeypatch):
     sys.path.insert(0, str(ROOT / "docs"))
     import generate_options
 
-    from klkern import _options
+    from klkern.algorithms import _options
 
     monkeypatch.setitem(_options.DEFAULTS, "soap", dict(_options.DEFAULTS["soap"], eps=1e-6))
     _, problems = generate_options.options()

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from klkern._stacked import FLOAT32_STATE
-
 from _helpers import PAIRS, clone_params, make_params, quadratic_grads, rel_err
+
+from klkern.algorithms._stacked import FLOAT32_STATE
 
 SHAPES = [(8, 8), (6,), (3, 4, 5)]
 # The fast path's distance from the reference, as a fraction of how far the reference moved (mean

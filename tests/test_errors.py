@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from _helpers import PAIRS, clone_params, make_params, quadratic_grads, rel_err
 
 import klkern
-from _helpers import PAIRS, clone_params, make_params, quadratic_grads, rel_err
 
 ALL = [klkern.KLShampoo, klkern.KLSOAP, klkern.SOAP, klkern.Shampoo]
 

@@ -1,6 +1,6 @@
-"""klkern's own CUDA graph of the steady step (cuda_graph=True, klkern/_graph.py), without a GPU.
+"""klkern's own CUDA graph of the steady step (cuda_graph=True, klkern/engine/_graph.py), without a GPU.
 
-The graph is emulated (klkern._graph.EMULATE): capturing runs the step's function once and each
+The graph is emulated (klkern.engine._graph.EMULATE): capturing runs the step's function once and each
 replay calls that same function again, with the hyperparameters it was built with, as a graph
 replays the kernels it recorded with the numbers baked into them. A run with the graph must
 equal the eager run exactly, whatever changes between steps: the learning rate (uploaded every
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import klkern
-from klkern import _graph
+from klkern.engine import _graph
 
 OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
 

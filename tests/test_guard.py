@@ -1,4 +1,4 @@
-"""No step poisons the state (klkern/_guard.py), and a failing kernel does not stop training.
+"""No step poisons the state (klkern/engine/_guard.py), and a failing kernel does not stop training.
 
 Property tests: random block shapes and one step whose (finite) gradient has
 a scale from 1e-30 to 1e30, between ordinary steps, for all four optimizers
@@ -14,11 +14,11 @@ import warnings
 
 import pytest
 import torch
+from _helpers import kernel_device, kernel_skip_reason
 
 import klkern
-from klkern import _backend, _guard
-
-from _helpers import kernel_device, kernel_skip_reason
+from klkern.engine import _guard
+from klkern.runtime import _backend
 
 OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
 SCALES = [1e-30, 1e-20, 1e-10, 1.0, 1e5, 1e10, 1e15, 1e18, 1e20, 1e25, 1e30]
@@ -156,7 +156,7 @@ def test_failed_initialisation_leaves_the_parameter_uninitialised():
 def test_only_unbounded_hyperparameters_copy_the_state(eps, copies):
     """A steady step decides on the device and copies no state (no clone); a group whose eps does
     not bound the update (eps < 1e-16) copies its state to restore from."""
-    from klkern._dispatch import DispatchCounter
+    from klkern.tools._dispatch import DispatchCounter
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
     opt = klkern.KLSOAP(model.parameters(), eps=eps)
@@ -285,7 +285,7 @@ def test_rollback_through_a_copying_block_layout():
     p = torch.nn.Parameter(torch.randn(4, 3, 2, 6))
     opt = klkern.KLShampoo([p], lr=1e-2, merge_dims=True, max_precond_dim=18, data_format="channels_last",
                            block_size=4)
-    plan = klkern._blocking.plan_for(p.shape, opt.param_groups[0])
+    plan = klkern.algorithms._blocking.plan_for(p.shape, opt.param_groups[0])
     assert not plan.trivial and len(plan.masks) > 1
     assert plan.extract(p.detach())[0].untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
     for _ in range(2):

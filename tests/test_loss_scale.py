@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import kernel_device, kernel_skip_reason, rel_err
 
 import klkern
-from klkern import _guard
 from klkern import reference as R
-
-from _helpers import kernel_device, kernel_skip_reason, rel_err
+from klkern.engine import _guard
 
 OPTIMIZERS = [klkern.KLShampoo, klkern.KLSOAP, klkern.SOAP, klkern.Shampoo]
 IDS = [cls.__name__ for cls in OPTIMIZERS]
@@ -150,7 +149,7 @@ def test_a_checkpoint_saved_before_the_option_steps_as_it_did():
 
 
 def test_a_jump_far_above_the_blocks_scale_is_refused_not_overflowed():
-    """The gradient limit scales with s^((K-1)/2) (klkern/_guard.py): a block whose first
+    """The gradient limit scales with s^((K-1)/2) (klkern/engine/_guard.py): a block whose first
     gradient had entries of 1e-8 refuses a gradient of entries 1e12 (whose factor terms against
     floors of s / c^2 would pass STATE_LIMIT), counts it, and keeps its state finite; a gradient
     within its limit steps."""

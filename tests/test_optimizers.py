@@ -15,9 +15,7 @@ shared state (STEP_RTOL: one step from identical state, float32 roundoff).
 
 import pytest
 import torch
-
-from _helpers import (PAIRS, clone_params, make_params, moved_err, quadratic_grads, reference_state_from_fast,
-                      rel_err)
+from _helpers import PAIRS, clone_params, make_params, moved_err, quadratic_grads, reference_state_from_fast, rel_err
 
 TRAJ_RTOL = 1e-4  # of the movement; see above
 STEP_RTOL = 1e-5
@@ -136,7 +134,7 @@ def test_shampoo_beta_none_or_negative_is_betas1(name):
     """shampoo_beta=None (the default) and a negative value both mean betas[1], on the fast path
     and in the reference: the same trajectory, bit for bit, as shampoo_beta=betas[1] given
     explicitly, and another than shampoo_beta=betas[0]."""
-    from klkern import _options
+    from klkern.algorithms import _options
 
     assert _options.factor_beta({"betas": (0.9, 0.99), "shampoo_beta": None}) == 0.99
     assert _options.factor_beta({"betas": (0.9, 0.99), "shampoo_beta": -1}) == 0.99

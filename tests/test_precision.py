@@ -1,4 +1,4 @@
-"""Matrix-product precision (klkern/_precision.py, SPEC "Precision") on the CPU.
+"""Matrix-product precision (klkern/runtime/_precision.py, SPEC "Precision") on the CPU.
 
 TF32 and bf16 tensor-core products cannot run here, so their arithmetic is
 emulated: operands rounded to TF32 (10-bit mantissa) or bf16 (7-bit
@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import kernel_device, kernel_skip_reason, mlp, rel_err
 
 import klkern
-from klkern import _precision
-
-from _helpers import kernel_device, kernel_skip_reason, mlp, rel_err
+from klkern.runtime import _precision
 
 PRODUCT_RTOL = 1e-5
 # mode -> bound on the relative deviation of a 200-step trajectory from "highest"

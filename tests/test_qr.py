@@ -8,7 +8,7 @@ run the same checks on the CPU:
   per-matrix Householder fallback;
 * ``shifted_cholqr3``: batched_qr(method="shifted_cholqr3"), shifted CholeskyQR3
   on the column-scaled matrix in float64, with the same fallback;
-* ``blocked`` / ``blocked_nb4``: klkern._qr_blocked, the step-by-step torch
+* ``blocked`` / ``blocked_nb4``: klkern.linalg._qr_blocked, the step-by-step torch
   transcription of csrc/batched_qr_kernels.cu (nb=4 crosses many panels on
   small shapes);
 * ``emulated``: the CUDA kernel source itself, compiled with g++ against the
@@ -41,12 +41,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import make_params, rel_err
 
 import klkern
-from klkern import _ext, linalg
-from klkern._qr_blocked import NB, blocked_householder_qr
-
-from _helpers import make_params, rel_err
+from klkern import linalg
+from klkern.linalg import _ext
+from klkern.linalg._qr_blocked import NB, blocked_householder_qr
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "batched_qr_kernels.cu"
@@ -321,7 +321,7 @@ def captured_refresh_inputs(steps: int = 12) -> list[torch.Tensor]:
     for cls in (klkern.KLShampoo, klkern.SOAP):
         params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
         opt = cls(params, lr=1e-2, precondition_frequency=1, backend="torch")
-        from klkern import _functional
+        from klkern.algorithms import _functional
         original = _functional.power_step
         _functional.power_step = recording
         try:
@@ -635,7 +635,7 @@ def test_loader_warns_once_when_the_build_fails(monkeypatch):
 
     monkeypatch.setattr(_ext, "jit_build", failing_build)
     with pytest.warns(RuntimeWarning, match=r"unavailable \(RuntimeError: Error building extension 'klkern_C'.*"
-                                            r"klkern\._ext\.LAST_ERROR\).*torch\.linalg\.qr"):
+                                            r"klkern\.linalg\._ext\.LAST_ERROR\).*torch\.linalg\.qr"):
         assert _ext.qr_extension() is None
     assert "long compiler output" in _ext.LAST_ERROR  # the whole error is kept
     with warnings.catch_warnings():
@@ -711,7 +711,7 @@ BAD_INPUTS = {  # the op's own input checks: (argument, the message it must rais
 def test_extension_bad_input_raises_a_catchable_error(arg):
     """In a fresh process: an error thrown inside the extension must reach Python as an exception
     (a process that crashes instead fails here rather than taking the test run with it)."""
-    code = ("import torch\nfrom klkern import _ext\nop = _ext.qr_extension()\n"
+    code = ("import torch\nfrom klkern.linalg import _ext\nop = _ext.qr_extension()\n"
             f"try:\n    op({arg})\nexcept Exception as err:\n    print('RAISED', type(err).__name__, err)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
@@ -723,7 +723,7 @@ def test_jit_build_on_gpu(tmp_path):
     """The loader's JIT path, in a fresh process (the op can be registered once per process)."""
     code = (
         "import torch\n"
-        "from klkern import _ext\n"
+        "from klkern.linalg import _ext\n"
         "op = _ext.jit_build()\n"
         "A = torch.randn(3, 80, 70, device='cuda')\n"
         "Q = op(A)\n"

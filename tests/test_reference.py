@@ -4,7 +4,8 @@ hand, and against the claims of the paper (Claim 3's optimum)."""
 import pytest
 import torch
 
-from klkern import linalg, reference as R
+from klkern import linalg
+from klkern import reference as R
 
 ATOL = 1e-5  # float32 products of O(1) numbers, a few hundred terms
 

@@ -1,4 +1,4 @@
-"""The eigenbasis refresh (klkern._functional.refresh_): what it preserves and how Q stays orthogonal.
+"""The eigenbasis refresh (klkern.algorithms._functional.refresh_): what it preserves and how Q stays orthogonal.
 
 The refresh computes qr(Q R) as Q qr(R) (linalg.power_step), so it composes Q with the refresh's V;
 every REORTHOGONALIZE_EVERY-th refresh forms Q R and its QR instead, which returns an orthogonal Q
@@ -6,16 +6,17 @@ whatever rounding has done to the old one. Both must leave the factor S = Q R Q^
 in the parameter's basis (Q_0 M Q_1^T) unchanged; the refresh only changes the basis they are in.
 """
 
+import dataclasses
 import warnings
 
 import pytest
-import dataclasses
-
 import torch
 
 import klkern
-from klkern import _functional as F, _stacked, linalg
-from klkern._hyper import hyper
+from klkern import linalg
+from klkern.algorithms import _functional as F
+from klkern.algorithms import _stacked
+from klkern.algorithms._hyper import hyper
 
 ALGOS = {"klshampoo": klkern.KLShampoo, "klsoap": klkern.KLSOAP, "soap": klkern.SOAP}
 
@@ -253,7 +254,7 @@ def test_cpu_bases_are_column_major_and_either_layout_gives_the_same_run(algorit
 
 
 # --------------------------------------------------------------------------
-# stagger_refresh: each block refreshed every T steps at its own offset (klkern/_schedule.py)
+# stagger_refresh: each block refreshed every T steps at its own offset (klkern/engine/_schedule.py)
 
 STAGGER_SHAPES = [(8, 8), (16, 16), (8, 8), (12, 20), (4, 5, 6), (16, 16), (9,)]
 
@@ -284,9 +285,8 @@ def test_staggered_refresh_matches_the_reference(algorithm):
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_optimizers import run_pair
-
     from _helpers import rel_err
+    from test_optimizers import run_pair
 
     errors = {}
     for stagger in (False, True):
@@ -325,7 +325,7 @@ def test_staggered_offsets_balance_the_refresh_work():
     """Offsets deal blocks largest first onto the least-loaded step of the period: eight equal
     blocks with T = 4 refresh two per step; one large block and several small ones put the large
     one alone."""
-    from klkern import _schedule
+    from klkern.engine import _schedule
 
     group = dict(klkern.KLShampoo([torch.nn.Parameter(torch.zeros(1, 1))]).defaults, stagger_refresh=True,
                  precondition_frequency=4)
@@ -374,7 +374,7 @@ def test_refresh_selected_on_the_device_equals_the_host_choice(stagger, monkeypa
     """On a GPU a refresh step keeps the result only where the block stepped, decided on the
     device; the CPU reads keep back and refreshes in place. Both give the same run, a NaN
     gradient at a refresh step included."""
-    from klkern import _refresh
+    from klkern.engine import _refresh
 
     runs = []
     for device_choice in (False, True):

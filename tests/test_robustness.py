@@ -24,11 +24,10 @@ import warnings
 
 import pytest
 import torch
+from _helpers import rel_err
 
 import klkern
 from klkern import reference as R
-
-from _helpers import rel_err
 
 OPTIMIZERS = ["KLShampoo", "KLSOAP", "SOAP", "Shampoo"]
 SCALE_STARTED = ["KLShampoo", "KLSOAP", "SOAP"]  # initialised from their first gradient

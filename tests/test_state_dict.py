@@ -5,10 +5,9 @@ import io
 
 import pytest
 import torch
-
-from klkern._stacked import FLOAT32_STATE
-
 from _helpers import PAIRS, clone_params, make_params, quadratic_grads
+
+from klkern.algorithms._stacked import FLOAT32_STATE
 
 SHAPES = [(6, 6), (4, 9), (5,), (2, 3, 4), (3, 8)]
 KW = dict(precondition_frequency=4, block_size=5)

@@ -1,8 +1,8 @@
 """The main job (bench/train_lm.py) and its learning-rate sweep, on a tiny corpus."""
 
 import csv
-import io
 import importlib.util
+import io
 import json
 import math
 import sys

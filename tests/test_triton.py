@@ -21,12 +21,11 @@ import sys
 
 import pytest
 import torch
+from _helpers import kernel_device, kernel_skip_reason, rel_err
 
 import klkern
 from klkern import reference as R
-from klkern import _backend
-
-from _helpers import kernel_device, kernel_skip_reason, rel_err
+from klkern.runtime import _backend
 
 pytestmark = pytest.mark.skipif(kernel_device() is None, reason=kernel_skip_reason())
 

@@ -17,12 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import (
+    clone_params,
+    kernel_device,
+    kernel_skip_reason,
+    quadratic_grads,
+    reference_state_from_fast,
+    rel_err,
+)
 
 import klkern
 from klkern import reference as R
-
-from _helpers import (clone_params, kernel_device, kernel_skip_reason, quadratic_grads, reference_state_from_fast,
-                      rel_err)
 
 OPTIMIZERS = [klkern.KLShampoo, klkern.KLSOAP, klkern.SOAP, klkern.Shampoo]
 _spec = importlib.util.spec_from_file_location("unseen", Path(__file__).resolve().parent.parent / "bench" / "unseen.py")

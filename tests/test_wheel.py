@@ -53,7 +53,7 @@ def test_wheel_in_a_fresh_venv_passes_the_check(wheel, tmp_path):
                            "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-    where = subprocess.run([str(python), "-c", "import klkern, klkern._ext as e; print(klkern.__file__); "
+    where = subprocess.run([str(python), "-c", "import klkern, klkern.linalg._ext as e; print(klkern.__file__); "
                             "print(e.CSRC); print(all((e.CSRC / s).is_file() for s in e.SOURCES))"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert where.returncode == 0, where.stderr

@@ -8,12 +8,12 @@ launches reproducible and lets CI compile every entry for real GPUs
 and sm_90 without register spills and within the shared memory of an A100.
 
 Precision: the optimizer's mode ("highest", "high", "medium"; see
-klkern/_precision.py) becomes the ``DOT`` constexpr of a kernel: "ieee"
+klkern/runtime/_precision.py) becomes the ``DOT`` constexpr of a kernel: "ieee"
 (true fp32 on FMA units), "tf32" or "bf16" (tensor cores; fp32
 accumulation). Under the interpreter ``tl.dot`` ignores ``input_precision``
 and multiplies bf16 wrongly, so the kernels round their operands themselves
 (``EMULATE``) and multiply in fp32: bf16 always, TF32 when
-``klkern._precision.emulate_tf32_off_gpu(True)`` asks for it.
+``klkern.runtime._precision.emulate_tf32_off_gpu(True)`` asks for it.
 
 Launching: :func:`launch` runs a kernel with the GPU table's tiles (the
 interpreter's own tiles under ``TRITON_INTERPRET``) and, while
@@ -42,7 +42,7 @@ def dot_constexprs(mode: str) -> dict:
     dot = DOTS[mode]
     emulate = False
     if INTERPRET:
-        from klkern._precision import emulating_tf32
+        from klkern.runtime._precision import emulating_tf32
 
         emulate = dot == "bf16" or (dot == "tf32" and emulating_tf32())
     return dict(DOT=dot, EMULATE=emulate)

@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from klkern._errors import describe, summary
+from klkern.runtime._errors import describe, summary
 
 # Per-block shared memory limits (opt-in maximum): A100 163 KB, H100 227 KB
 # (of 164 / 228 KB per SM).
@@ -60,8 +60,8 @@ def _record_scenarios():
     import torch
 
     import klkern
-    from klkern._options import DEFAULTS
-    from klkern._precision import PRECISIONS
+    from klkern.algorithms._options import DEFAULTS
+    from klkern.runtime._precision import PRECISIONS
 
     # (32, 32) and (20, 24) are single blocks (aligned and unaligned); (48, 32) splits into blocks
     # of two shapes.
@@ -82,7 +82,7 @@ def _record_scenarios():
 
 def record() -> list:
     """Run the scenarios under the interpreter and return the deduplicated, tile-expanded variants."""
-    from klkern import _backend
+    from klkern.runtime import _backend
 
     if not _backend.interpreting():
         raise SystemExit("compile_check record: run with TRITON_INTERPRET=1 (launches are recorded "

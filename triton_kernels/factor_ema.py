@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import aligned, dot_constexprs, launch, pick_tiles, run_tiles
 from . import gemm
+from ._config import aligned, dot_constexprs, launch, pick_tiles, run_tiles
 from .gemm import dot_acc, dot_operand
 
 

@@ -8,7 +8,7 @@ Per parameter (aggregated over its blocks, weighted by their sizes):
   scale: in expectation KL(E[gg^T], S) - KL(E[gg^T], c I), so 0 means no
   better than the identity, lower is a better fit, and neither the gradients'
   nor the estimate's scale matters (optimizers compare). An EMA over steps
-  (klkern._tracking.track_kl_): evaluated at the first update and at every
+  (klkern.algorithms._tracking.track_kl_): evaluated at the first update and at every
   refresh step (no update reads it), before the estimate sees the gradient,
   for KL-Shampoo, KL-SOAP and SOAP (whose estimate is its
   eigenbasis with the eigenvalues diag(Q^T GG Q)); for Shampoo at each root
@@ -35,12 +35,12 @@ from collections import defaultdict
 
 import torch
 
-from ._algorithms import ALGORITHMS
-from ._blocking import plan_for
-from ._distributed import local
-from ._functional import staleness
-from ._stacked import _lam_product, _rotate_back
-from ._precision import optimizer_math
+from ..algorithms._algorithms import ALGORITHMS
+from ..algorithms._blocking import plan_for
+from ..algorithms._functional import staleness
+from ..algorithms._stacked import _lam_product, _rotate_back
+from ..distributed._distributed import local
+from ..runtime._precision import optimizer_math
 
 __all__ = ["collect"]
 

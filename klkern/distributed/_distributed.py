@@ -32,8 +32,8 @@ import math
 
 import torch
 
-from ._algorithms import ALGORITHMS
-from ._blocking import BlockPlan, plan_for
+from ..algorithms._algorithms import ALGORITHMS
+from ..algorithms._blocking import BlockPlan, plan_for
 
 __all__ = ["ReplicatedSplit", "block_cost", "assign", "is_dtensor", "local", "shard_offset", "check_process_group"]
 
@@ -77,7 +77,7 @@ def check_process_group(process_group) -> None:
 
 def block_cost(path: str, shape: tuple, mask: tuple, frequency: int) -> float:
     """Work of one block of ``path`` (an algorithm's name, or "adamw") per step:
-    :meth:`klkern._algorithms.Algorithm.step_cost`."""
+    :meth:`klkern.algorithms._algorithms.Algorithm.step_cost`."""
     return ALGORITHMS[path].step_cost(shape, mask, frequency)
 
 

@@ -1,6 +1,6 @@
 """The end of a steady step: the guard's check of unbounded groups, ``normalize_grads`` and the
 write-back of every stack's update into its parameters (SPEC steps 7 and 8). Called by
-klkern/_engine.py's ``StepEngine.steady`` on the device, with no host read.
+klkern/engine/_engine.py's ``StepEngine.steady`` on the device, with no host read.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from collections import defaultdict
 
 import torch
 
-from . import _distributed, _guard
-from ._blocking import plan_for
+from ..algorithms._blocking import plan_for
+from ..distributed import _distributed
+from . import _guard
 from ._plan import DevicePlan
 
 __all__ = ["check_unbounded", "normalize", "write"]
@@ -20,7 +21,7 @@ __all__ = ["check_unbounded", "normalize", "write"]
 def check_unbounded(plan: DevicePlan) -> None:
     """Stacks of groups whose hyperparameters do not bound the update: each block whose new
     state exceeds STATE_LIMIT or whose update is not finite is restored from the copy taken
-    before the step, its update and weight decay masked (klkern/_guard.py)."""
+    before the step, its update and weight decay masked (klkern/engine/_guard.py)."""
     checked = [st for st in plan.stacks if "before" in st.cache]
     if not checked:
         return

@@ -11,7 +11,7 @@ from numbers import Real
 
 import torch
 
-from ._precision import PRECISIONS
+from ..runtime._precision import PRECISIONS
 
 __all__ = ["COMMON_DEFAULTS", "DEFAULTS", "build_defaults", "validate_group", "factor_beta"]
 

@@ -13,8 +13,8 @@ block is the SPEC's schedule.
 
 from __future__ import annotations
 
-from ._blocking import plan_for
-from ._distributed import assign, local
+from ..algorithms._blocking import plan_for
+from ..distributed._distributed import assign, local
 
 __all__ = ["refresh_offsets", "due"]
 

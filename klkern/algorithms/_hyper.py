@@ -2,8 +2,8 @@
 
 ``hyper(group, ...)`` resolves a param group once per step into a
 :class:`StepHyperparameters` (the betas split and the factor EMA's beta resolved, the matmul
-precisions of the step's products attached); every step function (klkern/_functional.py,
-klkern/_steps.py, klkern/_triton_path.py) reads its fields. An option an algorithm does not have
+precisions of the step's products attached); every step function (klkern/algorithms/_functional.py,
+klkern/algorithms/_steps.py, klkern/algorithms/_triton_path.py) reads its fields. An option an algorithm does not have
 keeps the field's default, which is that option's neutral value (KL-SOAP, SOAP and Shampoo never
 read ``eigenvalues_first``; Shampoo's ``exponent`` is None for the others).
 """
@@ -34,7 +34,7 @@ class StepHyperparameters:
     normalize_grads: bool
     rotation_mode: str = "highest"  # matmul precision of the rotations and the update's products
     factor_mode: str = "highest"  # of the factor EMAs (Shampoo's stay "highest": it inverts them)
-    # the options only some algorithms have (klkern/_options.py's DEFAULTS)
+    # the options only some algorithms have (klkern/algorithms/_options.py's DEFAULTS)
     correct_bias: bool = True  # SOAP
     eigenbasis: str = "qr"  # KL-Shampoo: "qr" or the idealized "eigh"
     eigenvalues_first: bool = False  # KL-Shampoo

@@ -1,6 +1,6 @@
-"""The Triton path: the phases of klkern/_steps.py with the fused kernels for the products.
+"""The Triton path: the phases of klkern/algorithms/_steps.py with the fused kernels for the products.
 
-Same phases, masks and math as :mod:`klkern._steps` (tested against it and against
+Same phases, masks and math as :mod:`klkern.algorithms._steps` (tested against it and against
 :mod:`klkern.reference`), for 2-D blocks with both modes preconditioned; every other block shape
 keeps the torch path. The kernels compute the rotation with step 5's projections in its epilogue
 (:func:`~klkern.triton_kernels.rotate_project`), the weighted factor EMAs one triangle each
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import triton_kernels as K
+from ..triton_kernels._config import intermediate_dtype
 from . import _functional as F
-from . import _tracking
 from . import _steps as S
+from . import _tracking
 from ._algorithms import ALGORITHMS
 from ._hyper import StepHyperparameters
-from . import triton_kernels as K
-from .triton_kernels._config import intermediate_dtype
 
 
 def supports(path: str, block_shape: tuple, mask, hp: StepHyperparameters) -> bool:
@@ -134,7 +134,7 @@ def shampoo_update(st, hp, carry=None):
 
 
 STEPS = {
-    # path: (project or None, update, late or None), as klkern._steps.STEPS
+    # path: (project or None, update, late or None), as klkern.algorithms._steps.STEPS
     "klshampoo": (kl_project, klshampoo_update, klshampoo_late),
     "klsoap": (kl_project, klsoap_update, None),
     "soap": (None, soap_update, None),

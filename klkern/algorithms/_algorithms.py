@@ -1,14 +1,14 @@
 """One object per algorithm of the family: what is specific to it, in one place.
 
 KL-Shampoo, KL-SOAP, SOAP, Shampoo and the AdamW path (1-D parameters and the
-modes above ``max_precond_dim``) share one step machinery (klkern/_engine.py,
-klkern/_plan.py) and one state layout of stacked blocks. Where they differ,
+modes above ``max_precond_dim``) share one step machinery (klkern/engine/_engine.py,
+klkern/engine/_plan.py) and one state layout of stacked blocks. Where they differ,
 the machinery asks the block's :class:`Algorithm` (``ALGORITHMS[path]``)
 instead of comparing names: which state it keeps, whether its eigenvalues are
 KL estimates, whether its update is bias-corrected, how its refresh sorts the
 basis, what a step costs. Adding an algorithm means adding one object here,
-its defaults (klkern/_options.py) and its steps (klkern/_functional.py,
-klkern/_steps.py).
+its defaults (klkern/algorithms/_options.py) and its steps (klkern/algorithms/_functional.py,
+klkern/algorithms/_steps.py).
 
 No module of klkern compares algorithm names outside this one
 (tests/test_layout.py checks it), with one exception on purpose:
@@ -102,7 +102,7 @@ class Algorithm:
 
     def gradient_condition(self, group: dict, shape: tuple, mask) -> float:
         """The largest ratio of eigenvalue estimates the step can amplify a gradient by (the
-        guard's kappa, klkern/_guard.py): bounded by the eigenvalue clamp for the KL estimates,
+        guard's kappa, klkern/engine/_guard.py): bounded by the eigenvalue clamp for the KL estimates,
         1 where no estimate is clamped."""
         if not self.kl_estimate:
             return 1.0

@@ -1,20 +1,21 @@
 """Products and state access over a stack of same-shape blocks, shared by the torch path's
-building blocks (klkern/_functional.py), its steady steps (klkern/_steps.py) and the diagnostics.
+building blocks (klkern/algorithms/_functional.py), its steady steps (klkern/algorithms/_steps.py) and the diagnostics.
 
 A stack ``X`` is (B, d_0, ..., d_{n-1}); a list ``Qs`` holds one (B, d_k, d_k) basis per mode or
 None for a mode without one; every product runs at the precision ``mode`` names
-(klkern/_precision.py).
+(klkern/runtime/_precision.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _precision
+from ..runtime import _precision
+
 
 def _mode_mul(X: torch.Tensor, A: torch.Tensor, k: int, mode: str = "highest") -> torch.Tensor:
     """Per batch element b: X[b] x_k A[b] (mode k of X[b] multiplied by A[b]), the product
-    at precision ``mode`` (klkern._precision)."""
+    at precision ``mode`` (klkern.runtime._precision)."""
     B, shape = X.shape[0], X.shape[1:]
     nd = len(shape)
     r = A.shape[-2]

@@ -1,6 +1,6 @@
 """What a step tracks beside its update: the directions of each block that have seen a gradient
 (``mask_unseen``) and the KL objective of each block's covariance estimate on its gradients
-(``optimizer.diagnostics()['kl']``; klkern/_diagnostics.py reads it). No update reads either EMA
+(``optimizer.diagnostics()['kl']``; klkern/tools/_diagnostics.py reads it). No update reads either EMA
 of the objective.
 """
 
@@ -11,7 +11,6 @@ import math
 import torch
 
 from ._stacked import _modes
-
 
 KL_TRACK_BETA = 0.9  # EMA over steps of the per-entry KL objective
 

@@ -39,7 +39,7 @@ def triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
 
-        from . import triton_kernels  # noqa: F401
+        from .. import triton_kernels  # noqa: F401
     except Exception as err:  # noqa: BLE001 - ImportError, or a broken triton install
         return f"{type(err).__name__}: {err}"
     return None

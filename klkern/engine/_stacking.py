@@ -1,4 +1,4 @@
-"""Building a stack (klkern/_plan.py's ``Stack``): its gradient and parameter buffers, the views
+"""Building a stack (klkern/engine/_plan.py's ``Stack``): its gradient and parameter buffers, the views
 the gather and the write-back use, and its members' state stacked into one tensor per name
 (a view where the members' state lies consecutive in memory, else a copy kept in step).
 """
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _distributed
-from ._blocking import plan_for, writes_into
-from ._functional import column_major
+from ..algorithms._blocking import plan_for, writes_into
+from ..algorithms._functional import column_major
+from ..distributed import _distributed
 from ._plan import Stack
 
 __all__ = ["block_views", "stack_state"]

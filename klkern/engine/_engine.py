@@ -1,6 +1,6 @@
 """One optimizer step: which parameters start, the plan of the steady step, and running it.
 
-``opt.step()`` (klkern/_optimizer.py) hands its work here:
+``opt.step()`` (klkern/engine/_optimizer.py) hands its work here:
 
 1. **collect**: per param group, the parameters with a gradient (sparse and complex gradients
    raise) and the blocks this rank steps;
@@ -8,10 +8,10 @@
    KL-Shampoo, KL-SOAP and SOAP wait for a gradient that carries scale, block by block), and a
    block still waiting for scale is checked. Both read values back to the host, and happen only
    on the steps that have such parameters;
-3. **plan**: the stacks of every device (klkern/_plan.py), re-used while nothing structural
+3. **plan**: the stacks of every device (klkern/engine/_plan.py), re-used while nothing structural
    changed;
-4. **run**: the steady step of every stack (klkern/_steps.py, or the Triton kernels), masked on
-   the device (klkern/_guard.py), the update written into the parameters, refreshes at
+4. **run**: the steady step of every stack (klkern/algorithms/_steps.py, or the Triton kernels), masked on
+   the device (klkern/engine/_guard.py), the update written into the parameters, refreshes at
    ``t % precondition_frequency == 0``.
 
 A steady step (no parameter starting, no block waiting, no refresh) reads nothing back to the
@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
-from . import _distributed, _guard, _precision
-from . import _functional as F
-from . import _phases, _refresh, _schedule, _write
-from ._algorithms import ALGORITHMS
-from ._blocking import plan_for
-from ._hyper import StepHyperparameters, hyper
+from ..algorithms import _functional as F
+from ..algorithms._algorithms import ALGORITHMS
+from ..algorithms._blocking import plan_for
+from ..algorithms._hyper import StepHyperparameters, hyper
+from ..distributed import _distributed
+from ..runtime import _precision
+from . import _guard, _phases, _refresh, _schedule, _write
 from ._plan import ROW, ROWS, DevicePlan, Stack, structure_key
 from ._stacking import block_views, stack_state
 
@@ -44,7 +45,7 @@ class InitBatch(NamedTuple):
     """Blocks initialised together: one group, path, block shape, mask, device and gradient dtype."""
 
     group_index: int  # the param group's index
-    path: str  # an algorithm's name or "adamw" (klkern/_algorithms.py)
+    path: str  # an algorithm's name or "adamw" (klkern/algorithms/_algorithms.py)
     shape: tuple
     mask: tuple
     device: torch.device
@@ -348,7 +349,7 @@ class StepEngine:
 
     def steady(self, plan: DevicePlan, hps: dict, kernels: dict) -> None:
         """Everything a step does on the device after the gradients are gathered and the
-        per-stack coefficients uploaded: what klkern's CUDA graph captures (klkern/_graph.py).
+        per-stack coefficients uploaded: what klkern's CUDA graph captures (klkern/engine/_graph.py).
         Reads no host value and takes every per-step number from the plan's buffers."""
         opt = self.opt
         plan.decide()

@@ -14,7 +14,7 @@ never reads a value back to the host. The plan holds, per device:
   buffer (the blocks' ``lam{k}`` are views into it), with the projections of SPEC step 5 beside
   it, so the eigenvalue EMA, its floor and ``spike_threshold``'s test run once for all stacks.
 
-What the guard decides (klkern/_guard.py) is decided on the device: a block whose parameter's
+What the guard decides (klkern/engine/_guard.py) is decided on the device: a block whose parameter's
 gradient has a NaN/Inf, or whose gradient is too large for the state to stay bounded, gets
 ``keep = False``; its gradient is zeroed, its betas are 1 and its update and weight decay 0, so it
 leaves its state and its parameter exactly as they were. The counts behind
@@ -32,8 +32,9 @@ import math
 
 import torch
 
-from . import _distributed, _guard
-from ._algorithms import ALGORITHMS
+from ..algorithms._algorithms import ALGORITHMS
+from ..distributed import _distributed
+from . import _guard
 
 __all__ = ["DevicePlan", "Stack", "ROWS", "structure_key"]
 
@@ -60,7 +61,7 @@ class Stack:
     def __init__(self, path: str, group_index: int, group: dict, shape: tuple, mask: tuple, t: int,
                  members: list, blocks: list):
         self.path = path
-        self.algorithm = ALGORITHMS[path]  # what is specific to the path (klkern/_algorithms.py)
+        self.algorithm = ALGORITHMS[path]  # what is specific to the path (klkern/algorithms/_algorithms.py)
         self.device = torch.device("cpu")
         self.group_index = group_index
         self.group = group
@@ -239,7 +240,7 @@ class DevicePlan:
         self.sqrt_lam = torch.empty(total, dtype=torch.float32, device=dev)
         self.inv_lam = torch.empty(total, dtype=torch.float32, device=dev)
         # eigval_floor: the floor s / c_k^2 of every entry, from 1 / c_k^2 and its block's scale s
-        # (scaled_floor), which also scales the block's gradient limit (klkern/_guard.py)
+        # (scaled_floor), which also scales the block's gradient limit (klkern/engine/_guard.py)
         self.floor_base = torch.tensor(floors, dtype=torch.float32, device=dev)
         self.floor = self.floor_base.clone()
         self.anchor = torch.empty(self.nkb, dtype=torch.float32, device=dev)
@@ -353,7 +354,7 @@ class DevicePlan:
         torch.stack(torch._foreach_norm(self.g_blocks, 2), out=self.two_norms)
         finite = torch.lt(self.inf_norms, INF)  # False for NaN
         # a block steps when its 2-norm is at most its limit (False for NaN and Inf): its state
-        # stays bounded and its update finite (klkern/_guard.py)
+        # stays bounded and its update finite (klkern/engine/_guard.py)
         torch.le(self.two_norms, self.glim, out=self.keep)
         bad, big = self.bad, self.big
         if self.single_block_params:
@@ -395,7 +396,7 @@ class DevicePlan:
         torch.sqrt(self.lam, out=self.sqrt_lam)
 
     def spike_scales(self) -> None:
-        """spike_threshold's factor of every KL block (klkern._functional.spike_scale), from the
+        """spike_threshold's factor of every KL block (klkern.algorithms._functional.spike_scale), from the
         projections of this gradient against the old lam; 1 where the threshold is off."""
         ratio = self.proj / self.lam
         seg_max = torch.segment_reduce(ratio, "max", lengths=self.seg_len, unsafe=True)
@@ -471,12 +472,12 @@ def _along(vec: torch.Tensor, k: int, nd: int) -> torch.Tensor:
 
 
 def _spike_clip() -> float:
-    from ._functional import SPIKE_CLIP
+    from ..algorithms._functional import SPIKE_CLIP
 
     return SPIKE_CLIP
 
 
 def _spike_growth() -> float:
-    from ._functional import SPIKE_GROWTH
+    from ..algorithms._functional import SPIKE_GROWTH
 
     return SPIKE_GROWTH

@@ -1,5 +1,5 @@
-"""Which path runs a stack's phases: klkern/_steps.py's torch steps, or the Triton kernels
-(klkern/_triton_path.py) when klkern/_backend.py resolves the backend to Triton for the stack's
+"""Which path runs a stack's phases: klkern/algorithms/_steps.py's torch steps, or the Triton kernels
+(klkern/algorithms/_triton_path.py) when klkern/runtime/_backend.py resolves the backend to Triton for the stack's
 device and precision and its block shape is supported. Under ``backend="auto"`` a kernel variant
 runs on trial until it has run every phase once; a variant that fails is undone (the stack's
 state restored from the copy taken before), recorded, warned about once and replaced by the torch
@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend, _errors, _steps
-from ._hyper import StepHyperparameters
+from ..algorithms import _steps
+from ..algorithms._hyper import StepHyperparameters
+from ..runtime import _backend, _errors
 from ._plan import Stack
 
 __all__ = ["KernelVariant", "kernel_steps", "run_phase"]
@@ -36,7 +37,7 @@ def kernel_steps(opt, st: Stack, hp: StepHyperparameters):
     """The Triton step of the stack when the backend picks the kernels for it, else None."""
     if st.adamw or _backend.resolve(opt.backend, st.device, hp.rotation_mode) != "triton":
         return None
-    from . import _triton_path
+    from ..algorithms import _triton_path
 
     if not _triton_path.supports(st.path, st.shape, st.mask, hp):
         return None

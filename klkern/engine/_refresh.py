@@ -1,15 +1,15 @@
 """The eigenbasis refreshes due at a step (SPEC step 6), run on the stacks of a device plan after
 the update is written: every basis at ``t % precondition_frequency == 0``, or with
-``stagger_refresh`` the blocks whose own schedule (klkern/_schedule.py) falls on the step. The
-refresh of a block is klkern/_functional.py's ``refresh_`` (or the idealized mode's exact one).
+``stagger_refresh`` the blocks whose own schedule (klkern/engine/_schedule.py) falls on the step. The
+refresh of a block is klkern/algorithms/_functional.py's ``refresh_`` (or the idealized mode's exact one).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _functional as F
-from . import _stacked
+from ..algorithms import _functional as F
+from ..algorithms import _stacked
 from ._plan import DevicePlan
 
 __all__ = ["refresh"]

@@ -1,6 +1,6 @@
 """klkern's own CUDA graph of the steady step (``cuda_graph=True``).
 
-A steady step (klkern/_engine.py) reads nothing back to the host and takes every number that
+A steady step (klkern/engine/_engine.py) reads nothing back to the host and takes every number that
 changes from step to step (the learning rate, the bias corrections, the eigenvalue EMA's weight)
 from one small buffer uploaded before it. So the part after the gradients are gathered can be
 captured once and replayed:
@@ -83,7 +83,7 @@ _UPLOADED = ("lr", "params")
 class CapturedStep(NamedTuple):
     """A device plan's captured steady step and what it was captured from."""
 
-    plan: object  # the klkern._plan.DevicePlan it belongs to
+    plan: object  # the klkern.engine._plan.DevicePlan it belongs to
     signature: tuple  # StepGraphs.signature at capture
     graph: object  # the replayable graph (_CudaGraph or EmulatedGraph)
 

@@ -11,7 +11,7 @@ gradient can still overflow float32 in a step (its squares and outer products fr
   (1e30) and the update stays finite (below).
 
 A skipped block steps with a zero gradient, betas of 1 and an update and weight decay of 0
-(klkern/_plan.py, klkern/_steps.py): its state and its slice of the parameter are left exactly as
+(klkern/engine/_plan.py, klkern/algorithms/_steps.py): its state and its slice of the parameter are left exactly as
 they were. Its step count advances with the others (it schedules the refreshes and the bias
 corrections of a parameter that keeps its place in its batch). The optimizer counts the
 parameters affected in ``nonfinite_skipped`` (a device counter, read when the user reads it and
@@ -27,7 +27,7 @@ projections are <= g^2 prod_{j != k} c_j^2 / s (``lam_j >= s / c_j^2``, SPEC ste
 the block's floor scale: 1 for ``eigval_floor="absolute"``, the block's first nonzero gradient's
 mean(G^2)^(1/K) for "relative"). So ``g = sqrt(STATE_LIMIT / kappa)`` with ``kappa`` = 1, or for
 the KL variants the largest ``prod_{j != k} c_j^2 / s`` (:func:`gradient_limit` for s = 1; the
-plan multiplies it by ``s^((K-1)/2)`` on the device, klkern/_plan.py ``scaled_floor``). The
+plan multiplies it by ``s^((K-1)/2)`` on the device, klkern/engine/_plan.py ``scaled_floor``). The
 update is then finite: KL-Shampoo's ``|U| <= sqrt(N) g c_a c_b``
 (<= 1e4 * 1e15 * 1.6e7 at the largest sizes), an Adam direction's ``<= sqrt(N) g / eps`` with
 ``eps >= 1e-16``, Shampoo's ``P`` ``<= sqrt(N) g eps^-2p`` with ``eps^-2p <= 1e16``.
@@ -45,7 +45,7 @@ from collections import defaultdict
 
 import torch
 
-from ._algorithms import ALGORITHMS
+from ..algorithms._algorithms import ALGORITHMS
 
 __all__ = ["STATE_LIMIT", "host_values", "unbounded", "block_flags", "gradient_limit", "GRAD_SAFE"]
 

@@ -1,6 +1,6 @@
 """The steady step of each algorithm over a stack of blocks, in phases (the torch path).
 
-The step plan (klkern/_plan.py) runs, for every stack of a device:
+The step plan (klkern/engine/_plan.py) runs, for every stack of a device:
 
 1. ``project`` (KL-Shampoo, KL-SOAP): the rotated gradient ``Gr = G x_k Q_k^T`` and step 5's
    projections from the old ``lam``, written into the plan's flat projection buffer;
@@ -10,7 +10,7 @@ The step plan (klkern/_plan.py) runs, for every stack of a device:
 5. ``late`` (KL-Shampoo with ``eigenvalues_first``): ``U`` from the new eigenvalues;
 6. the write-back ``W <- W + update U; W <- W + decay W`` (SPEC steps 7-8).
 
-Masking (klkern/_guard.py): a block with ``keep = False`` has a zero gradient (so a zero rotated
+Masking (klkern/engine/_guard.py): a block with ``keep = False`` has a zero gradient (so a zero rotated
 gradient, projections and factor terms), betas of 1 (``st.coef("b1")`` etc. are 1 there) and an
 update and weight decay of 0, so each in-place EMA below leaves its state exactly as it was
 (``x * 1 + 0``) and its parameter is not changed. For a block that steps, the coefficients are
@@ -28,9 +28,9 @@ import math
 
 import torch
 
+from ..runtime import _precision
 from . import _functional as F
 from . import _stacked, _tracking
-from . import _precision
 
 __all__ = ["STEPS"]
 

@@ -1,9 +1,9 @@
 """The torch.optim surface of the four optimizers: groups, copies, counters, diagnostics.
 
 The optimizer classes are thin (see optimizers.py). ``step()`` hands its work to
-klkern/_engine.py (which parameters start, the plan of the steady step, running it); the
+klkern/engine/_engine.py (which parameters start, the plan of the steady step, running it); the
 checkpoint format (``state_dict``/``load_state_dict`` with their hooks, the keys of blocks
-across ranks, ``init_state``) is klkern/_checkpoint.py's base class; this module keeps the rest
+across ranks, ``init_state``) is klkern/engine/_checkpoint.py's base class; this module keeps the rest
 of what a torch.optim user touches: ``param_groups``, ``state``, ``add_param_group``, copies and
 pickling, ``nonfinite_skipped``, ``diagnostics()``.
 
@@ -24,15 +24,19 @@ import warnings
 
 import torch
 
-from . import _backend, _distributed, _guard, _precision
+from ..algorithms._options import build_defaults, validate_group
+from ..distributed import _distributed
+from ..runtime import _backend, _precision
+from . import _guard
 from ._checkpoint import CheckpointedOptimizer
 from ._engine import StepEngine
 from ._graph import StepGraphs
-from ._options import build_defaults, validate_group
 
 __all__ = ["ShampooFamilyOptimizer", "tensor_bytes"]
 
-_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+# klkern's own files (every subpackage) and torch's: a warning points at the first frame outside them
+_INTERNAL_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                  os.path.dirname(os.path.abspath(torch.__file__)))
 
 
 
@@ -93,7 +97,7 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
         self.process_group = process_group
         self.communication_dtype = communication_dtype
         self._engine = None  # type: ignore[assignment]
-        # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/_guard.py): the part
+        # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/engine/_guard.py): the part
         # read back to the host; the rest is on the device until nonfinite_skipped is read
         self._nonfinite = 0
         self._reset_derived()
@@ -181,7 +185,7 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
     def step(self, closure=None):
         """Perform one optimisation step (``closure`` re-evaluates the loss).
 
-        A steady step (klkern/_engine.py) reads nothing back to the host: a NaN/Inf gradient or
+        A steady step (klkern/engine/_engine.py) reads nothing back to the host: a NaN/Inf gradient or
         an overflowing block is skipped on the device, and counted and warned about when
         ``nonfinite_skipped`` is read or at the next refresh step."""
         loss = None
@@ -203,7 +207,7 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
         split = self._replicated_split()
         engine = self._engine
         # Every product runs in true fp32 unless it follows the group's matmul_precision
-        # (klkern._precision), whatever torch's global setting is.
+        # (klkern.runtime._precision), whatever torch's global setting is.
         self._global_modes = _precision.snapshot()
         due = False
         with _precision.optimizer_math():
@@ -221,7 +225,7 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
 
     @property
     def nonfinite_skipped(self) -> int:
-        """Parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/_guard.py).
+        """Parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/engine/_guard.py).
         Reading it reads the device's counters (a host synchronisation) and warns once per cause."""
         self._read_counts()
         return self._nonfinite
@@ -308,10 +312,10 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
         isotropic one; 0: no better than the identity, lower fits better), ``eig_min``/``eig_max``
         (its eigenvalue estimates), ``staleness`` (off-diagonal energy of Q^T S Q relative to its
         diagonal) and ``update_rms``; AdamW-path parameters have ``update_rms`` only. One host
-        synchronisation per device (klkern/_diagnostics.py). Cheap for KL-Shampoo, KL-SOAP and
+        synchronisation per device (klkern/tools/_diagnostics.py). Cheap for KL-Shampoo, KL-SOAP and
         SOAP (a fraction of a step); for Shampoo, whose state keeps no eigenbasis, a call
         eigendecomposes every factor and root, about the cost of one root refresh."""
-        from . import _diagnostics
+        from ..tools import _diagnostics
 
         return _diagnostics.collect(self, named_parameters)
 

@@ -3,7 +3,7 @@ hooks, the keys of blocks across ranks (``process_group``, FSDP2 shards), ``init
 torch.distributed.checkpoint, and the checks that refuse a state saved by another optimizer,
 model or option.
 
-Form of a saved parameter state: ``{"step": t, "blocks": [block_state, ...]}`` (klkern/_optimizer.py
+Form of a saved parameter state: ``{"step": t, "blocks": [block_state, ...]}`` (klkern/engine/_optimizer.py
 describes the block states). With a ``process_group`` or DTensor parameters a rank saves only the
 blocks it steps, as ``{"step": tensor, "blocks": {key: block_state}}``: the key is the block's
 index, prefixed for an FSDP2 shard by the shard's first row, so keys are unique across ranks and
@@ -18,13 +18,14 @@ from collections import OrderedDict
 
 import torch
 
-from . import _distributed, _precision
-from ._blocking import plan_for
+from ..algorithms._algorithms import ALGORITHMS
+from ..algorithms._blocking import plan_for
+from ..algorithms._functional import INITS
+from ..algorithms._hyper import hyper
+from ..algorithms._options import validate_group
+from ..distributed import _distributed
+from ..runtime import _precision
 from ._engine import StepEngine
-from ._hyper import hyper
-from ._algorithms import ALGORITHMS
-from ._functional import INITS
-from ._options import validate_group
 
 __all__ = ["CheckpointedOptimizer"]
 

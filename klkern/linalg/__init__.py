@@ -6,7 +6,7 @@ backends:
 
 * QR returns the explicit Q with ``diag(R) >= 0`` (each column of Q is flipped
   where LAPACK's R has a negative diagonal entry). On CUDA it runs the batched
-  kernels of csrc/ (``klkern._C``, see klkern/_ext.py) when available.
+  kernels of csrc/ (``klkern._C``, see klkern/linalg/_ext.py) when available.
 * The symmetric eigendecomposition returns eigenvalues and eigenvector columns
   in DESCENDING eigenvalue order, retrying in float64 when the float32 solver
   fails.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime._precision import torch_precision
 from ._ext import qr_extension
-from ._precision import torch_precision
 
 __all__ = ["batched_qr", "cholqr2", "shifted_cholqr3", "eigh_descending", "EighFailure", "QR_METHODS",
            "BasisChange", "power_step", "preferred_qr_method", "qr_fallbacks"]

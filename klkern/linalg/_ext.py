@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from ._errors import describe, summary
+from ..runtime._errors import describe, summary
 
 __all__ = ["qr_extension", "CSRC", "SOURCES"]
 
 def _sources_dir() -> Path:
     """csrc/ inside the installed package (wheels ship it there), else the clone's csrc/."""
-    here = Path(__file__).resolve().parent
-    return here / "csrc" if (here / "csrc").is_dir() else here.parent / "csrc"
+    package = Path(__file__).resolve().parent.parent  # klkern/
+    return package / "csrc" if (package / "csrc").is_dir() else package.parent / "csrc"
 
 
 CSRC = _sources_dir()
@@ -105,7 +105,7 @@ def _load():
         LAST_ERROR = describe(err)
         warnings.warn(
             f"klkern: the CUDA QR extension is unavailable ({summary(err)}; the whole error: "
-            "klkern._ext.LAST_ERROR); "
+            "klkern.linalg._ext.LAST_ERROR); "
             "klkern.linalg.batched_qr uses torch.linalg.qr instead",
             RuntimeWarning,
             stacklevel=4,

@@ -1,10 +1,10 @@
 """The torch path's building blocks: initialisation, refresh and eigenvalue estimates over a
-stack (the products and state access they share: klkern/_stacked.py; the seen directions and
-the tracked KL objective: klkern/_tracking.py).
+stack (the products and state access they share: klkern/algorithms/_stacked.py; the seen directions and
+the tracked KL objective: klkern/algorithms/_tracking.py).
 
 Every function works on a batch of ``B`` same-shape blocks: ``G`` is
 (B, d_0, ..., d_{n-1}) float32 and ``bufs`` maps state names to stacked
-tensors (B, ...). The steady step of each algorithm is in :mod:`klkern._steps`.
+tensors (B, ...). The steady step of each algorithm is in :mod:`klkern.algorithms._steps`.
 Differences from the literal reference (all exact identities, tested against
 :mod:`klkern.reference`):
 
@@ -32,10 +32,11 @@ import math
 
 import torch
 
-from . import _precision, linalg
+from .. import linalg
+from ..linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
+from ..runtime import _precision
 from ._stacked import _along, _gram_, _load, _modes, _new_state, _rotate, _store
 from ._tracking import _kl_names, _seen_names, see_, track_kl_
-from .linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
 
 __all__ = ["INITS", "refresh_"]
 
@@ -250,7 +251,7 @@ def on_blocks_(bufs: dict, index: torch.Tensor | None, fn, keep: torch.Tensor | 
 # SPIKE_GROWTH, so that estimates far below the gradients (a lasting change of scale, or the
 # estimates after a rank-1 first gradient) grow on average and catch up instead of being
 # outrun forever (reference.spike_scale). The step computes the factor of every block of a device
-# at once (klkern._plan.DevicePlan.spike_scales): with the whitened energy per entry
+# at once (klkern.engine._plan.DevicePlan.spike_scales): with the whitened energy per entry
 # e = mean(Gr^2 / prod_k lam_k) = mean_i(proj_k_i / lam_k_i) (about 1 for a gradient the estimate
 # expects) and r = max_k max_i proj_k_i / lam_k_i, it is sqrt(min(1, max(SPIKE_CLIP / r,
 # SPIKE_GROWTH / e))) where e exceeds the threshold, exactly 1 elsewhere.
@@ -441,7 +442,7 @@ def adamw_init(G, mask, hp):
     return _new_state(G, {"exp_avg": tuple(G.shape), "exp_avg_sq": tuple(G.shape)}, hp.state_dtype)
 
 
-# Each path's initialisation from the first gradient (its steady step: klkern._steps.STEPS).
+# Each path's initialisation from the first gradient (its steady step: klkern.algorithms._steps.STEPS).
 INITS = {
     "klshampoo": klshampoo_init,
     "klsoap": klsoap_init,

@@ -1,0 +1,1 @@
+"""What is specific to each algorithm, and the math of a block (README.md here)."""

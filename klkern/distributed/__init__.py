@@ -1,0 +1,1 @@
+"""The preconditioner work split across ranks and DTensor shards (README.md here)."""

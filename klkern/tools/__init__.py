@@ -1,0 +1,1 @@
+"""What a user runs to look inside a run: diagnostics, dispatch counts, analysis (README.md here)."""
