@@ -4,7 +4,7 @@ The main job of the project. From the repository root::
 
     python bench/train_lm.py                       # the CPU comparison (< 10 min, 2 cores)
     python bench/train_lm.py --preset gpu --device cuda --seeds 0,1 \
-        --optimizers adamw,klshampoo,klsoap,soap,shampoo,heavyball-soap   # the GPU main job
+        --optimizers adamw,klshampoo,klsoap,soap,shampoo,shampoo-nograft,heavyball-soap   # the GPU main job
     python bench/train_lm.py --preset shakespeare-char --device cuda \
         --data path/to/shakespeare.txt             # the nanoGPT setting, on a GPU
 
