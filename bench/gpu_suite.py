@@ -428,7 +428,8 @@ except Exception as err:
     out["triton"] = f"not importable ({type(err).__name__}: {err})"
 import numpy
 out["numpy"] = numpy.__version__
-from klkern.engine import _backend, _ext
+from klkern.linalg import _ext
+from klkern.runtime import _backend
 cuda = __import__("torch").device("cuda")
 try:
     out["kernels_on_cuda"] = _backend.resolve("triton", cuda)

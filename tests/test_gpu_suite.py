@@ -10,6 +10,7 @@ MAX_FILES files and is packed after every part (so a run cut short keeps what it
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -197,3 +198,35 @@ def test_the_summary_quotes_every_part_result(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| main job table |" in summary and "| qr table |" in summary
     assert "| train | ok | 1.0 |" in summary
+
+
+def _klkern_imports(source: str) -> list:
+    """(module, name) of every `from klkern... import name` in a piece of Python source."""
+    return [(node.module, alias.name) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("klkern")
+            for alias in node.names]
+
+
+def test_scripts_run_in_subprocesses_import_what_exists():
+    """Python held in a string and run elsewhere (the suite's preflight on the GPU machine) is not
+    checked by the import of its module: every klkern name such a script imports must exist, or a
+    lease fails at its first line. Every string constant of bench/ that parses as Python is read."""
+    import importlib
+    import importlib.util
+
+    scripts = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import klkern" in node.value:
+                try:
+                    scripts.append((path.name, node.value, _klkern_imports(node.value)))
+                except SyntaxError:
+                    continue
+    assert any(name == "gpu_suite.py" and imports for name, _, imports in scripts)  # the preflight is read
+    missing = []
+    for name, _, imports in scripts:
+        for module, attr in imports:
+            owner = importlib.import_module(module)
+            if not hasattr(owner, attr) and importlib.util.find_spec(f"{module}.{attr}") is None:
+                missing.append(f"{name}: from {module} import {attr}")
+    assert not missing, missing
