@@ -73,12 +73,7 @@ def main(argv=None) -> dict:
     unknown = [n for n in names if n not in train_lm.ALL_OPTIMIZERS]
     if unknown:
         raise SystemExit(f"unknown optimizer(s) {unknown}; choose from {', '.join(train_lm.ALL_OPTIMIZERS)}")
-    for n in list(names):  # a public implementation that is not installed is skipped, and said so
-        try:
-            train_lm.optimizer_spec(n, cfg)
-        except train_lm.PeerMissing as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            names.remove(n)
+    names, _ = train_lm.installed(names, cfg)  # a peer that is not installed is skipped, and said so
     grid = [float(x) for x in args.grid.split(",") if x.strip()]
     device = torch.device(args.device)
     data = train_lm.load_data(args, cfg)

@@ -306,6 +306,20 @@ class PeerMissing(RuntimeError):
     """A public implementation of the comparison that is not installed here (the run is skipped)."""
 
 
+def installed(names: list, cfg: Config) -> tuple[list, list]:
+    """(the optimizers of ``names`` that can run here, why each other one cannot): a public
+    implementation that is not installed is skipped, and said so on stderr."""
+    ready, skipped = [], []
+    for name in names:
+        try:
+            optimizer_spec(name, cfg)
+            ready.append(name)
+        except PeerMissing as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            skipped.append(str(exc))
+    return ready, skipped
+
+
 class RefreshCounter:
     """Counts the eigenbases klkern refreshes (per block and mode) while active: both routes of
     klkern.algorithms._functional.refresh_ (power_step and the periodic QR of Q R) are wrapped."""
@@ -543,24 +557,25 @@ def _train_one(name, seed, lr, cfg, data, device, progress, on_row, val_seed, ex
 # --------------------------------------------------------------------------- reports
 
 
-def steps_to(run: dict, target: float) -> float:
-    """First step at which the run's validation loss reaches ``target`` (linear between
-    evaluations), or inf."""
-    evals = [(r["step"], r["val_loss"]) for r in run["rows"] if r["val_loss"] != ""]
-    for (s0, v0), (s1, v1) in zip(evals, evals[1:]):
+def _reaches(run: dict, target: float, clock: str) -> float:
+    """The ``clock`` value of the run's rows ("step" or "wall_time_s") at which its validation
+    loss first reaches ``target``, linear between evaluations; inf when it never does."""
+    evals = [(r[clock], r["val_loss"]) for r in run["rows"] if r["val_loss"] != ""]
+    for (x0, v0), (x1, v1) in zip(evals, evals[1:]):
         if v1 <= target:
-            return float(s1) if v0 == v1 else s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
+            return float(x1) if v0 == v1 else x0 + (x1 - x0) * (v0 - target) / (v0 - v1)
     return math.inf
+
+
+def steps_to(run: dict, target: float) -> float:
+    """First step at which the run's validation loss reaches ``target``, or inf."""
+    return _reaches(run, target, "step")
 
 
 def seconds_to(run: dict, target: float) -> float:
     """Training wall time (forward, backward and optimizer step; not evaluations) at which the
-    run's validation loss reaches ``target`` (linear between evaluations), or inf."""
-    evals = [(r["wall_time_s"], r["val_loss"]) for r in run["rows"] if r["val_loss"] != ""]
-    for (t0, v0), (t1, v1) in zip(evals, evals[1:]):
-        if v1 <= target:
-            return t1 if v0 == v1 else t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
-    return math.inf
+    run's validation loss reaches ``target``, or inf."""
+    return _reaches(run, target, "wall_time_s")
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -808,14 +823,7 @@ def main(argv=None) -> list[dict]:
         if n not in ALL_OPTIMIZERS:
             raise SystemExit(f"unknown optimizer {n!r}; choose from {', '.join(ALL_OPTIMIZERS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    skipped = []
-    for n in list(names):  # a public implementation that is not installed is skipped, and said so
-        try:
-            optimizer_spec(n, cfg)
-        except PeerMissing as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            skipped.append(str(exc))
-            names.remove(n)
+    names, skipped = installed(names, cfg)
     if not names:
         raise SystemExit("no optimizer to run: " + "; ".join(skipped))
     lrs = learning_rates(args)
