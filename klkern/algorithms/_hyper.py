@@ -10,7 +10,7 @@ read ``eigenvalues_first``; Shampoo's ``exponent`` is None for the others).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
 import torch
 
@@ -27,11 +27,9 @@ class StepHyperparameters:
     beta2: float  # second-moment EMA (betas[1])
     factor_beta: float  # the factors' EMA: shampoo_beta when given, else betas[1]
     eps: float
-    weight_decay: float
     precondition_frequency: int  # T: refresh every T steps
     state_dtype: torch.dtype
     mask_unseen: bool
-    normalize_grads: bool
     rotation_mode: str = "highest"  # matmul precision of the rotations and the update's products
     factor_mode: str = "highest"  # of the factor EMAs (Shampoo's stay "highest": it inverts them)
     # the options only some algorithms have (klkern/algorithms/_options.py's DEFAULTS)
@@ -47,8 +45,9 @@ class StepHyperparameters:
     grafting: str | None = None  # Shampoo
 
 
-_OPTIONAL = ("correct_bias", "eigenbasis", "eigenvalues_first", "eigval_floor", "eigval_clamp", "init_factor",
-             "spike_threshold", "staleness_threshold", "exponent", "grafting")
+# the algorithm-specific fields: taken from the group where it has them
+_OPTIONAL = tuple(f.name for f in fields(StepHyperparameters)
+                  if f.default is not MISSING and f.name not in ("rotation_mode", "factor_mode"))
 
 
 def hyper(group: dict, rotation_mode: str = "highest", factor_mode: str = "highest") -> StepHyperparameters:
@@ -56,8 +55,8 @@ def hyper(group: dict, rotation_mode: str = "highest", factor_mode: str = "highe
     beta1, beta2 = group["betas"]
     return StepHyperparameters(
         beta1=float(beta1), beta2=float(beta2), factor_beta=float(factor_beta(group)), eps=group["eps"],
-        weight_decay=group["weight_decay"], precondition_frequency=group["precondition_frequency"],
-        state_dtype=group["state_dtype"], mask_unseen=group["mask_unseen"], normalize_grads=group["normalize_grads"],
+        precondition_frequency=group["precondition_frequency"], state_dtype=group["state_dtype"],
+        mask_unseen=group["mask_unseen"],
         rotation_mode=rotation_mode, factor_mode=factor_mode,
         **{name: group[name] for name in _OPTIONAL if name in group})
 
