@@ -30,7 +30,14 @@ from klkern.runtime import _backend
 pytestmark = pytest.mark.skipif(kernel_device() is None, reason=kernel_skip_reason())
 
 if _backend.triton_import_error() is None:
+    import importlib
+
     from klkern import triton_kernels as K
+    from klkern.triton_kernels import _config
+
+    # the operations' modules (their names are shadowed by the functions in the package)
+    ROT, FE, PR, AD = (importlib.import_module(f"klkern.triton_kernels.{name}")
+                       for name in ("rotate", "factor_ema", "product", "adamw"))
 
 DEVICE = kernel_device() or torch.device("cpu")  # CUDA on a GPU machine, else the interpreter
 FP32_TOL = 2e-5
@@ -62,57 +69,203 @@ def _shapes():
     return SHAPES + LARGE_SHAPES
 
 
-# ---------------------------------------------------------------------------- operation 1
+# ---------------------------------------------------------------------------- the product
+
+
+PRECISIONS = ["highest", "high", "medium"]
+# Per precision, how far a product's operand rounding moves it (relative to the largest entry):
+# fp32-accurate "highest" (3xTF32 or fp32) within FP32_TOL; TF32 operands (10-bit mantissa,
+# emulated on the CPU) about 2^-11 per operand; bf16 operands (8 bits) about 2^-8 per operand.
+PRODUCT_TOL = {"highest": FP32_TOL, "high": 2e-3, "medium": 1.5e-2}
+
+
+@pytest.fixture
+def tf32_emulated():
+    from klkern.runtime import _precision
+
+    _precision.emulate_tf32_off_gpu(True)
+    yield
+    _precision.emulate_tf32_off_gpu(False)
 
 
 @pytest.mark.parametrize("shape", _shapes())
-@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16])
-def test_rotate_project_matches_reference(shape, g_dtype):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_product_matches_float64_at_each_precision(shape, precision, tf32_emulated):
+    """batched_product (transposes through strides) against the float64 product of the same
+    fp32 operands, and against its torch reference at the same precision."""
     B, m, n = shape
-    G, Qa, Qb, lam_a, lam_b, M, _ = _case(B, m, n)
-    G = G.to(g_dtype)
-    beta1, beta2 = 0.9, 0.95
-    mom = M.clone().to(DEVICE)
-    Gr, (pa, pb) = K.rotate_project(*_dev(G, Qa, Qb), lam=tuple(_dev(lam_a, lam_b)), momentum=mom,
-                                    beta1=beta1)
-    tol = FP32_TOL
+    gen = torch.Generator().manual_seed(11)
+    A = torch.randn(B, n, m, generator=gen)  # used transposed
+    Bm = torch.randn(B, n, n, generator=gen)
+    C = K.batched_product(*_dev(A, Bm), transpose_a=True, precision=precision).cpu()
+    exact = A.double().mT @ Bm.double()
+    assert rel_err(C, exact) < PRODUCT_TOL[precision]
+    ref = PR.reference_product(A, Bm, transpose_a=True, precision=precision)
+    assert rel_err(C, ref) < FP32_TOL if precision == "highest" else rel_err(C, ref) < PRODUCT_TOL[precision] / 10
+
+
+def _ill_conditioned_factor(B, d, gen):
+    """A symmetric factor with eigenvalues spanning 1e-16..10 (what a long run's factors hold)."""
+    Q = torch.linalg.qr(torch.randn(B, d, d, generator=gen, dtype=torch.float64))[0]
+    return Q @ torch.diag_embed(torch.logspace(-16, 1, d, dtype=torch.float64).expand(B, d)) @ Q.mT
+
+
+def _real_gradient(gen):
+    """A weight gradient of a small tanh MLP on a regression batch (heavy-tailed rows, low rank)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    net = torch.nn.Sequential(torch.nn.Linear(40, 96), torch.nn.Tanh(), torch.nn.Linear(96, 72))
+    X = torch.randn(256, 40, generator=gen) * torch.logspace(-2, 1, 40)
+    (net(X) - torch.randn(256, 72, generator=gen)).pow(3).abs().mean().backward()
+    return net[2].weight.grad.T.contiguous().double().unsqueeze(0)  # (1, 96, 72)
+
+
+@pytest.mark.parametrize("case", ["factor@basis", "basis^T@factor@basis", "gradient@basis", "gradient^T@gradient"])
+def test_tf32x3_error_within_twice_fp32(case):
+    """"highest" by 3xTF32 (split operands, three TF32 products, the GPU's tf32x3 scheme emulated
+    with its roundings) against float64, on the operands a step and a refresh multiply: its max
+    error relative to the largest entry is within 2x of a true fp32 product's (the kernel with
+    DOT "ieee"), and of torch's fp32 bmm's. (A GPU may differ in the last bits of accumulation
+    order; the GPU suite's kernels part confirms it there.)"""
+    gen = torch.Generator().manual_seed(12)
+    d = 96
+    basis = torch.linalg.qr(torch.randn(2, d, d, generator=gen, dtype=torch.float64))[0]
+    if case == "factor@basis":
+        A, Bm = _ill_conditioned_factor(2, d, gen), basis
+    elif case == "basis^T@factor@basis":
+        A, Bm = basis.mT @ _ill_conditioned_factor(2, d, gen), basis
+    elif case == "gradient@basis":
+        G = _real_gradient(gen)
+        A, Bm = G.mT, basis[:1, :96]
+    else:
+        G = _real_gradient(gen)
+        A, Bm = G.mT, G
+    A32, B32 = _dev(A.float(), Bm.float())
+    exact = A32.double().cpu() @ B32.double().cpu()  # the fp32 operands, multiplied exactly
+    errors = {}
+    for dot in ("tf32x3", "ieee"):
+        previous = _config.highest_dot(dot)
+        try:
+            errors[dot] = rel_err(K.batched_product(A32, B32, precision="highest").cpu(), exact)
+        finally:
+            _config.highest_dot(previous)
+    errors["torch"] = rel_err(torch.bmm(A32.cpu(), B32.cpu()), exact)
+    assert errors["tf32x3"] <= 2 * max(errors["ieee"], errors["torch"]), errors
+    assert errors["tf32x3"] < 1e-6, errors
+
+
+# ---------------------------------------------------------------------------- rotate
+
+
+def _rotate_inputs(B, m, n, kind, state_dtype=torch.float32, seed=0):
+    G, Qa, Qb, lam_a, lam_b, M, v = _case(B, m, n, seed=seed)
+    keep = torch.ones(B, dtype=torch.bool)
+    keep[B // 2] = B == 1  # one block of a stack does not step (all of a single-block stack step)
+    G[B // 2, 0, 0] = float("nan") if B > 1 else G[0, 0, 0]  # ... whatever its gradient holds
+    b1 = torch.where(keep, 0.9, 1.0)
+    b2 = torch.where(keep, 0.95, 1.0)
+    state = (M.to(state_dtype), v.to(state_dtype))
+    moments = dict(momentum=(state[0].clone(), b1)) if kind == "kl" else \
+        dict(adam=(state[0].clone(), b1, state[1].clone(), b2))
+    return G, Qa, Qb, keep, lam_a, lam_b, moments
+
+
+@pytest.mark.parametrize("shape", _shapes())
+@pytest.mark.parametrize("kind", ["kl", "adam"])
+def test_rotate_matches_reference(shape, kind):
+    """Gr = Q_a^T G Q_b with its epilogue: a block that does not step gets Gr = 0 and keeps its
+    moments (NaN gradient included), the projections of SPEC step 5, the moments (SPEC step 1, or
+    Adam's), and the direction M * D or m / (sqrt(v) + eps), each against klkern.reference."""
+    B, m, n = shape
+    G, Qa, Qb, keep, lam_a, lam_b, moments = _rotate_inputs(B, m, n, kind)
+    before = {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] for k, v in moments.items()}
+    eps = 1e-8
+    X = torch.empty(B, m, n, device=DEVICE)
+    dev_moments = {k: tuple(t.to(DEVICE) for t in v) for k, v in moments.items()}
+    Gr, (pa, pb) = K.rotate(*_dev(G, Qa, Qb, keep), projection=tuple(_dev(1 / (m * lam_a), 1 / (n * lam_b))),
+                            betas=(0.1, 0.05), eps=eps, sqrt_lam=tuple(_dev(lam_a.sqrt(), lam_b.sqrt())),
+                            direction=X, **dev_moments)
+    state = next(iter(dev_moments.values()))
+    old = next(iter(before.values()))
     for b in range(B):
+        if not keep[b]:
+            assert torch.equal(Gr[b].cpu(), torch.zeros(m, n)) and not pa[b].any() and not pb[b].any()
+            assert torch.equal(state[0][b].cpu(), old[0][b])
+            continue
         Qs = [Qa[b], Qb[b]]
-        Gb = G[b].float()
-        assert rel_err(Gr[b].cpu(), R.rotate(Gb, Qs)) < tol
-        assert rel_err(mom[b].cpu(), R.momentum_update(M[b], R.rotate(Gb, Qs), beta1)) < tol
-        # The projection: reference eigenvalue_update is beta2 lam + (1 - beta2) proj.
-        new_a, new_b = R.eigenvalue_update([lam_a[b], lam_b[b]], Gb, Qs, beta2)
-        assert rel_err(beta2 * lam_a[b] + (1 - beta2) * pa[b].cpu(), new_a) < tol
-        assert rel_err(beta2 * lam_b[b] + (1 - beta2) * pb[b].cpu(), new_b) < tol
-
-
-@pytest.mark.parametrize("shape", [(1, 3, 5), (2, 17, 40)])
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_rotate_project_adam_moments(shape, state_dtype):
-    B, m, n = shape
-    G, Qa, Qb, _, _, M, v = _case(B, m, n, seed=1)
-    m_state, v_state = M.to(state_dtype).clone().to(DEVICE), v.to(state_dtype).clone().to(DEVICE)
-    Qa_s, Qb_s = Qa.to(state_dtype), Qb.to(state_dtype)
-    Gr, proj = K.rotate_project(*_dev(G, Qa_s, Qb_s), momentum=m_state, beta1=0.95,
-                                second_moment=v_state, beta2=0.9)
-    assert proj is None
-    tol = FP32_TOL if state_dtype == torch.float32 else BF16_TOL
-    for b in range(B):
-        Gr_ref = R.rotate(G[b], [Qa_s[b].float(), Qb_s[b].float()])
-        m_ref, v_ref = R.adam_moments(M.to(state_dtype)[b].float(), v.to(state_dtype)[b].float(), Gr_ref, 0.95, 0.9)
+        Gr_ref = R.rotate(G[b], Qs)
         assert rel_err(Gr[b].cpu(), Gr_ref) < FP32_TOL
-        assert rel_err(m_state[b].float().cpu(), m_ref) < tol
-        assert rel_err(v_state[b].float().cpu(), v_ref) < tol
+        new_a, new_b = R.eigenvalue_update([lam_a[b], lam_b[b]], G[b], Qs, 0.5)
+        assert rel_err(0.5 * lam_a[b] + 0.5 * pa[b].cpu(), new_a) < FP32_TOL
+        assert rel_err(0.5 * lam_b[b] + 0.5 * pb[b].cpu(), new_b) < FP32_TOL
+        if kind == "kl":
+            M_ref = R.momentum_update(old[0][b], Gr_ref, 0.9)
+            X_ref = M_ref * R.kl_scaling([lam_a[b], lam_b[b]], 2, eps)
+        else:
+            M_ref, v_ref = R.adam_moments(old[0][b], old[2][b], Gr_ref, 0.9, 0.95)
+            assert rel_err(state[2][b].cpu(), v_ref) < FP32_TOL
+            X_ref = R.adam_direction(M_ref, v_ref, eps)
+        assert rel_err(state[0][b].cpu(), M_ref) < FP32_TOL
+        assert rel_err(X[b].cpu(), X_ref) < 10 * FP32_TOL  # a quotient of rounded terms
 
 
-# ---------------------------------------------------------------------------- operation 2
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("kind", ["kl", "adam"])
+def test_rotate_against_its_torch_reference(state_dtype, precision, kind, tf32_emulated):
+    """The fused rotation and its unfused torch reference (rotate.reference_rotate) at every
+    precision and state dtype: same products, same element-wise math, once per element."""
+    B, m, n = 3, 20, 36
+    outs = []
+    for fn in (K.rotate, ROT.reference_rotate):
+        G, Qa, Qb, keep, lam_a, lam_b, moments = _rotate_inputs(B, m, n, kind, state_dtype, seed=3)
+        moments = {k: tuple(t.to(DEVICE) for t in v) for k, v in moments.items()}
+        X = torch.empty(B, m, n, device=DEVICE)
+        Gr, proj = fn(*_dev(G, Qa.to(state_dtype), Qb.to(state_dtype), keep),
+                      projection=tuple(_dev(1 / (m * lam_a), 1 / (n * lam_b))), betas=(0.1, 0.05), eps=1e-8,
+                      sqrt_lam=tuple(_dev(lam_a.sqrt(), lam_b.sqrt())), direction=X, precision=precision,
+                      **moments)
+        outs.append([Gr, *proj, *[t for t in next(iter(moments.values())) if t.dim() == 3], X])
+    tol = FP32_TOL if state_dtype == torch.float32 else BF16_TOL
+    for a, b in zip(*outs):
+        assert rel_err(a.float().cpu(), b.float().cpu()) < tol
+
+
+@pytest.mark.parametrize("kind", ["kl", "adam"])
+def test_spike_correct_equals_rotating_the_scaled_gradient(kind):
+    """rotate with s = 1, then spike_correct_ with s per block, gives the moments and direction of
+    rotating s G; a block whose s is 1 is left exactly as rotate wrote it."""
+    B, m, n = 3, 17, 24
+    spike = torch.tensor([0.25, 1.0, 0.6])
+    results = []
+    for scaled in (False, True):
+        G, Qa, Qb, keep, lam_a, lam_b, moments = _rotate_inputs(B, m, n, kind, seed=4)
+        keep[:] = True
+        G[1, 0, 0] = 0.3
+        if scaled:
+            G = G * spike.view(-1, 1, 1)
+        moments = {k: tuple(t.to(DEVICE) for t in v) for k, v in moments.items()}
+        X = torch.empty(B, m, n, device=DEVICE)
+        common = dict(betas=(0.1, 0.05), eps=1e-8, sqrt_lam=tuple(_dev(lam_a.sqrt(), lam_b.sqrt())), direction=X)
+        Gr, _ = K.rotate(*_dev(G, Qa, Qb, keep), **common, **moments)
+        if not scaled:
+            exact_one = [t.clone() for t in next(iter(moments.values())) if t.dim() == 3] + [X.clone()]
+            K.spike_correct_(Gr, spike.to(DEVICE), **common, **moments)
+        results.append([t for t in next(iter(moments.values())) if t.dim() == 3] + [X])
+    for a, b in zip(*results):
+        assert rel_err(a.cpu(), b.cpu()) < 10 * FP32_TOL
+    for a, b in zip(results[0], exact_one):
+        assert torch.equal(a[1].cpu(), b[1].cpu())  # s = 1: untouched
+
+
+# ---------------------------------------------------------------------------- factor EMA
 
 
 @pytest.mark.parametrize("shape", _shapes())
 @pytest.mark.parametrize("side", [0, 1])
 def test_factor_ema_matches_kl_factor_update(shape, side):
-    """In the rotated basis: R_k = Q_k^T S_k Q_k updated by the weighted EMA of Gr."""
+    """In the rotated basis: R_k = Q_k^T S_k Q_k updated by the weighted EMA of Gr, per-block
+    beta and spike scale s (weight s^2); a block that does not step (keep False) is left exactly
+    as it was, not even mirrored, whatever its Gr holds."""
     B, m, n = shape
     G, Qa, Qb, lam_a, lam_b, _, _ = _case(B, m, n, seed=2)
     beta2 = 0.95
@@ -122,17 +275,29 @@ def test_factor_ema_matches_kl_factor_update(shape, side):
         X = torch.randn(B, d, d + 2, generator=gen)
         Ss.append(X @ X.mT / d)
     Q = (Qa, Qb)[side]
-    Rk = (Q.mT @ Ss[side] @ Q).to(DEVICE)
-    Gr = (Qa.mT @ G @ Qb).to(DEVICE)
+    R0 = Q.mT @ Ss[side] @ Q
+    Rk = R0.clone().to(DEVICE)
+    scale = torch.linspace(1.0, 0.5, B)
+    beta = torch.full((B,), beta2)
+    frozen = B // 2 if B > 1 else None
+    Gr = Qa.mT @ G @ Qb  # unscaled: the kernel applies s^2
+    if frozen is not None:
+        beta[frozen] = 1.0
+        Gr[frozen] = float("nan")  # not read
     weights = 1.0 / (lam_b if side == 0 else lam_a)
     alpha = (1 - beta2) / (n if side == 0 else m)
-    K.factor_ema_(Rk, Gr, weights.to(DEVICE), beta2, alpha, transpose_x=side == 1)
+    keep = beta < 1
+    K.factor_ema_(Rk, Gr.to(DEVICE), weights.to(DEVICE), beta.to(DEVICE), alpha, scale=scale.to(DEVICE),
+                  keep=keep.to(DEVICE), transpose_x=side == 1)
     for b in range(B):
-        new = R.kl_factor_update([Ss[0][b], Ss[1][b]], G[b], [Qa[b], Qb[b]], [lam_a[b], lam_b[b]], beta2)
+        if b == frozen:
+            assert torch.equal(Rk[b].cpu(), R0[b])
+            continue
+        new = R.kl_factor_update([Ss[0][b], Ss[1][b]], scale[b] * G[b], [Qa[b], Qb[b]], [lam_a[b], lam_b[b]], beta2)
         expect = Q[b].mT @ new[side] @ Q[b]
         assert rel_err(Rk[b].cpu(), expect) < FP32_TOL
         # mirrored tiles: exactly symmetric wherever the row and column tiles differ
-        width = K.factor_ema.tile_width(Rk, Gr, weights.to(DEVICE), transpose_x=side == 1)
+        width = FE.tile_width(Rk, Gr.to(DEVICE), weights.to(DEVICE), transpose_x=side == 1)
         tile = torch.arange(Rk.shape[-1], device=Rk.device) // width
         off = tile[:, None] != tile[None, :]
         assert torch.equal(Rk[b][off], Rk[b].mT[off])
@@ -155,33 +320,61 @@ def test_factor_ema_unweighted_matches_factor_ema(shape, state_dtype):
             assert rel_err(out[k][b].float().cpu(), expect[k]) < tol
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_factor_ema_against_its_torch_reference(precision, tf32_emulated):
+    """On and below the diagonal tiles (the kernel mirrors the rest; at "medium" the reference's
+    full product is not exactly symmetric), at every precision."""
+    B, d, k = 3, 40, 24
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(B, k, d, generator=gen)
+    w = torch.rand(B, k, generator=gen) + 0.1
+    R0 = torch.randn(B, d, d, generator=gen)
+    R0 = R0 + R0.mT
+    beta, scale = torch.tensor([0.9, 1.0, 0.8]), torch.tensor([1.0, 0.3, 0.5])
+    outs = []
+    for fn in (K.factor_ema_, FE.reference_factor_ema):
+        Rk = R0.clone().to(DEVICE)
+        fn(Rk, *_dev(X, w, beta), 0.2, scale=scale.to(DEVICE), transpose_x=True, precision=precision)
+        outs.append(Rk.cpu())
+    lower = torch.ones(d, d, dtype=torch.bool).tril()
+    assert rel_err(outs[0][:, lower], outs[1][:, lower]) < (FP32_TOL if precision == "highest" else 1e-2)
+
+
 def test_factor_ema_bad_input():
     R_ = torch.zeros(2, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="does not match"):
         K.factor_ema_(R_, torch.zeros(2, 5, 3, device=DEVICE), None, 0.9, 0.1)
     with pytest.raises(ValueError, match="weights"):
         K.factor_ema_(R_, torch.zeros(2, 4, 3, device=DEVICE), torch.ones(2, 4, device=DEVICE), 0.9, 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        K.factor_ema_(R_, torch.zeros(2, 4, 3, device=DEVICE), None, torch.ones(3, device=DEVICE), 0.1)
 
 
-# ---------------------------------------------------------------------------- operation 3
+# ---------------------------------------------------------------------------- precondition
 
 
 @pytest.mark.parametrize("shape", _shapes())
-def test_precondition_kl_matches_reference(shape):
+def test_precondition_matches_reference(shape):
+    """U = Q_a X Q_b^T with X = M * D (the direction rotate wrote), masked by the directions that
+    saw a gradient: klkern.reference's rotated_precondition and mask_unseen."""
     B, m, n = shape
     _, Qa, Qb, lam_a, lam_b, M, _ = _case(B, m, n, seed=5)
     eps = 1e-8
     Mr = Qa.mT @ M @ Qb  # the fast paths keep momentum in the rotated basis
-    U = K.precondition(*_dev(Mr, Qa, Qb), eps=eps, lam=tuple(_dev(lam_a, lam_b)))
+    D = torch.stack([R.kl_scaling([lam_a[b], lam_b[b]], 2, eps) for b in range(B)])
+    gen = torch.Generator().manual_seed(8)
+    live = ((torch.rand(B, m, generator=gen) > 0.2).float(), (torch.rand(B, n, generator=gen) > 0.2).float())
+    U = K.precondition(*_dev(Mr * D, Qa, Qb), live=tuple(_dev(*live))).cpu()
     for b in range(B):
-        D = R.kl_scaling([lam_a[b], lam_b[b]], 2, eps)
-        assert rel_err(U[b].cpu(), R.rotated_precondition(M[b], [Qa[b], Qb[b]], D)) < FP32_TOL
+        expect = R.rotated_precondition(M[b], [Qa[b], Qb[b]], D[b]) * live[0][b][:, None] * live[1][b][None, :]
+        assert rel_err(U[b], expect) < FP32_TOL
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 17, 130), (3, 20, 9)])
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_precondition_adam_writes_parameters(shape, param_dtype):
-    """U = Q_a [m / (sqrt(v) + eps)] Q_b^T applied to the parameters in the epilogue."""
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_precondition_writes_parameters(shape, param_dtype):
+    """SPEC step 8 in the epilogue, per-block update and decay (0 and 0: a block that does not
+    step is left as it was), into strided views of parameters of one dtype."""
     B, m, n = shape
     _, Qa, Qb, _, _, mr, v = _case(B, m, n, seed=6)
     gen = torch.Generator().manual_seed(7)
@@ -192,13 +385,21 @@ def test_precondition_adam_writes_parameters(shape, param_dtype):
     before = [w.float().cpu().clone() for w in views]
     big_before = big.clone()
     lr, wd, scale, eps = 0.05, 0.1, 0.7, 1e-8
-    out = K.precondition(*_dev(mr, Qa, Qb), eps=eps, v=v.to(DEVICE), params=K.ParamTable(views),
-                         step=lr * scale, decay=1 - lr * wd)
+    update = torch.full((B,), -lr * scale)
+    decay = torch.full((B,), -lr * wd)
+    if B > 1:
+        update[1] = decay[1] = 0.0
+    X = mr / (v.sqrt() + eps)
+    out = K.precondition(*_dev(X, Qa, Qb), params=K.ParamTable(views), update=update.to(DEVICE),
+                         decay=decay.to(DEVICE))
     assert out is None
     tol = FP32_TOL if param_dtype == torch.float32 else BF16_TOL
     for b in range(B):
+        if B > 1 and b == 1:
+            assert torch.equal(views[b].float().cpu(), before[b])
+            continue
         U = Qa[b] @ R.adam_direction(mr[b], v[b], eps) @ Qb[b].mT
-        expect = R.apply_update(before[b], U, lr * scale, lr, wd)
+        expect = R.apply_update(before[b], U, lr * scale, lr, wd).to(param_dtype).float()
         assert rel_err(views[b].float().cpu(), expect) < tol
     # Nothing outside the views was touched.
     assert torch.equal(big[:, 0], big_before[:, 0]) and torch.equal(big[:, n + 1:], big_before[:, n + 1:])
@@ -207,14 +408,50 @@ def test_precondition_adam_writes_parameters(shape, param_dtype):
 def test_precondition_bad_input():
     X = torch.zeros(2, 3, 4, device=DEVICE)
     Qa, Qb = torch.zeros(2, 3, 3, device=DEVICE), torch.zeros(2, 4, 4, device=DEVICE)
-    with pytest.raises(ValueError, match="exactly one"):
-        K.precondition(X, Qa, Qb, eps=1e-8)
     with pytest.raises(ValueError, match="Q_b: expected shape"):
-        K.precondition(X, Qa, Qa, eps=1e-8, v=X)
+        K.precondition(X, Qa, Qa)
     with pytest.raises(ValueError, match="dtype"):
-        K.precondition(X.double(), Qa, Qb, eps=1e-8, v=X)
+        K.precondition(X.double(), Qa, Qb)
     with pytest.raises(ValueError, match="params table"):
-        K.precondition(X, Qa, Qb, eps=1e-8, v=X, params=K.ParamTable([torch.zeros(3, 4, device=DEVICE)]))
+        K.precondition(X, Qa, Qb, params=K.ParamTable([torch.zeros(3, 4, device=DEVICE)]))
+    with pytest.raises(ValueError, match="update and decay"):
+        K.precondition(X, Qa, Qb, params=K.ParamTable(list(torch.zeros(2, 3, 4, device=DEVICE).unbind(0))))
+
+
+# ---------------------------------------------------------------------------- AdamW path
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_adamw_matches_reference(param_dtype, state_dtype):
+    """Members of odd sizes (a chunk boundary inside one), one that does not step (nothing of it
+    written), weight decay, written into the parameters in their dtype."""
+    gen = torch.Generator().manual_seed(9)
+    sizes = [(5,), (7, 3), (1,), (2500,)]
+    params0 = [torch.randn(*s, generator=gen).to(param_dtype) for s in sizes]
+    N = sum(p.numel() for p in params0)
+    G, m0, v0 = torch.randn(N, generator=gen), torch.randn(N, generator=gen), torch.rand(N, generator=gen)
+    keep = torch.tensor([True, False, True, True])
+    outs = []
+    for fn in (K.adamw_, AD.reference_adamw):
+        params = [p.clone().to(DEVICE) for p in params0]
+        m_, v_ = m0.to(state_dtype).clone().to(DEVICE), v0.to(state_dtype).clone().to(DEVICE)
+        fn(G.to(DEVICE), m_, v_, keep.to(DEVICE), K.FlatMembers(params), beta1=0.9, beta2=0.95, eps=1e-8,
+           update=torch.tensor(-0.01, device=DEVICE), decay=torch.tensor(-1e-3, device=DEVICE))
+        outs.append([*params, m_, v_])
+    tol = FP32_TOL if param_dtype == state_dtype == torch.float32 else BF16_TOL
+    for a, b in zip(*outs):
+        assert rel_err(a.float().cpu(), b.float().cpu()) < tol
+    assert torch.equal(outs[0][1].cpu(), params0[1])  # the member that does not step
+
+
+def test_adamw_bad_input():
+    p = torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.FlatMembers([torch.zeros(4, 4, device=DEVICE).T])
+    with pytest.raises(ValueError, match="G: expected shape"):
+        K.adamw_(torch.zeros(5, device=DEVICE), p, p, torch.ones(1, dtype=torch.bool, device=DEVICE),
+                 K.FlatMembers([p.clone()]), beta1=0.9, beta2=0.9, eps=1e-8, update=p[0], decay=None)
 
 
 # ---------------------------------------------------------------------------- whole optimizer
@@ -313,19 +550,23 @@ def test_stacks_beyond_the_grid_limit_launch_in_chunks(monkeypatch):
     moments and parameter writes included."""
     G, Qa, Qb, lam_a, lam_b, M, v = _case(5, 6, 9, seed=7)
     W = torch.randn(5, 6, 9)
+    keep = torch.tensor([True, True, False, True, True])
 
     def run():
         mom, sq, w = M.clone().to(DEVICE), v.clone().to(DEVICE), W.clone().to(DEVICE)
-        Gr, proj = K.rotate_project(*_dev(G, Qa, Qb), lam=tuple(_dev(lam_a, lam_b)), momentum=mom, beta1=0.9,
-                                    second_moment=sq, beta2=0.95)
+        b = torch.full((5,), 0.9, device=DEVICE)
+        X = torch.empty(5, 6, 9, device=DEVICE)
+        Gr, proj = K.rotate(*_dev(G, Qa, Qb, keep), projection=tuple(_dev(1 / lam_a, 1 / lam_b)),
+                            adam=(mom, b, sq, b), betas=(0.1, 0.05), eps=1e-8, direction=X)
+        K.spike_correct_(Gr, torch.tensor([1.0, 0.5, 1.0, 1.0, 0.2], device=DEVICE), adam=(mom, b, sq, b),
+                         betas=(0.1, 0.05), eps=1e-8, direction=X)
         Rk = torch.eye(6).repeat(5, 1, 1).to(DEVICE)
-        K.factor_ema_(Rk, Gr, (1.0 / lam_b).to(DEVICE), 0.9, 0.1)
-        K.precondition(mom, *_dev(Qa, Qb), eps=1e-8, v=sq, params=K.ParamTable(list(w.unbind(0))), step=1e-2,
-                       decay=0.99)
-        return [Gr, *proj, mom, sq, Rk, w]
+        K.factor_ema_(Rk, Gr, (1.0 / lam_b).to(DEVICE), b, 0.1)
+        K.precondition(X, *_dev(Qa, Qb), params=K.ParamTable(list(w.unbind(0))), update=-b / 10, decay=b - 1)
+        return [Gr, *proj, mom, sq, X, Rk, w]
 
     whole = run()
-    monkeypatch.setattr(K.gemm, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(PR, "MAX_GRID_Y", 2)
     chunked = run()
     for a, b in zip(chunked, whole):
         assert torch.equal(a, b)

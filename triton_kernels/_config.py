@@ -8,11 +8,14 @@ launches reproducible and lets CI compile every entry for real GPUs
 and sm_90 without register spills and within the shared memory of an A100.
 
 Precision: the optimizer's mode ("highest", "high", "medium"; see
-klkern/runtime/_precision.py) becomes the ``DOT`` constexpr of a kernel: "ieee"
-(true fp32 on FMA units), "tf32" or "bf16" (tensor cores; fp32
-accumulation). Under the interpreter ``tl.dot`` ignores ``input_precision``
-and multiplies bf16 wrongly, so the kernels round their operands themselves
-(``EMULATE``) and multiply in fp32: bf16 always, TF32 when
+klkern/runtime/_precision.py) becomes the ``DOT`` constexpr of a kernel
+(_product.py): "highest" is fp32-accurate, by "tf32x3" (three TF32 products
+of split operands on tensor cores, the default) or "ieee" (fp32 on the FMA
+units; :func:`highest_dot` chooses, for the benchmarks that time both);
+"high" is "tf32", "medium" "bf16"; accumulation is fp32 in every mode.
+Under the interpreter ``tl.dot`` ignores ``input_precision`` and multiplies
+bf16 wrongly, so the kernels round their operands themselves (``EMULATE``)
+and multiply in fp32: bf16 and 3xTF32 always, TF32 when
 ``klkern.runtime._precision.emulate_tf32_off_gpu(True)`` asks for it.
 
 Launching: :func:`launch` runs a kernel with the GPU table's tiles (the
@@ -29,10 +32,27 @@ import os
 
 import torch
 
+from klkern.runtime import _launches
+from klkern.runtime._launches import Traffic
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# The optimizer's precision mode -> the kernels' DOT constexpr.
-DOTS = {"highest": "ieee", "high": "tf32", "medium": "bf16"}
+# The optimizer's precision mode -> the kernels' DOT constexpr ("highest": see highest_dot).
+DOTS = {"highest": "tf32x3", "high": "tf32", "medium": "bf16"}
+# Every DOT a kernel compiles for, and the two ways of computing "highest".
+DOT_MODES = ("ieee", "tf32x3", "tf32", "bf16")
+HIGHEST_DOTS = ("tf32x3", "ieee")
+
+
+def highest_dot(dot: str | None = None) -> str:
+    """The DOT of "highest" (``dot`` given: set it, for benchmarks that time both; returns the
+    previous one). Both are fp32-accurate; "tf32x3" runs on tensor cores."""
+    previous = DOTS["highest"]
+    if dot is not None:
+        if dot not in HIGHEST_DOTS:
+            raise ValueError(f"highest_dot({dot!r}): must be one of {HIGHEST_DOTS}")
+        DOTS["highest"] = dot
+    return previous
 
 
 def dot_constexprs(mode: str) -> dict:
@@ -44,7 +64,7 @@ def dot_constexprs(mode: str) -> dict:
     if INTERPRET:
         from klkern.runtime._precision import emulating_tf32
 
-        emulate = dot == "bf16" or (dot == "tf32" and emulating_tf32())
+        emulate = dot in ("bf16", "tf32x3") or (dot == "tf32" and emulating_tf32())
     return dict(DOT=dot, EMULATE=emulate)
 
 
@@ -91,6 +111,8 @@ def _tiles(**cfg) -> dict:
 GEMM_TILES: dict[str, list] = {
     "ieee": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)),
              (1024, _tiles(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2))],
+    "tf32x3": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)),
+               (1024, _tiles(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3))],
     "tf32": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)),
              (1024, _tiles(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3))],
     "bf16": [(0, _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)),
@@ -98,24 +120,34 @@ GEMM_TILES: dict[str, list] = {
 }
 SYRK_TILES: dict[str, list] = {
     "ieee": [(0, _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2))],
+    "tf32x3": [(0, _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=3))],
     "tf32": [(0, _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=3)),
              (1024, _tiles(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3))],
     "bf16": [(0, _tiles(BLOCK=64, BLOCK_K=64, num_warps=8, num_stages=3)),
              # BLOCK_K 64 spills 12 B on sm_80 with triton 3.6 (no weights); 32 spills on neither
              (1024, _tiles(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3))],
 }
+# The element-wise kernels (rotate.py's spike correction): one table, no product.
+ELEMENTWISE_TILES = {"ieee": [(0, _tiles(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1))]}
+# adamw.py: BLOCK_E entries of one member per program.
+ADAMW_TILES = {"ieee": [(0, _tiles(BLOCK_E=4096, num_warps=8, num_stages=1))]}
 UNALIGNED_TILES: dict[str, dict] = {
     "gemm": {"ieee": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+             "tf32x3": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
              "tf32": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
              "bf16": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)},
     "syrk": {"ieee": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2),
+             "tf32x3": _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=2),
              "tf32": _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=2),
              "bf16": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2)},
 }
-TILE_TABLES = {"gemm": GEMM_TILES, "syrk": SYRK_TILES}
+# Per kernel, its table (the product-shaped kernels share the product's until tuned apart).
+TILE_TABLES = {"product": GEMM_TILES, "rotate": GEMM_TILES, "precondition": GEMM_TILES, "factor_ema": SYRK_TILES,
+               "elementwise": ELEMENTWISE_TILES, "adamw": ADAMW_TILES}
+_UNALIGNED_OF = {"product": "gemm", "rotate": "gemm", "precondition": "gemm", "factor_ema": "syrk"}
 
 # The interpreter costs ~1.5 ms per program: few, large programs.
-_INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK=32, num_warps=4, num_stages=1)
+_INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK=32, BLOCK_E=1024, num_warps=4, num_stages=1)
 OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options, not constexprs
 
 
@@ -126,8 +158,8 @@ def aligned(*sizes: int) -> bool:
 
 def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True) -> dict:
     """The GPU tile config of ``table`` ("gemm" or "syrk") for precision ``dot`` at ``size``."""
-    if not is_aligned:
-        return dict(UNALIGNED_TILES[table][dot])
+    if not is_aligned and table in _UNALIGNED_OF:
+        return dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])
     chosen = None
     for least, cfg in TILE_TABLES[table][dot]:
         if size >= least:
@@ -137,8 +169,8 @@ def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True) -> dict
 
 def table_entries(table: str, dot: str, is_aligned: bool) -> list:
     """Every config a launch of this kind could get (what compile_check compiles)."""
-    if not is_aligned:
-        return [dict(UNALIGNED_TILES[table][dot])]
+    if not is_aligned and table in _UNALIGNED_OF:
+        return [dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])]
     return [dict(cfg) for _, cfg in TILE_TABLES[table][dot]]
 
 
@@ -172,7 +204,7 @@ def recording(execute: bool = True):
 
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-               torch.int64: "i64", torch.float64: "fp64"}
+               torch.int64: "i64", torch.float64: "fp64", torch.bool: "i1"}
 
 
 def _describe_arg(value):
@@ -190,14 +222,17 @@ def _describe_arg(value):
     raise TypeError(f"cannot describe kernel argument of type {type(value).__name__}")
 
 
-def launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict, table: str, is_aligned: bool) -> None:
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict, table: str, is_aligned: bool,
+           traffic: Traffic) -> None:
     """``kernel[grid](*args, **constexprs, **run_tiles(cfg))``: the GPU tiles ``cfg``, or the
     interpreter's (the caller computed ``grid`` and any tile-count arguments from
     ``run_tiles(cfg)``); records the launch with ``cfg`` (from table ``table``, its aligned or
-    unaligned part) while :func:`recording` is active."""
+    unaligned part) while :func:`recording` is active, and reports ``traffic`` (the bytes the
+    launch moves, klkern/runtime/_launches.py) to whoever counts."""
+    fn = getattr(kernel, "fn", kernel)
+    _launches.report(fn.__name__.strip("_"), traffic)
     log = _RECORD["log"]
     if log is not None:
-        fn = getattr(kernel, "fn", kernel)
         # What a GPU launch would compile: the interpreter's operand emulation is off there.
         gpu = dict(constexprs, EMULATE=False) if "EMULATE" in constexprs else constexprs
         log.append({
@@ -210,7 +245,13 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict, table:
             "aligned": is_aligned,
         })
     if _RECORD["execute"]:
-        kernel[grid](*args, **constexprs, **run_tiles(cfg))
+        with _launches.quiet():
+            kernel[grid](*args, **constexprs, **run_tiles(cfg))
+
+
+def nbytes(*tensors) -> int:
+    """Bytes of the tensors' elements (None counts nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 # ---------------------------------------------------------------- input checks

@@ -32,7 +32,11 @@ from ..runtime import _precision
 from . import _functional as F
 from . import _stacked, _tracking
 
-__all__ = ["STEPS"]
+__all__ = ["STEPS", "WRITTEN"]
+
+# What a stack's update phase returns when its kernels wrote the update into the parameters
+# themselves (klkern/algorithms/_triton_path.py): the write-back (klkern/engine/_write.py) skips it.
+WRITTEN = torch.empty(0)
 
 
 # ---------------------------------------------------------------------- stack helpers

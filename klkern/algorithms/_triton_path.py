@@ -1,12 +1,26 @@
-"""The Triton path: the phases of klkern/algorithms/_steps.py with the fused kernels for the products.
+"""The Triton path: the phases of klkern/algorithms/_steps.py with the fused kernels.
 
 Same phases, masks and math as :mod:`klkern.algorithms._steps` (tested against it and against
-:mod:`klkern.reference`), for 2-D blocks with both modes preconditioned; every other block shape
-keeps the torch path. The kernels compute the rotation with step 5's projections in its epilogue
-(:func:`~klkern.triton_kernels.rotate_project`), the weighted factor EMAs one triangle each
-(:func:`~klkern.triton_kernels.factor_ema_`) and the two-sided preconditioning with the diagonal
-scaling in its prologue (:func:`~klkern.triton_kernels.precondition`); the masked moment updates,
-the eigenvalue EMA, the write-back and the refreshes are the torch path's.
+:mod:`klkern.reference`), for 2-D blocks with both modes preconditioned and for the AdamW path;
+every other block shape keeps the torch path. Each element of a block's state is read and
+written once per step, inside the products that need it:
+
+1. KL-Shampoo, KL-SOAP (``project``) and SOAP (``update``): :func:`~klkern.triton_kernels.rotate`,
+   ``Gr = Q_a^T G Q_b`` with the guard's mask, step 5's projections, the moments and the
+   direction ``X`` (``M * D`` or ``m / (sqrt(v) + eps)``) in its epilogue;
+2. ``update``: :func:`~klkern.triton_kernels.spike_correct_` for blocks ``spike_threshold``
+   scaled (it reads nothing of the others), the factor EMAs one product each with the per-block
+   beta in the epilogue (:func:`~klkern.triton_kernels.factor_ema_`), and
+   :func:`~klkern.triton_kernels.precondition`: ``U = Q_a X Q_b^T`` with the unseen directions
+   masked and SPEC step 8 written into the parameters in its epilogue (the phase returns
+   ``WRITTEN``); where the write-back needs U itself (``normalize_grads``, a group whose
+   hyperparameters do not bound the update, a block that is not a view of its parameter), U
+   is stored and the torch write-back applies it;
+3. the AdamW path: :func:`~klkern.triton_kernels.adamw_`, written into the parameters.
+
+The engine leaves the gradients of a kernel stack as they came (a block that does not step is
+masked inside the kernels, klkern/engine/_engine.py), and computes ``sqrt(lam)`` before the
+projections (the direction uses the old lam).
 """
 
 from __future__ import annotations
@@ -20,9 +34,14 @@ from . import _steps as S
 from . import _tracking
 from ._algorithms import ALGORITHMS
 from ._hyper import StepHyperparameters
+from ._steps import WRITTEN
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def supports(path: str, block_shape: tuple, mask, hp: StepHyperparameters) -> bool:
+    if not ALGORITHMS[path].preconditioned:  # the AdamW path
+        return True
     if ALGORITHMS[path].exact_mode(hp):  # the idealized mode: torch path
         return False
     return path in STEPS and len(block_shape) == 2 and all(mask)
@@ -32,93 +51,132 @@ def _bases(st):
     return st.bufs["Q0"], st.bufs["Q1"]
 
 
-def _lams(st):
-    return st.bufs["lam0"], st.bufs["lam1"]
+def _vecs(st, name: str) -> tuple:
+    return st.cache[f"{name}_vec0"], st.cache[f"{name}_vec1"]
+
+
+def _writes_params(st, hp) -> bool:
+    """Whether the last product may write the parameters (else it stores U for the write-back)."""
+    if st.group["normalize_grads"] or "before" in st.cache:
+        return False
+    return _param_table(st) is not None
+
+
+def _param_table(st):
+    """The stack's parameter views as a kernel writes them (made once per plan), or None when a
+    block is not a view of its parameter or the parameters' dtype is not one the kernels write."""
+    if "param_table" not in st.cache:
+        table = None
+        if st.W is st.G and all(t is not None and t.dim() == 2 and t.dtype in _KERNEL_DTYPES for t in st.targets) \
+                and len({t.dtype for t in st.targets}) == 1:
+            table = K.ParamTable(list(st.targets))
+        st.cache["param_table"] = table
+    return st.cache["param_table"]
+
+
+def _moments(st, hp) -> dict:
+    b1 = st.cache["b1:vec"]
+    if "exp_avg_sq" in st.bufs:
+        return dict(adam=(st.bufs["exp_avg"], b1, st.bufs["exp_avg_sq"], st.cache["b2:vec"]))
+    return dict(momentum=(st.bufs["exp_avg"], b1))
+
+
+def _rotate(st, hp, projection: bool):
+    """Gr with the moments and, unless eigenvalues_first, the direction; the projections into
+    the plan's buffer."""
+    Qa, Qb = _bases(st)
+    moments = _moments(st, hp)
+    fused = not hp.eigenvalues_first
+    X = torch.empty((st.B,) + st.shape, dtype=intermediate_dtype(hp.rotation_mode), device=st.G.device) \
+        if fused else None
+    Gr, proj = K.rotate(st.G, Qa, Qb, st.keep, projection=_vecs(st, "proj_weight") if projection else None,
+                        betas=(1 - hp.beta1, 1 - hp.beta2), eps=hp.eps,
+                        sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, direction=X,
+                        precision=hp.rotation_mode, gr_dtype=intermediate_dtype(hp.factor_mode), **moments)
+    if proj is not None:
+        st.proj[0].copy_(proj[0])
+        st.proj[1].copy_(proj[1])
+    return Gr, X
 
 
 def kl_project(st, hp, carry=None):
-    """Gr and step 5's projections (the kernel's epilogue), into the plan's buffer."""
-    Qa, Qb = _bases(st)
-    lam = _lams(st)
-    Gr, (pa, pb) = K.rotate_project(st.G, Qa, Qb, lam=lam, precision=hp.rotation_mode)
-    st.proj[0].copy_(pa)
-    st.proj[1].copy_(pb)
+    """Phase 1: Gr, the projections, the moments and the direction from the old lam."""
+    Gr, X = _rotate(st, hp, projection=True)
     if st.track_kl:
-        _tracking.kl_from_projection_(st.bufs, st.proj[0], list(lam), 0, Gr, keep=st.keep)
-    return Gr, None
+        _tracking.kl_from_projection_(st.bufs, st.proj[0], [st.bufs["lam0"], st.bufs["lam1"]], 0, Gr, keep=st.keep)
+    return Gr, X
+
+
+def _spike(st, hp, Gr, X) -> None:
+    """The blocks spike_threshold scaled: moments and direction redone from s Gr."""
+    if not st.spike:
+        return
+    moments = _moments(st, hp)
+    K.spike_correct_(Gr, st.cache["spike_vec"], betas=(1 - hp.beta1, 1 - hp.beta2), eps=hp.eps,
+                     sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, direction=X, **moments)
 
 
 def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
-    """R_a <- fb R_a + (1 - fb)/n Gr diag(1/lam_b) Gr^T and R_b alike, one triangle each (fb
-    masked: 1 for a skipped block, whose Gr is zero)."""
+    """R_a <- fb R_a + (1 - fb)/n s^2 Gr diag(1/lam_b) Gr^T and R_b alike, one product each (fb
+    per block: 1 for a skipped block, whose Gr is zero; s: spike_threshold's factor)."""
     fb = hp.factor_beta
     _, m, n = Gr.shape
-    lam_a, lam_b = _lams(st)
-    mode = hp.factor_mode
-    R0, R1 = st.bufs["R0"], st.bufs["R1"]
-    R0.mul_(st.coef_matrix("fb"))
-    R1.mul_(st.coef_matrix("fb"))
-    K.factor_ema_(R0, Gr, 1.0 / lam_b, 1.0, (1 - fb) / n, precision=mode)
-    K.factor_ema_(R1, Gr, 1.0 / lam_a, 1.0, (1 - fb) / m, transpose_x=True, precision=mode)
+    inv_a, inv_b = _vecs(st, "inv_lam")
+    beta = st.cache["fb:vec"]
+    scale = st.cache["spike_vec"] if st.spike else None
+    K.factor_ema_(st.bufs["R0"], Gr, inv_b, beta, (1 - fb) / n, scale=scale, keep=st.keep, precision=hp.factor_mode)
+    K.factor_ema_(st.bufs["R1"], Gr, inv_a, beta, (1 - fb) / m, scale=scale, keep=st.keep, transpose_x=True,
+                  precision=hp.factor_mode)
 
 
-def _spiked(st, carry) -> torch.Tensor:
-    Gr = carry[0]
-    if st.spike:
-        Gr.mul_(st.coef("spike"))
-    return Gr
-
-
-def _direction(st, hp, **scaling) -> torch.Tensor:
+def _precondition(st, hp, X):
+    """U = Q_a X Q_b^T masked, written into the parameters (WRITTEN) or returned."""
     Qa, Qb = _bases(st)
-    U = K.precondition(st.bufs["exp_avg"], Qa, Qb, eps=hp.eps, precision=hp.rotation_mode, **scaling)
-    return S.masked(st, hp, U)
+    live = _vecs(st, "live") if hp.mask_unseen else None
+    if _writes_params(st, hp):
+        K.precondition(X, Qa, Qb, live=live, params=_param_table(st), update=st.cache["update:vec"],
+                       decay=st.cache["decay:vec"], precision=hp.rotation_mode)
+        return WRITTEN
+    return K.precondition(X, Qa, Qb, live=live, precision=hp.rotation_mode)
 
 
-def klshampoo_update(st, hp, carry):
-    Gr = _spiked(st, carry)
-    M = S._load(st, "exp_avg")
-    M.mul_(st.coef("b1")).add_(Gr, alpha=1 - hp.beta1)
-    S._store(st, "exp_avg", M)
-    U = None if hp.eigenvalues_first else _direction(st, hp, lam=_lams(st))
+def _update(st, hp, carry):
+    Gr, X = carry
+    _spike(st, hp, Gr, X)
     _kl_factors(st, hp, Gr)
-    return U
+    return None if X is None else _precondition(st, hp, X)
 
 
 def klshampoo_late(st, hp, carry=None):
-    return _direction(st, hp, lam=_lams(st)) if hp.eigenvalues_first else None
-
-
-def klsoap_update(st, hp, carry):
-    Gr = _spiked(st, carry)
-    S._adam_moments_(st, Gr, hp)
-    U = _direction(st, hp, v=st.bufs["exp_avg_sq"])
-    _kl_factors(st, hp, Gr)
-    return U
+    """eigenvalues_first: X = M / (sqrt(lam_a) sqrt(lam_b)^T + eps) from the new lam, then U."""
+    if not hp.eigenvalues_first:
+        return None
+    roots = _vecs(st, "sqrt_lam")
+    M = st.bufs["exp_avg"].float()
+    X = M / torch.addcmul(S._constant(st, "eps", hp.eps), roots[0][:, :, None], roots[1][:, None, :])
+    return _precondition(st, hp, X)
 
 
 def soap_update(st, hp, carry=None):
-    Qa, Qb = _bases(st)
-    Gr, _ = K.rotate_project(st.G, Qa, Qb, precision=hp.rotation_mode)
+    Gr, X = _rotate(st, hp, projection=False)
     if st.track_kl:
         F.soap_track_kl_(st.bufs, Gr, st.mask, keep=st.keep)
-    S._adam_moments_(st, Gr, hp)
-    U = _direction(st, hp, v=st.bufs["exp_avg_sq"])
     fb = hp.factor_beta
     for k, name in enumerate(("R0", "R1")):
-        st.bufs[name].mul_(st.coef_matrix("fb"))
-        K.factor_ema_(st.bufs[name], Gr, None, 1.0, 1 - fb, transpose_x=k == 1, precision=hp.factor_mode)
-    return U
+        K.factor_ema_(st.bufs[name], Gr, None, st.cache["fb:vec"], 1 - fb, keep=st.keep, transpose_x=k == 1,
+                      precision=hp.factor_mode)
+    return _precondition(st, hp, X)
 
 
 def shampoo_update(st, hp, carry=None):
-    """Factor EMAs (one triangle, true fp32: Shampoo inverts their eigenvalues) and the two-sided
-    product L_root M R_root in kernels; roots, moments and grafting in torch."""
+    """Factor EMAs (one product each, per-block beta in the epilogue, fp32-accurate: Shampoo
+    inverts their eigenvalues) and the two-sided product L_root M R_root in kernels; roots,
+    moments and grafting in torch (the gradient is zeroed for a block that does not step)."""
     G = st.G
     fb = hp.factor_beta
     for k, name in enumerate(("L0", "L1")):
-        st.bufs[name].mul_(st.coef_matrix("fb"))
-        K.factor_ema_(st.bufs[name], G, None, 1.0, 1 - fb, transpose_x=k == 1)
+        K.factor_ema_(st.bufs[name], G, None, st.cache["fb:vec"], 1 - fb, keep=st.keep, transpose_x=k == 1,
+                      precision="highest")
     if st.refresh:
         F.shampoo_roots_(st.bufs, st.mask, hp, G, keep=st.keep)
     m, v = S._adam_moments_(st, G, hp)
@@ -127,16 +185,49 @@ def shampoo_update(st, hp, carry=None):
         return A
     mode = hp.rotation_mode
     # m R_root^T (R_root is symmetric up to rounding; the torch path multiplies by the transpose too)
-    T = K.batched_gemm(m, st.bufs["root1"], transpose_b=True, precision=mode,
-                       out=torch.empty(m.shape, dtype=intermediate_dtype(mode), device=m.device))
-    P = K.batched_gemm(st.bufs["root0"], T, out=torch.empty(m.shape, device=m.device), precision=mode)
+    T = K.batched_product(m, st.bufs["root1"], transpose_b=True, precision=mode, out_dtype=intermediate_dtype(mode))
+    P = K.batched_product(st.bufs["root0"], T, precision=mode)
     return F.shampoo_graft(S.masked(st, hp, P), A, hp)  # masked first: the graft scales what is left
+
+
+def _flat_members(st):
+    """The AdamW stack's parameters as the kernel writes them (made once per plan), or None."""
+    if "flat_members" not in st.cache:
+        targets = st.targets
+        ok = (st.W is st.G and all(t is not None and t.is_contiguous() for t in targets)
+              and len({t.dtype for t in targets}) == 1 and targets[0].dtype in _KERNEL_DTYPES)
+        st.cache["flat_members"] = K.FlatMembers(list(targets)) if ok else None
+    return st.cache["flat_members"]
+
+
+def adamw_update(st, hp, carry=None):
+    """The AdamW path in one kernel, written into the parameters; the torch path's where the
+    write-back needs U (normalize_grads, a group whose hyperparameters do not bound the update)
+    or the parameters are not contiguous views of one dtype."""
+    members = _flat_members(st)
+    if members is None or st.group["normalize_grads"] or "before" in st.cache:
+        return S.adamw_update(st, hp)  # its gradient was zeroed where a member does not step
+    decays = st.group["weight_decay"] != 0
+    K.adamw_(st.G, st.bufs["exp_avg"], st.bufs["exp_avg_sq"], st.cache["keep"], members, beta1=hp.beta1,
+             beta2=hp.beta2, eps=hp.eps, update=st.cache["update"], decay=st.cache["decay"] if decays else None)
+    return WRITTEN
 
 
 STEPS = {
     # path: (project or None, update, late or None), as klkern.algorithms._steps.STEPS
-    "klshampoo": (kl_project, klshampoo_update, klshampoo_late),
-    "klsoap": (kl_project, klsoap_update, None),
+    "klshampoo": (kl_project, _update, klshampoo_late),
+    "klsoap": (kl_project, _update, None),
     "soap": (None, soap_update, None),
     "shampoo": (None, shampoo_update, None),
+    "adamw": (None, adamw_update, None),
 }
+
+
+
+def masks_gradient(st, hp, unbounded: bool) -> bool:
+    """Whether the stack's kernels mask a block that does not step themselves, so the engine can
+    leave its gradients as they came (Shampoo's torch moments, and the AdamW path's torch
+    fallback, need them zeroed)."""
+    if st.adamw:
+        return _flat_members(st) is not None and not st.group["normalize_grads"] and not unbounded
+    return not st.algorithm.inverse_root

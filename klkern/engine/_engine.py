@@ -35,7 +35,8 @@ from ..algorithms._hyper import StepHyperparameters, hyper
 from ..distributed import _distributed
 from ..runtime import _precision
 from . import _guard, _phases, _refresh, _schedule, _write
-from ._plan import ROW, ROWS, DevicePlan, Stack, structure_key
+from ._plan import ROW, ROWS, DevicePlan, structure_key
+from ._stack import Stack
 from ._stacking import block_views, stack_state
 
 __all__ = ["StepEngine"]
@@ -353,13 +354,9 @@ class StepEngine:
         Reads no host value and takes every per-step number from the plan's buffers."""
         opt = self.opt
         plan.decide()
-        for st in plan.stacks:
-            if st.adamw:
-                st.cache["keep_e"] = torch.repeat_interleave(st.cache["keep"], st.cache["sizes"],
-                                                             output_size=st.shape[0])
-                torch.where(st.cache["keep_e"], st.G, plan.zero, out=st.G)
-            else:
-                torch.where(st.keep_b, st.G, plan.zero, out=st.G)
+        for st in plan.stacks:  # a block that does not step: its gradient 0 (kernels mask it themselves)
+            if not _phases.masks_gradient(opt, st, hps[id(st)], kernels):
+                st.zero_skipped()
         plan.see()  # mask_unseen: which directions have seen a gradient
         for st in plan.stacks:  # hyperparameters that do not bound the update: a copy to restore
             if _guard.unbounded(opt.algorithm, st.group):
@@ -367,6 +364,7 @@ class StepEngine:
         carries = {}
         if plan.kl_stacks:
             plan.project_weights()
+            plan.sqrt_lams()  # the direction from the old lam (the kernels make it in the projection's epilogue)
         for st in plan.kl_stacks:
             carries[id(st)] = _phases.run_phase(opt, st, hps[id(st)], kernels, 0, None)
         if plan.kl_stacks:
@@ -374,7 +372,6 @@ class StepEngine:
             if spiked:
                 plan.spike_scales()
             plan.factor_weights()
-            plan.sqrt_lams()
         for st in plan.stacks:
             st.U = _phases.run_phase(opt, st, hps[id(st)], kernels, 1, carries.get(id(st)))
         if plan.kl_stacks:

@@ -15,9 +15,10 @@ import torch
 from ..algorithms import _steps
 from ..algorithms._hyper import StepHyperparameters
 from ..runtime import _backend, _errors
-from ._plan import Stack
+from . import _guard
+from ._stack import Stack
 
-__all__ = ["KernelVariant", "kernel_steps", "run_phase"]
+__all__ = ["KernelVariant", "kernel_steps", "run_phase", "masks_gradient"]
 
 
 class KernelVariant(NamedTuple):
@@ -35,7 +36,7 @@ class KernelVariant(NamedTuple):
 
 def kernel_steps(opt, st: Stack, hp: StepHyperparameters):
     """The Triton step of the stack when the backend picks the kernels for it, else None."""
-    if st.adamw or _backend.resolve(opt.backend, st.device, hp.rotation_mode) != "triton":
+    if _backend.resolve(opt.backend, st.device, hp.rotation_mode) != "triton":
         return None
     from ..algorithms import _triton_path
 
@@ -49,6 +50,16 @@ def kernel_steps(opt, st: Stack, hp: StepHyperparameters):
         if variant not in opt._kernels_proven:
             st.cache["trial"] = (variant, {name: buf.clone() for name, buf in st.bufs.items()})
     return _triton_path.STEPS[st.path]
+
+def masks_gradient(opt, st: Stack, hp: StepHyperparameters, kernels: dict) -> bool:
+    """Whether the stack runs kernels that mask a block that does not step themselves (its
+    gradient is then left as it came)."""
+    if kernels.get(id(st)) is None:
+        return False
+    from ..algorithms import _triton_path
+
+    return _triton_path.masks_gradient(st, hp, _guard.unbounded(opt.algorithm, st.group))
+
 
 def run_phase(opt, st: Stack, hp: StepHyperparameters, kernels: dict, phase: int, carry):
     """Run phase ``phase`` (0 project, 1 update, 2 late) of the stack on its path; a Triton
@@ -75,8 +86,11 @@ def run_phase(opt, st: Stack, hp: StepHyperparameters, kernels: dict, phase: int
             f"{type(opt).__name__}: the Triton kernels failed ({reason}) for {variant.path} blocks of shape "
             f"{variant.shape} on {variant.device}; this step and the later ones use the torch path for them "
             "(same math). backend='triton' raises instead; run `python -m klkern.check` to see what fails."))
+        masked = masks_gradient(opt, st, hp, kernels)
         kernels[id(st)] = None
         st.cache.pop("trial", None)
+        if masked:  # the torch steps need the skipped blocks' gradients zeroed
+            st.zero_skipped()
         project = _steps.STEPS[st.path][0]
         if phase >= 1 and project is not None:
             carry = project(st, hp, None)  # the torch path's own projections

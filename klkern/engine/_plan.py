@@ -32,9 +32,9 @@ import math
 
 import torch
 
-from ..algorithms._algorithms import ALGORITHMS
 from ..distributed import _distributed
 from . import _guard
+from ._stack import Stack
 
 __all__ = ["DevicePlan", "Stack", "ROWS", "structure_key"]
 
@@ -53,72 +53,6 @@ STRUCTURAL = ("merge_dims", "max_precond_dim", "block_size", "precondition_1d", 
 
 def structure_key(group: dict) -> tuple:
     return tuple(group.get(name) for name in STRUCTURAL)
-
-
-class Stack:
-    """Blocks that step together: one path, block shape, mask, group, device and step count."""
-
-    def __init__(self, path: str, group_index: int, group: dict, shape: tuple, mask: tuple, t: int,
-                 members: list, blocks: list):
-        self.path = path
-        self.algorithm = ALGORITHMS[path]  # what is specific to the path (klkern/algorithms/_algorithms.py)
-        self.device = torch.device("cpu")
-        self.group_index = group_index
-        self.group = group
-        self.shape = shape  # block shape (for the AdamW path: (N,), the members' sizes summed)
-        self.mask = mask
-        self.t_prev = t  # the members' step count before this step
-        self.members = members  # [(param, block index)]
-        self.blocks = blocks  # the members' state dicts
-        self.sizes: list[int] = []  # AdamW path: each member's number of entries
-        self.bufs: dict = {}
-        self.cache: dict = {}  # views of persistent buffers, made once
-        self.lo = self.hi = 0  # its columns in the per-block tables
-        self.G: torch.Tensor | None = None
-        self.W: torch.Tensor | None = None  # where the parameters are gathered (G, or float64)
-        self.g_dst: list = []  # per member: a view of G shaped like its gradient source
-        self.w_dst: list = []  # per member: a view of W shaped like its parameter target
-        self.g_blocks: list = []  # per member: its block of G (for the per-block norms)
-        self.targets: list = []  # per member: the parameter view written (None: copying layout)
-        self.sources: list = []  # per member: how its gradient is found ("grad", "extract", "local")
-        self.proj: dict = {}  # KL: mode -> (B, d_k) view of the plan's projection buffer
-        self.keep = self.keep_b = None
-        self.spike = False
-        self.refresh = False
-        self.offsets: list | None = None  # stagger_refresh: each member's refresh offset
-        self.due: list = []  # stagger_refresh: the members refreshed at this step
-        self.track_kl = False
-        self.U: torch.Tensor | None = None
-
-    @property
-    def B(self) -> int:
-        return len(self.members)
-
-    @property
-    def adamw(self) -> bool:
-        return not self.algorithm.preconditioned
-
-    @property
-    def kl(self) -> bool:
-        """Whether the stack's eigenvalues are KL estimates (the flat lam tables hold them)."""
-        return self.algorithm.kl_estimate
-
-    @property
-    def t(self) -> int:
-        return self.t_prev + 1
-
-    def broadcast(self, vec: torch.Tensor) -> torch.Tensor:
-        """A (B,) vector shaped to broadcast over the stack's blocks (B, 1, ..., 1)."""
-        return vec.view((self.B,) + (1,) * len(self.shape))
-
-    def coef(self, name: str) -> torch.Tensor:
-        """Row ``name`` of the plan's coefficient table for these blocks, broadcast over a block
-        (made once)."""
-        return self.cache[name]
-
-    def coef_matrix(self, name: str) -> torch.Tensor:
-        """The same, broadcast over a (B, d, d) stack of factors."""
-        return self.cache[name + ":mat"]
 
 
 class DevicePlan:
@@ -175,6 +109,7 @@ class DevicePlan:
         self._seen_tables()
         for st in self.stacks:
             rows = self.coef[:, st.lo:st.hi]
+            st.cache["zero"] = self.zero
             if st.adamw:
                 st.cache["keep"] = self.keep[st.lo:st.hi]
                 st.cache["sizes"] = torch.tensor(st.sizes, dtype=torch.long, device=dev)
@@ -184,13 +119,12 @@ class DevicePlan:
                 for name, r in ROW.items():
                     st.cache[name] = st.broadcast(rows[r])
                     st.cache[name + ":mat"] = rows[r].view(st.B, 1, 1)
+                    st.cache[name + ":vec"] = rows[r]  # (B,), what a kernel reads
                 st.keep = self.keep[st.lo:st.hi]
                 st.keep_b = st.broadcast(st.keep)
         self.g_dst = [v for st in self.stacks for v in st.g_dst]
         self.g_blocks = [v for st in self.stacks for v in st.g_blocks]
-        pairs = [(d, t) for st in self.stacks for d, t in zip(st.w_dst, st.targets) if t is not None]
-        self.live_dst = [d for d, _ in pairs]
-        self.live_targets = [t for _, t in pairs]
+        self._param_copies: dict = {}  # the write-back's gather and scatter lists, per set of stacks
         self.copying = [(st, b) for st in self.stacks for b, t in enumerate(st.targets) if t is None]
 
     # ------------------------------------------------------------------ KL tables
@@ -273,12 +207,14 @@ class DevicePlan:
                 for name, flat in (("proj_weight", self.proj_weight), ("sqrt_lam", self.sqrt_lam),
                                    ("inv_lam", self.inv_lam)):
                     st.cache[f"{name}{k}"] = _along(flat[part].view(st.B, d), k, nd)
+                    st.cache[f"{name}_vec{k}"] = flat[part].view(st.B, d)
                 if nd == 2 and all(st.mask):  # the projections as bmm outputs: (B, m, 1), (B, 1, n)
                     st.cache[f"proj_mat{k}"] = st.proj[k].view((st.B, d, 1) if k == 0 else (st.B, 1, d))
                     st.cache[f"proj_weight_mat{k}"] = (self.proj_weight[part].view(st.B, d, 1) if k == 1
                                                        else self.proj_weight[part].view(st.B, 1, d))
                 offset += st.B * d
             st.cache["spike"] = st.broadcast(self.spike[st.lo:st.hi])
+            st.cache["spike_vec"] = self.spike[st.lo:st.hi]
             scale = self.anchor[st.lo:st.hi]
             scale.copy_(st.bufs["floor_scale"])
             st.bufs["floor_scale"] = scale
@@ -304,6 +240,10 @@ class DevicePlan:
         self.seen = torch.empty(total, dtype=torch.float32, device=dev)
         self.seen_new = torch.empty(total, dtype=torch.float32, device=dev)
         self.live = torch.empty(total, dtype=torch.float32, device=dev)
+        # the block of every entry: a block that does not step adds nothing (its gradient may be
+        # anything: the kernels' stacks are not zeroed, klkern/engine/_engine.py)
+        self.seen_block = torch.tensor([st.lo + b for st, k in parts for b in range(st.B) for _ in range(st.shape[k])],
+                                       dtype=torch.long, device=dev)
         offset = 0
         for st, k in parts:
             d = st.shape[k]
@@ -315,13 +255,15 @@ class DevicePlan:
                 block[f"seen{k}"] = view[b]
             st.cache[f"seen_new{k}"] = self.seen_new[part].view(st.B, d)
             st.cache[f"live{k}"] = _along(self.live[part].view(st.B, d), k, len(st.shape))
+            st.cache[f"live_vec{k}"] = self.live[part].view(st.B, d)
             offset += st.B * d
         torch.sign(self.seen, out=self.live)
 
     def see(self) -> None:
         """Every preconditioned block's slice maxima of this step's gradient (zero for a skipped
-        block: its seen stays) folded into seen, then the mask of the directions that have seen a
-        gradient: per stack one reduction per mode, then two operations for all."""
+        block, whatever its gradient held: its seen stays) folded into seen, then the mask of the
+        directions that have seen a gradient: per stack one reduction per mode, then four
+        operations for all."""
         if self.seen is None:
             return
         for st, k in self.seen_parts:
@@ -331,6 +273,8 @@ class DevicePlan:
                 torch.linalg.vector_norm(st.G, ord=math.inf, dim=dims, out=out)
             else:
                 torch.abs(st.G, out=out)
+        stepping = self.keep.index_select(0, self.seen_block)
+        torch.where(stepping, self.seen_new, self.zero, out=self.seen_new)
         torch.maximum(self.seen, self.seen_new, out=self.seen)
         torch.sign(self.seen, out=self.live)  # seen >= 0: 1 where seen, else 0
 
@@ -423,16 +367,27 @@ class DevicePlan:
         self.lam.mul_(keep).addcmul_(self.proj, w)
         torch.maximum(self.lam, self.floor, out=self.lam)
 
-    def gather_params(self) -> None:
-        """Every parameter (block) into its stack's W (one multi-tensor copy); blocks of a copying
-        layout are gathered by the caller."""
-        if self.live_dst:
-            torch._foreach_copy_(self.live_dst, self.live_targets)
+    def param_copies(self, written: frozenset) -> tuple[list, list]:
+        """(W views, parameter views) of every block of a stack not in ``written`` (ids of the
+        stacks whose kernels wrote their parameters themselves) that is a view of its parameter;
+        blocks of a copying layout are gathered by the caller."""
+        if written not in self._param_copies:
+            pairs = [(d, t) for st in self.stacks if id(st) not in written
+                     for d, t in zip(st.w_dst, st.targets) if t is not None]
+            self._param_copies[written] = ([d for d, _ in pairs], [t for _, t in pairs])
+        return self._param_copies[written]
 
-    def scatter_params(self) -> None:
+    def gather_params(self, written: frozenset = frozenset()) -> None:
+        """Every parameter (block) into its stack's W (one multi-tensor copy)."""
+        dst, targets = self.param_copies(written)
+        if dst:
+            torch._foreach_copy_(dst, targets)
+
+    def scatter_params(self, written: frozenset = frozenset()) -> None:
         """The new values back into the parameters, in their dtype (one multi-tensor copy)."""
-        if self.live_dst:
-            torch._foreach_copy_(self.live_targets, self.live_dst)
+        dst, targets = self.param_copies(written)
+        if dst:
+            torch._foreach_copy_(targets, dst)
 
     # ------------------------------------------------------------------ validity
 

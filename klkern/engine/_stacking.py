@@ -10,7 +10,7 @@ import torch
 from ..algorithms._blocking import plan_for, writes_into
 from ..algorithms._functional import column_major
 from ..distributed import _distributed
-from ._plan import Stack
+from ._stack import Stack
 
 __all__ = ["block_views", "stack_state"]
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 import torch
 
 from ..algorithms._blocking import plan_for
+from ..algorithms._steps import WRITTEN
 from ..distributed import _distributed
 from . import _guard
 from ._plan import DevicePlan
@@ -93,11 +94,15 @@ def normalize(plan: DevicePlan) -> None:
 def write(plan: DevicePlan) -> None:
     """SPEC step 8 for every block: W <- W + update U, then W <- W + decay W (update = -lr times
     the algorithm's step-size factor, decay = -lr wd, both 0 for a skipped block), on the
-    parameters gathered into each stack's W; copied back in their own dtype."""
+    parameters gathered into each stack's W; copied back in their own dtype. Stacks whose
+    kernels wrote their parameters themselves (``U is WRITTEN``) are left out."""
+    written = frozenset(id(st) for st in plan.stacks if st.U is WRITTEN)
     _copying_sources(plan)
-    plan.gather_params()
+    plan.gather_params(written)
     for st in plan.stacks:
         W, U = st.W, st.U
+        if U is WRITTEN:
+            continue
         if st.adamw:  # its coefficients are the same for every member: 0-d views of the plan's rows
             new = torch.addcmul(W, U, st.cache["update"])
             if st.group["weight_decay"] != 0:
@@ -107,7 +112,7 @@ def write(plan: DevicePlan) -> None:
         W.addcmul_(U, st.coef("update"))
         if st.group["weight_decay"] != 0 or plan.has_waiting:
             W.addcmul_(W, st.coef("decay"))
-    plan.scatter_params()
+    plan.scatter_params(written)
     _write_copying(plan)
 
 
