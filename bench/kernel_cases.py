@@ -1,14 +1,14 @@
 """Inputs and eager torch references for the kernel benchmarks (bench/test_kernel_bench.py).
 
-Each case is a stack of B same-shape blocks. The eager reference of each
-fused operation is what the torch path does for the same work, one torch
-op at a time, its products at the given matmul precision through the torch
-path's own product function (klkern.runtime._precision.bmm: "highest" true fp32,
-"high" TF32, "medium" bf16 operands with fp32 results).
+Each case is a stack of B same-shape blocks. The eager side of each fused operation is its torch
+reference (the ``reference_*`` function beside the kernel in triton_kernels/: the same work, one
+torch op at a time, its products at the given matmul precision through klkern's torch product,
+klkern.runtime._precision.bmm); the GEMM floor is the products alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -21,6 +21,13 @@ SHAPES = [(12, 768, 768), (12, 768, 3072), (12, 2048, 2048), (12, 2048, 8192), (
 if os.environ.get("KLKERN_KERNEL_SHAPES"):
     SHAPES = [tuple(int(x) for x in item.split("x")) for item in os.environ["KLKERN_KERNEL_SHAPES"].split(",")]
 
+# The operations' modules (their names are shadowed by the functions in klkern.triton_kernels).
+OPS = ("rotate", "factor_ema", "precondition", "product", "adamw")
+
+
+def module(name: str):
+    return importlib.import_module(f"klkern.triton_kernels.{name}")
+
 
 def make(B, m, n, device="cuda", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
@@ -32,33 +39,30 @@ def make(B, m, n, device="cuda", seed=0):
     lam_a = torch.rand(B, m, device=device, generator=g) + 0.01
     lam_b = torch.rand(B, n, device=device, generator=g) + 0.01
     M = torch.randn(B, m, n, device=device, generator=g) * 1e-3
+    V = torch.rand(B, m, n, device=device, generator=g) * 1e-6
     Ra = torch.randn(B, m, m, device=device, generator=g)
     Rb = torch.randn(B, n, n, device=device, generator=g)
     W = torch.randn(B, m, n, device=device, generator=g)
-    return dict(G=G, Qa=Qa, Qb=Qb, lam_a=lam_a, lam_b=lam_b, M=M, Ra=Ra + Ra.mT, Rb=Rb + Rb.mT, W=W)
+    keep = torch.ones(B, dtype=torch.bool, device=device)
+    betas = torch.full((B,), 0.95, device=device)
+    return dict(G=G, Qa=Qa, Qb=Qb, lam_a=lam_a, lam_b=lam_b, M=M, V=V, Ra=Ra + Ra.mT, Rb=Rb + Rb.mT, W=W,
+                keep=keep, betas=betas, X=torch.empty_like(M),
+                pw=(1 / (m * lam_a), 1 / (n * lam_b)), sq=(lam_a.sqrt(), lam_b.sqrt()))
 
 
-def eager_rotate_project(c, mode="highest", beta1=0.95):
-    Gr = bmm(c["Qa"].mT, bmm(c["G"], c["Qb"], mode), mode)
-    c["M"].mul_(beta1).add_(Gr, alpha=1 - beta1)
-    sq = Gr * Gr
-    proj_a = (sq / c["lam_b"][:, None, :]).mean(2)
-    proj_b = (sq / c["lam_a"][:, :, None]).mean(1)
-    return Gr, proj_a, proj_b
+def rotate_args(c, kind: str) -> dict:
+    """KL-Shampoo's rotation ("kl": momentum, projections, M * D) or SOAP's ("adam": m, v, m / (sqrt(v) + eps))."""
+    if kind == "kl":
+        return dict(projection=c["pw"], momentum=(c["M"], c["betas"]), betas=(0.05, 0.05), eps=1e-8,
+                    sqrt_lam=c["sq"], direction=c["X"])
+    return dict(adam=(c["M"], c["betas"], c["V"], c["betas"]), betas=(0.05, 0.05), eps=1e-8, direction=c["X"])
 
 
-def eager_factor_ema(c, Gr, mode="highest", beta2=0.95):
-    n = Gr.shape[2]
-    W = Gr / c["lam_b"][:, None, :]
-    return c["Ra"].mul_(beta2).add_(bmm(W, Gr.mT, mode), alpha=(1 - beta2) / n)
+def params(c):
+    """The parameters the precondition kernel writes (a table of the stack's blocks)."""
+    from klkern.triton_kernels import ParamTable
 
-
-def eager_precondition(c, mode="highest", lr=1e-3, wd=0.01, eps=1e-8):
-    D = 1.0 / (torch.sqrt(c["lam_a"][:, :, None] * c["lam_b"][:, None, :]) + eps)
-    U = bmm(c["Qa"], bmm(c["M"] * D, c["Qb"].mT, mode), mode)
-    c["W"].add_(U, alpha=-lr)
-    c["W"].add_(c["W"], alpha=-lr * wd)
-    return c["W"]
+    return ParamTable(list(c["W"].unbind(0)))
 
 
 def gemm_floor(c, mode="highest"):

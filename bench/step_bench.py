@@ -2,6 +2,14 @@
 
     python bench/step_bench.py [--steps 20] [--precisions highest,high,medium] [--out DIR]
     python bench/step_bench.py --device cpu --model tiny --steps 2   # smoke run (interpreter, no GPU)
+    python bench/step_bench.py --count                                # what a GPU pays, counted on the CPU
+
+``--count`` (no GPU needed, a few minutes on 2 cores): per optimizer, precision and path (torch;
+kernels, the Triton path as a GPU launches it) one line with the launches, host reads and bytes a
+steady step of the GPT-2-small set moves, split into the products' own operands and results and
+everything else (element-wise, reduction, copy and cast operations, and what the kernels' prologues
+and epilogues move besides their products): klkern.tools._dispatch.DispatchCounter(dry=True),
+which counts at full size without computing the products. Writes ``count_<device>.json``/``.md``.
 
 For each matmul precision (SPEC "Precision": "highest" true fp32, "high"
 TF32, "medium" bf16 operands) and each optimizer, the torch path and the
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import re
 import statistics
@@ -215,6 +224,93 @@ def count_dispatches(opt, params, grads) -> dict:
     return {"ops": counter.total, "host_reads": counter.host_reads}
 
 
+_DRY: dict = {}
+
+
+def dry_state(name, params, grads):
+    """(parameters, state dict) of ``name`` after its initialisation, made without computing its
+    products or eigendecompositions (DispatchCounter(dry=True)): the state's shapes and dtypes are
+    a real run's, its values are not (a count needs only the former)."""
+    if name not in _DRY:
+        work = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = getattr(klkern, name)(work, backend="torch")
+        with DispatchCounter(dry=True):
+            for p, g in zip(work, grads):
+                p.grad = g
+            opt.step()
+        _DRY[name] = ([p.detach().clone() for p in work], copy.deepcopy(opt.state_dict()))
+        del opt, work
+    return _DRY[name]
+
+
+def count_step(name, backend, mode, params, grads, **kw) -> dict:
+    """Launches, host reads and bytes of one steady step at full size, counted without a GPU (the
+    products not computed, the kernels recorded as a GPU launches them: DispatchCounter(dry=True))."""
+    start, state = dry_state(name, params, grads)
+    work = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = getattr(klkern, name)(work, backend=backend, matmul_precision=mode, **kw)
+    settings = [dict(g) for g in opt.param_groups]
+    opt.load_state_dict(copy.deepcopy(state))
+    for group, own in zip(opt.param_groups, settings):
+        group.update({k: v for k, v in own.items() if k != "params"})
+    for _ in range(3):  # the first update, a step with the plan as it stays (kernels proven), the counted one
+        for p, g in zip(work, grads):
+            p.grad = g
+        with DispatchCounter(dry=True) as counter:
+            opt.step()
+    top = [(k, round(v / 1e9, 3)) for k, v in counter.op_bytes.most_common(8)]
+    return {"optimizer": name, "precision": mode, "path": "torch" if backend == "torch" else "kernels",
+            "launches": counter.launches, "aten_ops": counter.total, "kernels": sum(counter.kernels.values()),
+            "host_reads": counter.host_reads, "gb_other": counter.bytes["other"] / 1e9,
+            "gb_product": counter.bytes["product"] / 1e9, "gb_total": counter.gigabytes, "top": top}
+
+
+def count_main(args) -> None:
+    """``--count``: one line per optimizer, precision and path; count_<device>.json/.md."""
+    if args.device == "cpu":
+        # the kernel path on CPU tensors, recorded as a GPU launches it (nothing executes, so an
+        # interpreter that cannot run kernels here does not matter)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        from klkern.runtime import _backend
+
+        _backend.interpreter_problem = lambda: None
+    device = torch.device(args.device)
+    shapes, params, grads = workload(args.model, device, "step_bench.py")
+    meta = meta_info(args, sum(p.numel() for p in params), device)
+    meta["device"] = f"{args.device} (counted, dry: a GPU's launches and bytes)"
+    rows = []
+    print(f"{'optimizer':10s} {'precision':8s} {'path':8s} {'launches':>8s} {'reads':>5s} {'GB other':>8s} "
+          f"{'GB products':>11s} {'GB total':>8s}")
+    for name in args.optimizers.split(","):
+        for mode in args.precisions.split(","):
+            for backend in ("torch", "triton"):
+                row = count_step(name, backend, mode, params, grads)
+                rows.append(row)
+                print(f"{name:10s} {mode:8s} {row['path']:8s} {row['launches']:8d} {row['host_reads']:5d} "
+                      f"{row['gb_other']:8.2f} {row['gb_product']:11.2f} {row['gb_total']:8.2f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "count_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# What a steady step moves, counted without a GPU (GPT-2-small parameter set, "
+             f"{meta['params'] / 1e6:.1f}M)", "",
+             f"- torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}, {meta['date']}; "
+             "`python bench/step_bench.py --count`",
+             "- launches: aten operations that compute plus kernel launches; other: element-wise, reduction, "
+             "copy and cast bytes and what kernels move besides their products' operands and results; "
+             "products: the products' operands and results (each once); GB/s-bound time at 4.8 TB/s",
+             "- torch path as dispatched on the CPU (its \"medium\" products round operands in two casts "
+             "where CUDA casts once)", "",
+             "| optimizer | precision | path | launches | host reads | GB other | GB products | GB total | "
+             "total at 4.8 TB/s ms | largest |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        top = ", ".join(f"{k} {v}" for k, v in r["top"][:4])
+        lines.append(f"| {r['optimizer']} | {r['precision']} | {r['path']} | {r['launches']} | {r['host_reads']} | "
+                     f"{r['gb_other']:.2f} | {r['gb_product']:.2f} | {r['gb_total']:.2f} | "
+                     f"{r['gb_total'] / 4.8:.2f} | {top} |")
+    (out / "count_cpu.md").write_text("\n".join(lines) + "\n")
+
+
 def measure(name, backend, mode, params, grads, steps, graph=False, count=False, **kw):
     start, state = initialised(name, mode, params, grads, **kw)
     work = [torch.nn.Parameter(p.clone()) for p in start]
@@ -354,10 +450,17 @@ def main(argv=None):
     ap.add_argument("--no-graph", action="store_true", help="skip the cuda_graph=True column")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="seconds: start no measurement that would likely end past this (0: no limit)")
+    ap.add_argument("--count", action="store_true",
+                    help="count a steady step's launches, host reads and bytes without a GPU (--device cpu)")
     ap.add_argument("--qr-method", choices=linalg.QR_METHODS, default="auto",
                     help="the refreshes' QR (klkern.linalg.preferred_qr_method); the result files get "
                          "its name when it is not auto")
     args = ap.parse_args(argv)
+    if args.count:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            args.device = "cpu"
+        count_main(args)
+        return
     linalg.preferred_qr_method(args.qr_method)
     device = torch.device(args.device)
     shapes, params, grads = workload(args.model, device, "step_bench.py")

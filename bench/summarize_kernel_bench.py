@@ -17,10 +17,13 @@ def main(path: str) -> str:
     for b in data["benchmarks"]:
         m = re.match(r"test_(\w+)\[(.+)\]", b["name"])
         op, params = m.group(1), m.group(2).split("-")
-        impl = next((p for p in params if p in ("eager", "triton")), "floor")
+        impl = next((p for p in params if p in ("eager", "cublas", "triton", "triton_ieee")), "floor")
         mode = next(p for p in params if p in ("highest", "high", "medium"))
-        shape = next(p for p in params if "x" in p)
-        med[(mode, op, shape, impl)] = b["stats"]["median"] * 1e3
+        shape = next(p for p in params if "x" in p and p[0].isdigit())
+        kind = next((p for p in params if p in ("kl", "adam")), None)
+        if kind:
+            op = f"{op} ({kind})"
+        med[(mode, op, shape, "eager" if impl == "cublas" else impl)] = b["stats"]["median"] * 1e3
     machine = data.get("machine_info", {})
     # bench/conftest.py records the GPU, versions and klkern's commit (pytest-benchmark's own
     # commit_info reads the .git of wherever it ran, which a copied tree may not have right).
@@ -30,15 +33,19 @@ def main(path: str) -> str:
              "",
              f"- source: {os.path.basename(path)}; datetime {data.get('datetime', '')}; commit {commit}; "
              f"torch {klkern_info.get('torch', '?')}, triton {klkern_info.get('triton', '?')}",
-             "- median of 10 synchronised calls, one call = one stack of B same-shape blocks; eager and "
-             "Triton at the same matmul precision", "",
-             "| precision | operation | B x m x n | eager ms | triton ms | speedup |", "|---|---|---|---|---|---|"]
+             "- median of 10 synchronised calls, one call = one stack of B same-shape blocks; the torch "
+             "reference (eager; cuBLAS for the plain product) and the kernel at the same matmul precision; "
+             "at \"highest\" the kernel by 3xTF32 (triton) and by fp32 FMA (triton ieee)", "",
+             "| precision | operation | B x m x n | eager ms | triton ms | speedup | triton ieee ms | speedup |",
+             "|---|---|---|---|---|---|---|---|"]
     for (mode, op, shape, impl), t in sorted(med.items()):
         if impl != "eager":
             continue
         tri = med.get((mode, op, shape, "triton"))
+        ieee = med.get((mode, op, shape, "triton_ieee"))
         if tri:
-            lines.append(f"| {mode} | {op} | {shape} | {t:.3f} | {tri:.3f} | {t / tri:.2f} |")
+            last = f" {ieee:.3f} | {t / ieee:.2f} |" if ieee else " | |"
+            lines.append(f"| {mode} | {op} | {shape} | {t:.3f} | {tri:.3f} | {t / tri:.2f} |{last}")
     for (mode, op, shape, impl), t in sorted(med.items()):
         if impl == "floor":
             lines.append(f"| {mode} | GEMM floor (6 products) | {shape} | {t:.3f} | | |")

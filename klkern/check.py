@@ -132,15 +132,19 @@ def _kernel_errors(device: torch.device, mode: str) -> dict:
     M = torch.randn(B, m, n, generator=gen)
     dev = [t.to(device) for t in (G, Qa, Qb, lam_a, lam_b)]
     mom = M.clone().to(device)
-    Gr, (pa, pb) = K.rotate_project(*dev[:3], lam=(dev[3], dev[4]), momentum=mom, beta1=0.9, precision=mode)
-    errs = {"rotate_project": 0.0, "factor_ema_": 0.0, "precondition": 0.0}
+    X = torch.empty(B, m, n, device=device)
+    keep = torch.ones(B, dtype=torch.bool, device=device)
+    Gr, (pa, pb) = K.rotate(*dev[:3], keep, projection=(1 / (m * dev[3]), 1 / (n * dev[4])),
+                            momentum=(mom, torch.full((B,), 0.9, device=device)), betas=(0.1, 0.0), eps=1e-8,
+                            sqrt_lam=(dev[3].sqrt(), dev[4].sqrt()), direction=X, precision=mode)
+    errs = {"rotate": 0.0, "factor_ema_": 0.0, "precondition": 0.0}
     for b in range(B):
         Qs, Gb = [Qa[b], Qb[b]], G[b]
         Gr_ref = R.rotate(Gb, Qs)
         new_a, new_b = R.eigenvalue_update([lam_a[b], lam_b[b]], Gb, Qs, 0.0)
-        errs["rotate_project"] = max(errs["rotate_project"], _rel(Gr[b], Gr_ref),
-                                     _rel(mom[b], R.momentum_update(M[b], Gr_ref, 0.9)),
-                                     _rel(pa[b], new_a), _rel(pb[b], new_b))
+        M_ref = R.momentum_update(M[b], Gr_ref, 0.9)
+        errs["rotate"] = max(errs["rotate"], _rel(Gr[b], Gr_ref), _rel(mom[b], M_ref), _rel(pa[b], new_a),
+                             _rel(pb[b], new_b), _rel(X[b], M_ref * R.kl_scaling([lam_a[b], lam_b[b]], 2, 1e-8)))
     S = [torch.eye(m).expand(B, m, m) * 0.5, torch.eye(n).expand(B, n, n) * 0.5]
     Rk = (Qa.mT @ S[0] @ Qa).to(device).contiguous()
     Gr_exact = torch.stack([R.rotate(G[b], [Qa[b], Qb[b]]) for b in range(B)]).to(device)
@@ -148,11 +152,10 @@ def _kernel_errors(device: torch.device, mode: str) -> dict:
     for b in range(B):
         new = R.kl_factor_update([S[0][b], S[1][b]], G[b], [Qa[b], Qb[b]], [lam_a[b], lam_b[b]], 0.95)
         errs["factor_ema_"] = max(errs["factor_ema_"], _rel(Rk[b], Qa[b].mT @ new[0] @ Qa[b]))
-    Mr = (Qa.mT @ M @ Qb).to(device)
-    U = K.precondition(Mr, *dev[1:3], eps=1e-8, lam=(dev[3], dev[4]), precision=mode)
+    D = torch.stack([R.kl_scaling([lam_a[b], lam_b[b]], 2, 1e-8) for b in range(B)])
+    U = K.precondition(((Qa.mT @ M @ Qb) * D).to(device), *dev[1:3], precision=mode)
     for b in range(B):
-        D = R.kl_scaling([lam_a[b], lam_b[b]], 2, 1e-8)
-        errs["precondition"] = max(errs["precondition"], _rel(U[b], R.rotated_precondition(M[b], [Qa[b], Qb[b]], D)))
+        errs["precondition"] = max(errs["precondition"], _rel(U[b], R.rotated_precondition(M[b], [Qa[b], Qb[b]], D[b])))
     return errs
 
 

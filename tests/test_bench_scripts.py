@@ -94,14 +94,16 @@ def test_kernel_bench_summary(tmp_path):
 
     benchmarks = []
     for mode in ("highest", "medium"):
-        for op in ("rotate_project", "precondition"):
-            for impl, ms in (("eager", 2.0), ("triton", 1.0)):
-                benchmarks.append({"name": f"test_{op}[12x768x768-{impl}-{mode}]", "stats": {"median": ms / 1e3}})
+        for op in ("rotate", "precondition"):
+            for impl, ms in (("eager", 2.0), ("triton", 1.0), ("triton_ieee", 4.0)):
+                kind = "-kl" if op == "rotate" else ""
+                benchmarks.append({"name": f"test_{op}[12x768x768-{impl}-{mode}{kind}]", "stats": {"median": ms / 1e3}})
         benchmarks.append({"name": f"test_gemm_floor[12x768x768-{mode}]", "stats": {"median": 0.5e-3}})
     path = tmp_path / "k.json"
     path.write_text(json.dumps({"benchmarks": benchmarks, "machine_info": {}, "datetime": "now"}))
     table = summarize_kernel_bench.main(str(path))
-    assert "| medium | precondition | 12x768x768 | 2.000 | 1.000 | 2.00 |" in table
+    assert "| medium | precondition | 12x768x768 | 2.000 | 1.000 | 2.00 | 4.000 | 0.50 |" in table
+    assert "| highest | rotate (kl) | 12x768x768 | 2.000 | 1.000 | 2.00 |" in table
     assert "| highest | GEMM floor (6 products) | 12x768x768 | 0.500 |" in table
 
 

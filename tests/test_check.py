@@ -38,7 +38,7 @@ def test_cli_on_the_cpu_passes_with_its_table(tmp_path):
 def test_cli_under_the_interpreter_checks_the_kernels():
     done = _run({"TRITON_INTERPRET": "1"}, "--quick")
     assert done.returncode == 0, done.stdout + done.stderr
-    for needle in ("rotate_project (highest)", "factor_ema_ (medium)", "precondition (high)",
+    for needle in ("rotate (highest)", "factor_ema_ (medium)", "precondition (high)",
                    "triton path: KLShampoo"):
         assert needle in done.stdout, needle
 

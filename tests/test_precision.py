@@ -258,5 +258,5 @@ def test_kernel_rounding_matches_torch_rounding(tf32_emulation):
     gen = torch.Generator().manual_seed(3)
     A, B = torch.randn(2, 20, 40, generator=gen), torch.randn(2, 40, 24, generator=gen)
     for mode in ("high", "medium"):
-        out = K.batched_gemm(A, B, out=torch.empty(2, 20, 24), precision=mode)
+        out = K.batched_product(A, B, out=torch.empty(2, 20, 24), precision=mode)
         assert rel_err(out, _precision.bmm(A, B, mode)) < PRODUCT_RTOL, mode

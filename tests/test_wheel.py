@@ -34,7 +34,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("klkern/__init__.py", "klkern/check.py", "klkern/triton_kernels/gemm.py",
+    for needed in ("klkern/__init__.py", "klkern/check.py", "klkern/triton_kernels/product.py",
                    "klkern/triton_kernels/compile_check.py", "klkern/csrc/batched_qr_kernels.cu",
                    "klkern/csrc/batched_qr_kernels.h", "klkern/csrc/batched_qr.cpp"):
         assert needed in names, needed

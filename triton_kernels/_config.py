@@ -132,12 +132,13 @@ ELEMENTWISE_TILES = {"ieee": [(0, _tiles(BLOCK_M=32, BLOCK_N=128, num_warps=4, n
 # adamw.py: BLOCK_E entries of one member per program.
 ADAMW_TILES = {"ieee": [(0, _tiles(BLOCK_E=4096, num_warps=8, num_stages=1))]}
 UNALIGNED_TILES: dict[str, dict] = {
+    # tf32x3 at BLOCK_K 32 spills 16 B on sm_80 unaligned (its split operands); 16 does not
     "gemm": {"ieee": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
-             "tf32x3": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+             "tf32x3": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
              "tf32": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
              "bf16": _tiles(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)},
     "syrk": {"ieee": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2),
-             "tf32x3": _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=2),
+             "tf32x3": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2),
              "tf32": _tiles(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=2),
              "bf16": _tiles(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2)},
 }
@@ -145,6 +146,78 @@ UNALIGNED_TILES: dict[str, dict] = {
 TILE_TABLES = {"product": GEMM_TILES, "rotate": GEMM_TILES, "precondition": GEMM_TILES, "factor_ema": SYRK_TILES,
                "elementwise": ELEMENTWISE_TILES, "adamw": ADAMW_TILES}
 _UNALIGNED_OF = {"product": "gemm", "rotate": "gemm", "precondition": "gemm", "factor_ema": "syrk"}
+
+# Candidates a GPU run tunes among (bench/tune_tiles.py), per tile kind and DOT: the usual Hopper
+# tiles (64-128 x 64-128 x 16-64, 3-4 stages, 4-8 warps), each compiled for sm_80 and sm_90 by
+# the slow compile test (compile_check record --candidates) with the heaviest epilogue of every
+# kernel that uses it; the tuned table picks among them per kernel and size class, and the
+# defaults above are among them. 128 x 128 output tiles spill (both archs) under the fused
+# epilogues of rotate (KL-SOAP: Gr, m, v, X and the projections) and precondition (the parameter
+# write), so only the plain product tries them; a 128-wide factor EMA at BLOCK_K 16 spills 8 B
+# on sm_80 with 3xTF32.
+_GEMM_CANDIDATES = {
+    "ieee": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=3)],
+    "tf32x3": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)],
+    "tf32": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)],
+    "bf16": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)],
+}
+# the plain product (no epilogue) also tries 128 x 128 tiles
+_PRODUCT_CANDIDATES = {dot: cands + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16 if dot in ("ieee", "tf32x3") else 32,
+                                          num_warps=8, num_stages=3)]
+                       for dot, cands in _GEMM_CANDIDATES.items()}
+_SYRK_CANDIDATES = {
+    "ieee": [dict(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2),
+             dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=3)],
+    "tf32x3": [dict(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=3),
+               dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=4)],
+    "tf32": [dict(BLOCK=64, BLOCK_K=32, num_warps=8, num_stages=3),
+             dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3),
+             dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=4)],
+    "bf16": [dict(BLOCK=64, BLOCK_K=64, num_warps=8, num_stages=3),
+             dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3),
+             dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4)],
+}
+CANDIDATES = {kernel: {dot: [_tiles(**c) for c in cands] for dot, cands in table.items()}
+              for kernel, table in (("product", _PRODUCT_CANDIDATES), ("rotate", _GEMM_CANDIDATES),
+                                    ("precondition", _GEMM_CANDIDATES), ("factor_ema", _SYRK_CANDIDATES))}
+
+# Tile tables a GPU run measured (klkern/runtime's decided defaults, written by
+# `python bench/gpu_suite.py decide` from bench/results/gpu_*/tiles_*.json): per compute capability,
+# {kernel: {dot: [(least size, config), ...]}}; a kernel and DOT it lacks keep the table above.
+TUNED: dict = {}
+
+
+_CAPABILITIES: dict = {}
+
+
+def capability(device: torch.device) -> str | None:
+    """"major.minor" of a CUDA device (what the decided tables are keyed by); None elsewhere and
+    while recording for compile_check (which compiles every table)."""
+    if device.type != "cuda" or not gpu_faithful() or INTERPRET:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        major, minor = torch.cuda.get_device_capability(index)
+        _CAPABILITIES[index] = f"{major}.{minor}"
+    return _CAPABILITIES[index]
+
+
+def tuned_table(kernel: str, dot: str, capability: str | None) -> list | None:
+    """The measured table of ``kernel`` at ``dot`` on a device of ``capability`` ("9.0"), if any."""
+    if capability is None:
+        return None
+    entries = TUNED.get(capability, {}).get(kernel, {}).get(dot)
+    return [(int(least), _tiles(**{k: v for k, v in cfg.items() if k != "maxnreg"})) for least, cfg in entries] \
+        if entries else None
+
 
 # The interpreter costs ~1.5 ms per program: few, large programs.
 _INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK=32, BLOCK_E=1024, num_warps=4, num_stages=1)
@@ -156,22 +229,32 @@ def aligned(*sizes: int) -> bool:
     return all(s == 1 or s % 16 == 0 for s in sizes)
 
 
-def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True) -> dict:
-    """The GPU tile config of ``table`` ("gemm" or "syrk") for precision ``dot`` at ``size``."""
+def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True, capability: str | None = None) -> dict:
+    """The GPU tile config of kernel ``table`` for precision ``dot`` at ``size`` (the measured
+    table of a device of ``capability`` where one was decided, else the default table)."""
     if not is_aligned and table in _UNALIGNED_OF:
         return dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])
     chosen = None
-    for least, cfg in TILE_TABLES[table][dot]:
+    for least, cfg in tuned_table(table, dot, capability) or TILE_TABLES[table][dot]:
         if size >= least:
             chosen = cfg
     return dict(chosen)
 
 
-def table_entries(table: str, dot: str, is_aligned: bool) -> list:
-    """Every config a launch of this kind could get (what compile_check compiles)."""
+def table_entries(table: str, dot: str, is_aligned: bool, candidates: bool = False) -> list:
+    """Every config a launch of this kind could get (what compile_check compiles): the default
+    table's, every decided table's, and with ``candidates`` every tuning candidate."""
     if not is_aligned and table in _UNALIGNED_OF:
         return [dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])]
-    return [dict(cfg) for _, cfg in TILE_TABLES[table][dot]]
+    out = [dict(cfg) for _, cfg in TILE_TABLES[table][dot]]
+    for capability in TUNED:
+        out += [dict(cfg) for _, cfg in tuned_table(table, dot, capability) or ()]
+    if candidates:
+        out += [dict(cfg) for cfg in CANDIDATES.get(table, {}).get(dot, ())]
+    unique: dict = {}
+    for cfg in out:
+        unique.setdefault(tuple(sorted(cfg.items())), cfg)
+    return list(unique.values())
 
 
 def run_tiles(cfg: dict) -> dict:

@@ -22,8 +22,8 @@ loads from ``ptxas -v`` of the PTX (run as triton runs it, so the numbers
 describe the cubin that runs), and the tensor-core instructions in the PTX
 (``mma``, ``wgmma``). A variant passes when it compiles, its shared memory
 fits the architecture, it neither spills nor uses a stack frame, and its
-``DOT`` mode shows in the PTX (tensor-core instructions for "tf32" and
-"bf16", none for "ieee").
+``DOT`` mode shows in the PTX (tensor-core instructions for "tf32",
+"tf32x3" and "bf16", none for "ieee").
 ``--subset representative`` keeps, per (kernel, precision, tile entry,
 alignment), the variant with the most fused work (the heaviest register
 pressure); CI runs that subset, ``-m slow`` the whole set.
@@ -49,7 +49,7 @@ from klkern.runtime._errors import describe, summary
 # Per-block shared memory limits (opt-in maximum): A100 163 KB, H100 227 KB
 # (of 164 / 228 KB per SM).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-TENSOR_CORE_MODES = ("tf32", "bf16")
+TENSOR_CORE_MODES = ("tf32", "tf32x3", "bf16")
 
 
 # ------------------------------------------------------------------ record
@@ -80,8 +80,9 @@ def _record_scenarios():
     return scenarios
 
 
-def record() -> list:
-    """Run the scenarios under the interpreter and return the deduplicated, tile-expanded variants."""
+def record(candidates: bool = False) -> list:
+    """Run the scenarios under the interpreter and return the deduplicated, tile-expanded variants
+    (``candidates``: also every tile the GPU tuning chooses among, marked ``"candidate": True``)."""
     from klkern.runtime import _backend
 
     if not _backend.interpreting():
@@ -95,7 +96,7 @@ def record() -> list:
         launches = _record_launches()
     finally:
         _backend.interpreter_problem = problem
-    return expand(launches)
+    return expand(launches, candidates)
 
 
 def _record_launches() -> list:
@@ -123,15 +124,19 @@ def _key(v: dict) -> str:
     return json.dumps(v, sort_keys=True)
 
 
-def expand(launches: list) -> list:
-    """Deduplicate launches and substitute every tile-table entry of each one's precision."""
+def expand(launches: list, candidates: bool = False) -> list:
+    """Deduplicate launches and substitute every tile-table entry of each one's precision (and with
+    ``candidates`` every tuning candidate, marked)."""
     from ._config import table_entries
 
     out = {}
     for launch in launches:
         dot = launch["constexprs"].get("DOT", "ieee")
-        for cfg in table_entries(launch["table"], dot, launch["aligned"]):
+        tables = table_entries(launch["table"], dot, launch["aligned"])
+        for cfg in table_entries(launch["table"], dot, launch["aligned"], candidates):
             variant = dict(launch, tiles=cfg)
+            if cfg not in tables:
+                variant["candidate"] = True
             out.setdefault(_key(variant), variant)
     return list(out.values())
 
@@ -142,7 +147,7 @@ def expand(launches: list) -> list:
 def _weight(variant: dict) -> int:
     """How much fused work a variant carries (flags on, prologue, weights): a proxy for registers."""
     c = variant["constexprs"]
-    return sum(1 for k, v in c.items() if isinstance(v, bool) and v and k != "EMULATE") + int(bool(c.get("PRO")))
+    return sum(1 for k, v in c.items() if isinstance(v, bool) and v and k != "EMULATE") + int(c.get("MOMENTS", 0))
 
 
 def representative(variants: list) -> list:
@@ -298,11 +303,11 @@ def compile_all(variants: list, archs: list, jobs: int | None = None) -> list:
 def _label(row: dict) -> str:
     c = row["constexprs"]
     flags = [k for k, v in c.items() if isinstance(v, bool) and v and k != "EMULATE"]
-    extra = [f"{k}={v}" for k, v in c.items() if k in ("PRO",) and v]
-    if isinstance(c.get("W_DTYPE"), dict) and c.get("EPI_PARAM"):
+    extra = [f"{k}={v}" for k, v in c.items() if k in ("MOMENTS",) and v]
+    if isinstance(c.get("W_DTYPE"), dict) and (c.get("WRITE") or "DECAYS" in c):
         extra.append(f"W={c['W_DTYPE']['tl_dtype']}")
     t = row["tiles"]
-    tiles = "x".join(str(t[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_K") if k in t)
+    tiles = "x".join(str(t[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_K", "BLOCK_E") if k in t)
     return f"{row['kernel']} {c.get('DOT')} {tiles} w{t['num_warps']}s{t['num_stages']} " + " ".join(flags + extra)
 
 
@@ -323,6 +328,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     rec = sub.add_parser("record", help="record the variants (needs TRITON_INTERPRET=1)")
     rec.add_argument("out")
+    rec.add_argument("--candidates", action="store_true", help="also every tile the GPU tuning chooses among")
     comp = sub.add_parser("compile", help="compile recorded variants (TRITON_INTERPRET unset)")
     comp.add_argument("variants")
     comp.add_argument("--arch", default="80,90")
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
     comp.add_argument("--jobs", type=int)
     args = ap.parse_args(argv)
     if args.cmd == "record":
-        variants = record()
+        variants = record(args.candidates)
         Path(args.out).write_text(json.dumps(variants, indent=1) + "\n")
         print(f"recorded {len(variants)} variants -> {args.out}")
         return 0
