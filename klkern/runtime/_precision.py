@@ -7,9 +7,10 @@ use their factors only for an eigenbasis (KL-Shampoo, KL-SOAP, SOAP) follow
 one of torch's three settings, on both paths:
 
 * ``"highest"``: float32-accurate products (torch's default);
-* ``"high"``: TF32 operands (10-bit mantissa) where the hardware has them
-  (CUDA); torch's CPU matmul has no TF32 units to use here and klkern's "high"
-  there is float32-accurate;
+* ``"high"``: TF32 operands (10-bit mantissa) where the hardware has them:
+  CUDA; on the CPU what torch's oneDNN does under "tf32" (TF32 only on CPUs
+  with such units; a true fp32 product elsewhere, as on the x86 CPUs klkern
+  is tested on), never bf16;
 * ``"medium"``: bfloat16 operands, on every device (the torch path casts
   them; on the CPU, where torch has no bf16 x bf16 -> fp32 product, it rounds
   them to bf16 and multiplies in fp32, which is the same arithmetic).
@@ -24,28 +25,33 @@ from torch's global setting (``torch.set_float32_matmul_precision`` or the
 per-backend ``torch.backends.cuda.matmul.fp32_precision``), read at every step.
 
 How each precision is obtained: torch's settings are process-wide (another
-thread of the process would see any change, and compute at it), so klkern
-only reads them (:func:`arithmetic`: what torch's own float32 product does
-now on a device) and chooses its operands and products to get the wanted
-arithmetic whatever they say:
+thread of the process would see any change and compute at it, and another
+optimizer's step would read it as the user's), so klkern only reads them
+(:func:`arithmetic`: what torch's own float32 product does now on a device)
+and chooses operands and products that give the wanted arithmetic under them:
 
-* float32-accurate where torch's product is not (``"high"`` or ``"medium"``
-  in force): on CUDA three TF32 products of operands split into a TF32-exact
-  high part and the remainder, ``hi hi + (hi lo + lo hi)`` (3xTF32, as CUTLASS
-  and Triton's ``tf32x3``); on the CPU, whose oneDNN may round to bf16 where
-  the CPU has bf16 units, one float64 product rounded to float32;
+* float32-accurate where torch's product is not (a "high" or "medium"
+  setting in force): on CUDA three TF32 products of operands split into a
+  TF32-exact high part and the remainder, ``hi hi + (hi lo + lo hi)``
+  (3xTF32, as CUTLASS and Triton's ``tf32x3`` do; its error against float64
+  measured 1.01-1.09x a true fp32 product's, tests/test_thread_precision.py);
+  on the CPU, whose oneDNN may round to bf16 or TF32 where the CPU has such
+  units (an AMD EPYC with AVX512-BF16 changed products of 256 terms or more
+  under "bf16"), one float64 product rounded to float32;
 * TF32 where torch's product is true fp32 (``matmul_precision="high"`` under
-  "highest" on CUDA): operands rounded to TF32 explicitly, then that product
-  (TF32's arithmetic on the fp32 units: its accuracy, not its speed; set
-  torch's setting to "high" for TF32 tensor cores);
-* bf16: operands rounded to bf16, exact in every torch arithmetic.
+  a "highest" setting, CUDA): operands rounded to TF32 explicitly, then that
+  product: TF32's arithmetic on the fp32 units (its accuracy, not the speed
+  of TF32 tensor cores, which need torch's setting at "high" or the Triton
+  path);
+* bf16: operands rounded to bf16, which every torch arithmetic multiplies
+  exactly.
 
 Outside a step the settings are read at each product; a step reads them once,
-at its start (:func:`optimizer_math`, per thread). Without a GPU, TF32 cannot
-be observed: ``emulate_tf32_off_gpu(True)`` makes the CPU behave as CUDA does
-(a product under a "high" or "medium" setting rounds its operands to TF32;
-``"high"`` products round theirs), in the torch path and in the Triton
-interpreter, so tests can measure what TF32 does on the CPU.
+at its start, for its own thread (:func:`optimizer_math`). Without a GPU, TF32
+cannot be observed: ``emulate_tf32_off_gpu(True)`` makes the CPU behave as
+CUDA does (a product under a "high" or "medium" setting rounds its operands
+to TF32; ``"high"`` products are TF32 whatever the setting), in the torch path
+and in the Triton interpreter, so tests can measure what TF32 does on the CPU.
 """
 
 from __future__ import annotations
@@ -250,7 +256,7 @@ def bmm(A: torch.Tensor, B: torch.Tensor, mode: str) -> torch.Tensor:
 def baddbmm_(R: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float, alpha: float,
              mode: str) -> torch.Tensor:
     """In place ``R <- beta R + alpha A @ B`` (R float32) with the product at ``mode``."""
-    pair = None if mode == "medium" and A.is_cuda and _native_bf16_bmm("cuda") else _operands(A, B, mode)
+    pair = None if mode == "medium" else _operands(A, B, mode)  # "medium": bmm's bf16 product, added
     if pair is not None:
         return R.baddbmm_(*pair, beta=beta, alpha=alpha)
     return R.mul_(beta).add_(bmm(A, B, mode), alpha=alpha)
