@@ -129,17 +129,17 @@ def record_writes(monkeypatch):
     return writes
 
 
-def _params(seed=0):
+def _params(seed=0, device="cpu"):
     """A 2-D weight (both modes preconditioned), a conv kernel (4-D, merged modes), a 1-D bias
     (AdamW path) and a weight with a mode above max_precond_dim (SOAP: identity mode)."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(8, 6), (4, 3, 2, 2), (8,), (3, 40)]
-    return [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(device)) for s in shapes]
 
 
 def _grads(params, t):
     g = torch.Generator().manual_seed(1000 + t)
-    return [torch.randn(p.shape, generator=g) for p in params]
+    return [torch.randn(p.shape, generator=g).to(p.device) for p in params]
 
 
 VARIANTS = {  # options that take other code paths (tracking, refresh kinds, state dtype, blocking)
@@ -151,12 +151,12 @@ VARIANTS = {  # options that take other code paths (tracking, refresh kinds, sta
 }
 
 
-def _exercise(name, mode, backend="torch", steps=5, variants=None, frequency=2):
+def _exercise(name, mode, backend="torch", steps=5, variants=None, frequency=2, device="cpu"):
     """init_state, steps (the first initialises; a refresh every ``frequency`` steps; with
     ``frequency=1`` and 34 steps, the periodic QR of Q R itself at the 32nd refresh), diagnostics:
     what a run of ``name`` does."""
     for options in variants if variants is not None else VARIANTS[name]:
-        params = _params()
+        params = _params(device=device)
         opt = getattr(klkern, name)(params, lr=1e-2, backend=backend, matmul_precision=mode,
                                     precondition_frequency=frequency, max_precond_dim=32, **options)
         if options == {}:
@@ -194,7 +194,7 @@ def test_no_triton_step_writes_a_torch_setting(record_writes, restore_settings):
     record_writes.clear()
     for name in OPTIMIZERS:
         for mode in ("highest", "high", None):
-            _exercise(name, mode, backend="triton", steps=3, variants=[{}])
+            _exercise(name, mode, backend="triton", steps=3, variants=[{}], device=kernel_device())
     assert record_writes == [], record_writes[:5]
 
 
@@ -467,9 +467,9 @@ def test_cuda_products_and_solvers_under_tf32(restore_settings):
     cuBLAS's own product uses TF32 at this size; torch's solvers klkern calls in float32 (QR,
     eigh, Cholesky, triangular solve) give what they give under "highest" (they ignore TF32:
     MAGMA turns it off, cuSOLVER keeps its own handle)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    A = torch.randn(8, 512, 512, device="cuda", generator=gen)
-    X = torch.randn(8, 512, 512, device="cuda", generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 512, 512, generator=gen).to("cuda")
+    X = torch.randn(8, 512, 512, generator=gen).to("cuda")
     S = A @ A.mT / 512 + torch.eye(512, device="cuda")
     exact = A.double() @ X.double()
     fp32 = _fro_err(torch.bmm(A, X), exact)
