@@ -42,7 +42,9 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   ``torch.get_float32_matmul_precision()`` at every step; "highest" (true
   fp32), "high" (TF32 where the hardware has it) or "medium" (bf16 operands)
   override it. Accumulation, eigenvalue estimates, QR and eigendecompositions
-  stay fp32 (see klkern/runtime/_precision.py).
+  stay fp32. torch's settings are only read, never written (they are
+  process-wide): each precision comes from the products' operands
+  (see klkern/runtime/_precision.py).
 * ``mask_unseen`` (True): a direction of a preconditioned mode whose gradient
   has been exactly zero at every step (an input feature never used, a masked
   output, an embedding row never looked up: a row or column of the block that

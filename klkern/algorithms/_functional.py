@@ -111,7 +111,7 @@ def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
         S = _gram_(G.new_zeros(B, d, d), G, k, 0.0, scale_of_mode(k))
         evals, Q, _ = _eigh_stack(S, None)
         _store(bufs, f"Q{k}", Q)
-        _store(bufs, f"R{k}", Q.mT @ S @ Q)
+        _store(bufs, f"R{k}", _precision.exact_matmul(_precision.exact_matmul(Q.mT, S), Q))
         evals_of[k] = evals
     return bufs, evals_of
 
@@ -325,8 +325,9 @@ def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
             R_new = _precision.bmm(_precision.bmm(Q_new.mT, S, "highest"), Q_new, "highest")
         else:
             identity = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
+            mm = _precision.exact_matmul
             evals, V, ok = _eigh_stack(R, identity)
-            Q_new, R_new = Qs[k] @ V, V.mT @ R @ V
+            Q_new, R_new = mm(Qs[k], V), mm(mm(V.mT, R), V)
         lam = bufs[f"lam{k}"]
         new_lam = _floor(evals, eigval_clamp, floor_scales(bufs))
         if ok is not None:  # keep the previous eigenvalues where the solve failed
@@ -412,7 +413,7 @@ def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None, keep: torch.Te
         previous = _load(bufs, f"root{k}")
         evals, Q, ok = _eigh_stack(_load(bufs, f"L{k}"), None)
         shifted = evals.clamp(min=0) + hp.eps
-        root = (Q * shifted.pow(-hp.exponent).unsqueeze(-2)) @ Q.mT
+        root = _precision.exact_matmul(Q * shifted.pow(-hp.exponent).unsqueeze(-2), Q.mT)
         if ok is not None:  # keep the previous root where the solve failed
             root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)
         if keep is not None:

@@ -173,9 +173,9 @@ def kl_project(st, hp, carry=None):
     Gr = rotate(st, st.G, hp.rotation_mode)
     if _two_d(st):
         squares = Gr * Gr
-        with _precision.torch_precision("highest"):  # eigenvalue estimates: true fp32
-            torch.bmm(squares, st.cache["proj_weight_mat1"], out=st.cache["proj_mat0"])
-            torch.bmm(st.cache["proj_weight_mat0"], squares, out=st.cache["proj_mat1"])
+        # eigenvalue estimates: float32-accurate whatever the settings
+        _precision.exact_matmul(squares, st.cache["proj_weight_mat1"], out=st.cache["proj_mat0"])
+        _precision.exact_matmul(st.cache["proj_weight_mat0"], squares, out=st.cache["proj_mat1"])
     else:
         nd = len(st.shape)
         for k, on in enumerate(st.mask):

@@ -206,8 +206,9 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
                 "captures the steady step itself and runs refresh steps eagerly)")
         split = self._replicated_split()
         engine = self._engine
-        # Every product runs in true fp32 unless it follows the group's matmul_precision
-        # (klkern.runtime._precision), whatever torch's global setting is.
+        # Every product is fp32-accurate unless it follows the group's matmul_precision
+        # (klkern.runtime._precision), whatever torch's global setting is; that setting is read
+        # here and by optimizer_math, never written (it is process-wide).
         self._global_modes = _precision.snapshot()
         due = False
         with _precision.optimizer_math():

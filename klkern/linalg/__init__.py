@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime._precision import torch_precision
+from ..runtime._precision import exact_matmul
 from ._ext import qr_extension
 
 __all__ = ["batched_qr", "cholqr2", "shifted_cholqr3", "eigh_descending", "EighFailure", "QR_METHODS",
@@ -277,20 +277,15 @@ def eigh_descending(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(-1), evecs.flip(-1)
 
 
-def _exact_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """A @ B at full precision (no TF32 or bf16 reduction, whatever the global setting)."""
-    with torch_precision("highest"):
-        return A @ B
-
-
 class BasisChange:
     """The orthogonal V (..., d, d) of a refresh, applied from the right: ``apply(X) = X V``.
 
     Either explicit (``V`` given) or, on the CPU, LAPACK's Householder reflectors of the QR
     (``reflectors``, ``tau`` from ``torch.geqrf``) with column signs ``signs``, applied by
     ``torch.ormqr`` without forming V (which saves the 4/3 d^3 flops of forming it). ``X`` is
-    (B, m, d) with the same batch size B as V (B, d, d); products are float32 at "highest"
-    whatever the matmul precision (SPEC: QR and what carries state into a basis stay fp32).
+    (B, m, d) with the same batch size B as V (B, d, d); products are float32-accurate whatever
+    the matmul precision and torch's settings (SPEC: QR and what carries state into a basis stay
+    fp32; :func:`klkern.runtime._precision.exact_matmul`).
     """
 
     def __init__(self, V=None, reflectors=None, tau=None, signs=None):
@@ -301,7 +296,7 @@ class BasisChange:
         a column-major float32 ``out`` (LAPACK's layout, e.g. ``X.mT.contiguous().mT``) is
         written in place; another layout costs torch.ormqr a temporary and a transposing copy."""
         if self.V is not None:
-            Y = _exact_mm(X, self.V)
+            Y = exact_matmul(X, self.V)
             return Y if out is None else out.copy_(Y)
         Y = torch.ormqr(self.reflectors, self.tau, X, left=False, transpose=False, out=out)
         return Y.mul_(self.signs.unsqueeze(-2))
@@ -350,7 +345,7 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
     A = (R if order is None else rows_gather(R, order)).mT
     if not applies_reflectors(A):
         V = batched_qr(A)
-        R_new = _exact_mm(_exact_mm(V.mT, R), V)
+        R_new = exact_matmul(exact_matmul(V.mT, R), V)
         return BasisChange(V=V), R_new if out is None else out.copy_(R_new)
     # max and min propagate NaN and are one read each (isfinite writes a d x d mask)
     finite = torch.isfinite(A.amax((-2, -1))) & torch.isfinite(A.amin((-2, -1)))

@@ -40,7 +40,7 @@ from ..algorithms._blocking import plan_for
 from ..algorithms._functional import staleness
 from ..algorithms._stacked import _lam_product, _rotate_back
 from ..distributed._distributed import local
-from ..runtime._precision import optimizer_math
+from ..runtime._precision import exact_matmul, optimizer_math
 
 __all__ = ["collect"]
 
@@ -70,7 +70,7 @@ def _block_stats(path: str, block: dict, shape: tuple, mask, group: dict, t: int
             L = f[f"L{k}"]
             eigs.append(torch.linalg.eigvalsh(L))
             _, Q = torch.linalg.eigh(f[f"root{k}"])
-            factors.append(Q.mT @ L @ Q)
+            factors.append(exact_matmul(exact_matmul(Q.mT, L), Q))
     out["eig_min"] = torch.stack([e.min() for e in eigs]).min()
     out["eig_max"] = torch.stack([e.max() for e in eigs]).max()
     out["staleness"] = torch.stack([staleness(R) for R in factors]).mean()
