@@ -143,9 +143,11 @@ class StepEngine:
             if not all(math.isfinite(amax[(id(p), i)]) for i in mine):
                 skipped.append(p)
                 continue
+            # A block whose first gradient carries no scale is allocated as init_state() does (from
+            # that zero gradient) and waits: it starts from its first gradient with scale, so the
+            # run equals one that starts at that gradient, while the state has every name and shape
+            # (torch.distributed.checkpoint's template is a first step with zero gradients).
             scaled = {i: (sumsq[(id(p), i)] > 0 or plan.adamw or not scale_started) for i in mine}
-            if not any(scaled.values()):
-                continue  # its first gradient carries no scale: not initialised, not stepped (yet)
             state = opt.state[p]
             state["step"] = 0
             state["blocks"] = [None] * len(plan.masks)

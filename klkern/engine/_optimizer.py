@@ -7,7 +7,8 @@ across ranks, ``init_state``) is klkern/engine/_checkpoint.py's base class; this
 of what a torch.optim user touches: ``param_groups``, ``state``, ``add_param_group``, copies and
 pickling, ``nonfinite_skipped``, ``diagnostics()``.
 
-State layout, per parameter: ``{"step": t, "blocks": [block_state, ...]}`` where each block
+State layout, per parameter: ``{"step": t, "blocks": [block_state, ...]}`` (a state dict keys the
+blocks by their index instead, klkern/engine/_checkpoint.py) where each block
 state maps names (``exp_avg``, ``Q0``, ``R0``, ``lam0``...) to tensors. Blocks that step
 together are views into one stacked buffer per name (kept between steps; the KL variants'
 ``lam`` of every block of a device are views into one flat buffer), so a step reads and writes
