@@ -184,3 +184,29 @@ def test_blocks_are_keyed_by_string_and_old_lists_load():
     bad["state"][0]["blocks"]["7"] = bad["state"][0]["blocks"]["0"]
     with pytest.raises(ValueError, match=r"blocks \['7'\].*has 4 blocks"):
         _make("KLShampoo", seed=1)[1].load_state_dict(bad)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_parameter_without_blocks_resumes(flatten, tmp_path):
+    """A 0-element parameter has no blocks (klkern skips it) but requires a gradient: torch's
+    set_optimizer_state_dict wants state for it, which the state dict gives as an empty entry (the
+    same mechanism as an empty FSDP2 shard or another rank's parameter under process_group)."""
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.randn(6, 6)),
+                                        "empty": torch.nn.Parameter(torch.zeros(0, 4))})
+        return model, klkern.KLShampoo(model.parameters(), lr=1e-2, precondition_frequency=2)
+
+    model, opt = make(0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model["w"].grad, model["empty"].grad = torch.randn(6, 6, generator=gen), torch.zeros(0, 4)
+        opt.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt, options=options)}, checkpoint_id=str(tmp_path))
+    resumed, ropt = make(1)
+    sd = {"optim": get_optimizer_state_dict(resumed, ropt, options=options)}
+    dcp.load(sd, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(resumed, ropt, sd["optim"], options=options)
+    _assert_same_state(ropt.state_dict()["state"], opt.state_dict()["state"])

@@ -287,11 +287,29 @@ def scenario_groups(rank, world, outdir):
             opt.step()
         return [p.detach().clone() for p in params]
 
-    out = {"grown": grown(dist.group.WORLD), "float64": float64(dist.group.WORLD),
-           "float64_bf16": float64(dist.group.WORLD, torch.bfloat16)}
-    if rank == 0:
-        out["grown_single"] = grown(None)
-        out["float64_single"] = float64(None)
+    def relaid(group):
+        """Options that change the blocks' assignment, changed between steps: block_size (a new
+        plan), then normalize_grads (a parameter of several blocks assigned as a whole)."""
+        model = mlp()
+        opt = _opt("KLSOAP", model.parameters(), **({"process_group": group} if group else {}))
+        _train(model, opt, 4)
+        for g in opt.param_groups:
+            g["block_size"] = 4
+        _train(model, opt, 4, start=4)
+        for g in opt.param_groups:
+            g["normalize_grads"] = True
+        return _train(model, opt, 4, start=8)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the restarts' warnings (tested on one process)
+        out = {"grown": grown(dist.group.WORLD), "float64": float64(dist.group.WORLD),
+               "float64_bf16": float64(dist.group.WORLD, torch.bfloat16), "relaid": relaid(dist.group.WORLD)}
+        if rank == 0:
+            out["grown_single"] = grown(None)
+            out["float64_single"] = float64(None)
+            out["relaid_single"] = relaid(None)
     return out
 
 
@@ -444,12 +462,15 @@ def test_nan_on_one_rank_keeps_ranks_in_sync(tmp_path):
 
 
 def test_param_groups_added_after_steps_and_float64_parameters(tmp_path):
-    """Fault: add_param_group after the first step with process_group= raised KeyError (the block
-    assignment was built once). And float64 parameters must cross the exchange unrounded: every
-    rank ends with the float64 values one process computes."""
+    """Faults: add_param_group after the first step with process_group= raised KeyError (the block
+    assignment was built once), and so did a block_size changed between steps; normalize_grads
+    changed between steps normalised each rank's blocks apart. And float64 parameters must cross
+    the exchange unrounded: every rank ends with the float64 values one process computes."""
     results = spawn(2, "groups", tmp_path)
     for rank in range(2):
         for a, b in zip(results[rank]["grown"], results[0]["grown_single"]):
+            assert rel_err(a, b) < TRAJ_RTOL
+        for a, b in zip(results[rank]["relaid"], results[0]["relaid_single"]):
             assert rel_err(a, b) < TRAJ_RTOL
         for a, b in zip(results[rank]["float64"], results[0]["float64"]):
             assert a.dtype == torch.float64 and torch.equal(a, b)

@@ -33,6 +33,7 @@ from ..algorithms._hyper import hyper
 from ..algorithms._options import loaded_group, saved_group, validate_group
 from ..distributed import _distributed
 from ..runtime import _precision
+from . import _layout
 from ._engine import StepEngine
 
 __all__ = ["CheckpointedOptimizer"]
@@ -48,11 +49,12 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
     _engine: StepEngine
     _unscaled: dict
     _unscaled_known: bool
+    _layouts: dict
 
     def _reset_derived(self) -> None:
         raise NotImplementedError
 
-    def _replicated_split(self) -> _distributed.ReplicatedSplit | None:
+    def _replicated_split(self, update: bool = True) -> _distributed.ReplicatedSplit | None:
         raise NotImplementedError
 
     def _fill_defaults(self, groups: list) -> None:
@@ -98,6 +100,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
         return sd
 
     def _state_dict(self) -> dict:
+        _layout.check_all(self)  # no state of another layout is saved (a group's option changed since)
         sd = super().state_dict()
         distributed = self._distributed()
         params = [p for g in self.param_groups for p in g["params"]]
@@ -117,22 +120,15 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
         # A parameter this rank keeps no block of (another rank's under process_group, an empty FSDP2
         # shard, an empty tensor) is there with no blocks: torch.distributed.checkpoint's
         # set_optimizer_state_dict requires state for every parameter that requires a gradient.
-        split = self._replicated_split()
+        split = self._replicated_split(update=False)
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if index not in state and p.requires_grad and not self._allocates(p, group, split):
+                if index not in state and p.requires_grad and not (_distributed.local(p).numel() and (
+                        split is None or split.holds(p))):
                     state[index] = {"blocks": {}}
                 index += 1
         return {**sd, "state": state, "param_groups": [saved_group(g) for g in sd["param_groups"]]}
-
-    @staticmethod
-    def _allocates(p, group: dict, split) -> bool:
-        """Whether this rank allocates state for ``p`` once it has a gradient."""
-        tensor = _distributed.local(p)
-        if tensor.numel() == 0:
-            return False
-        return bool(_distributed.owned_blocks(split, p, len(plan_for(tensor.shape, group).masks)))
 
     def init_state(self) -> None:
         """Allocate the state of every block this rank steps, as a first step from a zero gradient
@@ -147,6 +143,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
         torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` need no such call (they
         allocate by a step with zero gradients, docs/distributed.md)."""
         split = self._replicated_split()
+        _layout.check_all(self)
         with torch.no_grad(), _precision.optimizer_math():
             for group in self.param_groups:
                 hp = hyper(group)
@@ -165,6 +162,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
                         bufs = INITS[path](G, plan.masks[i], hp)
                         blocks[i] = {name: buf[0].clone() for name, buf in bufs.items()}
                     self.state[p] = {"step": 0, "blocks": blocks}
+                    _layout.record(self, p, group, plan)
         self._engine.version += 1
         self._unscaled, self._unscaled_known = {}, False  # zero-gradient state: found on the next step
 
@@ -188,12 +186,13 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        before = (self.param_groups, self.state, self._split)
+        before = (self.param_groups, self.state, self._split, self._layouts)
+        self._layouts = {}
         with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
             try:
                 self._load_state_dict(state_dict)
             except Exception:  # a refused state dict leaves the optimizer as it was
-                self.param_groups, self.state, self._split = before
+                self.param_groups, self.state, self._split, self._layouts = before
                 self._engine.version += 1
                 raise
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():
@@ -234,6 +233,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
                     continue
             self._check_loaded(key, param, value)
             self.state[param] = value
+            _layout.record(self, param, self._group_of(param))  # the loaded groups' options
 
     def _own_blocks(self, param, value: dict, split) -> dict | None:
         """A loaded parameter state reduced to the blocks this rank steps (list form, step an int)."""

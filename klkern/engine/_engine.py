@@ -34,9 +34,10 @@ from ..algorithms._blocking import plan_for
 from ..algorithms._hyper import StepHyperparameters, hyper
 from ..distributed import _distributed
 from ..runtime import _precision
-from . import _guard, _phases, _refresh, _schedule, _write
-from ._plan import ROW, ROWS, DevicePlan, Stack, structure_key
-from ._stacking import block_views, stack_state
+from . import _guard, _layout, _phases, _refresh, _schedule, _write
+from ._layout import structure_key
+from ._plan import ROW, ROWS, DevicePlan, Stack
+from ._stacking import block_views, member_target, stack_state
 
 __all__ = ["StepEngine"]
 
@@ -92,6 +93,8 @@ class StepEngine:
                 if tensor.numel() == 0:
                     continue
                 plan = plan_for(tensor.shape, group)
+                if "step" in opt.state.get(p, ()):  # never a step on state of another layout
+                    _layout.check(opt, p, group, plan, index)
                 mine = _distributed.owned_blocks(split, p, len(plan.masks))
                 if mine:
                     entries.append((p, tensor, plan, mine))
@@ -151,6 +154,7 @@ class StepEngine:
             state = opt.state[p]
             state["step"] = 0
             state["blocks"] = [None] * len(plan.masks)
+            _layout.record(opt, p, group, plan)
             unscaled = {i for i in mine if not scaled[i]}
             if unscaled:
                 opt._unscaled[id(p)] = unscaled
@@ -236,6 +240,9 @@ class StepEngine:
             parts.append((id(group), structure_key(group), tuple(id(e[0]) for e in chosen)))
         key = tuple(parts)
         if key == self.key and all(plan.valid(opt) for plan in self.plans):
+            for plan in self.plans:
+                if plan.moved:  # a parameter's storage replaced: re-point, no rebuild
+                    plan.retarget(member_target)
             return self.plans
         if self.plans:
             opt._read_counts()  # the old plans' counters, before they go
