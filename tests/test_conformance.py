@@ -211,7 +211,7 @@ def test_state_dict_and_load_hooks_follow_torch(cls):
         changed["param_groups"][0]["lr"] = 0.5
         first = changed["state"][0]
         if "blocks" in first:
-            first["blocks"][0]["exp_avg"] = first["blocks"][0]["exp_avg"] * 0 + 7.0
+            first["blocks"]["0"]["exp_avg"] = first["blocks"]["0"]["exp_avg"] * 0 + 7.0
         else:
             first["exp_avg"] = first["exp_avg"] * 0 + 7.0
         return changed

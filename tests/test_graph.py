@@ -90,6 +90,32 @@ def test_what_changes_between_steps_is_never_replayed_stale(name, event, emulate
     assert graphed_opt.nonfinite_skipped == eager_opt.nonfinite_skipped
 
 
+@pytest.mark.parametrize("name", ["KLShampoo", "SOAP"])
+def test_a_replaced_storage_is_captured_again_not_replayed(name, emulated):
+    """``p.data = ...`` (SAM): the plan stays and its write-back is re-pointed at the new storage;
+    a captured step writes where the parameters were at capture, so that step runs eagerly (a
+    replay there would write the old storage) and the run equals the eager one."""
+    def mark(replays):
+        return lambda model, opt: replays.append(len(emulated))
+
+    def replaced(replays):
+        def event(model, opt):
+            replays.append(len(emulated))
+            for p in model.parameters():
+                p.data = p.data.clone()
+        return event
+
+    control: list = []
+    _train(name, True, events={13: mark(control), 14: mark(control)})
+    assert control[1] == control[0] + 1  # step 13 is a replay without the replacement
+    marks: list = []
+    graphed, _ = _train(name, True, events={13: replaced(marks), 14: mark(marks)})
+    eager, _ = _train(name, False, events={13: replaced([])})
+    assert marks[1] == marks[0]
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a, b)
+
+
 def test_cuda_graph_needs_cuda_parameters():
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = klkern.KLShampoo([p], cuda_graph=True, precondition_frequency=10)

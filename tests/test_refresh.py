@@ -243,7 +243,7 @@ def test_cpu_bases_are_column_major_and_either_layout_gives_the_same_run(algorit
     saved = opt.state_dict()
     rowmajor = {**saved, "state": {i: {**st, "blocks": [
         {n: (v.contiguous() if n.startswith("Q") else v) for n, v in block.items()} if block else block
-        for block in st["blocks"]]} for i, st in saved["state"].items()}}
+        for block in st["blocks"].values()]} for i, st in saved["state"].items()}}  # that release's list form
     for state, layout in ((saved, F.column_major), (rowmajor, lambda Q: Q.is_contiguous())):
         _, reopened = _run(algorithm, 4, True, monkeypatch, opt_state=state)
         assert all(layout(Q) for Q in _bases_of(reopened))

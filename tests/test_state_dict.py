@@ -56,12 +56,12 @@ def test_loaded_state_is_independent_of_the_source():
     opt = cls(params)
     _run(opt, params, [torch.zeros(4, 4)], range(3))
     sd = opt.state_dict()
-    snapshot = {k: v.clone() for k, v in sd["state"][0]["blocks"][0].items()}
+    snapshot = {k: v.clone() for k, v in sd["state"][0]["blocks"]["0"].items()}
     other = clone_params(params)
     opt2 = cls(other)
     opt2.load_state_dict(sd)
     _run(opt2, other, [torch.zeros(4, 4)], range(3, 6))
-    for k, v in sd["state"][0]["blocks"][0].items():
+    for k, v in sd["state"][0]["blocks"]["0"].items():
         assert torch.equal(v, snapshot[k]), k
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockPlan", "make_plan", "merge_shape", "plan_for"]
+__all__ = ["BlockPlan", "PLAN_OPTIONS", "make_plan", "merge_shape", "plan_for"]
 
 _CHANNELS_LAST_PERM = (0, 3, 1, 2)
 _CHANNELS_LAST_INV = (0, 2, 3, 1)
@@ -149,6 +149,10 @@ def make_plan(
             return adamw_plan
         masks.append(mask)
     return BlockPlan(shape, permute, view_shape, tuple(blocks), tuple(masks), False)
+
+
+# The param group options a block plan follows (every argument of make_plan but the shape).
+PLAN_OPTIONS = ("merge_dims", "max_precond_dim", "block_size", "precondition_1d", "data_format", "large_dim_policy")
 
 
 def plan_for(shape, group: dict) -> BlockPlan:

@@ -13,7 +13,8 @@ import torch
 
 from ..runtime._precision import PRECISIONS
 
-__all__ = ["COMMON_DEFAULTS", "DEFAULTS", "build_defaults", "validate_group", "factor_beta"]
+__all__ = ["COMMON_DEFAULTS", "DEFAULTS", "build_defaults", "validate_group", "factor_beta", "saved_group",
+           "loaded_group"]
 
 # Shared by all four optimizers. lr/betas/eps/weight_decay/precondition_frequency
 # are the public SOAP release's defaults (SPEC "SOAP"), also documented by the
@@ -75,6 +76,22 @@ DEFAULTS: dict[str, dict] = {
 # small entries and the step through 1 / sqrt(v) explodes (measured: a first SOAP step 1300x too
 # large on the Triton path). bfloat16 has float32's range at the same size.
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def saved_group(group: dict) -> dict:
+    """A param group as a state dict holds it: ``state_dtype`` by name ("float32", "bfloat16"), since
+    torch.distributed.checkpoint's full_state_dict and cpu_offload paths take tensors, numbers,
+    strings, None, lists and dicts only (a torch.dtype raises there)."""
+    dtype = group.get("state_dtype")
+    return {**group, "state_dtype": str(dtype).removeprefix("torch.")} if isinstance(dtype, torch.dtype) else group
+
+
+def loaded_group(group: dict) -> dict:
+    """Inverse of :func:`saved_group` (a group saved with a torch.dtype, before, is kept as it is)."""
+    name = group.get("state_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return {**group, "state_dtype": getattr(torch, name)}
+    return group
 
 # Scale-free initialisations of the KL eigenvalue estimates (reference.init_eigenvalues).
 INIT_RULES = ("rms", "debiased")

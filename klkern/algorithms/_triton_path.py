@@ -65,13 +65,14 @@ def _writes_params(st, hp) -> bool:
 def _param_table(st):
     """The stack's parameter views as a kernel writes them (made once per plan), or None when a
     block is not a view of its parameter or the parameters' dtype is not one the kernels write."""
-    if "param_table" not in st.cache:
+    cached = st.cache.get("param_table")
+    if cached is None or cached[0] != st.targets_version:
         table = None
         if st.W is st.G and all(t is not None and t.dim() == 2 and t.dtype in _KERNEL_DTYPES for t in st.targets) \
                 and len({t.dtype for t in st.targets}) == 1:
             table = K.ParamTable(list(st.targets))
-        st.cache["param_table"] = table
-    return st.cache["param_table"]
+        cached = st.cache["param_table"] = (st.targets_version, table)
+    return cached[1]
 
 
 def _moments(st, hp) -> dict:
@@ -192,12 +193,13 @@ def shampoo_update(st, hp, carry=None):
 
 def _flat_members(st):
     """The AdamW stack's parameters as the kernel writes them (made once per plan), or None."""
-    if "flat_members" not in st.cache:
+    cached = st.cache.get("flat_members")
+    if cached is None or cached[0] != st.targets_version:
         targets = st.targets
         ok = (st.W is st.G and all(t is not None and t.is_contiguous() for t in targets)
               and len({t.dtype for t in targets}) == 1 and targets[0].dtype in _KERNEL_DTYPES)
-        st.cache["flat_members"] = K.FlatMembers(list(targets)) if ok else None
-    return st.cache["flat_members"]
+        cached = st.cache["flat_members"] = (st.targets_version, K.FlatMembers(list(targets)) if ok else None)
+    return cached[1]
 
 
 def adamw_update(st, hp, carry=None):

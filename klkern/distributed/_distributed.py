@@ -108,6 +108,7 @@ class ReplicatedSplit:
         self.plans: dict[int, BlockPlan] = {}
         self.params: list = []
         self.owner: dict[tuple, int] = {}
+        self.costs: dict[tuple, float] = {}  # (id(param), block index) -> its cost
         self.load = [0.0] * self.world
         self.old: list | None = None
         self.extend(algorithm, param_groups)
@@ -124,7 +125,8 @@ class ReplicatedSplit:
                 path = "adamw" if plan.adamw else algorithm
                 cost = [block_cost(path, plan.block_shape(i), plan.masks[i], group["precondition_frequency"])
                         for i in range(len(plan.masks))]
-                if group["normalize_grads"] or not plan.blocks_are_views(p.detach()):
+                self.costs.update({(id(p), i): c for i, c in enumerate(cost)})
+                if _whole(group, plan, p):
                     units.append([(p, i) for i in range(len(plan.masks))])
                     costs.append(sum(cost))
                     self.whole.add(id(p))
@@ -156,6 +158,65 @@ class ReplicatedSplit:
         # The float32 exchange sends new values exactly: float64 parameters need a float64 buffer.
         self.buffer_dtype = (torch.float64 if self.dtype == torch.float32
                              and any(p.dtype == torch.float64 for p in self.params) else self.dtype)
+
+    def update(self, algorithm: str, param_groups: list) -> list:
+        """Re-assign the parameters whose assignment no longer fits their group (a changed block
+        plan, or ``normalize_grads`` changed for a parameter of several blocks), onto the other
+        parameters' loads; every rank computes the same. Returns [(group, param, group index,
+        None for a new plan, else {block index: its previous owner})] of those re-assigned."""
+        changed: list = []
+        for index, group in enumerate(param_groups):
+            for p in group["params"]:
+                old = self.plans.get(id(p))
+                if old is None:
+                    continue
+                plan = plan_for(p.shape, group)
+                if plan != old:
+                    changed.append((group, p, index, None))
+                elif len(plan.masks) > 1 and _whole(group, plan, p) != (id(p) in self.whole):
+                    changed.append((group, p, index, {}))
+        if not changed:
+            return []
+        for _, p, _, owners in changed:
+            for i in range(len(self.plans[id(p)].masks)):
+                r = self.owner.pop((id(p), i))
+                self.load[r] -= self.costs.pop((id(p), i))
+                if owners is not None:
+                    owners[i] = r
+            self.whole.discard(id(p))
+            del self.plans[id(p)]
+            self.params = [q for q in self.params if q is not p]
+        self.extend(algorithm, [{**group, "params": [p]} for group, p, _, _ in changed])
+        return changed
+
+    def move(self, p, old_owner: dict, state: dict | None) -> dict | None:
+        """After :meth:`update` re-assigned ``p``'s blocks (same plan): each block's state sent from
+        its old owner to its new one (one broadcast per block that moves; every rank calls it).
+        ``state`` is this rank's state of ``p``; returns its new one (None: no block here)."""
+        import torch.distributed as dist
+
+        blocks = list(state["blocks"]) if state else [None] * len(old_owner)
+        step = state["step"] if state else None
+        for i, src in sorted(old_owner.items()):
+            dst = self.owner[(id(p), i)]
+            if src == dst:
+                continue
+            sent = blocks[i] if self.rank == src else None
+            payload = [None if sent is None else {k: v.cpu() for k, v in sent.items()}, step]
+            dist.broadcast_object_list(payload, src=dist.get_global_rank(self.group, src), group=self.group)
+            if self.rank == dst and payload[0] is not None:
+                blocks[i] = {k: v.to(p.device) for k, v in payload[0].items()}
+                step = payload[1]
+            elif self.rank == src:
+                blocks[i] = None
+        if step is None or not any(blocks[i] is not None for i in old_owner if self.owns(p, i)):
+            return None
+        return {"step": step, "blocks": blocks}
+
+    def holds(self, p) -> bool:
+        """Whether this rank steps any block of ``p`` (as the assignment stands)."""
+        plan = self.plans.get(id(p))
+        return plan is not None and any(self.owns(p, i) for i in range(len(plan.masks)))
 
     def owns(self, p, i: int) -> bool:
         return self.owner[(id(p), i)] == self.rank
@@ -207,6 +268,12 @@ class ReplicatedSplit:
                 else:
                     view.copy_(view.to(_work_dtype(view)) + piece)
         self.old = None
+
+
+def _whole(group: dict, plan: BlockPlan, p) -> bool:
+    """Whether ``p``'s blocks are assigned (and exchanged) as one unit: its update is normalised
+    as a whole, or its blocks are not views of it."""
+    return group["normalize_grads"] or not plan.blocks_are_views(p.detach())
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:

@@ -1,14 +1,22 @@
 """Checkpoints of the four optimizers: torch.optim's ``state_dict``/``load_state_dict`` with their
-hooks, the keys of blocks across ranks (``process_group``, FSDP2 shards), ``init_state`` for
-torch.distributed.checkpoint, and the checks that refuse a state saved by another optimizer,
-model or option.
+hooks, the keys of blocks across ranks (``process_group``, FSDP2 shards), what
+torch.distributed.checkpoint's state-dict API needs, ``init_state``, and the checks that refuse a
+state saved by another optimizer, model or option.
 
-Form of a saved parameter state: ``{"step": t, "blocks": [block_state, ...]}`` (klkern/engine/_optimizer.py
-describes the block states). With a ``process_group`` or DTensor parameters a rank saves only the
-blocks it steps, as ``{"step": tensor, "blocks": {key: block_state}}``: the key is the block's
-index, prefixed for an FSDP2 shard by the shard's first row, so keys are unique across ranks and
-torch.distributed.checkpoint saves each block once. A state saved on another number of ranks
-(``process_group``) loads, since each rank picks the blocks it steps by index.
+Form of a saved parameter state: ``{"step": t, "blocks": {key: block_state}}`` (klkern/engine/_optimizer.py
+describes the block states; the live state holds them in a list). The key is the block's index as
+a string, so that ``get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`` (which takes
+tensors, numbers and dicts, never a list) flattens it to ``state.<name>.blocks.<key>.<state>``; a
+group's ``state_dtype`` is saved by name ("bfloat16"). With a ``process_group`` or DTensor parameters
+a rank saves only the blocks it steps, with ``step`` a tensor; for an FSDP2 shard the key is
+prefixed by the shard's first row, so keys are unique across ranks and torch.distributed.checkpoint
+saves each block once; a parameter a rank keeps no block of is ``{"blocks": {}}``. A state saved on
+another number of ranks (``process_group``) loads, since each rank picks the blocks it steps by
+index. The list form of earlier releases loads too.
+
+torch's resume (``set_optimizer_state_dict``) fills a template that a first step with zero
+gradients at lr 0 allocates: every block gets its state then (a block whose gradient carries no
+scale waits, klkern/engine/_engine.py), so the template has every name, shape and dtype.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ from ..algorithms._algorithms import ALGORITHMS
 from ..algorithms._blocking import plan_for
 from ..algorithms._functional import INITS
 from ..algorithms._hyper import hyper
-from ..algorithms._options import validate_group
+from ..algorithms._options import loaded_group, saved_group, validate_group
 from ..distributed import _distributed
 from ..runtime import _precision
+from . import _layout
 from ._engine import StepEngine
 
 __all__ = ["CheckpointedOptimizer"]
@@ -40,11 +49,12 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
     _engine: StepEngine
     _unscaled: dict
     _unscaled_known: bool
+    _layouts: dict
 
     def _reset_derived(self) -> None:
         raise NotImplementedError
 
-    def _replicated_split(self) -> _distributed.ReplicatedSplit | None:
+    def _replicated_split(self, update: bool = True) -> _distributed.ReplicatedSplit | None:
         raise NotImplementedError
 
     def _fill_defaults(self, groups: list) -> None:
@@ -72,10 +82,11 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
                 setattr(self, name, hooks)
 
     def state_dict(self) -> dict:
-        """torch.optim's state dict. With ``process_group`` or DTensor parameters (FSDP2) it
+        """torch.optim's state dict, a parameter's blocks keyed by their index (``"0"``, ``"1"``,
+        ...: see the module docstring). With ``process_group`` or DTensor parameters (FSDP2) it
         holds this rank's blocks only, as ``{"step": tensor, "blocks": {key: state}}`` with keys
         unique across ranks (the block index; for a shard, its first row and the index), which is
-        the form torch.distributed.checkpoint saves without duplicates: see :meth:`init_state`.
+        the form torch.distributed.checkpoint saves without duplicates.
         State-dict hooks run as torch.optim runs them: pre-hooks first, post-hooks on the final
         dictionary (a post-hook's return value replaces it)."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
@@ -89,31 +100,50 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
         return sd
 
     def _state_dict(self) -> dict:
+        _layout.check_all(self)  # no state of another layout is saved (a group's option changed since)
         sd = super().state_dict()
-        if not self._distributed():
-            return sd
+        distributed = self._distributed()
         params = [p for g in self.param_groups for p in g["params"]]
         state = {}
         for index, value in sd["state"].items():
+            if not value:
+                continue  # no state (an entry torch's flatten path made): as below
             if "blocks" not in value:
                 state[index] = value
                 continue
+            # blocks keyed by str (never a list: torch.distributed.checkpoint's
+            # flatten_optimizer_state_dict takes tensors, numbers and dicts only)
             prefix = self._block_key_prefix(params[index])
-            state[index] = {"step": torch.tensor(float(value["step"])),
-                            "blocks": {f"{prefix}{i}": block for i, block in enumerate(value["blocks"])
-                                       if block is not None}}
-        return {**sd, "state": state}
+            blocks = {f"{prefix}{i}": block for i, block in enumerate(value["blocks"]) if block is not None}
+            step = torch.tensor(float(value["step"])) if distributed else value["step"]
+            state[index] = {**value, "step": step, "blocks": blocks}
+        # A parameter this rank keeps no block of (another rank's under process_group, an empty FSDP2
+        # shard, an empty tensor) is there with no blocks: torch.distributed.checkpoint's
+        # set_optimizer_state_dict requires state for every parameter that requires a gradient.
+        split = self._replicated_split(update=False)
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if index not in state and p.requires_grad and not (_distributed.local(p).numel() and (
+                        split is None or split.holds(p))):
+                    state[index] = {"blocks": {}}
+                index += 1
+        return {**sd, "state": state, "param_groups": [saved_group(g) for g in sd["param_groups"]]}
 
     def init_state(self) -> None:
         """Allocate the state of every block this rank steps, as a first step from a zero gradient
-        would; for loading a checkpoint into it (torch.distributed.checkpoint loads in place)::
+        would, without touching the parameters; for loading a checkpoint into it
+        (torch.distributed.checkpoint loads in place)::
 
             opt.init_state()
             sd = {"optim": opt.state_dict()}
             torch.distributed.checkpoint.load(sd, checkpoint_id=path)
             opt.load_state_dict(sd["optim"])
-        """
+
+        torch's ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` need no such call (they
+        allocate by a step with zero gradients, docs/distributed.md)."""
         split = self._replicated_split()
+        _layout.check_all(self)
         with torch.no_grad(), _precision.optimizer_math():
             for group in self.param_groups:
                 hp = hyper(group)
@@ -132,6 +162,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
                         bufs = INITS[path](G, plan.masks[i], hp)
                         blocks[i] = {name: buf[0].clone() for name, buf in bufs.items()}
                     self.state[p] = {"step": 0, "blocks": blocks}
+                    _layout.record(self, p, group, plan)
         self._engine.version += 1
         self._unscaled, self._unscaled_known = {}, False  # zero-gradient state: found on the next step
 
@@ -155,12 +186,13 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        before = (self.param_groups, self.state, self._split)
+        before = (self.param_groups, self.state, self._split, self._layouts)
+        self._layouts = {}
         with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
             try:
                 self._load_state_dict(state_dict)
             except Exception:  # a refused state dict leaves the optimizer as it was
-                self.param_groups, self.state, self._split = before
+                self.param_groups, self.state, self._split, self._layouts = before
                 self._engine.version += 1
                 raise
         for hook in held["_optimizer_load_state_dict_post_hooks"].values():
@@ -168,7 +200,7 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
 
     def _load_state_dict(self, state_dict: dict) -> None:
         saved_state = state_dict["state"]
-        groups = [dict(g) for g in state_dict["param_groups"]]
+        groups = [loaded_group(dict(g)) for g in state_dict["param_groups"]]
         self._fill_defaults(groups)
         for group in groups:
             validate_group(self.algorithm, group)
@@ -193,29 +225,44 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state dict has state for unknown parameter id {key}")
             param = id_map[key]
             value = to_device(value, _distributed.local(param).device)
+            if not value:
+                continue  # no state (torch's unflatten makes one for a parameter that has none)
             if "blocks" in value:
                 value = self._own_blocks(param, value, split)
                 if value is None:
                     continue
             self._check_loaded(key, param, value)
             self.state[param] = value
+            _layout.record(self, param, self._group_of(param))  # the loaded groups' options
 
     def _own_blocks(self, param, value: dict, split) -> dict | None:
         """A loaded parameter state reduced to the blocks this rank steps (list form, step an int)."""
+        if "step" not in value and not value["blocks"]:
+            return None  # a parameter the saving rank kept no block of (see _state_dict)
         step = value["step"]
         step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
         blocks = value["blocks"]
         if isinstance(blocks, dict):
             prefix = self._block_key_prefix(param)
-            by_index = {}
+            plan_len = len(plan_for(_distributed.local(param).shape, self._group_of(param)).masks)
+            by_index, unknown = {}, []
             for k, block in blocks.items():
                 if not str(k).startswith(prefix):
                     raise ValueError(
                         f"loaded state dict: block {k!r} of a parameter of shape {tuple(param.shape)} belongs to "
                         f"another shard (this rank's blocks start with {prefix!r}): FSDP2 shards are "
-                        "preconditioned locally, so a checkpoint loads only with the same sharding (world size)")
-                by_index[int(str(k)[len(prefix):])] = block
-            plan_len = len(plan_for(_distributed.local(param).shape, self._group_of(param)).masks)
+                        "preconditioned locally, so a checkpoint loads only with the same sharding (world size), "
+                        "from a sharded state dict (full_state_dict=False: a full one holds one rank's shards)")
+                index = str(k)[len(prefix):]
+                if index.isdigit() and int(index) < plan_len:
+                    by_index[int(index)] = block
+                else:
+                    unknown.append(str(k))
+            if unknown:
+                raise ValueError(
+                    f"loaded state dict: blocks {sorted(unknown)} of a parameter of shape {tuple(param.shape)}, which "
+                    f"has {plan_len} blocks (keys {prefix}0 to {prefix}{plan_len - 1}); was it saved for another "
+                    "model or option (block_size, max_precond_dim)?")
             blocks = [by_index.get(i) for i in range(plan_len)]
         mine = _distributed.owned_blocks(split, param, len(blocks))
         if not mine:

@@ -34,10 +34,11 @@ from ..algorithms._blocking import plan_for
 from ..algorithms._hyper import StepHyperparameters, hyper
 from ..distributed import _distributed
 from ..runtime import _precision
-from . import _guard, _phases, _refresh, _schedule, _write
-from ._plan import ROW, ROWS, DevicePlan, structure_key
+from . import _guard, _layout, _phases, _refresh, _schedule, _write
+from ._layout import structure_key
+from ._plan import ROW, ROWS, DevicePlan
 from ._stack import Stack
-from ._stacking import block_views, stack_state
+from ._stacking import block_views, member_target, stack_state
 
 __all__ = ["StepEngine"]
 
@@ -93,6 +94,8 @@ class StepEngine:
                 if tensor.numel() == 0:
                     continue
                 plan = plan_for(tensor.shape, group)
+                if "step" in opt.state.get(p, ()):  # never a step on state of another layout
+                    _layout.check(opt, p, group, plan, index)
                 mine = _distributed.owned_blocks(split, p, len(plan.masks))
                 if mine:
                     entries.append((p, tensor, plan, mine))
@@ -144,12 +147,15 @@ class StepEngine:
             if not all(math.isfinite(amax[(id(p), i)]) for i in mine):
                 skipped.append(p)
                 continue
+            # A block whose first gradient carries no scale is allocated as init_state() does (from
+            # that zero gradient) and waits: it starts from its first gradient with scale, so the
+            # run equals one that starts at that gradient, while the state has every name and shape
+            # (torch.distributed.checkpoint's template is a first step with zero gradients).
             scaled = {i: (sumsq[(id(p), i)] > 0 or plan.adamw or not scale_started) for i in mine}
-            if not any(scaled.values()):
-                continue  # its first gradient carries no scale: not initialised, not stepped (yet)
             state = opt.state[p]
             state["step"] = 0
             state["blocks"] = [None] * len(plan.masks)
+            _layout.record(opt, p, group, plan)
             unscaled = {i for i in mine if not scaled[i]}
             if unscaled:
                 opt._unscaled[id(p)] = unscaled
@@ -235,6 +241,9 @@ class StepEngine:
             parts.append((id(group), structure_key(group), tuple(id(e[0]) for e in chosen)))
         key = tuple(parts)
         if key == self.key and all(plan.valid(opt) for plan in self.plans):
+            for plan in self.plans:
+                if plan.moved:  # a parameter's storage replaced: re-point, no rebuild
+                    plan.retarget(member_target)
             return self.plans
         if self.plans:
             opt._read_counts()  # the old plans' counters, before they go

@@ -113,7 +113,8 @@ class StepGraphs:
             options = (tuple(sorted((k, _frozen(v)) for k, v in st.group.items() if k not in _UPLOADED)),
                        hp.rotation_mode, hp.factor_mode)
             parts.append((id(st), st.spike, getattr(st, "roots", False), options))
-        return (tuple(parts), tuple(sorted(modes.items())), opt.backend, tuple(sorted(map(str, opt._kernels_failed))))
+        return (plan.epoch, tuple(parts), tuple(sorted(modes.items())), opt.backend,
+                tuple(sorted(map(str, opt._kernels_failed))))
 
     def ready(self, plan, hps: dict):
         """The graph to replay for this step, or None (run it eagerly, maybe capturing)."""

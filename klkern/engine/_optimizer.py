@@ -7,7 +7,8 @@ across ranks, ``init_state``) is klkern/engine/_checkpoint.py's base class; this
 of what a torch.optim user touches: ``param_groups``, ``state``, ``add_param_group``, copies and
 pickling, ``nonfinite_skipped``, ``diagnostics()``.
 
-State layout, per parameter: ``{"step": t, "blocks": [block_state, ...]}`` where each block
+State layout, per parameter: ``{"step": t, "blocks": [block_state, ...]}`` (a state dict keys the
+blocks by their index instead, klkern/engine/_checkpoint.py) where each block
 state maps names (``exp_avg``, ``Q0``, ``R0``, ``lam0``...) to tensors. Blocks that step
 together are views into one stacked buffer per name (kept between steps; the KL variants'
 ``lam`` of every block of a device are views into one flat buffer), so a step reads and writes
@@ -24,10 +25,11 @@ import warnings
 
 import torch
 
+from ..algorithms._blocking import PLAN_OPTIONS
 from ..algorithms._options import build_defaults, validate_group
 from ..distributed import _distributed
 from ..runtime import _backend, _precision
-from . import _guard
+from . import _guard, _layout
 from ._checkpoint import CheckpointedOptimizer
 from ._engine import StepEngine
 from ._graph import StepGraphs
@@ -100,6 +102,7 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
         # parameter-steps skipped for a NaN/Inf gradient or rolled back (klkern/engine/_guard.py): the part
         # read back to the host; the rest is on the device until nonfinite_skipped is read
         self._nonfinite = 0
+        self._layouts: dict = {}  # id(param) -> the _layout.Layout its state was allocated for
         self._reset_derived()
         super().__init__(params, defaults)
 
@@ -114,6 +117,7 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
         if getattr(self, "_engine", None) is not None:
             self._read_counts()  # what the old plans counted on the device
         self._split: _distributed.ReplicatedSplit | None = None
+        self._split_key: tuple | None = None  # the group options the split was last checked against
         self._engine = StepEngine(self)
         self._graphs = StepGraphs(self)
         self._warned: set[str] = set()  # causes already warned about (each once)
@@ -130,14 +134,19 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
         return self._getstate()
 
     def _getstate(self) -> dict:
-        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._COPIED}}
+        params = [p for g in self.param_groups for p in g["params"]]
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._COPIED},
+                "layouts": [self._layouts.get(id(p)) for p in params]}
 
     def __setstate__(self, state: dict) -> None:
         had_differentiable = "differentiable" in state.get("defaults", {})
         state = dict(state)
         self._engine = None  # type: ignore[assignment]
         self._nonfinite = int(state.pop("nonfinite_skipped", 0))
+        layouts = state.pop("layouts", [])
         super().__setstate__(state)
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._layouts = {id(p): layout for p, layout in zip(params, layouts) if layout is not None}
         if not had_differentiable:  # torch.optim adds it for its own optimizers; a copy equals its original
             self.defaults.pop("differentiable", None)
         for name, value in (("backend", "auto"), ("process_group", None), ("communication_dtype", torch.float32),
@@ -269,8 +278,10 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
                 "their previous state and skipped for that step (counted in optimizer.nonfinite_skipped; this "
                 "warning is shown once)"))
 
-    def _replicated_split(self) -> _distributed.ReplicatedSplit | None:
-        """The block-to-rank assignment (``process_group`` given), built once from the shapes."""
+    def _replicated_split(self, update: bool = True) -> _distributed.ReplicatedSplit | None:
+        """The block-to-rank assignment (``process_group`` given), built once from the shapes and
+        updated when a group's option changes it (``update``: every rank calls it; a state dict,
+        which one rank may take alone, leaves that to the next step)."""
         if self.process_group is None:
             return None
         if self._split is None:
@@ -279,6 +290,12 @@ class ShampooFamilyOptimizer(CheckpointedOptimizer):
                                  "whose shards klkern preconditions locally: pass process_group=None")
             self._split = _distributed.ReplicatedSplit(self.process_group, self.communication_dtype,
                                                        self.algorithm, self.param_groups)
+        # what the assignment follows; re-checked (and parameters re-assigned) when it changes
+        key = tuple((tuple(g[k] for k in PLAN_OPTIONS), g["normalize_grads"], tuple(p.shape for p in g["params"]))
+                    for g in self.param_groups)
+        if update and key != self._split_key:
+            _layout.check_split(self, self._split)
+            self._split_key = key
         return self._split
 
     def _warn_once(self, cause: str, message: str) -> None:

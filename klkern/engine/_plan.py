@@ -22,8 +22,9 @@ leaves its state and its parameter exactly as they were. The counts behind
 at refresh steps and when the plan is rebuilt.
 
 The plan is rebuilt when the parameters with a gradient, the param groups' structural options,
-the state's tensors (a load, an initialisation, a user's assignment) or a parameter's storage
-change: each step compares identities, which costs no tensor operation.
+the state's tensors (a load, an initialisation, a user's assignment) or a parameter's dtype or
+device change (each step compares identities: no tensor operation); a new storage of the same
+shape, dtype and device (``p.data = ...``, as SAM does) only re-points the write-back.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..distributed import _distributed
 from . import _guard
 from ._stack import Stack
 
-__all__ = ["DevicePlan", "Stack", "ROWS", "structure_key"]
+__all__ = ["DevicePlan", "Stack", "ROWS"]
 
 INF = float("inf")
 
@@ -44,15 +45,6 @@ INF = float("inf")
 ROWS = ("b1", "b2", "fb", "lam_keep", "lam_w", "update", "decay", "threshold", "bias")
 MASKED = (1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, INF, 1.0)
 ROW = {name: i for i, name in enumerate(ROWS)}
-
-# Group options that decide how parameters are cut into blocks and stored: a change rebuilds the
-# plan. The others (lr, betas, eps, ...) are read at every step.
-STRUCTURAL = ("merge_dims", "max_precond_dim", "block_size", "precondition_1d", "data_format", "large_dim_policy",
-              "state_dtype", "eigval_clamp", "eigenbasis", "exponent", "stagger_refresh", "precondition_frequency")
-
-
-def structure_key(group: dict) -> tuple:
-    return tuple(group.get(name) for name in STRUCTURAL)
 
 
 class DevicePlan:
@@ -124,6 +116,7 @@ class DevicePlan:
                 st.keep_b = st.broadcast(st.keep)
         self.g_dst = [v for st in self.stacks for v in st.g_dst]
         self.g_blocks = [v for st in self.stacks for v in st.g_blocks]
+        self.epoch = 0  # bumped when the write-back's targets are re-pointed (a captured step is stale)
         self._param_copies: dict = {}  # the write-back's gather and scatter lists, per set of stacks
         self.copying = [(st, b) for st in self.stacks for b, t in enumerate(st.targets) if t is None]
 
@@ -189,8 +182,7 @@ class DevicePlan:
         self.threshold_row = self.coef[ROW["threshold"], : self.nkb]
         self.lam_w_row = self.coef[ROW["lam_w"], : self.nkb]
         self.worst = torch.zeros(self.nkb, dtype=torch.float32, device=dev)
-        self.clip = torch.tensor(_spike_clip(), dtype=torch.float32, device=dev)
-        self.growth = torch.tensor(_spike_growth(), dtype=torch.float32, device=dev)
+        self.clip, self.growth = (torch.tensor(c, dtype=torch.float32, device=dev) for c in _spike_constants())
         self.lam_rows = self.coef[ROW["lam_keep"]:ROW["lam_w"] + 1, : self.nkb]
         offset = 0
         for st in kl:
@@ -398,17 +390,39 @@ class DevicePlan:
         for st in self.stacks:
             for (p, i), block in zip(st.members, st.blocks):
                 self.identity.append((opt.state[p]["blocks"], i, block, tuple(block.items())))
-        self.storages = [(p, p.data_ptr()) for p in self.params if not _distributed.is_dtensor(p)]
+        self.storages = [(p, p.data_ptr(), p.dtype, p.device) for p in self.params if not _distributed.is_dtensor(p)]
+        self.moved: list = []
 
     def valid(self, opt) -> bool:
-        """Whether every view still belongs to the state and the parameters (no tensor operation)."""
+        """Whether every view still belongs to the state and every parameter keeps its dtype and
+        device (no tensor operation); those with a new storage are listed in ``moved``."""
         for blocks, i, block, items in self.identity:
             if blocks[i] is not block or len(block) != len(items):
                 return False
             for name, tensor in items:
                 if block.get(name) is not tensor:
                     return False
-        return all(p.data_ptr() == ptr for p, ptr in self.storages)
+        self.moved = []
+        for p, ptr, dtype, device in self.storages:
+            if p.data_ptr() != ptr:
+                if p.dtype != dtype or p.device != device:
+                    return False  # other stacks (float64 buffers) or another device: a new plan
+                self.moved.append(p)
+        return True
+
+    def retarget(self, target_of) -> None:
+        """The write-back's targets of the ``moved`` parameters at their new storage (``target_of(
+        stack, param, block index)``); nothing else of the plan depends on it."""
+        moved = {id(p) for p in self.moved}
+        for st in self.stacks:
+            for b, (p, i) in enumerate(st.members):
+                if id(p) in moved:
+                    st.targets[b] = target_of(st, p, i)
+                    st.targets_version += 1  # the kernels' pointer tables are made again
+        self._param_copies = {}
+        self.storages = [(p, p.data_ptr(), p.dtype, p.device) for p, _, _, _ in self.storages]
+        self.moved = []
+        self.epoch += 1
 
     def read_counts(self) -> tuple[list[int], list]:
         """(counts, per cause the parameters ever affected) read to the host; counts reset."""
@@ -426,13 +440,7 @@ def _along(vec: torch.Tensor, k: int, nd: int) -> torch.Tensor:
     return vec.view(shape)
 
 
-def _spike_clip() -> float:
-    from ..algorithms._functional import SPIKE_CLIP
+def _spike_constants() -> tuple[float, float]:
+    from ..algorithms._functional import SPIKE_CLIP, SPIKE_GROWTH
 
-    return SPIKE_CLIP
-
-
-def _spike_growth() -> float:
-    from ..algorithms._functional import SPIKE_GROWTH
-
-    return SPIKE_GROWTH
+    return SPIKE_CLIP, SPIKE_GROWTH

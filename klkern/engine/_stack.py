@@ -36,6 +36,7 @@ class Stack:
         self.w_dst: list = []  # per member: a view of W shaped like its parameter target
         self.g_blocks: list = []  # per member: its block of G (for the per-block norms)
         self.targets: list = []  # per member: the parameter view written (None: copying layout)
+        self.targets_version = 0  # bumped when a target is re-pointed (a parameter's new storage)
         self.sources: list = []  # per member: how its gradient is found ("grad", "extract", "local")
         self.proj: dict = {}  # KL: mode -> (B, d_k) view of the plan's projection buffer
         self.keep = self.keep_b = None

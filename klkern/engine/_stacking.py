@@ -12,7 +12,7 @@ from ..algorithms._functional import column_major
 from ..distributed import _distributed
 from ._stack import Stack
 
-__all__ = ["block_views", "stack_state"]
+__all__ = ["block_views", "member_target", "stack_state"]
 
 
 def block_views(stack: Stack, opt) -> None:
@@ -38,22 +38,28 @@ def block_views(stack: Stack, opt) -> None:
         w_pieces = pieces
     for (p, i), piece, w_piece in zip(stack.members, pieces, w_pieces):
         tensor = _distributed.local(p)
-        plan = plan_for(tensor.shape, stack.group)
-        trivial = plan.trivial or stack.adamw
-        dtensor = _distributed.is_dtensor(p)
+        trivial = plan_for(tensor.shape, stack.group).trivial or stack.adamw
         if trivial:
             stack.g_dst.append(piece.view(tensor.shape))
-            stack.sources.append("local" if dtensor else "grad")
-            target = tensor.detach()
-            stack.targets.append(target)
+            stack.sources.append("local" if _distributed.is_dtensor(p) else "grad")
             stack.w_dst.append(w_piece.view(tensor.shape))
         else:
             stack.g_dst.append(piece)
             stack.sources.append("extract")
-            view = plan.extract(tensor.detach())[i]
-            stack.targets.append(view if writes_into(view, tensor) else None)
             stack.w_dst.append(w_piece)
+        stack.targets.append(member_target(stack, p, i))
         stack.g_blocks.append(piece)
+
+
+def member_target(stack: Stack, p, i: int):
+    """What the write-back writes block ``i`` of ``p`` into: the parameter, or its block as a
+    view of it; None where the block layout copies (the write-back assembles the parameter)."""
+    tensor = _distributed.local(p)
+    plan = plan_for(tensor.shape, stack.group)
+    if plan.trivial or stack.adamw:
+        return tensor.detach()
+    view = plan.extract(tensor.detach())[i]
+    return view if writes_into(view, tensor) else None
 
 
 def stack_state(stack: Stack) -> None:
