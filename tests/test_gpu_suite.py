@@ -674,6 +674,36 @@ def test_without_a_gpu_it_exits_at_once_with_one_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_whole_command_on_a_stand_in_gpu(tmp_path, monkeypatch, capsys):
+    """main() as a lease runs it, with the CUDA probe answering for a GPU and stand-in parts: the
+    preflight's environment (device kind, versions, commit), the packed folder, the records, and a
+    second lease after unpack that finds nothing left to run."""
+    monkeypatch.setattr(gpu_suite, "probe_cuda", lambda env: ({
+        "device": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "memory_gib": 79.2, "torch": torch.__version__,
+        "cuda": "13.0"}, ""))
+    parts = [_code_part("alpha", lambda p: PIECE_CODE, pieces=("x", "y"), inputs=("bench/gpu_suite.py",)),
+             _part("beta", "raise SystemExit(4)", inputs=("bench/gpu_suite.py",))]
+    monkeypatch.setattr(gpu_suite, "PARTS", parts)
+    monkeypatch.setattr(gpu_suite, "PART_NAMES", [p.name for p in parts])
+    results, out = tmp_path / "results", tmp_path / "out"
+    argv = ["--out", str(out), "--no-install", "--results", str(results), "--budget", "60"]
+    assert gpu_suite.main(argv) == 1  # beta failed
+    assert sorted(p.name for p in out.iterdir()) == ["environment.json", "results.tar.gz", "suite.log", "summary.md"]
+    env = json.loads((out / "environment.json").read_text())
+    assert env["kind"] == "nvidia-h100-x1" and env["key"] == "nvidia-h100-80gb-hbm3" and env["capability"] == "9.0"
+    assert env["versions"]["torch"] == torch.__version__ and env["commit"] and env["budget_s"] == 60
+    log = (out / "suite.log").read_text()
+    assert "device kind nvidia-h100-x1" in log and "alpha: runs x y (no results)" in log
+    gpu_suite.unpack(out, results)
+    record = json.loads((results / "alpha" / "part.json").read_text())
+    assert record["status"] == "ok" and record["kind"] == "nvidia-h100-x1" and record["versions"] == env["versions"]
+    assert json.loads((results / "beta" / "part.json").read_text())["status"] == "failed"
+    capsys.readouterr()
+    assert gpu_suite.main(argv) == 0  # nothing left: alpha done, beta failed at these inputs
+    log = (out / "suite.log").read_text()
+    assert "alpha: current" in log and "beta: current (failed at" in log
+
+
 def test_the_plan_command_says_what_the_next_lease_runs():
     done = subprocess.run([sys.executable, "bench/gpu_suite.py", "plan"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
