@@ -186,6 +186,13 @@ def _peers_unavailable(piece: str = "") -> str | None:
     return None
 
 
+def _peers_finished(work: Path, piece: str) -> bool:
+    """At least one public implementation ran beside klkern (a lease whose install failed measures
+    klkern alone: not a result for this part)."""
+    data = _read_json(work / f"peer_step_cuda_{piece}.json")
+    return bool(data) and any(impl != "klkern" for impl in data["meta"].get("versions", {}))
+
+
 def _cmd_peers(ctx: Ctx, pieces):
     # the public implementations on the same step, at T = 1 and T = 10, at equal precision
     return [Command(_py("bench/peer_step.py", "--device", "cuda", "--matmul-precision", p, "--no-profile",
@@ -204,7 +211,14 @@ SWEEP_JSON = "lr_sweep_gpu.json"
 
 
 def _job_unavailable(piece: str) -> str | None:
-    return _peers_unavailable() if piece.startswith("heavyball") else None
+    """HeavyBall's SOAP needs the carried peers installed (the preflight installs them)."""
+    if not piece.startswith("heavyball"):
+        return None
+    import importlib.util
+
+    importlib.invalidate_caches()  # the preflight may have installed it into this interpreter's site-packages
+    return _peers_unavailable() or (None if importlib.util.find_spec("heavyball") else
+                                    "heavyball not importable here (the preflight's install failed: install.log)")
 
 
 def _cmd_sweep(ctx: Ctx, pieces):
@@ -292,7 +306,7 @@ PARTS = [
          finished=_refresh_finished),
     Part("peers", "the public implementations on the same step (bench/peer_step.py; needs peers/)", 60, 300,
          LIBRARY + ("bench/peer_step.py", "bench/fetch_peers.py"), _cmd_peers, pieces=("highest",),
-         unavailable=_peers_unavailable),
+         finished=_peers_finished, unavailable=_peers_unavailable),
     Part("sweep", "the GPU main job's learning rates, one optimizer per piece", 60, 500, MAIN_JOB, _cmd_sweep,
          pieces=GPU_JOB_OPTIMIZERS, finished=_sweep_finished, unavailable=_job_unavailable),
     Part("train", "the GPU main job, one optimizer and seed per piece", 60, 500, MAIN_JOB, _cmd_train,
@@ -887,8 +901,11 @@ def show_plan(results: Path, named=(), fresh: bool = False) -> str:
     lines = [f"{results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}:"]
     for todo in plan(_select(list(named)), results, ROOT, named, fresh):
         pieces = " ".join(p or "(whole)" for p in todo.pieces)
+        held: dict = {}
+        for piece, why in todo.held:
+            held.setdefault(why, []).append(piece or todo.part.name)
         lines.append(f"  {todo.part.name:8s} {'runs ' + pieces if todo.pieces else 'nothing to run'}: {todo.why}"
-                     + "".join(f"; {p}: {w}" for p, w in todo.held))
+                     + "".join(f"; held ({why}): {' '.join(names)}" for why, names in held.items()))
     return "\n".join(lines)
 
 

@@ -931,6 +931,7 @@ def main(argv=None) -> list[dict]:
                                extra=extras.get(name), label=f"[run {i}/{len(runs)}]")
             longest = max(longest, time.monotonic() - t0)
             fh.flush()
+            result.update(commit=commit, date=utc_now())  # a resumed comparison's runs may come from several
             results.append(result)
             meta["runs_done"] = len(results)
             table = summarize(results)  # the summary so far, after every run

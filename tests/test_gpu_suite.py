@@ -276,10 +276,10 @@ def test_pieces_resume_across_leases_and_keep_what_was_done(tmp_path):
     """A part too long for one lease: the first lease runs the pieces its budget holds, the next
     starts from the committed folder and runs the rest; the first pieces' files and records stay."""
     root = _tree(tmp_path / "root")
-    slow = "import time, pathlib; time.sleep(1.5); pathlib.Path(WORK, PIECE + '.txt').write_text(PIECE)"
-    parts = [_code_part("long", lambda p: slow, pieces=("a", "b", "c"), least=1, limit=10, inputs=("lib/",))]
+    slow = "import time, pathlib; time.sleep(1.0); pathlib.Path(WORK, PIECE + '.txt').write_text(PIECE)"
+    parts = [_code_part("long", lambda p: slow, pieces=("a", "b", "c"), least=2, limit=10, inputs=("lib/",))]
     results = tmp_path / "results"
-    rows, out, _ = _run(parts, tmp_path / "lease1", results, budget=2.5, root=root)  # room for about 2
+    rows, out, _ = _run(parts, tmp_path / "lease1", results, budget=4, root=root)  # room for 1 or 2, not 3
     (out / "environment.json").write_text(json.dumps({"device": "NVIDIA Test GPU"}))
     gpu_suite.unpack(out, results, root)
     first = json.loads((results / "long" / "part.json").read_text())
@@ -416,6 +416,22 @@ def test_the_main_job_reads_the_sweeps_rates_from_this_lease_or_the_committed_re
     assert set(sweep.pieces) == {p.rsplit("-seed", 1)[0] for p in train.pieces}
 
 
+def test_the_peers_count_only_where_they_ran(tmp_path, monkeypatch):
+    """A lease whose peers did not travel, or did not install, holds the pieces that need them
+    (the main job then runs without HeavyBall's SOAP) and does not record klkern alone as the
+    peers' result."""
+    monkeypatch.setattr(gpu_suite, "ROOT", tmp_path)
+    assert "no peers/ folder" in gpu_suite._peers_unavailable()
+    assert "no peers/ folder" in gpu_suite._job_unavailable("heavyball-soap-seed0")
+    (tmp_path / "peers").mkdir()
+    assert gpu_suite._peers_unavailable() is None and gpu_suite._job_unavailable("klsoap-seed0") is None
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert "not importable" in gpu_suite._job_unavailable("heavyball-soap")
+    for versions, done in (({"klkern": "klkern abc"}, False), ({"klkern": "x", "HeavyBall": "heavyball 3.2.1"}, True)):
+        (tmp_path / "peer_step_cuda_highest.json").write_text(json.dumps({"meta": {"versions": versions}}))
+        assert gpu_suite._peers_finished(tmp_path, "highest") is done
+
+
 def _corpus(tmp_path) -> Path:
     words = "the quick brown fox jumps over a lazy dog and packs my box with five dozen jugs".split()
     path = tmp_path / "corpus.txt"
@@ -435,7 +451,9 @@ def test_the_main_job_resumes_one_optimizer_and_seed_at_a_time(tmp_path, monkeyp
 
     def counted(name, seed, *a, **kw):
         calls.append((name, seed))
-        return real(name, seed, *a, **kw)
+        result = real(name, seed, *a, **kw)
+        time.sleep(0.2)  # every run longer than the budgets below, however fast this machine
+        return result
     monkeypatch.setattr(train_lm, "train_one", counted)
     train_lm.main([*args, "--seeds", "0", "--optimizers", "adamw,klshampoo"])
     assert calls == [("adamw", 0), ("klshampoo", 0)]
@@ -476,7 +494,9 @@ def test_the_sweep_resumes_one_optimizer_at_a_time(tmp_path, monkeypatch):
 
     def counted(name, seed, lr, *a, **kw):
         calls.append((name, lr))
-        return real(name, seed, lr, *a, **kw)
+        result = real(name, seed, lr, *a, **kw)
+        time.sleep(0.2)  # every run longer than the budget below, however fast this machine
+        return result
     monkeypatch.setattr(train_lm, "train_one", counted)
     lr_sweep.main([*args, "--optimizers", "adamw,klshampoo", "--budget", "0.05"])  # room for one run
     data = json.loads(stem.with_suffix(".json").read_text())
