@@ -971,13 +971,13 @@ def main(argv=None) -> int:
 
     record = preflight(info, env, work, install=not args.no_install)
     results = Path(args.results) if args.results else RESULTS / f"gpu_{record['key']}"
-    preflight_s = time.monotonic() - started
+    todos = plan(parts, results, ROOT, args.parts, args.fresh)
+    digests = {p.name: digest(p, ROOT) for p in PARTS}
+    preflight_s = time.monotonic() - started  # everything before the parts: install, checks, the plan
     record.update(budget_s=args.budget, limit_s=args.limit, preflight_s=round(preflight_s, 1),
                   results=str(results))
     (out / "environment.json").write_text(json.dumps(record, indent=1) + "\n")
     header = header_lines(record)
-    todos = plan(parts, results, ROOT, args.parts, args.fresh)
-    digests = {p.name: digest(p, ROOT) for p in PARTS}
     echo("gpu_suite\n" + header)
     echo(f"- budget {args.budget:.0f} s for the parts, limit {args.limit:.0f} s; preflight took {preflight_s:.0f} s; "
          f"results continued: {results}")

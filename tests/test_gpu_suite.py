@@ -752,6 +752,10 @@ def test_the_docs_give_the_lease_as_a_new_user_runs_it():
                  "python bench/gpu_suite.py unpack <files_at>", "python bench/gpu_suite.py decide"]:
         assert line in text, line
     assert f"timeout_s={gpu_suite.COMMAND_LIMIT_S}" in text
+    # the figures the docs give for the budget and the rules are the code's
+    assert f"The parts get {gpu_suite.DEFAULT_BUDGET_S} s after the preflight" in text
+    assert f"a {gpu_suite.PREFLIGHT_S} s preflight" in text and f"{gpu_suite.SPARE_S} s spare" in text
+    assert f"at least {gpu_decide.KERNEL_MARGIN}x" in text and f"at least {gpu_decide.GRAPH_MARGIN}x" in text
 
 
 def _klkern_imports(source: str) -> list:
