@@ -30,6 +30,14 @@ def git_commit(full: bool = False) -> str:
         return "unknown"
 
 
+def out_dir() -> Path:
+    """Where a benchmark writes when no --out is given: bench/out/ (ignored by git), or
+    ``$KLKERN_BENCH_OUT``. The committed results in bench/results/ change only when a command
+    names them (``--out bench/results/...``), so a run of your own never overwrites what the
+    docs cite."""
+    return Path(os.environ.get("KLKERN_BENCH_OUT") or ROOT / "bench" / "out")
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 from klkern import reference  # noqa: E402
 from klkern.engine._optimizer import tensor_bytes  # noqa: E402
 
@@ -67,7 +67,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps per optimizer (default 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--only", default=None, help="comma list of optimizer names to run")
-    parser.add_argument("--out", default=os.path.join("bench", "results", "cpu_step.md"))
+    parser.add_argument("--out", default=str(out_dir() / "cpu_step.md"),
+                        help="result file (default bench/out/; bench/results/cpu_step.md is the committed one)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

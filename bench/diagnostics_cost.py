@@ -1,6 +1,7 @@
 """What optimizer.diagnostics() and the per-step KL tracking cost.
 
     python bench/diagnostics_cost.py [--device cpu|cuda] [--steps 12] [--model tiny]
+    python bench/diagnostics_cost.py --model tiny --steps 2   # smoke run
 
 On one GPT-2-small layer's parameters ((768, 768) x 4, (3072, 768),
 (768, 3072) and the biases), for each optimizer: the median step time, the
@@ -8,8 +9,9 @@ same with the per-step KL tracking replaced by a no-op (its overhead; the two
 interleaved), the median time of one ``diagnostics()`` call (which the main
 job makes every 50 steps), and for scale the time of a step that refreshes
 the eigenbasis (Shampoo: its inverse roots). Side by side in one process.
-Writes bench/results/diagnostics_cost_<device>.json and .md (``--model tiny``:
-a smoke test's shapes, written with a ``_tiny`` suffix).
+Writes diagnostics_cost_<device>.json and .md into ``--out`` (default bench/out/;
+``--out bench/results`` refreshes the committed files; ``--model tiny``: a smoke test's shapes,
+written with a ``_tiny`` suffix).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, median_ms, utc_now  # noqa: E402
+from bench._meta import git_commit, median_ms, out_dir, utc_now  # noqa: E402
 from klkern.algorithms import _functional, _tracking  # noqa: E402
 
 SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)],
@@ -81,7 +83,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--model", choices=sorted(SHAPES), default="gpt2-layer")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(out_dir()),
+                    help="folder (default bench/out/; bench/results: the committed files)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     rows = [measure(name, device, args.steps, SHAPES[args.model])

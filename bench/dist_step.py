@@ -19,7 +19,8 @@ split across ranks against replicated on every rank, from the cost model
 that assigns blocks to ranks (klkern.distributed._distributed.block_cost: 6 N d per
 preconditioned mode and step plus 10 d^3 per refresh), calibrated by per-block
 step times measured here, and a stated network model (see --help). Writes
-bench/results/dist_step_cpu.json and .md.
+dist_step_cpu.json and .md into ``--out`` (default bench/out/; ``--out bench/results`` refreshes
+the committed files).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 from klkern.distributed._distributed import assign, block_cost  # noqa: E402
 
 LAYER = [(768, 768)] * 4 + [(3072, 768), (768, 3072)] + [(768,)] * 4 + [(3072,), (768,)]
@@ -181,7 +182,8 @@ def main(argv=None):
     ap.add_argument("--optimizers", default="KLShampoo,KLShampoo:block_size=768,SOAP")
     ap.add_argument("--gpu-rate", type=float, default=27e12)
     ap.add_argument("--bandwidth", type=float, default=50e9)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(out_dir()),
+                    help="folder (default bench/out/; bench/results: the committed files)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

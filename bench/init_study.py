@@ -1,6 +1,6 @@
 """The eigenvalue-initialisation study of KL-Shampoo and KL-SOAP, on two tasks.
 
-    python bench/init_study.py --shakespeare FILE   # FILE: the complete works of Shakespeare, one text file
+    python bench/init_study.py --shakespeare FILE [--out DIR]   # FILE: the complete works of Shakespeare
 
 Three initialisations of the eigenvalue estimates ``lam`` (klkern's
 ``init_factor``): the prototype's constant 0.1, "rms" (every entry
@@ -19,8 +19,9 @@ and the same model on the characters of the Shakespeare corpus):
 3. on the first task, one longer run (4x the steps, seed 0) of the main
    optimizers, to see whether the early advantage over AdamW persists.
 
-Writes bench/results/init_study.md (the tables, every command) and the
-folders of each step's results.
+Writes ``init_study.md`` (the tables, every command) and the folders of each
+step's results into ``--out`` (default bench/out/, ignored by git; ``--out
+bench/results`` refreshes the committed study).
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-REL = Path("bench") / "results"  # paths in the recorded commands, relative to the repository
+sys.path.insert(0, str(ROOT))
+from bench._meta import out_dir  # noqa: E402
+
+RESULTS = out_dir()  # --out
+REL = Path(os.path.relpath(RESULTS, ROOT))  # paths in the recorded commands, relative to the repository
 NAMES = ["adamw", "klshampoo-0.1", "klshampoo-rms", "klshampoo-debiased", "klsoap-0.1", "klsoap-rms",
          "klsoap-debiased", "soap", "shampoo", "shampoo-nograft"]
 
@@ -49,12 +54,18 @@ def run(cmd: list, log: list) -> None:
 
 
 def main(argv=None) -> None:
+    global RESULTS, REL
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shakespeare", required=True, help="the Shakespeare text file (not shipped with klkern)")
     ap.add_argument("--only", choices=("sweep", "eval", "long", "report"), action="append",
                     help="run only these stages (default: all)")
     ap.add_argument("--tasks", default="stdlib,shakespeare", help="the tasks whose sweep and evaluation run")
+    ap.add_argument("--out", default=str(RESULTS),
+                    help="folder (default bench/out/; bench/results: the committed study)")
     args = ap.parse_args(argv)
+    RESULTS = Path(args.out).resolve()
+    REL = Path(os.path.relpath(RESULTS, ROOT))
+    RESULTS.mkdir(parents=True, exist_ok=True)
     stages = args.only or ["sweep", "eval", "long", "report"]
     tasks = {"stdlib": ["--preset", "cpu"],
              "shakespeare": ["--preset", "shakespeare-cpu", "--data", args.shakespeare]}

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a clone without installing
     sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 
 SHAPES = [(64, 96), (256, 128), (8, 512)]
 SCALES = [1e-5, 1e-3, 1e-1, 1e2]
@@ -73,7 +73,8 @@ def ratio(cls, shape: tuple, scale: float, **kwargs) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench/results/loss_scale_cpu.md")
+    p.add_argument("--out", default=str(out_dir() / "loss_scale_cpu.md"),
+                   help="result file (default bench/out/; bench/results/loss_scale_cpu.md is the committed one)")
     args = p.parse_args(argv)
     head = "| optimizer | shape | " + " | ".join(f"c = {c:g}" for c in SCALES) + " |"
     lines = [
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
             cells = [f"{movement(cls, shape, c, **kwargs) / base:.3g}" for c in SCALES]
             lines.append(f"| {label} | {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

@@ -11,11 +11,15 @@ the grid merely cut off. Copy the winners into ``DEFAULT_LR`` in train_lm.py.
 
 Results already in the output JSON for the same preset, config, corpus and
 seed are reused (``--fresh`` ignores them), so an interrupted or extended
-sweep does not repeat runs.
+sweep does not repeat runs; the files are rewritten after every run (the JSON's
+``complete`` lists the optimizers whose sweep ended), and ``--budget`` starts
+no run that would likely end past it.
 
     python bench/lr_sweep.py                 # preset cpu, ~12 min on 2 cores
+    python bench/lr_sweep.py --preset tiny --optimizers adamw,klshampoo --grid 1e-3,1e-2 --extend 0   # smoke run
 
-Writes ``bench/results/lr_sweep_<preset>.md`` and ``.json``.
+Writes ``lr_sweep_<preset>.md`` and ``.json`` into bench/out/ (ignored by git; ``--out
+bench/results/lr_sweep_<preset>`` refreshes the committed sweep).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_lm  # noqa: E402
 
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 LADDER = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
@@ -53,8 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--data", help="text file instead of the stdlib sources")
     p.add_argument("--max-bytes", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="output stem (default bench/results/lr_sweep_<preset>)")
+    p.add_argument("--out", help="output stem (default bench/out/lr_sweep_<preset>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds: start no run that would likely end past this (0: no limit)")
     return p.parse_args(argv)
 
 
@@ -78,67 +85,83 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     data = train_lm.load_data(args, cfg)
 
-    stem = Path(args.out) if args.out else train_lm.ROOT / "bench" / "results" / f"lr_sweep_{args.preset}"
+    stem = Path(args.out) if args.out else out_dir() / f"lr_sweep_{args.preset}"
     key = {"preset": args.preset, "config": asdict(cfg), "seed": SWEEP_SEED, "val_seed": SWEEP_VAL_SEED,
            "sha256": data["sha256"]}
     cached: dict = {}
+    complete: list = []
     if stem.with_suffix(".json").exists() and not args.fresh:
         old = json.loads(stem.with_suffix(".json").read_text())
         if all(old["meta"].get(k) == v for k, v in key.items()):
             cached = old["final_val_loss"]
+            complete = list(old.get("complete", old.get("best", {})))
+    command = "python bench/lr_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {**key, "grid": grid, "source": data["source"], "torch": torch.__version__, "commit": git_commit(),
+            "date": utc_now(), "command": command}
+    losses: dict[str, dict[str, float]] = {name: dict(per) for name, per in cached.items()}
+    started, longest = time.monotonic(), 0.0
+
+    class OutOfBudget(Exception):
+        pass
 
     def run(name: str, lr: float) -> float:
+        nonlocal longest
         if f"{lr:g}" in cached.get(name, {}):
             loss = cached[name][f"{lr:g}"]
         else:
+            if args.budget and time.monotonic() - started + longest > args.budget:
+                raise OutOfBudget
+            t0 = time.monotonic()
             r = train_lm.train_one(name, SWEEP_SEED, lr, cfg, data, device, progress=not args.no_progress,
                                    val_seed=SWEEP_VAL_SEED)
+            longest = max(longest, time.monotonic() - t0)
             loss = r["final_val_loss"]
+            losses.setdefault(name, {})[f"{lr:g}"] = loss if math.isfinite(loss) else float("nan")
+            write(stem, args.preset, cfg, meta, losses, complete)  # after every run: a cut keeps it
         print(f"{name:16s} lr={lr:<8g} final val loss {loss:.4f}", file=sys.stderr)
         return loss if math.isfinite(loss) else float("nan")
 
-    losses: dict[str, dict[str, float]] = {}
-    best: dict[str, float] = {}
-    commit = git_commit()  # taken before the runs: the code they ran
-    for name in names:
-        tried = {lr: run(name, lr) for lr in grid}
-        for _ in range(args.extend):
-            lr = _best(tried)
-            if lr is None:
-                break
-            lower = [x for x in LADDER if x < min(tried) * 0.99]
-            higher = [x for x in LADDER if x > max(tried) * 1.01]
-            if lr == min(tried) and lower:
-                tried[lower[-1]] = run(name, lower[-1])
-            elif lr == max(tried) and higher:
-                tried[higher[0]] = run(name, higher[0])
-            else:
-                break
-        losses[name] = {f"{lr:g}": tried[lr] for lr in sorted(tried)}
-        lr = _best(tried)
-        if lr is not None:
-            best[name] = float(lr)
-    for name, per in cached.items():  # optimizers swept before (same preset, config, corpus) stay
-        if name not in losses:
-            losses[name] = per
-            lr = _best({float(lr): v for lr, v in per.items() if v is not None})
-            if lr is not None:
-                best[name] = lr
-    names = [n for n in dict.fromkeys([*cached, *names])]
-    columns = sorted({float(lr) for per in losses.values() for lr in per})
+    try:
+        for name in names:
+            tried = {lr: run(name, lr) for lr in grid}
+            for _ in range(args.extend):
+                lr = _best(tried)
+                if lr is None:
+                    break
+                lower = [x for x in LADDER if x < min(tried) * 0.99]
+                higher = [x for x in LADDER if x > max(tried) * 1.01]
+                if lr == min(tried) and lower:
+                    tried[lower[-1]] = run(name, lower[-1])
+                elif lr == max(tried) and higher:
+                    tried[higher[0]] = run(name, higher[0])
+                else:
+                    break
+            losses[name] = {f"{lr:g}": tried[lr] for lr in sorted(tried)}
+            complete = [n for n in dict.fromkeys([*complete, name])]
+    except OutOfBudget:
+        left = names[names.index(name):]
+        print(f"lr_sweep: budget of {args.budget:g} s reached; not complete: {', '.join(left)}", file=sys.stderr)
+    text = write(stem, args.preset, cfg, meta, losses, complete)
+    print(text)
+    return {name: lr for name in complete if (lr := _best({float(k): v for k, v in losses[name].items()}))}
 
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**key, "grid": grid, "source": data["source"],
-            "torch": torch.__version__, "commit": commit, "date": utc_now(),
-            "command": "python bench/lr_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    lines = [f"# lr sweep: preset `{args.preset}`", "",
+
+def write(stem: Path, preset: str, cfg, meta: dict, losses: dict, complete: list) -> str:
+    """The .md and .json of the sweep so far; ``best`` only for the optimizers whose sweep ended."""
+    best = {name: float(lr) for name in complete
+            if name in losses and (lr := _best({float(k): v for k, v in losses[name].items()})) is not None}
+    names = list(losses)
+    columns = sorted({float(lr) for per in losses.values() for lr in per})
+    lines = [f"# lr sweep: preset `{preset}`", "",
              f"- one run per (optimizer, lr), seed {SWEEP_SEED}, validation windows seed {SWEEP_VAL_SEED}, "
-             f"{cfg.steps} steps; grid {', '.join(f'{x:g}' for x in grid)} for every optimizer, "
+             f"{cfg.steps} steps; grid {', '.join(f'{x:g}' for x in meta['grid'])} for every optimizer, "
              "extended along the half-decade ladder where the best rate was on an edge (`-`: not run); "
              "`div`: the loss became non-finite",
-             f"- corpus: {data['source']} (sha256 {data['sha256']}); torch {meta['torch']}; "
+             f"- corpus: {meta['source']} (sha256 {meta['sha256']}); torch {meta['torch']}; "
              f"commit {meta['commit']}; date {meta['date']}",
-             f"- command: `{meta['command']}`", "",
+             f"- command: `{meta['command']}`",
+             *([f"- **partial**: sweep not complete for {', '.join(n for n in names if n not in complete)}"]
+               if any(n not in complete for n in names) else []), "",
              "Final validation loss; **bold** = the default chosen for train_lm.py.", "",
              "| optimizer | " + " | ".join(f"{lr:g}" for lr in columns) + " |",
              "|---|" + "---|" * len(columns)]
@@ -150,11 +173,11 @@ def main(argv=None) -> dict:
             cells.append(f"**{cell}**" if best.get(name) == lr else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "final_val_loss": losses, "best": best},
-                                                    indent=1) + "\n")
-    print(text)
-    return best
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "final_val_loss": losses, "best": best,
+                                                    "complete": complete}, indent=1) + "\n")
+    return text
 
 
 if __name__ == "__main__":

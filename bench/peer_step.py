@@ -1,16 +1,19 @@
 """klkern's amortised step against other public implementations, side by side in one process.
 
-    python bench/peer_step.py [--frequencies 1,10] [--rounds 2] [--out bench/results/peer_step_cpu.md]
+    python bench/peer_step.py [--frequencies 1,10] [--rounds 2] [--out FILE]   # default bench/out/peer_step_cpu.md
     python bench/peer_step.py --source soap=/path/to/SOAP         # the public SOAP's soap.py
     python bench/peer_step.py --model tiny --steps 2 --rounds 1   # smoke run
-    python bench/peer_step.py --device cuda --out bench/results/peer_step_cuda.md   # on a GPU
+    python bench/peer_step.py --device cuda                       # on a GPU: bench/out/peer_step_cuda.md
+
+``--out bench/results/peer_step_cpu.md`` refreshes the committed result (bench/out/ is ignored by git).
 
 Workload: one GPT-2-small layer, (768, 768) x 4, (3072, 768), (768, 3072), float32, the same
 seeded gradients for every implementation. Each runs at its defaults except the learning rate,
 the refresh period (``precondition_frequency``: 1 and 10) and the largest preconditioned
 dimension (large enough to precondition every mode; HeavyBall's schedule of refresh periods is
-off). Reported: amortised ms per step over ``--steps`` timed steps (a multiple of the refresh
-period, so every refresh is counted), the better of ``--rounds`` interleaved rounds, the ratio
+off). Reported: amortised ms per step over the timed steps (``--steps``, rounded up per refresh
+period to a whole number of periods, so every refresh is counted; default 3 at period 1, else one
+period), the better of ``--rounds`` interleaved rounds, the ratio
 to klkern, and the optimizer state in MiB. klkern's refresh is also profiled (where its time
 goes, per phase).
 
@@ -53,7 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, times_ms, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, times_ms, utc_now  # noqa: E402
 from klkern.engine._optimizer import tensor_bytes  # noqa: E402
 
 SHAPES = {"gpt2-layer": [(768, 768)] * 4 + [(3072, 768), (768, 3072)],
@@ -315,12 +318,21 @@ def profile_refresh(model: str, reps: int = 3) -> dict:
     return out
 
 
+def timed_steps(requested: int, period: int) -> int:
+    """Timed steps of a run at refresh ``period``: ``requested`` rounded up to a whole number of
+    periods (amortised: every refresh counted), or by default 3 at period 1, else one period."""
+    if not requested:
+        return 3 if period == 1 else period
+    return -(-requested // period) * period
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SHAPES), default="gpt2-layer")
     ap.add_argument("--frequencies", default="1,10", help="refresh periods, comma separated")
     ap.add_argument("--steps", type=int, default=0,
-                    help="timed steps per run (default: 3 at period 1, else one period)")
+                    help="timed steps per run, rounded up to a whole number of refresh periods so that every "
+                         "refresh is counted (default: 3 at period 1, else one period)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (initialisation, compilation)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the better is reported")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -330,7 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profile of klkern's refresh and the timing of its kernels alone")
     ap.add_argument("--profile-only", action="store_true", help="only the profile of klkern's refresh (no peers)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peer_step_cpu.md")
+    ap.add_argument("--out", type=Path, help="result file (default bench/out/peer_step_<cpu|cuda>.md; "
+                                             "bench/results/peer_step_cpu.md is the committed one)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda")
     ap.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default="highest",
                     help="torch.set_float32_matmul_precision for every implementation (klkern follows it)")
@@ -344,9 +357,11 @@ def main(argv=None) -> int:
     _MODEL["name"] = args.model
     sources = dict(s.split("=", 1) for s in args.source)
     freqs = [int(f) for f in args.frequencies.split(",")]
-    if args.steps and any(args.steps % f for f in freqs):
-        ap.error(f"--steps {args.steps} must be a multiple of every refresh period {freqs} (amortised: every "
-                 "refresh counted)")
+    if args.steps < 0 or any(f < 1 for f in freqs):
+        ap.error(f"--steps must be >= 0 and every refresh period >= 1; got --steps {args.steps}, --frequencies "
+                 f"{args.frequencies}")
+    if args.out is None:
+        args.out = out_dir() / f"peer_step_{device.type}.md"
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     impls, skipped = [], []
     for algo, impl, dist, factory in ([] if args.profile_only else implementations(sources)):
@@ -360,7 +375,9 @@ def main(argv=None) -> int:
             impls.append((algo, impl, dist, factory))
     best: dict = {}
     for freq in ([] if args.profile_only else freqs):
-        steps = args.steps or (3 if freq == 1 else freq)
+        steps = timed_steps(args.steps, freq)
+        if args.steps and steps != args.steps:
+            print(f"period {freq}: {steps} timed steps (--steps {args.steps} rounded up to whole periods)", flush=True)
         init, grads = workload(args.model, steps, device=args.device)
         for rnd in range(args.rounds):
             for algo, impl, dist, factory in impls:
@@ -381,6 +398,7 @@ def main(argv=None) -> int:
             "matmul_precision": args.matmul_precision, "dash_block": DASH_BLOCK[args.model],
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "model": args.model, "shapes": SHAPES[args.model], "rounds": args.rounds, "warmup": args.warmup,
+            "timed_steps": {f: timed_steps(args.steps, f) for f in freqs},
             "versions": {impl: version_of(impl, dist, sources) for _, impl, dist, _ in impls}, "skipped": skipped}
     rows = [{"period": f, "algorithm": a, "implementation": i, **r} for (f, a, i), r in best.items()]
     write(args.out, meta, rows, profile, floor)

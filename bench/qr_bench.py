@@ -2,10 +2,11 @@
 
     python bench/qr_bench.py [--quick] [--dtype float32] [--shapes 24x768x768,48x1024x1024]
                              [--input random|factor]
+    python bench/qr_bench.py --device cpu --quick   # smoke run (small shapes, seconds)
 
-For each batch shape (default: (24, 768, 768), (48, 1024, 1024),
-(12, 3072, 3072), (8, 4096, 4096)) it times, with CUDA events (warm-up
-calls, then the median of --reps calls):
+For each batch shape (default on CUDA: (24, 768, 768), (48, 1024, 1024),
+(12, 3072, 3072), (8, 4096, 4096); on the CPU, a smoke run's: (4, 64, 64), (2, 160, 96)) it
+times, with CUDA events (warm-up calls, then the median of --reps calls):
 
 * ``klkern``: torch.ops.klkern.batched_qr, the CUDA extension (one call for
   the whole batch; the JIT build, if any, happens in the warm-up), i.e.
@@ -27,9 +28,9 @@ bench/results/refresh_factors_cpu.md) and V a random rotation by about 1e-2 of
 the identity (a factor in a basis one refresh stale), where CholeskyQR2's Gram
 matrix is singular in float64 and it falls back. Every result is checked:
 ||Q^T Q - I||_max and ||Q R - A||_F / ||A||_F with R = Q^T A (in float64),
-against the issue's 1e-5 bound for float32. Writes bench/results/qr_<device>.json
-and .md (qr_<device>_factor.* for ``--input factor``) with device, torch/CUDA versions,
-commit and date. Targets (H100, float32): klkern at least 5x faster than
+against the issue's 1e-5 bound for float32. Writes qr_<device>.json and .md
+(qr_<device>_factor.* for ``--input factor``) with device, torch/CUDA versions, commit and date
+into ``--out-dir`` (default bench/out/, ignored by git). Targets (H100, float32): klkern at least 5x faster than
 torch.linalg.qr on the first two shapes, at least 2x on (8, 4096, 4096).
 """
 
@@ -46,10 +47,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 from klkern.linalg import _ext  # noqa: E402
 
 DEFAULT_SHAPES = [(24, 768, 768), (48, 1024, 1024), (12, 3072, 3072), (8, 4096, 4096)]
+SMOKE_SHAPES = [(4, 64, 64), (2, 160, 96)]  # --device cpu: the script's logic, not the GPU's sizes
 TARGETS = {(24, 768, 768): 5.0, (48, 1024, 1024): 5.0, (8, 4096, 4096): 2.0}  # speedup vs torch.linalg.qr
 ACCURACY_BOUND = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -191,11 +193,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 warm-up call and 3 timed calls per route")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per route (default 7, --quick 3)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES, help="comma list of BxMxN")
+    parser.add_argument("--shapes", type=parse_shapes, default=None,
+                        help="comma list of BxMxN (default: the GPU shapes above on CUDA, small ones on the CPU)")
     parser.add_argument("--input", choices=["random", "factor"], default="random",
                         help="random: standard normal; factor: what a refresh factors (see above)")
     parser.add_argument("--no-householder", action="store_true", help="skip the geqrf + householder_product route")
-    parser.add_argument("--out-dir", default=os.path.join("bench", "results"))
+    parser.add_argument("--out-dir", default=str(out_dir()),
+                    help="folder (default bench/out/; bench/results: the committed files)")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     parser.add_argument("--budget", type=float, default=0.0,
                         help="seconds: start no further shape after this (0: no limit); a route whose "
@@ -203,6 +207,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.shapes is None:
+        args.shapes = DEFAULT_SHAPES if device.type == "cuda" else SMOKE_SHAPES
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("qr_bench: needs a CUDA device (torch.cuda.is_available() is False; torch "
                  f"{torch.__version__}, CUDA {torch.version.cuda}); nothing measured")

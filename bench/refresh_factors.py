@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 from klkern import linalg  # noqa: E402
 from klkern.algorithms import _functional as F  # noqa: E402
 
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--optimizers", default="klshampoo,soap")
     ap.add_argument("--save", help="also save the captured factors (torch.save) here")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "refresh_factors_cpu.md"))
+    ap.add_argument("--out", default=str(out_dir() / "refresh_factors_cpu.md"),
+                    help="result file (default bench/out/; bench/results/refresh_factors_cpu.md is the committed one)")
     args = ap.parse_args(argv)
     captured = capture(args.optimizers.split(","), args.steps)
     if args.save:
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
                 cells.append(f"{answered[method]} of {total}")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
     return 0

@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 
 OPTIMIZERS = {
     "AdamW": (lambda p, lr: torch.optim.AdamW(p, lr=lr["adamw"], betas=(0.9, 0.95), weight_decay=0.0)),
@@ -150,13 +150,13 @@ def main(argv=None) -> int:
     ap.add_argument("--after", type=int, help="steps after the spike that are compared (mlp 100, lstsq 40)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                     help="comma-separated, from: " + ", ".join(OPTIMIZERS))
-    ap.add_argument("--out", type=Path, help="result file (default: bench/results/spike_recovery_cpu.md for the "
+    ap.add_argument("--out", type=Path, help="result file (default: bench/out/spike_recovery_cpu.md for the "
                                              "mlp task, spike_recovery_<task>_cpu.md for another)")
     args = ap.parse_args(argv)
     _, steps, spike_at, after = TASKS[args.task]
     if args.out is None:
         name = "spike_recovery_cpu.md" if args.task == "mlp" else f"spike_recovery_{args.task}_cpu.md"
-        args.out = ROOT / "bench" / "results" / name
+        args.out = out_dir() / name
     args.steps = steps if args.steps is None else args.steps
     args.spike_at = spike_at if args.spike_at is None else args.spike_at
     args.after = after if args.after is None else args.after

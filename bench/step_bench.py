@@ -444,7 +444,7 @@ def main(argv=None):
     ap.add_argument("--precisions", default="highest,high,medium")
     ap.add_argument("--freq1-optimizers", default="KLSOAP,KLShampoo")
     ap.add_argument("--freq1-steps", type=int, default=10)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     ap.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
     ap.add_argument("--no-graph", action="store_true", help="skip the cuda_graph=True column")

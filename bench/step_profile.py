@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from step_bench import workload  # noqa: E402
 
 import klkern  # noqa: E402
-from bench._meta import git_commit, sync, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, sync, utc_now  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 COPY_EVENTS = ("cudaMemcpy", "cudaMemcpyAsync")
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(out_dir()),
+                    help="folder (default bench/out/; bench/results: the committed files)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     _, params, grads = workload(args.model, device, "step_profile.py")

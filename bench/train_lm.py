@@ -614,7 +614,9 @@ def markdown(table: list[dict], meta: dict) -> str:
         f"# train_lm: preset `{meta['preset']}`",
         "",
         f"- corpus: {meta['source']}, {meta['bytes']} bytes (sha256 {meta['sha256']}), "
-        f"{meta['tokens']} tokens, vocab {meta['vocab']}, 90/10 train/val split",
+        f"{meta['tokens']} tokens, vocab {meta['vocab']}, 90/10 train/val split"
+        + ("; the standard library of the Python that ran this: another Python version trains on other text "
+           "(compare the sha256)" if " stdlib (" in meta["source"] else ""),
         f"- model: {meta['params']} parameters; config: {meta['config']}",
         f"- device: {meta['device']}; torch {meta['torch']}; python {meta['python']}; "
         f"threads {meta['threads']}; klkern {meta['klkern']}; commit {meta.get('commit', 'unknown')}; "
@@ -750,6 +752,11 @@ def parse_args(argv=None):
                    help="no tqdm progress bars, one line when each run starts and ends (the default when "
                         "stderr is not a terminal, e.g. redirected to a log)")
     p.add_argument("--replot", metavar="DIR", help="only redraw DIR/val_loss.png from DIR/runs.csv")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs already in --out (same preset, config, corpus, device and rates) "
+                        "and run only the others")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds: start no run that would likely end past this (0: no limit)")
     return p.parse_args(argv)
 
 
@@ -770,6 +777,45 @@ def learning_rates(args) -> dict:
             raise SystemExit(f"--lr expects OPT=LR with OPT in {', '.join(ALL_OPTIMIZERS)}; got {item!r}")
         lrs[name] = float(value)
     return lrs
+
+
+RUN_FIELDS = ["optimizer", "seed", "lr", "step", "train_loss", "val_loss", "wall_time_s", "kl"]
+# What a run kept by --resume must share with the runs to come (the rest of the meta may differ)
+RESUME_KEYS = ("preset", "config", "sha256", "tokens", "optimizer_args", "device", "torch")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform knows of it."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def resumed(out: Path, meta: dict, lrs: dict) -> list[dict]:
+    """The finished runs in ``out`` (summary.json's runs with their rows from runs.csv) that --resume
+    keeps: those of the same preset, config, corpus, device and optimizer arguments, at the learning
+    rate this invocation would use. A run cut short is not kept (it is run again)."""
+    summary = out / "summary.json"
+    if not summary.is_file() or not (out / "runs.csv").is_file():
+        return []
+    old = json.loads(summary.read_text())
+    differs = [k for k in RESUME_KEYS if old["meta"].get(k) != meta.get(k)]
+    if differs:
+        print(f"train_lm --resume: not resuming {out}: its runs differ in {', '.join(differs)}", file=sys.stderr)
+        return []
+    rows = {(r["optimizer"], r["seed"]): r["rows"] for r in read_runs(out / "runs.csv")}
+    kept = []
+    for run in old.get("runs", []):
+        key = (run["optimizer"], run["seed"])
+        if key in rows and run["lr"] == lrs.get(run["optimizer"]):
+            kept.append({**run, "rows": rows[key]})
+    print(f"train_lm --resume: keeping {len(kept)} finished runs of {out}", file=sys.stderr)
+    return kept
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -853,7 +899,7 @@ def main(argv=None) -> list[dict]:
         "sha256": data["sha256"], "tokens": cfg.tokens, "vocab": data["vocab"],
         "params": params, "config": asdict(cfg),
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"),
+                   else f"cpu ({cpu_model()}, {os.cpu_count()} cores)"),
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "klkern": klkern.__version__,
         "commit": commit, "date": utc_now(), "optimizer_args": extras, "skipped": skipped,
@@ -862,23 +908,37 @@ def main(argv=None) -> list[dict]:
         "peers": peer_versions(names),
         "command": " ".join(["python bench/train_lm.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    results: list[dict] = []
+    results: list[dict] = resumed(out, meta, lrs) if args.resume else []
+    kept = {(r["optimizer"], r["seed"]) for r in results}
+    # seed-major: a run cut short (a lease's time limit) still leaves whole comparisons behind
+    runs = [(name, seed) for seed in seeds for name in names if (name, seed) not in kept]
+    meta["runs_done"], meta["runs_planned"] = len(results), len(results) + len(runs)
+    table = summarize(results)
     with open(out / "runs.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["optimizer", "seed", "lr", "step", "train_loss",
-                                                "val_loss", "wall_time_s", "kl"])
+        writer = csv.DictWriter(fh, fieldnames=RUN_FIELDS)
         writer.writeheader()
-        # seed-major: a run cut short (a lease's time limit) still leaves whole comparisons behind
-        runs = [(name, seed) for seed in seeds for name in names]
+        for r in results:
+            writer.writerows(r["rows"])
+        started, longest = time.monotonic(), 0.0
         for i, (name, seed) in enumerate(runs, 1):
+            if args.budget and time.monotonic() - started + longest > args.budget:
+                print(f"train_lm: budget of {args.budget:g} s reached; not run: "
+                      + ", ".join(f"{n} seed {s}" for n, s in runs[i - 1:]), file=sys.stderr)
+                break
+            t0 = time.monotonic()
             result = train_one(name, seed, lrs[name], cfg, data, device,
                                progress="lines" if args.no_progress else True, on_row=writer.writerow,
                                extra=extras.get(name), label=f"[run {i}/{len(runs)}]")
+            longest = max(longest, time.monotonic() - t0)
             fh.flush()
+            result.update(commit=commit, date=utc_now())  # a resumed comparison's runs may come from several
             results.append(result)
-            meta["runs_done"], meta["runs_planned"] = i, len(runs)
+            meta["runs_done"] = len(results)
             table = summarize(results)  # the summary so far, after every run
             (out / "summary.md").write_text(markdown(table, meta))
-            (out / "summary.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
+            (out / "summary.json").write_text(json.dumps(
+                {"meta": meta, "table": table, "runs": [{k: v for k, v in r.items() if k != "rows"} for r in results]},
+                indent=1) + "\n")
 
     plot(results, out / "val_loss.png", f"GPT ({meta['params']} params), preset {args.preset}")
     print(markdown(table, meta))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a clone without installing
     sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, utc_now  # noqa: E402
+from bench._meta import git_commit, out_dir, utc_now  # noqa: E402
 
 OPTIMIZERS = [klkern.KLShampoo, klkern.KLSOAP, klkern.SOAP, klkern.Shampoo]
 
@@ -145,7 +145,8 @@ def main_job_lines() -> str:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "unseen_cpu.md"))
+    ap.add_argument("--out", default=str(out_dir() / "unseen_cpu.md"),
+                    help="result file (default bench/out/; bench/results/unseen_cpu.md is the committed one)")
     ap.add_argument("--main-job", action="store_true", help="also compare the main job under both settings")
     args = ap.parse_args(argv)
     cpu = torch.device("cpu")
@@ -163,6 +164,7 @@ def main(argv=None) -> str:
     if args.main_job:
         lines += ["", main_job_lines()]
     text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
     return text

@@ -61,8 +61,8 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   as in torch.optim, ``load_state_dict`` restores the saved groups' value of
   this option over the constructor's.
 * ``backend`` ("auto"): "auto" (per device and matmul precision, the path
-  measured faster on a GPU: today the torch path everywhere, see
-  ``klkern.runtime._backend.AUTO_KERNELS``), "torch" (the batched torch path, any
+  measured faster on that GPU: what the committed GPU results decide, see
+  docs/gpu.md, "What the GPU results decide"; today the torch path everywhere), "torch" (the batched torch path, any
   device) or "triton" (the fused Triton kernels, else a clear error; on CPU
   tensors only under ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND``
   environment variable overrides it. The kernels handle 2-D blocks with both

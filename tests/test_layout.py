@@ -9,8 +9,8 @@ dotted path inside klkern ("engine._plan", "linalg" for klkern/linalg/__init__.p
   the kernels only runtime/ (precision settings, error text, the backend probe: no optimizer);
 * the reference (klkern/reference.py), the oracle of every test, reaches none of the fast path
   (the step engine, its plan, the steps, the Triton path, the optimizer classes, the kernels);
-* the linear algebra (klkern/linalg/) reaches only the QR extension's loader, precision settings
-  and error text.
+* the linear algebra (klkern/linalg/) reaches only the QR extension's loader, precision settings,
+  error text and the decisions of the GPU results (which QR method="auto" runs per device).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ KERNELS = ROOT / "triton_kernels"
 FAST_PATH = {"engine._engine", "engine._plan", "engine._stacking", "engine._phases", "algorithms._steps",
              "algorithms._triton_path", "engine._write", "engine._refresh", "engine._optimizer",
              "engine._checkpoint", "optimizers", "engine._graph", "triton_kernels"}
-LINALG_REACHES = {"linalg._ext", "runtime._errors", "runtime._precision"}
+LINALG_REACHES = {"linalg._ext", "runtime._errors", "runtime._precision", "runtime._decisions",
+                  "runtime._gpu_decisions"}
 # package -> the packages (and the kernels) its modules may import
 PACKAGES_MAY_IMPORT = {
     "runtime": set(),

@@ -189,34 +189,34 @@ CANDIDATES = {kernel: {dot: [_tiles(**c) for c in cands] for dot, cands in table
               for kernel, table in (("product", _PRODUCT_CANDIDATES), ("rotate", _GEMM_CANDIDATES),
                                     ("precondition", _GEMM_CANDIDATES), ("factor_ema", _SYRK_CANDIDATES))}
 
-# Tile tables a GPU run measured (klkern/runtime's decided defaults, written by
-# `python bench/gpu_suite.py decide` from bench/results/gpu_*/tiles_*.json): per compute capability,
-# {kernel: {dot: [(least size, config), ...]}}; a kernel and DOT it lacks keep the table above.
-TUNED: dict = {}
+# Tile tables a GPU run measured (bench/tune_tiles.py; `python bench/gpu_suite.py decide` carries
+# them into klkern/runtime/_gpu_decisions.py under "tiles": {kernel: {dot: [[least size, config],
+# ...]}}), looked up for the device a launch runs on (its own entry, else its compute
+# capability's); a kernel and DOT they lack keep the table above.
 
 
-_CAPABILITIES: dict = {}
-
-
-def capability(device: torch.device) -> str | None:
-    """"major.minor" of a CUDA device (what the decided tables are keyed by); None elsewhere and
-    while recording for compile_check (which compiles every table)."""
-    if device.type != "cuda" or not gpu_faithful() or INTERPRET:
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITIES:
-        major, minor = torch.cuda.get_device_capability(index)
-        _CAPABILITIES[index] = f"{major}.{minor}"
-    return _CAPABILITIES[index]
-
-
-def tuned_table(kernel: str, dot: str, capability: str | None) -> list | None:
-    """The measured table of ``kernel`` at ``dot`` on a device of ``capability`` ("9.0"), if any."""
-    if capability is None:
-        return None
-    entries = TUNED.get(capability, {}).get(kernel, {}).get(dot)
+def tuned_table(kernel: str, dot: str, tables: dict | None) -> list | None:
+    """The measured table of ``kernel`` at ``dot`` in ``tables`` (a decided "tiles" entry), if any."""
+    entries = (tables or {}).get(kernel, {}).get(dot)
     return [(int(least), _tiles(**{k: v for k, v in cfg.items() if k != "maxnreg"})) for least, cfg in entries] \
         if entries else None
+
+
+def decided_tiles(device: torch.device) -> dict | None:
+    """The "tiles" decision for ``device`` (None off CUDA, while recording for compile_check, which
+    compiles every table, and where no GPU result speaks for the device)."""
+    if device.type != "cuda" or INTERPRET:
+        return None
+    from klkern.runtime import _decisions
+
+    return _decisions.for_device("tiles", device)
+
+
+def _all_decided_tiles() -> list:
+    from klkern.runtime import _gpu_decisions
+
+    entries = list(_gpu_decisions.DEVICES.values()) + list(_gpu_decisions.CAPABILITIES.values())
+    return [e["tiles"] for e in entries if e.get("tiles")]
 
 
 # The interpreter costs ~1.5 ms per program: few, large programs.
@@ -229,13 +229,14 @@ def aligned(*sizes: int) -> bool:
     return all(s == 1 or s % 16 == 0 for s in sizes)
 
 
-def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True, capability: str | None = None) -> dict:
+def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True, device: torch.device | None = None) -> dict:
     """The GPU tile config of kernel ``table`` for precision ``dot`` at ``size`` (the measured
-    table of a device of ``capability`` where one was decided, else the default table)."""
+    table of ``device`` where one was decided, else the default table)."""
     if not is_aligned and table in _UNALIGNED_OF:
         return dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])
     chosen = None
-    for least, cfg in tuned_table(table, dot, capability) or TILE_TABLES[table][dot]:
+    decided = decided_tiles(device) if device is not None else None
+    for least, cfg in tuned_table(table, dot, decided) or TILE_TABLES[table][dot]:
         if size >= least:
             chosen = cfg
     return dict(chosen)
@@ -247,8 +248,8 @@ def table_entries(table: str, dot: str, is_aligned: bool, candidates: bool = Fal
     if not is_aligned and table in _UNALIGNED_OF:
         return [dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])]
     out = [dict(cfg) for _, cfg in TILE_TABLES[table][dot]]
-    for capability in TUNED:
-        out += [dict(cfg) for _, cfg in tuned_table(table, dot, capability) or ()]
+    for tables in _all_decided_tiles():
+        out += [dict(cfg) for _, cfg in tuned_table(table, dot, tables) or ()]
     if candidates:
         out += [dict(cfg) for cfg in CANDIDATES.get(table, {}).get(dot, ())]
     unique: dict = {}

@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (STATE_DTYPES, Traffic, aligned, capability, check_stack, dot_constexprs, launch, nbytes,
-                      pick_tiles, run_tiles)
+from ._config import STATE_DTYPES, Traffic, aligned, check_stack, dot_constexprs, launch, nbytes, pick_tiles, run_tiles
 from ._product import tile_product
 from .product import check_device, in_chunks
 
@@ -74,7 +73,7 @@ def _plan(R, Xd, weights, precision):
     dots = dot_constexprs(precision)
     d, K = Xd.shape[1], Xd.shape[2]
     is_aligned = aligned(d, K, *R.stride(), *Xd.stride(), *(weights.stride() if weights is not None else ()))
-    return dots, pick_tiles("factor_ema", dots["DOT"], d, is_aligned, capability(R.device)), is_aligned
+    return dots, pick_tiles("factor_ema", dots["DOT"], d, is_aligned, R.device), is_aligned
 
 
 def tile_width(R: torch.Tensor, X: torch.Tensor, weights: torch.Tensor | None = None, transpose_x: bool = False,

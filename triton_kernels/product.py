@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import Traffic, aligned, capability, dot_constexprs, launch, nbytes, pick_tiles, run_tiles
+from ._config import Traffic, aligned, dot_constexprs, launch, nbytes, pick_tiles, run_tiles
 from ._product import tile_product
 
 # CUDA's limit on a grid's y dimension, which indexes the blocks of a stack: larger stacks are
@@ -48,7 +48,7 @@ def product_tiles(M: int, N: int, K: int, precision: str, *tensors, table: str =
     """(DOT/EMULATE constexprs, GPU tile config, aligned, tiles_m, tiles_n) of a product launch."""
     dots = dot_constexprs(precision)
     is_aligned = aligned(M, N, K, *(s for t in tensors if t is not None for s in t.stride()))
-    cfg = pick_tiles(table, dots["DOT"], min(M, N), is_aligned, capability(tensors[0].device))
+    cfg = pick_tiles(table, dots["DOT"], min(M, N), is_aligned, tensors[0].device)
     run = run_tiles(cfg)
     return dots, cfg, is_aligned, triton.cdiv(M, run["BLOCK_M"]), triton.cdiv(N, run["BLOCK_N"])
 

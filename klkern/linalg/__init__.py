@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime import _decisions
 from ..runtime._precision import exact_matmul
 from ._ext import qr_extension
 
@@ -29,21 +30,29 @@ class EighFailure(RuntimeError):
 
 QR_METHODS = ("auto", "extension", "torch", "cholqr2", "shifted_cholqr3")
 
-# "auto" on CUDA takes the extension where it measured faster than torch.linalg.qr (first GPU run,
-# NVIDIA H200, float32, random stacks; bench/results/gpu_nvidia-h200/qr/qr_nvidia_h200.md):
-# 7.8x at (24, 768, 768), 10.7x at (48, 1024, 1024), 1.37x at (12, 3072, 3072), 0.82x at
-# (8, 4096, 4096). CholeskyQR2 was faster still at three of the four shapes on those
-# well-conditioned inputs, but it falls back to Householder on ill-conditioned ones (a factor of
-# low-rank gradients), so it stays opt-in until measured on real factors.
+# What method="auto" runs on a CUDA device that no GPU result speaks for (runtime/_decisions.py:
+# a device's own results, or those of its compute capability, decide otherwise): the extension up
+# to this width, torch.linalg.qr above. From the first GPU run (NVIDIA H200, float32, random
+# stacks; bench/results/gpu_nvidia-h200/qr/qr_nvidia_h200.md): the extension 7.8x torch at
+# (24, 768, 768), 10.7x at (48, 1024, 1024), 1.37x at (12, 3072, 3072), 0.82x at (8, 4096, 4096).
+# CholeskyQR2 falls back to Householder on ill-conditioned input (a factor of low-rank gradients),
+# so "auto" never picks it.
 AUTO_EXTENSION_MAX_N = 3072
 
 
-def auto_method(device_type: str, n: int, extension_available: bool) -> str:
-    """What method="auto" runs for an (..., m, n) stack on ``device_type``: "extension" or "torch"
-    (unless :func:`preferred_qr_method` sets another)."""
-    if device_type == "cuda" and extension_available and n <= AUTO_EXTENSION_MAX_N:
-        return "extension"
-    return "torch"
+def auto_method(device_type: str, n: int, extension_available: bool, device: torch.device | None = None) -> str:
+    """What method="auto" runs for an (..., m, n) stack on ``device_type``: "extension", "torch" or
+    "shifted_cholqr3" (unless :func:`preferred_qr_method` sets another). On CUDA, the decision of
+    the GPU results for ``device`` (klkern/runtime/_decisions.py) where there is one, else the
+    extension up to ``AUTO_EXTENSION_MAX_N``; "extension" only where the extension is available."""
+    if device_type != "cuda":
+        return "torch"
+    decided = _decisions.qr_auto(device, n) if device is not None else None
+    if decided is None:
+        decided = "extension" if n <= AUTO_EXTENSION_MAX_N else "torch"
+    if decided == "extension" and not extension_available:
+        return "torch"
+    return decided
 
 
 _preferred = "auto"
@@ -99,10 +108,13 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
 
     ``method``:
 
-    * "auto" (default): "extension" for CUDA tensors with n <= 3072 when the
-      extension is built or can be JIT-built (unless ``KLKERN_NO_EXT=1`` or
-      autograd needs to track ``A``), "torch" otherwise (``auto_method``: the
-      faster of the two as measured on an H200);
+    * "auto" (default): on CUDA, what the GPU results decide for the tensor's
+      device (``auto_method``; klkern/runtime/_gpu_decisions.py, written from
+      bench/results/gpu_*/ by ``python bench/gpu_suite.py decide``), else
+      "extension" for n <= 3072 (the faster of it and torch as measured on an
+      H200); "extension" only when the extension is built or can be JIT-built
+      (unless ``KLKERN_NO_EXT=1`` or autograd needs to track ``A``), "torch"
+      otherwise and on the CPU;
     * "extension": one batched blocked Householder QR for the whole stack on
       CUDA (csrc/batched_qr_kernels.cu); a clear error when unavailable;
     * "torch": ``torch.linalg.qr`` (Householder) plus the sign fix;
@@ -147,8 +159,11 @@ def batched_qr(A: torch.Tensor, method: str = "auto") -> torch.Tensor:
         return shifted_cholqr3(work)[0]
     if method == "torch":
         return _torch_qr(work)
+    chosen = auto_method(work.device.type, n, True, work.device) if method == "auto" else method
+    if chosen == "shifted_cholqr3":
+        return shifted_cholqr3(work)[0]
     usable = work.is_cuda and not (work.requires_grad and torch.is_grad_enabled())
-    wanted = method == "extension" or auto_method(work.device.type, n, True) == "extension"
+    wanted = chosen == "extension"
     op = qr_extension() if usable and wanted else None
     if op is not None:
         return op(work.reshape(-1, m, n)).reshape(work.shape)

@@ -5,8 +5,8 @@ environment variable) is "auto", "torch" or "triton":
 
 * "torch": the batched torch path (_functional), on any device;
 * "auto": per device and matmul precision, the path measured faster on a GPU
-  (``AUTO_KERNELS``): today the torch path everywhere (silently: it is the
-  same math);
+  (what the GPU results decide for that device, ``_decisions.auto_kernels``;
+  ``AUTO_KERNELS`` where no result speaks for it), silently: it is the same math;
 * "triton": the kernels or a clear error; on CPU tensors only under
   ``TRITON_INTERPRET=1`` (the interpreter, how CI runs the kernels).
 """
@@ -18,10 +18,13 @@ import os
 
 import torch
 
+from . import _decisions
+
 BACKENDS = ("auto", "torch", "triton")
 
-# Whether backend="auto" runs the Triton kernels for CUDA tensors at each matmul precision: where
-# they measured faster than the torch path. First GPU run (NVIDIA H200, torch 2.11, triton 3.6;
+# Whether backend="auto" runs the Triton kernels for CUDA tensors at each matmul precision on a
+# device that no GPU result speaks for (runtime/_decisions.py: a device's own results, or those of
+# its compute capability, decide otherwise). First GPU run (NVIDIA H200, torch 2.11, triton 3.6;
 # bench/results/gpu_nvidia-h200/step/step_nvidia-h200.md, GPT-2-small parameter set, median step):
 # the torch path was faster for all four optimizers at every precision (Triton / torch step time
 # 1.9-2.3x at "highest", 1.6-2.4x at "high", 1.1-1.8x at "medium"), so "auto" means torch until
@@ -107,8 +110,11 @@ def resolve(backend: str, device: torch.device, precision: str | None = None) ->
     else:
         usable = False
     if backend == "auto":
-        faster = AUTO_KERNELS.get(precision, False) if precision is not None else False
-        return "triton" if usable and device.type == "cuda" and faster else "torch"
+        if precision is None or not usable or device.type != "cuda":
+            return "torch"
+        decided = _decisions.auto_kernels(device, precision)
+        faster = AUTO_KERNELS.get(precision, False) if decided is None else decided
+        return "triton" if faster else "torch"
     if usable:
         return "triton"
     if triton_import_error() is not None:
