@@ -144,8 +144,8 @@ def _cmd_check(ctx: Ctx, pieces):
 def _cmd_step(ctx: Ctx, pieces):
     # the steady step, one precision per piece (each its own file): every optimizer, torch and
     # Triton paths, uncaptured and captured, the GEMM floor, launches, peak memory
-    return [Command(_py("bench/step_bench.py", "--precisions", p, "--freq1-optimizers", "", "--out", ctx.work / p,
-                        "--budget", Seconds()), (p,)) for p in pieces]
+    return [Command(_py("bench/step_bench.py", "--precisions", p, "--freq1-optimizers", "", "--no-refresh",
+                        "--out", ctx.work / p, "--budget", Seconds()), (p,)) for p in pieces]
 
 
 def _step_finished(work: Path, piece: str) -> bool:
@@ -293,13 +293,14 @@ def _cmd_compile(ctx: Ctx, pieces):
 
 # In priority order: the decision first (correctness, the steady step, the refresh), then the peers
 # and the main job, then what checks the machine (tests, kernels, compile, profile). A part that
-# runs one script is one line: Part("tune", "...", 60, 300, KERNELS + ("bench/tune_tiles.py",),
-# script("bench/tune_tiles.py")).
+# runs one script is one line (as "tune").
 PARTS = [
     Part("check", "python -m klkern.check: every path against klkern.reference", 25, 150, LIBRARY, _cmd_check),
     Part("step", "the steady step (bench/step_bench.py), one precision per piece: torch and Triton paths, "
          "uncaptured and captured, GEMM floor, launches, peak memory", 60, 240, LIBRARY + ("bench/step_bench.py",),
          _cmd_step, pieces=PRECISIONS, finished=_step_finished),
+    Part("tune", "every kernel's tile candidates timed, the fastest per size class (bench/tune_tiles.py)", 60, 300,
+         KERNELS + ("bench/tune_tiles.py",), script("bench/tune_tiles.py", "--budget", Seconds())),
     Part("refresh", "the refresh: every QR method on refresh-like factors and random matrices; the refresh "
          "against its product floor, amortised and staggered; the same by shifted CholeskyQR3", 30, 200,
          LIBRARY + ("bench/step_bench.py", "bench/qr_bench.py"), _cmd_refresh, pieces=REFRESH_PIECES,

@@ -56,7 +56,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import klkern  # noqa: E402
-from bench._meta import git_commit, median_ms, sync, utc_now  # noqa: E402
+from bench._meta import git_commit, median_ms, out_dir, sync, utc_now  # noqa: E402
 from klkern import linalg  # noqa: E402
 from klkern.algorithms._blocking import plan_for  # noqa: E402
 from klkern.runtime import _precision  # noqa: E402
@@ -369,30 +369,29 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list, refresh: li
              "- floor: cuBLAS time of the same products for the 2-D blocks, at the same precision"]
     if meta.get("not_run"):
         lines.append(f"- not run (budget): {', '.join(meta['not_run'])}")
+    variants = [("torch", "torch"), ("triton", "triton"), ("triton_ieee", "triton ieee"), ("graph", "torch graph"),
+                ("triton_graph", "triton graph")]
     lines += ["",
-             "## precondition_frequency 10", "",
-             "| precision | optimizer | torch median ms | triton median ms | graph median ms | torch mean ms "
-             "(amortised) | GEMM floor ms | torch / floor | triton / floor | graph / floor | best TFLOP/s | % of peak "
-             "| ops / step | host reads | peak extra MiB torch / triton |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "## precondition_frequency 10", "",
+              "Median step ms of each path and its ratio to the GEMM floor: torch; triton (the fused kernels; "
+              "\"highest\" by 3xTF32); triton ieee (\"highest\" by fp32 FMA products); torch graph and "
+              "triton graph (captured, `cuda_graph=True`).", "",
+              "| precision | optimizer | " + " | ".join(f"{label} ms" for _, label in variants)
+              + " | GEMM floor ms | " + " | ".join(f"{label} / floor" for _, label in variants)
+              + " | torch mean ms (amortised) | best TFLOP/s | % of peak | ops / step | host reads "
+              "| peak extra MiB torch / triton |",
+              "|" + "---|" * (2 * len(variants) + 9)]
     for r in rows:
-        graph = r.get("graph")
-        best = min(r[k]["median_ms"] for k in ("torch", "triton", "graph") if r.get(k))
+        measured = {k: r[k]["median_ms"] for k, _ in variants if r.get(k)}
+        best = min(measured.values())
         tflops = r["flops"] / (best * 1e-3) / 1e12
         pct = f"{100 * tflops / peaks[r['precision']]:.1f}" if peaks else "-"
-        lines.append(
-            f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | {r['triton']['median_ms']:.2f} | "
-            f"{graph['median_ms']:.2f} | " if graph else
-            f"| {r['precision']} | {r['optimizer']} | {r['torch']['median_ms']:.2f} | "
-            f"{r['triton']['median_ms']:.2f} | - | ")
-        lines[-1] += (
-            f"{r['torch']['mean_ms']:.2f} | {r['floor_ms']:.2f} | {r['torch']['median_ms'] / r['floor_ms']:.2f} | "
-            f"{r['triton']['median_ms'] / r['floor_ms']:.2f} | "
-            f"{graph['median_ms'] / r['floor_ms']:.2f} | " if graph else
-            f"{r['torch']['mean_ms']:.2f} | {r['floor_ms']:.2f} | {r['torch']['median_ms'] / r['floor_ms']:.2f} | "
-            f"{r['triton']['median_ms'] / r['floor_ms']:.2f} | - | ")
-        lines[-1] += (f"{tflops:.1f} | {pct} | {r['torch'].get('ops', '-')} | {r['torch'].get('host_reads', '-')} | "
-                      f"{r['torch']['peak_extra_mib']:.0f} / {r['triton']['peak_extra_mib']:.0f} |")
+        times = " | ".join(f"{measured[k]:.2f}" if k in measured else "-" for k, _ in variants)
+        ratios = " | ".join(f"{measured[k] / r['floor_ms']:.2f}" if k in measured else "-" for k, _ in variants)
+        lines.append(f"| {r['precision']} | {r['optimizer']} | {times} | {r['floor_ms']:.2f} | {ratios} | "
+                     f"{r['torch']['mean_ms']:.2f} | {tflops:.1f} | {pct} | {r['torch'].get('ops', '-')} | "
+                     f"{r['torch'].get('host_reads', '-')} | {r['torch']['peak_extra_mib']:.0f} / "
+                     f"{r['triton']['peak_extra_mib']:.0f} |")
     if refresh:
         lines += ["", "## The refresh (torch path, precondition_frequency 10)", "",
                   "steady: median step; refresh step: the largest step of the synchronous schedule (every "
@@ -421,7 +420,7 @@ def write(out: Path, slug: str, meta: dict, rows: list, freq1: list, refresh: li
     (out / f"step_{slug}.md").write_text("\n".join(lines) + "\n")
 
 
-def jobs(optimizers: list, precisions: list, freq1_optimizers: list) -> list:
+def jobs(optimizers: list, precisions: list, freq1_optimizers: list, refresh: bool = True) -> list:
     """(kind, precision, optimizer) in the order a budget should cut them: the KL optimizers at
     every precision, then the refresh-every-step case at the middle precision, then the refresh
     (synchronous and staggered) of the KL optimizers there, then the baselines, then the rest of
@@ -431,10 +430,16 @@ def jobs(optimizers: list, precisions: list, freq1_optimizers: list) -> list:
     middle = "high" if "high" in precisions else precisions[0]
     out = [("freq10", mode, name) for name in kl for mode in precisions]
     out += [("freq1", middle, name) for name in freq1_optimizers]
-    out += [("refresh", middle, name) for name in kl]
+    out += [("refresh", middle, name) for name in kl if refresh]
     out += [("freq10", mode, name) for name in rest for mode in precisions]
     out += [("freq1", mode, name) for name in freq1_optimizers for mode in precisions if mode != middle]
     return out
+
+
+def _config():
+    from klkern.triton_kernels import _config as config
+
+    return config
 
 
 def main(argv=None):
@@ -444,10 +449,11 @@ def main(argv=None):
     ap.add_argument("--precisions", default="highest,high,medium")
     ap.add_argument("--freq1-optimizers", default="KLSOAP,KLShampoo")
     ap.add_argument("--freq1-steps", type=int, default=10)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--out", default=str(out_dir()))
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run of the script")
     ap.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
-    ap.add_argument("--no-graph", action="store_true", help="skip the cuda_graph=True column")
+    ap.add_argument("--no-graph", action="store_true", help="skip the cuda_graph=True columns")
+    ap.add_argument("--no-refresh", action="store_true", help="skip the refresh table")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="seconds: start no measurement that would likely end past this (0: no limit)")
     ap.add_argument("--count", action="store_true",
@@ -456,6 +462,8 @@ def main(argv=None):
                     help="the refreshes' QR (klkern.linalg.preferred_qr_method); the result files get "
                          "its name when it is not auto")
     args = ap.parse_args(argv)
+    if args.device == "cpu":  # the Triton path on CPU tensors runs in the interpreter (set before it is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.count:
         if args.device == "cuda" and not torch.cuda.is_available():
             args.device = "cpu"
@@ -477,7 +485,7 @@ def main(argv=None):
     last = 0.0
     not_run = []
     for kind, mode, name in jobs(args.optimizers.split(","), args.precisions.split(","),
-                                 list(filter(None, args.freq1_optimizers.split(",")))):
+                                 list(filter(None, args.freq1_optimizers.split(","))), not args.no_refresh):
         elapsed = time.monotonic() - started
         if args.budget and elapsed + last > args.budget:  # the next job would likely end past it
             not_run.append(f"{kind} {mode} {name}")
@@ -504,11 +512,18 @@ def main(argv=None):
             else:
                 row[backend] = measure(name, backend, mode, params, grads, args.freq1_steps,
                                        precondition_frequency=1)
-        if kind == "freq10" and device.type == "cuda" and not args.no_graph:
+        if kind == "freq10" and mode == "highest":  # "highest" by fp32 FMA products instead of 3xTF32
+            previous = _config().highest_dot("ieee")
             try:
-                row["graph"] = measure(name, "torch", mode, params, grads, args.steps, graph=True)
-            except Exception as err:  # noqa: BLE001 - a result row saying what failed beats no file
-                row["graph_error"] = f"{type(err).__name__}: {err}"[:300]
+                row["triton_ieee"] = measure(name, "triton", mode, params, grads, args.steps)
+            finally:
+                _config().highest_dot(previous)
+        if kind == "freq10" and device.type == "cuda" and not args.no_graph:
+            for key, backend in (("graph", "torch"), ("triton_graph", "triton")):
+                try:
+                    row[key] = measure(name, backend, mode, params, grads, args.steps, graph=True)
+                except Exception as err:  # noqa: BLE001 - a result row saying what failed beats no file
+                    row[f"{key}_error"] = f"{type(err).__name__}: {err}"[:300]
         row["flops"] = row["triton"]["flops"]
         (rows if kind == "freq10" else freq1).append(row)
         last = time.monotonic() - t0

@@ -312,10 +312,8 @@ def test_every_documented_command_parses():
 
 
 SMOKE = [c for _, c in documented_commands() if c.endswith("# smoke run") or "# smoke run " in c]
-# The smoke line of step_bench.py's docstring runs the Triton path on the CPU without TRITON_INTERPRET=1,
-# so it fails (docs/benchmarks.md shows it with the variable); step_bench.py is being reworked elsewhere.
-SMOKE_KNOWN_BAD = {"python bench/step_bench.py --device cpu --model tiny --steps 2":
-                   "step_bench.py's smoke line needs TRITON_INTERPRET=1"}
+# Smoke lines known to fail, with the reason (none today: a failure here is a fault to mend).
+SMOKE_KNOWN_BAD: dict = {}
 
 
 def _results_state() -> str:

@@ -113,3 +113,94 @@ def test_on_a_gpu_the_steady_step_reads_nothing_back(name):
     counter = _steady_count(name, 12, device="cuda")
     assert counter.host_reads == 0, counter.reads
     assert counter.total <= MAX_OPS
+
+
+# ---------------------------------------------------------------------------- bytes a GPU pays
+
+# Issue target: a steady step's traffic beyond the products' own operands and results (element-wise,
+# reduction, copy and cast operations, and what the kernels' prologues and epilogues move besides
+# their products) at most 8 GB on the GPT-2-small set for KL-Shampoo, KL-SOAP and SOAP at "high"
+# and "medium", on the kernel path (the torch path moved 22.8-48.2 GB). Counted at full size on the
+# CPU with DispatchCounter(dry=True): the products are not computed and the kernels are recorded as
+# a GPU launches them, so the count is a GPU's (bench/step_bench.py --count prints the table).
+MAX_OTHER_GB = 8.0
+
+
+def _dry_count(name: str, mode: str) -> dict:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import step_bench
+
+    shapes, params, grads = step_bench.workload("gpt2-small", torch.device("cpu"), "test")
+    return step_bench.count_step(name, "triton", mode, params, grads)
+
+
+needs_recording = pytest.mark.skipif(
+    __import__("klkern.runtime._backend", fromlist=["x"]).triton_import_error() is not None
+    or not __import__("klkern.runtime._backend", fromlist=["x"]).interpreting(),
+    reason="the kernel path on CPU tensors is recorded under Triton's interpreter")
+
+
+@needs_recording
+def test_kernel_path_moves_at_most_8_gb_beyond_its_products_klshampoo_high():
+    """The default run's check of the traffic target (one optimizer and precision, about a minute):
+    the kernel path's steady step, counted at GPT-2-small's full size."""
+    row = _dry_count("KLShampoo", "high")
+    assert row["host_reads"] == 0
+    assert row["launches"] <= MAX_OPS
+    assert row["gb_other"] <= MAX_OTHER_GB, row
+
+
+@pytest.mark.slow  # a dry initialisation and three counted steps at GPT-2-small's size each: ~1 min apiece
+@needs_recording
+@pytest.mark.parametrize("mode", ["high", "medium"])
+@pytest.mark.parametrize("name", ["KLShampoo", "KLSOAP", "SOAP"])
+def test_kernel_path_moves_at_most_8_gb_beyond_its_products(name, mode):
+    row = _dry_count(name, mode)
+    assert row["host_reads"] == 0
+    assert row["launches"] <= MAX_OPS
+    assert row["gb_other"] <= MAX_OTHER_GB, row
+
+
+def test_counter_bytes_of_the_operations_it_sees():
+    """The byte model on known operations: an out-of-place op reads its inputs and writes its
+    result, an in-place one reads and writes its operand, a copy's destination is only written,
+    a broadcast operand counts its distinct elements, views and empty allocations nothing, a
+    product counts as "product"; and a dry count computes no product (its result is zeros)."""
+    a, b = torch.ones(100, 10), torch.ones(10)
+    with DispatchCounter() as c:
+        a.view(10, 100)
+        torch.empty(1000)
+    assert sum(c.bytes.values()) == 0
+    with DispatchCounter() as c:
+        a * b  # reads 4000 + 40, writes 4000
+    assert c.bytes["other"] == 8040
+    with DispatchCounter() as c:
+        a.mul_(2.0)  # reads and writes 4000
+    assert c.bytes["other"] == 8000
+    with DispatchCounter() as c:
+        a.copy_(torch.zeros(100, 10))  # the source's zeros written (4000), then 4000 read + 4000 written
+    assert c.bytes["other"] == 12000
+    A, B = torch.randn(3, 8, 5), torch.randn(3, 5, 7)
+    with DispatchCounter() as c:
+        torch.bmm(A, B)
+    assert c.bytes["product"] == 4 * (3 * 8 * 5 + 3 * 5 * 7 + 3 * 8 * 7) and c.bytes["other"] == 0
+    with DispatchCounter(dry=True) as c:
+        C = torch.bmm(A, B)
+    assert C.shape == (3, 8, 7) and not C.any() and c.bytes["product"] > 0
+
+
+@needs_recording
+def test_counter_sees_kernel_launches_with_their_declared_bytes():
+    """A kernel launch is counted once with the bytes its launcher declares, and the interpreter's
+    own torch operations while it runs are not counted."""
+    from klkern import triton_kernels as K
+
+    A, B = torch.randn(2, 16, 24), torch.randn(2, 24, 8)
+    with DispatchCounter() as c:
+        K.batched_product(A, B)
+    assert c.kernels == {"product_kernel": 1}
+    assert c.bytes["product"] == 4 * (2 * 16 * 24 + 2 * 24 * 8 + 2 * 16 * 8)
+    assert c.bytes["other"] == 0

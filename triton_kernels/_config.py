@@ -229,9 +229,28 @@ def aligned(*sizes: int) -> bool:
     return all(s == 1 or s % 16 == 0 for s in sizes)
 
 
+_FORCED: dict = {}
+
+
+@contextlib.contextmanager
+def forced_tiles(kernel: str, cfg: dict):
+    """Every launch of ``kernel`` inside the block uses ``cfg`` (bench/tune_tiles.py times candidates so)."""
+    previous = _FORCED.get(kernel)
+    _FORCED[kernel] = dict(cfg)
+    try:
+        yield
+    finally:
+        if previous is None:
+            _FORCED.pop(kernel)
+        else:
+            _FORCED[kernel] = previous
+
+
 def pick_tiles(table: str, dot: str, size: int, is_aligned: bool = True, device: torch.device | None = None) -> dict:
     """The GPU tile config of kernel ``table`` for precision ``dot`` at ``size`` (the measured
     table of ``device`` where one was decided, else the default table)."""
+    if table in _FORCED:
+        return dict(_FORCED[table])
     if not is_aligned and table in _UNALIGNED_OF:
         return dict(UNALIGNED_TILES[_UNALIGNED_OF[table]][dot])
     chosen = None
