@@ -74,22 +74,33 @@ def _compile(variants: Path, tmp_path: Path, subset: str, timeout: int) -> tuple
     return rows, done.stdout + done.stderr
 
 
+KERNELS = ("_product_kernel", "_rotate_kernel", "_factor_ema_kernel", "_precondition_kernel")
+
+
 @needs_triton
 def test_recorded_variants_cover_what_the_optimizers_launch(variants):
-    """The recording saw every precision, every kernel, both prologues, the projection epilogue,
-    unaligned shapes, and both tile-table entries. The step's masked moment updates and its
-    write-back run in torch (klkern/algorithms/_triton_path.py): no launch writes moments or parameters."""
+    """The recording saw every product kernel at every product arithmetic (3xTF32 and fp32 FMA
+    for "highest"), the rotation's epilogues (projections; momentum or Adam's moments; the
+    direction), the parameter write in the preconditioning's epilogue (in every parameter dtype)
+    and its U-storing form, the spike correction and the AdamW path's kernel, unaligned shapes,
+    and both entries of a tile table."""
     recorded = json.loads(variants.read_text())
-    kernels = {(v["kernel"].split(":")[-1], v["constexprs"]["DOT"]) for v in recorded}
-    assert kernels == {(k, d) for k in ("_gemm_kernel", "_factor_ema_kernel") for d in ("ieee", "tf32", "bf16")}
-    gemm = [v["constexprs"] for v in recorded if v["kernel"].endswith("_gemm_kernel")]
-    assert all(c["STORE_C"] and not c["EPI_PARAM"] and not c["HAS_MOM"] for c in gemm)
-    assert {c["PRO"] for c in gemm} == {0, 1, 2}
-    assert any(c["HAS_PROJ"] for c in gemm)  # the KL variants' projections
+    by = {}
+    for v in recorded:
+        by.setdefault(v["kernel"].split(":")[-1], []).append(v)
+    assert set(by) == set(KERNELS) | {"_spike_correct_kernel", "_adamw_kernel"}
+    for kernel in KERNELS:
+        dots = {v["constexprs"]["DOT"] for v in by[kernel]}
+        assert dots >= {"tf32x3", "tf32", "bf16"}, (kernel, dots)
+    assert {c["MOMENTS"] for c in (v["constexprs"] for v in by["_rotate_kernel"])} == {1, 2}  # KL-Shampoo; Adam
+    assert any(c["PROJ"] and c["DIRECTION"] for c in (v["constexprs"] for v in by["_rotate_kernel"]))
+    written = [v["constexprs"] for v in by["_precondition_kernel"] if v["constexprs"]["WRITE"]]
+    assert {c["W_DTYPE"]["tl_dtype"] for c in written} == {"fp32", "bf16", "fp16"}
+    assert any(not v["constexprs"]["WRITE"] for v in by["_precondition_kernel"])  # normalize_grads: U stored
     assert {v["aligned"] for v in recorded} == {True, False}
     assert not any(c.get("EMULATE") for v in recorded for c in [v["constexprs"]])
-    sizes = {json.dumps(v["tiles"], sort_keys=True) for v in recorded if v["kernel"].endswith("_gemm_kernel")
-             and v["aligned"] and v["constexprs"]["DOT"] == "bf16"}
+    sizes = {json.dumps(v["tiles"], sort_keys=True) for v in by["_rotate_kernel"]
+             if v["aligned"] and v["constexprs"]["DOT"] == "bf16"}
     assert len(sizes) == 2  # both entries of the table
 
 
@@ -98,15 +109,14 @@ def test_recorded_variants_are_what_a_gpu_launches(variants):
     """Recorded as a GPU prepares its launches, not as the interpreter runs them: the GPU's tiles
     (a 48-wide block is one 64-wide tile, an argument triton specialises to the constant 1) and
     bf16 intermediates under "medium" (the interpreter keeps those in fp32)."""
-    from klkern.triton_kernels.gemm import _gemm_kernel
+    from klkern.triton_kernels.rotate import _rotate_kernel
 
     recorded = json.loads(variants.read_text())
-    gemm = [v for v in recorded if v["kernel"].endswith("_gemm_kernel")]
-    names = [n for n in _gemm_kernel.arg_names if n not in gemm[0]["constexprs"] and n not in gemm[0]["tiles"]]
+    rotate = [v for v in recorded if v["kernel"].endswith("_rotate_kernel")]
+    names = [n for n in _rotate_kernel.arg_names if n not in rotate[0]["constexprs"] and n not in rotate[0]["tiles"]]
     at = {n: i for i, n in enumerate(names)}
-    assert any(v["args"][at["tiles_m"]][1] == "1" or v["args"][at["tiles_n"]][1] == "1" for v in gemm)
-    intermediates = [v for v in gemm if v["constexprs"]["DOT"] == "bf16" and v["args"][at["C"]][0] == "*bf16"
-                     and v["args"][at["A"]][0] == "*fp32"]
+    assert any(v["args"][at["tiles_m"]][1] == "1" or v["args"][at["tiles_n"]][1] == "1" for v in rotate)
+    intermediates = [v for v in rotate if v["constexprs"]["DOT"] == "bf16" and v["args"][at["T"]][0] == "*bf16"]
     assert intermediates, "no bf16 intermediate recorded under medium"
 
 
@@ -116,7 +126,9 @@ def test_every_tile_is_legal_on_the_oldest_triton():
 
     tables = [cfg for table in _config.TILE_TABLES.values() for entries in table.values() for _, cfg in entries]
     tables += [cfg for table in _config.UNALIGNED_TILES.values() for cfg in table.values()]
-    assert all(cfg["BLOCK_K"] >= _config.MIN_BLOCK_K == 16 for cfg in tables)
+    tables += [cfg for table in _config.CANDIDATES.values() for entries in table.values() for cfg in entries]
+    products = [cfg for cfg in tables if "BLOCK_K" in cfg]
+    assert len(products) > 40 and all(cfg["BLOCK_K"] >= _config.MIN_BLOCK_K == 16 for cfg in products)
 
 
 @needs_triton
@@ -129,19 +141,27 @@ def test_representative_variants_compile_without_spills(variants, tmp_path):
     assert not bad, bad
     by_dot = {}
     for r in rows:
-        by_dot.setdefault((r["constexprs"]["DOT"], r["arch"]), []).append(r["mma"] + r["wgmma"])
+        if "DOT" in r["constexprs"]:
+            by_dot.setdefault((r["constexprs"]["DOT"], r["arch"]), []).append(r["mma"] + r["wgmma"])
     for arch in (80, 90):
-        assert min(by_dot[("tf32", arch)]) > 0 and min(by_dot[("bf16", arch)]) > 0
+        for dot in ("tf32x3", "tf32", "bf16"):
+            assert min(by_dot[(dot, arch)]) > 0, (dot, arch)
         assert max(by_dot[("ieee", arch)]) == 0
     # sm_90 uses the Hopper instruction for the tensor-core products
-    assert all(r["wgmma"] > 0 for r in rows if r["arch"] == 90 and r["constexprs"]["DOT"] != "ieee")
+    assert all(r["wgmma"] > 0 for r in rows if r["arch"] == 90 and r["constexprs"].get("DOT", "ieee") != "ieee")
     assert all("registers" in r and "spill_stores" in r for r in rows)
 
 
 @needs_triton
-@pytest.mark.slow
-def test_every_variant_compiles_without_spills(variants, tmp_path):
-    rows, log = _compile(variants, tmp_path, "all", timeout=3600)
+@pytest.mark.slow  # about 700 table-entry and 130 candidate compilations: ~10 minutes on 2 cores
+def test_every_variant_and_tile_candidate_compiles_without_spills(tmp_path):
+    """Every recorded variant at every table entry, and every tuning candidate of every kernel
+    with its heaviest epilogue (bench/tune_tiles.py chooses among them on a GPU)."""
+    path = tmp_path / "variants.json"
+    done = _tool("record", str(path), "--candidates", interpret=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any(v.get("candidate") for v in json.loads(path.read_text()))
+    rows, log = _compile(path, tmp_path, "tables+candidates", timeout=3600)
     assert rows, log
     from klkern.triton_kernels.compile_check import problems
 
@@ -151,13 +171,13 @@ def test_every_variant_compiles_without_spills(variants, tmp_path):
 
 @needs_triton
 def test_the_check_catches_spills_and_shared_memory(variants, tmp_path):
-    """The check can fail: a 256x128 product tile with KL-SOAP's former epilogue (the projection
-    and both moments) spills on sm_80 (with triton 3.6 and 3.9; 128x128 spills with 3.9 only), and
-    a 256x256x64 bf16 tile needs more shared memory than an A100 has."""
+    """The check can fail: a 256x128 rotation tile with KL-SOAP's epilogue (Gr, the projections,
+    both moments and the direction) spills on sm_80, and a 256x256x64 bf16 tile needs more shared
+    memory than an A100 has."""
     recorded = json.loads(variants.read_text())
-    heavy = next(v for v in recorded if v["kernel"].endswith("_gemm_kernel") and v["aligned"]
-                 and v["constexprs"]["DOT"] == "tf32" and v["constexprs"]["HAS_PROJ"])
-    heavy = dict(heavy, constexprs=dict(heavy["constexprs"], HAS_MOM=True, HAS_V2=True))
+    heavy = next(v for v in recorded if v["kernel"].endswith("_rotate_kernel") and v["aligned"]
+                 and v["constexprs"]["DOT"] == "tf32" and v["constexprs"]["PROJ"] and v["constexprs"]["MOMENTS"] == 2
+                 and v["constexprs"]["DIRECTION"])
     bad = [dict(heavy, tiles=dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=2, maxnreg=255)),
            dict(heavy, tiles=dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, maxnreg=255),
                 constexprs=dict(heavy["constexprs"], DOT="bf16"))]

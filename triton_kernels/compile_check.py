@@ -26,7 +26,9 @@ fits the architecture, it neither spills nor uses a stack frame, and its
 "tf32x3" and "bf16", none for "ieee").
 ``--subset representative`` keeps, per (kernel, precision, tile entry,
 alignment), the variant with the most fused work (the heaviest register
-pressure); CI runs that subset, ``-m slow`` the whole set.
+pressure); CI runs that subset; ``-m slow`` records with ``--candidates`` (every
+tile the GPU tuning chooses among) and compiles ``tables+candidates``: every
+table-entry variant and the representative variant of each candidate.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _record_launches() -> list:
             gen = torch.Generator().manual_seed(0)
             params = [torch.nn.Parameter(torch.randn(*s, generator=gen).to(param_dtype)) for s in shapes]
             opt = getattr(klkern, name)(params, backend="triton", **kwargs)
-            for _ in range(2):  # initialisation, then one step with every product
+            for _ in range(3):  # initialisation, one step with every product, one with spike_threshold in force
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=gen).to(param_dtype)
                 opt.step()
@@ -332,7 +334,8 @@ def main(argv=None) -> int:
     comp = sub.add_parser("compile", help="compile recorded variants (TRITON_INTERPRET unset)")
     comp.add_argument("variants")
     comp.add_argument("--arch", default="80,90")
-    comp.add_argument("--subset", choices=("all", "representative"), default="all")
+    comp.add_argument("--subset", choices=("all", "representative", "tables+candidates"), default="all",
+                      help="tables+candidates: every table-entry variant and the representative of each candidate")
     comp.add_argument("--out", required=True)
     comp.add_argument("--md")
     comp.add_argument("--jobs", type=int)
@@ -348,6 +351,9 @@ def main(argv=None) -> int:
     variants = json.loads(Path(args.variants).read_text())
     if args.subset == "representative":
         variants = representative(variants)
+    elif args.subset == "tables+candidates":
+        variants = ([v for v in variants if not v.get("candidate")]
+                    + representative([v for v in variants if v.get("candidate")]))
     archs = [int(a) for a in args.arch.split(",")]
     start = time.perf_counter()
     rows = compile_all(variants, archs, args.jobs)

@@ -191,6 +191,12 @@ def shampoo_update(st, hp, carry=None):
     return F.shampoo_graft(S.masked(st, hp, P), A, hp)  # masked first: the graft scales what is left
 
 
+def exact_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A float32-accurate product of two stacks on the kernels ("highest": 3xTF32 on tensor
+    cores), for the refreshes of the stacks that run on them (klkern/engine/_refresh.py)."""
+    return K.batched_product(A, B, precision="highest")
+
+
 def _flat_members(st):
     """The AdamW stack's parameters as the kernel writes them (made once per plan), or None."""
     cached = st.cache.get("flat_members")

@@ -338,6 +338,7 @@ class StepEngine:
             st.roots = st.algorithm.inverse_root and st.t >= hp.precondition_frequency
         plan.upload(list(zip(*rows)))
         graph = opt._graphs.ready(plan, hps) if opt.cuda_graph else None
+        kernels: dict = {}  # a replayed step refreshes nothing (refresh steps run eagerly)
         if graph is not None:
             graph.replay()
         else:
@@ -346,7 +347,7 @@ class StepEngine:
                 opt._graphs.capture(plan, hps, lambda: self.steady(plan, hps, kernels))
             else:
                 self.steady(plan, hps, kernels)
-        refreshed = _refresh.refresh(plan, hps)
+        refreshed = _refresh.refresh(plan, hps, kernels)
         due = False
         for st in plan.stacks:
             st.U = None

@@ -10,6 +10,7 @@ import torch
 
 from ..algorithms import _functional as F
 from ..algorithms import _stacked
+from ..runtime import _precision
 from ._plan import DevicePlan
 
 __all__ = ["refresh"]
@@ -21,10 +22,12 @@ __all__ = ["refresh"]
 SELECT_ON_DEVICE = ("cuda",)
 
 
-def refresh(plan: DevicePlan, hps: dict) -> bool:
+def refresh(plan: DevicePlan, hps: dict, kernels: dict | None = None) -> bool:
     """The eigenbasis refreshes due at this step (Shampoo's roots were refreshed inside its
     update), on the blocks that stepped; with stagger_refresh only the blocks whose own
-    schedule falls on this step, each with its own clock (t + offset) for the periodic QR."""
+    schedule falls on this step, each with its own clock (t + offset) for the periodic QR.
+    A stack that runs on the kernels (``kernels[id(st)]``) does its refresh's float32-accurate
+    products with them (3xTF32 on tensor cores)."""
     due = [st for st in plan.stacks if st.refresh and st.algorithm.eigenbasis]
     if not due:
         return False
@@ -56,5 +59,11 @@ def refresh(plan: DevicePlan, hps: dict) -> bool:
                 def fn(bufs, st=st, hp=hp, clock=clock):
                     F.refresh_(bufs, st.mask, hp, clock, sort_v=st.algorithm.sorts_basis)
             keep = st.keep if on_device else None
-            F.on_blocks_(st.bufs, index, fn, keep=keep)
+            if kernels and kernels.get(id(st)) is not None:
+                from ..algorithms import _triton_path
+
+                with _precision.exact_products(_triton_path.exact_product):
+                    F.on_blocks_(st.bufs, index, fn, keep=keep)
+            else:
+                F.on_blocks_(st.bufs, index, fn, keep=keep)
     return True

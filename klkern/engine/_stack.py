@@ -39,7 +39,8 @@ class Stack:
         self.targets_version = 0  # bumped when a target is re-pointed (a parameter's new storage)
         self.sources: list = []  # per member: how its gradient is found ("grad", "extract", "local")
         self.proj: dict = {}  # KL: mode -> (B, d_k) view of the plan's projection buffer
-        self.keep = self.keep_b = None
+        self.keep: torch.Tensor | None = None  # (B,) bool: the block steps (a view of the plan's table)
+        self.keep_b: torch.Tensor | None = None  # the same, broadcast over a block
         self.spike = False
         self.refresh = False
         self.offsets: list | None = None  # stagger_refresh: each member's refresh offset
@@ -76,13 +77,15 @@ class Stack:
     def zero_skipped(self) -> None:
         """The gradient of every block that does not step set to 0 (what the torch steps rely on;
         the kernels mask such blocks themselves)."""
-        zero = self.cache["zero"]
+        zero, G = self.cache["zero"], self.G
+        assert G is not None  # made with the stack (klkern/engine/_stacking.py)
         if self.adamw:
             self.cache["keep_e"] = torch.repeat_interleave(self.cache["keep"], self.cache["sizes"],
                                                            output_size=self.shape[0])
-            torch.where(self.cache["keep_e"], self.G, zero, out=self.G)
+            torch.where(self.cache["keep_e"], G, zero, out=G)
         else:
-            torch.where(self.keep_b, self.G, zero, out=self.G)
+            assert self.keep_b is not None
+            torch.where(self.keep_b, G, zero, out=G)
 
     def coef_matrix(self, name: str) -> torch.Tensor:
         """The same, broadcast over a (B, d, d) stack of factors."""

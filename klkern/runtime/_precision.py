@@ -62,7 +62,8 @@ import threading
 
 import torch
 
-__all__ = ["PRECISIONS", "resolve", "snapshot", "global_precision", "arithmetic", "exact_matmul", "bmm",
+__all__ = ["PRECISIONS", "resolve", "snapshot", "global_precision", "arithmetic", "exact_matmul", "exact_products",
+           "bmm",
            "baddbmm_", "optimizer_math", "torch_precision", "round_tf32", "round_bf16", "emulate_tf32_off_gpu",
            "emulating_tf32"]
 
@@ -196,11 +197,29 @@ def _tf32x3(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return _tf32_matmul(Ah, Bh).add_(small)
 
 
+@contextlib.contextmanager
+def exact_products(product):
+    """Inside the block (this thread), :func:`exact_matmul` of two float32 stacks is
+    ``product(A, B)``: a float32-accurate product of klkern's own (the Triton kernels' 3xTF32 on
+    tensor cores, for the refreshes of stacks that run on the kernels)."""
+    previous = getattr(_STEP, "exact_product", None)
+    _STEP.exact_product = product
+    try:
+        yield
+    finally:
+        _STEP.exact_product = previous
+
+
 def exact_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32-accurate ``torch.matmul(A, B)`` whatever torch's settings (float64 operands: their
-    own product), written into ``out`` when given. Where torch's product is true fp32 it is that
-    product; under TF32 (CUDA) three TF32 products (:func:`_tf32x3`); under the CPU's reduced
-    settings one float64 product rounded to float32."""
+    own product), written into ``out`` when given. Inside :func:`exact_products`, two float32
+    stacks go to its product; else where torch's product is true fp32 it is that product; under
+    TF32 (CUDA) three TF32 products (:func:`_tf32x3`); under the CPU's reduced settings one
+    float64 product rounded to float32."""
+    own = getattr(_STEP, "exact_product", None)
+    if own is not None and A.dim() == 3 and B.dim() == 3 and A.dtype == B.dtype == torch.float32:
+        result = own(A, B)
+        return result if out is None else out.copy_(result)
     A, B = _float32(A, B)
     kind = "ieee" if A.dtype == torch.float64 else arithmetic(A.device)
     if kind == "ieee":

@@ -29,6 +29,7 @@ counted depends on shapes, dtypes and options only; the values are meaningless.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 
@@ -148,7 +149,7 @@ class DispatchCounter(TorchDispatchMode):
     def __init__(self, dry: bool = False):
         super().__init__()
         self.dry = dry
-        self._recording = None
+        self._recording: contextlib.AbstractContextManager | None = None
         self.ops: Counter = Counter()
         self.reads: list[str] = []
         self.bytes: Counter = Counter()
@@ -156,7 +157,7 @@ class DispatchCounter(TorchDispatchMode):
         self.kernels: Counter = Counter()
         self._computing = 0
         self._patched: list = []
-        self._observing = None
+        self._observing: contextlib.AbstractContextManager | None = None
 
     @property
     def launches(self) -> int:
