@@ -71,3 +71,32 @@ def gemm_floor(c, mode="highest"):
     bmm(Gr, Gr.mT, mode)
     bmm(Gr.mT, Gr, mode)
     return bmm(c["Qa"], bmm(c["M"], c["Qb"].mT, mode), mode)
+
+
+def adamw_case(c):
+    """The AdamW path's members of a GPT-2-small-sized case: a token embedding and biases (their
+    flat gradient and moments, the parameters themselves)."""
+    from klkern.triton_kernels import FlatMembers
+
+    B, m, n = c["G"].shape
+    device = c["G"].device
+    params = [torch.randn(50257, 768, device=device)] + [torch.randn(m, device=device) for _ in range(4 * B)]
+    N = sum(p.numel() for p in params)
+    return dict(members=FlatMembers(params), G=torch.randn(N, device=device) * 1e-3,
+                m=torch.zeros(N, device=device), v=torch.zeros(N, device=device),
+                keep=torch.ones(len(params), dtype=torch.bool, device=device),
+                update=torch.tensor(-1e-3, device=device), decay=torch.tensor(-1e-5, device=device))
+
+
+def eager_adamw(a, beta1=0.9, beta2=0.95, eps=1e-8):
+    """What the torch path does for the AdamW path: the flat moments, the direction, the
+    parameters gathered into a flat buffer, updated and scattered back."""
+    m, v, G = a["m"], a["v"], a["G"]
+    m.mul_(beta1).add_(G, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(G, G, value=1 - beta2)
+    U = m / (v.sqrt() + eps)
+    params = a["members"].params
+    W = torch.cat([p.reshape(-1) for p in params])
+    W.addcmul_(U, a["update"])
+    W.addcmul_(W, a["decay"])
+    torch._foreach_copy_(params, [w.view(p.shape) for w, p in zip(W.split([p.numel() for p in params]), params)])

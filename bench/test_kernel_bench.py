@@ -95,6 +95,18 @@ def test_precondition(benchmark, case, impl, mode):
            lambda: C.module("precondition").reference_precondition(*args, **kw))
 
 
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_adamw(benchmark, case, impl):
+    """The AdamW path (a token embedding and biases), written into the parameters; no product."""
+    from klkern import triton_kernels as K
+
+    a = C.adamw_case(case)
+    kw = dict(beta1=0.9, beta2=0.95, eps=1e-8, update=a["update"], decay=a["decay"])
+    _bench(benchmark, impl, "highest",
+           lambda: K.adamw_(a["G"], a["m"], a["v"], a["keep"], a["members"], **kw),
+           lambda: C.eager_adamw(a))
+
+
 @pytest.mark.parametrize("mode", PRECISIONS)
 @pytest.mark.parametrize("impl", ["cublas", "triton", "triton_ieee"])
 def test_product(benchmark, case, impl, mode):

@@ -143,6 +143,33 @@ needs_recording = pytest.mark.skipif(
     reason="the kernel path on CPU tensors is recorded under Triton's interpreter")
 
 
+def _kernel_count(name: str, layers: int) -> DispatchCounter:
+    """A steady step of the kernel path at a narrow width, counted dry (the kernels recorded as a
+    GPU launches them, not run)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in gpt2_shapes(layers)]
+    opt = getattr(klkern, name)(params, precondition_frequency=10, backend="triton")
+    for _ in range(4):  # the initialisation, the first update, the step that proves the kernels, then the counted one
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        with DispatchCounter(dry=True) as counter:
+            opt.step()
+    return counter
+
+
+@needs_recording
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_kernel_path_is_flat_in_depth_and_reads_nothing_back(name):
+    """The kernel path's steady step: at most MAX_OPS launches (aten operations that compute plus
+    kernel launches), the same at 12 and 24 layers, no host read, and fewer launches than the
+    torch path's (its element-wise work is in the products' epilogues)."""
+    twelve, twenty_four = _kernel_count(name, 12), _kernel_count(name, 24)
+    assert twelve.host_reads == 0, twelve.reads
+    assert twelve.launches <= MAX_OPS, (twelve.ops.most_common(10), twelve.kernels)
+    assert (twenty_four.launches, twenty_four.kernels) == (twelve.launches, twelve.kernels)
+    assert twelve.launches < _steady_count(name, 12).launches
+
+
 @needs_recording
 def test_kernel_path_moves_at_most_8_gb_beyond_its_products_klshampoo_high():
     """The default run's check of the traffic target (one optimizer and precision, about a minute):

@@ -373,7 +373,9 @@ def test_unpack_refuses_paths_outside_the_destination(tmp_path):
 
 def test_every_part_in_priority_order_and_its_scripts_exist():
     names = [p.name for p in gpu_suite.PARTS]
-    assert names[:6] == ["check", "step", "refresh", "peers", "sweep", "train"]  # the decision first
+    # the decision first; the tiles right after the step, so that the next lease's step (its inputs
+    # include the decided tiles) measures the kernels at their own tiles
+    assert names[:7] == ["check", "step", "tune", "refresh", "peers", "sweep", "train"]
     ctx = Ctx(Path("/tmp/w"), Path("/tmp/r"))
     for part in gpu_suite.PARTS:
         commands = part.commands(ctx, list(part.pieces))

@@ -716,3 +716,23 @@ def test_triton_path_rectangular_step_from_shared_state(name):
                     assert err <= RECT_STEP_TOL, (t, tuple(b.shape), i, key, err)
                     compared.add(key)
     assert compared >= {"exp_avg"}, compared
+
+
+def test_refresh_of_a_kernel_stack_multiplies_on_the_kernels(monkeypatch):
+    """A stack that runs on the kernels does its refresh's float32-accurate products (V^T R V, Q V)
+    with them ("highest": 3xTF32), and the refreshed state agrees with the torch path's."""
+    from klkern.algorithms import _triton_path
+
+    calls = []
+    real = _triton_path.exact_product
+
+    def counting(A, B):
+        calls.append(tuple(A.shape))
+        return real(A, B)
+
+    monkeypatch.setattr(_triton_path, "exact_product", counting)
+    a, _ = _train(klkern.KLShampoo, "torch", 11)
+    b, _ = _train(klkern.KLShampoo, "triton", 11)  # the refresh at t = 10
+    assert calls and all(len(s) == 3 for s in calls)
+    for x, y in zip(b, a):
+        assert rel_err(x, y) < 1e-5

@@ -86,6 +86,15 @@ def dot_acc(a, b, acc, DOT: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def tile_of(pid, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows and columns of output tile ``pid`` (row-major over tiles of an (M, N) result)."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols
+
+
+@triton.jit
 def tile_product(A, B, WK, rows, cols, M, N, K, s_am, s_ak, s_bk, s_bn,
                  HAS_WK: tl.constexpr, DOT: tl.constexpr, EMULATE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

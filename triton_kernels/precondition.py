@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._config import STATE_DTYPES, Traffic, check_stack, intermediate_dtype, launch, nbytes
-from ._product import tile_product
+from ._product import tile_of, tile_product
 from .product import TL_DTYPES, ParamTable, batched_product, check_device, in_chunks, product_tiles, strides3
 
 
@@ -36,11 +36,8 @@ def _precondition_kernel(
     LIVE: tl.constexpr, WRITE: tl.constexpr, W_DTYPE: tl.constexpr,
     DOT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = tile_of(tl.program_id(0), N, BLOCK_M, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import Traffic, aligned, dot_constexprs, launch, nbytes, pick_tiles, run_tiles
-from ._product import tile_product
+from ._product import tile_of, tile_product
 
 # CUDA's limit on a grid's y dimension, which indexes the blocks of a stack: larger stacks are
 # launched in chunks of this many blocks.
@@ -29,11 +29,8 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 def _product_kernel(A, B, C, M, N, K, s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
                     DOT: tl.constexpr, EMULATE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = tile_of(tl.program_id(0), N, BLOCK_M, BLOCK_N)
     acc = tile_product(A + b * s_ab, B + b * s_bb, A, rows, cols, M, N, K, s_am, s_ak, s_bk, s_bn,
                        False, DOT, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = (rows < M)[:, None] & (cols < N)[None, :]

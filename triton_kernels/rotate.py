@@ -31,10 +31,23 @@ import triton
 import triton.language as tl
 
 from ._config import STATE_DTYPES, Traffic, check_stack, intermediate_dtype, launch, nbytes, pick_tiles, run_tiles
-from ._product import tile_product
+from ._product import tile_of, tile_product
 from .product import batched_product, check_device, in_chunks, product_tiles, strides3
 
 MOMENTS_NONE, MOMENTS_MOMENTUM, MOMENTS_ADAM = 0, 1, 2
+
+
+@triton.jit
+def _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS: tl.constexpr):
+    """The direction tile: ``M / (sqrt(lam_a) sqrt(lam_b)^T + eps)`` (KL-Shampoo, ``MOMENTS`` 1) or
+    ``m / (sqrt(v) + eps)`` (Adam, 2)."""
+    if MOMENTS == 1:
+        r_a = tl.load(SQ_A + b * s_sa + rows, mask=row_ok, other=1.0)
+        r_b = tl.load(SQ_B + b * s_sb + cols, mask=col_ok, other=1.0)
+        x = mom / (r_a[:, None] * r_b[None, :] + eps)
+    else:
+        x = mom / (tl.sqrt(v) + eps)
+    return x
 
 
 @triton.jit
@@ -77,18 +90,14 @@ def _rotate_kernel(
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
         mom = tl.load(B1 + b) * mom + c1 * gr
         tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
+        v = mom
         if MOMENTS == 2:
             v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
             v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
             v = tl.load(B2 + b) * v + c2 * gr * gr
             tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
         if DIRECTION:
-            if MOMENTS == 1:
-                r_a = tl.load(SQ_A + b * s_sa + rows, mask=row_ok, other=1.0)
-                r_b = tl.load(SQ_B + b * s_sb + cols, mask=col_ok, other=1.0)
-                x = mom / (r_a[:, None] * r_b[None, :] + eps)
-            else:
-                x = mom / (tl.sqrt(v) + eps)
+            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS)
             tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
 
 
@@ -196,13 +205,10 @@ def _spike_correct_kernel(
     X, s_xb, s_xm, s_xn,
     MOMENTS: tl.constexpr, DIRECTION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     s = tl.load(SPIKE + b)
     if s != 1.0:  # every other block: nothing read, nothing written
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = tile_of(tl.program_id(0), N, BLOCK_M, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
         mask = row_ok[:, None] & col_ok[None, :]
@@ -210,18 +216,14 @@ def _spike_correct_kernel(
         m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) - c1 * (1.0 - s) * gr
         tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
+        v = mom
         if MOMENTS == 2:
             v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
             v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) - c2 * (1.0 - s * s) * gr * gr
             v = tl.maximum(v, 0.0)
             tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
         if DIRECTION:
-            if MOMENTS == 1:
-                r_a = tl.load(SQ_A + b * s_sa + rows, mask=row_ok, other=1.0)
-                r_b = tl.load(SQ_B + b * s_sb + cols, mask=col_ok, other=1.0)
-                x = mom / (r_a[:, None] * r_b[None, :] + eps)
-            else:
-                x = mom / (tl.sqrt(v) + eps)
+            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS)
             tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
 
 

@@ -222,8 +222,8 @@ def exact_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = No
         return result if out is None else out.copy_(result)
     A, B = _float32(A, B)
     kind = "ieee" if A.dtype == torch.float64 else arithmetic(A.device)
-    if kind == "ieee":
-        return torch.matmul(A, B, out=out)
+    if kind == "ieee":  # bmm for stacks: one operation (matmul dispatches views around its bmm)
+        return torch.bmm(A, B, out=out) if A.dim() == B.dim() == 3 else torch.matmul(A, B, out=out)
     if kind == "tf32" and (A.device.type != "cpu" or emulating_tf32()):
         result = _tf32x3(A, B)
     else:
