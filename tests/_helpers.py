@@ -50,6 +50,14 @@ def kernel_skip_reason() -> str:
     return "needs a GPU or TRITON_INTERPRET=1"
 
 
+def kept_float32(name: str, block: dict, key: str) -> bool:
+    """Whether state ``key`` of a ``block`` of optimizer ``name`` ("klshampoo", ...) is float32
+    whatever state_dtype says (a block holding only Adam moments is the AdamW path's)."""
+    from klkern.algorithms._algorithms import ALGORITHMS
+
+    return ALGORITHMS["adamw" if set(block) <= {"exp_avg", "exp_avg_sq"} else name].keeps_float32(key)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max(|b|, tiny): a relative error on the tensor's scale."""
     a, b = a.detach().double(), b.detach().double()

@@ -22,8 +22,9 @@ Differences from the literal reference (all exact identities, tested against
 State names: ``exp_avg``, ``exp_avg_sq`` (block-shaped), ``Q{k}``, ``R{k}``
 (KL-Shampoo, KL-SOAP, SOAP), ``L{k}``, ``root{k}`` (Shampoo) and ``lam{k}``
 (KL variants) for every preconditioned mode k. ``lam``, ``exp_avg_sq``, ``L`` and
-``root`` are always float32 (FLOAT32_STATE); the others may be stored in a lower
-``state_dtype`` and are computed in float32.
+``root`` are always float32 (FLOAT32_STATE), and Shampoo's ``exp_avg`` too
+(Algorithm.float32_names); the others may be stored in a lower ``state_dtype`` and are
+computed in float32.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from .. import linalg
 from ..linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
 from ..runtime import _precision
+from ._algorithms import SHAMPOO
 from ._stacked import _along, _gram_, _load, _modes, _new_state, _rotate, _store
 from ._tracking import _kl_names, _seen_names, see_, track_kl_
 
@@ -395,7 +397,7 @@ def shampoo_init(G, mask, hp):
         d = G.shape[k + 1]
         shapes[f"L{k}"] = (G.shape[0], d, d)
         shapes[f"root{k}"] = (G.shape[0], d, d)
-    bufs = _new_state(G, shapes, hp.state_dtype)
+    bufs = _new_state(G, shapes, hp.state_dtype, float32=SHAMPOO.float32_names)
     see_(bufs, G, mask)
     return bufs
 
