@@ -882,7 +882,7 @@ def main(argv=None) -> list[dict]:
             meta["runs_done"], meta["runs_planned"] = i, len(runs)
             table = summarize(results)  # the summary so far, after every run
             (out / "summary.md").write_text(markdown(table, meta))
-            (out / "summary.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1) + "\n")
+            (out / "summary.json").write_text(json.dumps({"meta": meta, "table": table}, indent=1, default=str) + "\n")
 
     plot(results, out / "val_loss.png", f"GPT ({meta['params']} params), preset {args.preset}")
     print(markdown(table, meta))

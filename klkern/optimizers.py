@@ -50,12 +50,12 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   has been exactly zero at every step (an input feature never used, a masked
   output, an embedding row never looked up: a row or column of the block that
   never saw a nonzero entry) gets no update, as under AdamW. Without it,
-  float32 rounding in the null space of a factor is amplified by the
-  preconditioner into steps of such entries (measured in
-  bench/results/unseen_cpu.md, as the largest dead step over the largest live
-  one: up to 0.27 for SOAP, 0.17 for KL-SOAP, 1e-4 for Shampoo, 1e-6 for
-  KL-Shampoo; 0 with the mask). Where every direction has seen a gradient the
-  step is the SPEC's to the bit; False is the SPEC's step everywhere. State:
+  float32 rounding in the null space of a factor moves such entries (measured
+  in bench/results/unseen_cpu.md, as the largest dead step over the largest
+  live one: up to 6.2e-5 for Shampoo, its roots' rounding; 2.2e-9 for the
+  others, whose directions without energy have canonical bases; up to 0.27
+  for SOAP before those; 0 with the mask). Where every direction has seen a
+  gradient the step is the same to the bit; False is the SPEC's step. State:
   per block and preconditioned mode k, ``seen{k}`` (d_k,), the largest
   absolute gradient entry seen in each slice (float32). A checkpoint saved
   without ``seen{k}`` (before this option) loads with every direction seen;
