@@ -740,7 +740,8 @@ def parse_args(argv=None):
                    help="learning rates from a sweep of this preset (bench/lr_sweep.py's .json; --lr overrides)")
     p.add_argument("--steps", type=int, help="override the preset's number of steps")
     p.add_argument("--set", action="append", default=[], metavar="OPT.KEY=VALUE",
-                   help="extra optimizer argument, e.g. --set klshampoo.init_factor=1e-3 (repeatable)")
+                   help="extra optimizer argument, e.g. --set klshampoo.init_factor=1e-3 or "
+                         "--set shampoo.state_dtype=torch.bfloat16 (repeatable)")
     p.add_argument("--data", help="train on this text file instead of the stdlib sources")
     p.add_argument("--max-bytes", type=int, default=0,
                    help="cap on corpus bytes (default: 4 MB for the stdlib, whole --data file)")
@@ -843,6 +844,9 @@ def optimizer_args(args) -> dict:
         name, _, key = target.partition(".")
         if name not in ALL_OPTIMIZERS or not key or not value:
             raise SystemExit(f"--set expects OPT.KEY=VALUE with OPT in {', '.join(ALL_OPTIMIZERS)}; got {item!r}")
+        if value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
+            out.setdefault(name, {})[key] = getattr(torch, value[6:])  # e.g. state_dtype=torch.bfloat16
+            continue
         try:
             out.setdefault(name, {})[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -938,7 +942,7 @@ def main(argv=None) -> list[dict]:
             (out / "summary.md").write_text(markdown(table, meta))
             (out / "summary.json").write_text(json.dumps(
                 {"meta": meta, "table": table, "runs": [{k: v for k, v in r.items() if k != "rows"} for r in results]},
-                indent=1) + "\n")
+                indent=1, default=str) + "\n")
 
     plot(results, out / "val_loss.png", f"GPT ({meta['params']} params), preset {args.preset}")
     print(markdown(table, meta))

@@ -10,7 +10,7 @@ import math
 import torch
 
 from .algorithms._functional import REORTHOGONALIZE_EVERY, SPIKE_CLIP, SPIKE_GROWTH
-from .linalg import EighFailure, batched_qr, eigh_descending
+from .linalg import EighFailure, batched_qr, eigh_descending, null_rtol
 
 # --------------------------------------------------------------------------
 # tensor helpers
@@ -119,17 +119,70 @@ def apply_update(W: torch.Tensor, U: torch.Tensor, step_size: float, lr: float, 
     return W - lr * weight_decay * W
 
 
+def canonical_null(evals: torch.Tensor, Q: torch.Tensor, rtol: float, candidates: torch.Tensor | None = None):
+    """klkern's convention for the directions without energy of a descending eigendecomposition
+    (docs/conventions.md): those whose eigenvalue is at most rtol times the largest (0 where that
+    is not positive) get eigenvalue 0 and, as vectors, the candidates (the columns of
+    ``candidates``, default the identity's) that the other eigenvectors U cover least
+    (||U^T c||^2 ascending, ties by index), in index order, each orthonormalised against U and
+    the ones before it (Gram-Schmidt, twice). Returns (evals, Q)."""
+    d = evals.shape[0]
+    r = int((evals > rtol * max(float(evals[0]), 0.0)).sum()) if d else 0
+    if r == d:
+        return evals, Q
+    C = torch.eye(d, dtype=Q.dtype, device=Q.device) if candidates is None else candidates.to(Q.dtype)
+    U = Q[:, :r]
+    cover = [float((U.T @ C[:, i]).pow(2).sum()) for i in range(d)]
+    chosen = sorted(sorted(range(d), key=lambda i: cover[i])[: d - r])  # Python's sort is stable
+    basis = [U[:, j] for j in range(r)]
+    for i in chosen:
+        v = C[:, i].clone()
+        for _ in range(2):
+            for b in basis:
+                v = v - (b @ v) * b
+        basis.append(v / v.norm())
+    evals = evals.clone()
+    evals[r:] = 0.0
+    return evals, torch.stack(basis, 1)
+
+
 def init_eigenbasis(S: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of S, columns in descending eigenvalue order (float64 retry)."""
+    """Eigenvectors of a first gradient's Gram S, formed in float64 (``kl_init_factors`` or
+    ``factor_ema`` of ``G.double()``), columns in descending eigenvalue order, the directions
+    without energy canonical (:func:`canonical_null` at the data's resolution,
+    ``null_rtol(d, gram=True)``); float32."""
     try:
-        return eigh_descending(S)[1]
+        evals, Q = eigh_descending(S)
     except EighFailure:  # pragma: no cover - documented fallback
-        return torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        return torch.eye(S.shape[0], device=S.device)
+    return canonical_null(evals, Q, null_rtol(S.shape[0], gram=True))[1].float()
+
+
+def idle_directions(S: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """(d,) bool: the columns q_j of Q whose energy q_j^T S q_j is at most null_rtol(d) of the
+    largest (0 where that is not positive): SOAP's sort puts them last, in their order."""
+    energy = torch.diagonal(Q.T @ S @ Q)
+    return energy <= null_rtol(S.shape[0]) * max(float(energy.max()), 0.0)
+
+
+def canonical_qr(Y: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """qr(Y) (diag(R) >= 0), klkern's convention for the columns it cannot determine
+    (docs/conventions.md): a column whose |R_jj| is at most null_rtol(d) of the largest (it adds
+    nothing but rounding to the columns before it) is replaced by ``own``'s column j (its old
+    basis vector) and the QR taken again."""
+    Q = batched_qr(Y)
+    T = torch.diagonal(Q.T @ Y).abs()
+    missing = T <= null_rtol(Y.shape[1]) * max(float(T.max()), 0.0)
+    if not bool(missing.any()):
+        return Q
+    Y = Y.clone()
+    Y[:, missing] = own[:, missing]
+    return batched_qr(Y)
 
 
 def refresh_eigenbasis(S: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Step 6: one power-iteration step, Q <- qr(S Q) (diag(R) >= 0)."""
-    return batched_qr(S @ Q)
+    """Step 6: one power-iteration step, Q <- qr(S Q) (diag(R) >= 0; :func:`canonical_qr`)."""
+    return canonical_qr(S @ Q, Q)
 
 
 def refresh_wanted(S: torch.Tensor, Q: torch.Tensor, group: dict, t: int) -> bool:
@@ -294,10 +347,15 @@ def eigval_floor(lam: torch.Tensor, eigval_clamp: float, scale: float = 1.0) -> 
     return torch.clamp(lam, min=scale / (c * c))
 
 
-def exact_eigen(S: torch.Tensor, eigval_clamp: float, scale: float = 1.0):
-    """Idealized mode: exact (lam, Q) of S, descending, with the eigenvalue floor."""
+def exact_eigen(S: torch.Tensor, eigval_clamp: float, scale: float = 1.0, previous: torch.Tensor | None = None):
+    """Idealized mode: exact (lam, Q) of S, descending, with the eigenvalue floor; the directions
+    without energy canonical (:func:`canonical_null`): for a first gradient's float64 Gram at the
+    data's resolution from the identity, for the factor (float32) at its own from the
+    ``previous`` basis."""
     evals, Q = eigh_descending(S)
-    return eigval_floor(evals, eigval_clamp, scale), Q
+    gram = S.dtype == torch.float64
+    evals, Q = canonical_null(evals, Q, null_rtol(S.shape[0], gram), None if gram else previous)
+    return eigval_floor(evals.float(), eigval_clamp, scale), Q.float()
 
 
 def kl_objective(Gr: torch.Tensor, lams: list) -> torch.Tensor:
@@ -329,17 +387,20 @@ def factor_ema(Fs: list, G: torch.Tensor, beta2: float) -> list:
 
 
 def soap_refresh(GGs: list, Qs: list, v: torch.Tensor, wanted=lambda k: True):
-    """SOAP refresh: per mode (where ``wanted(k)``), sort by est = diag(Q^T GG Q) descending,
-    permute Q's columns and v along that mode, then Q <- qr(GG Q). Returns (Qs, v)."""
+    """SOAP refresh: per mode (where ``wanted(k)``), sort by est = diag(Q^T GG Q) descending
+    (stable; directions without energy, :func:`idle_directions`, last), permute Q's columns and v
+    along that mode, then Q <- qr(GG Q) (:func:`canonical_qr`).
+    Returns (Qs, v)."""
     new_Qs = []
     for k, (GG, Q) in enumerate(zip(GGs, Qs)):
         if Q is None or not wanted(k):
             new_Qs.append(Q)
             continue
         est = torch.diag(Q.T @ GG @ Q)
-        order = torch.argsort(est, descending=True)
+        idle = idle_directions(GG, Q)  # last, in their order
+        order = torch.argsort(est.masked_fill(idle, -math.inf), descending=True, stable=True)
         v = v.index_select(k, order)
-        new_Qs.append(batched_qr(GG @ Q[:, order]))
+        new_Qs.append(canonical_qr(GG @ Q[:, order], Q[:, order]))
     return new_Qs, v
 
 
@@ -348,9 +409,12 @@ def soap_refresh(GGs: list, Qs: list, v: torch.Tensor, wanted=lambda k: True):
 
 
 def inverse_root(L: torch.Tensor, eps: float, exponent: float) -> torch.Tensor:
-    """(L + eps I)^(-p) by symmetric eigendecomposition (eigenvalues clamped at 0 first)."""
+    """(L + eps I)^(-p) by symmetric eigendecomposition, the eigenvalues floored first at L's
+    float32 resolution, null_rtol(d) of the largest (klkern's convention, docs/conventions.md;
+    the SPEC floors at 0)."""
     evals, Q = eigh_descending(L)
-    return matrix_from_eig(Q, (evals.clamp(min=0) + eps) ** (-exponent))
+    floor = null_rtol(L.shape[0]) * max(float(evals[0]), 0.0)
+    return matrix_from_eig(Q, (evals.clamp(min=floor) + eps) ** (-exponent))
 
 
 def shampoo_precondition(M: torch.Tensor, roots: list) -> torch.Tensor:

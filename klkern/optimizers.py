@@ -28,12 +28,15 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
 * ``block_size`` (None): split every mode into chunks of at most this size;
   each block is an independent Kronecker problem.
 * ``state_dtype`` (torch.float32): dtype of the eigenbases, the rotated
-  factors (KL-Shampoo, KL-SOAP, SOAP) and the momenta: torch.float32 or
-  torch.bfloat16 (half their memory). Whatever it says, float32 holds what
-  is inverted or divides: the eigenvalue estimates, Adam second moments,
-  Shampoo's factors and roots; QR and eigendecompositions run in float32.
-  torch.float16 raises ValueError: its range flushes squared gradients to
-  zero.
+  factors and the momenta of KL-Shampoo, KL-SOAP and SOAP, and of the AdamW
+  path's momentum: torch.float32 or torch.bfloat16 (half their memory).
+  Whatever it says, float32 holds what is inverted or divides (the
+  eigenvalue estimates, Adam second moments, Shampoo's factors and roots)
+  and Shampoo's momentum, which its inverse roots multiply: in bf16 their
+  amplified rounding stalled an ill-conditioned least-squares problem at
+  loss 0.68 against 1.4e-6 (bench/bf16_state.py). QR and
+  eigendecompositions run in float32 or float64. torch.float16 raises
+  ValueError: its range flushes squared gradients to zero.
 * ``large_dim_policy`` ("adamw"; SOAP: "identity"): a parameter with a mode
   above ``max_precond_dim`` takes the AdamW path ("adamw") or leaves that mode
   unrotated with an identity factor and unit eigenvalues ("identity").
@@ -49,12 +52,12 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   has been exactly zero at every step (an input feature never used, a masked
   output, an embedding row never looked up: a row or column of the block that
   never saw a nonzero entry) gets no update, as under AdamW. Without it,
-  float32 rounding in the null space of a factor is amplified by the
-  preconditioner into steps of such entries (measured in
-  bench/results/unseen_cpu.md, as the largest dead step over the largest live
-  one: up to 0.27 for SOAP, 0.17 for KL-SOAP, 1e-4 for Shampoo, 1e-6 for
-  KL-Shampoo; 0 with the mask). Where every direction has seen a gradient the
-  step is the SPEC's to the bit; False is the SPEC's step everywhere. State:
+  float32 rounding in the null space of a factor moves such entries (measured
+  in bench/results/unseen_cpu.md, as the largest dead step over the largest
+  live one: up to 6.2e-5 for Shampoo, its roots' rounding; 2.2e-9 for the
+  others, whose directions without energy have canonical bases; up to 0.27
+  for SOAP before those; 0 with the mask). Where every direction has seen a
+  gradient the step is the same to the bit; False is the SPEC's step. State:
   per block and preconditioned mode k, ``seen{k}`` (d_k,), the largest
   absolute gradient entry seen in each slice (float32). A checkpoint saved
   without ``seen{k}`` (before this option) loads with every direction seen;
@@ -62,11 +65,12 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   this option over the constructor's.
 * ``backend`` ("auto"): "auto" (per device and matmul precision, the path
   measured faster on that GPU: what the committed GPU results decide, see
-  docs/gpu.md, "What the GPU results decide"; today the torch path everywhere), "torch" (the batched torch path, any
-  device) or "triton" (the fused Triton kernels, else a clear error; on CPU
-  tensors only under ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND``
-  environment variable overrides it. The kernels handle 2-D blocks with both
-  modes preconditioned; other blocks and the AdamW path use torch. Where
+  docs/gpu.md, "What the GPU results decide"; today the torch path
+  everywhere), "torch" (the batched torch path, any device) or "triton" (the
+  fused Triton kernels, else a clear error; on CPU tensors only under
+  ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND`` environment variable
+  overrides it. The kernels handle 2-D blocks with both modes preconditioned
+  and the AdamW path (docs/gpu.md, "Triton kernels"); other blocks use torch. Where
   "auto" picks the kernels, one that fails to compile or launch is replaced
   by the torch path (one warning); "triton" raises.
 * ``process_group`` (None): a ``torch.distributed.ProcessGroup`` over which

@@ -6,6 +6,10 @@ SPEC; ``Qs[k]``/``lams[k]``/factors are ``None`` for a mode that is not
 preconditioned, which acts as an identity factor with unit eigenvalues).
 Nothing here is optimised: Kronecker factors live in the original basis,
 inverse factors are formed explicitly, every step recomputes what it needs.
+Where the SPEC leaves an eigenbasis free (directions without energy), klkern's
+convention (docs/conventions.md) is transcribed here on its own, literally
+(``canonical_null``, ``canonical_qr``, ``idle_directions``, ``inverse_root``),
+not shared with the fast path.
 
 klkern's own options (``init_factor`` rules, ``spike_threshold``, ``mask_unseen``,
 ``staleness_threshold``, ``stagger_refresh``, ...) are transcribed here too, each where it acts,
@@ -29,6 +33,8 @@ from ._reference_steps import (
     adam_moments,
     apply_update,
     broadcast_along,
+    canonical_null,
+    canonical_qr,
     carries_scale,
     carry_rotated,
     eigenvalue_projection,
@@ -41,6 +47,7 @@ from ._reference_steps import (
     floor_scale,
     gradient_scale,
     graft,
+    idle_directions,
     init_eigenbasis,
     init_eigenvalues,
     inverse_root,
@@ -92,6 +99,9 @@ __all__ = [
     "normalize_update",
     "apply_update",
     "init_eigenbasis",
+    "canonical_null",
+    "canonical_qr",
+    "idle_directions",
     "refresh_eigenbasis",
     "refresh_wanted",
     "carry_rotated",
@@ -227,7 +237,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
 
     def _init_preconditioned(self, G, mask, group):
         beta2 = factor_beta(group)
-        S = kl_init_factors(G, mask, beta2)
+        S = kl_init_factors(G.double(), mask, beta2)  # float64: init_eigenbasis
         anchor = floor_anchor(G, mask, group.get("eigval_floor", "absolute"))
         scale = floor_scale(anchor)
         if group.get("eigenbasis", "qr") == "eigh":
@@ -236,6 +246,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
         else:
             Qs = [init_eigenbasis(s) if s is not None else None for s in S]
             lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"], scale)
+        S = [s.float() if s is not None else None for s in S]
         return {"exp_avg": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams, "anchor": anchor}
 
     def _block_step(self, b, G, mask, group, t):
@@ -265,7 +276,7 @@ class ReferenceKLShampoo(_ReferenceOptimizer):
                     continue
                 if idealized:
                     try:
-                        b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"], scale)
+                        b["lam"][k], b["Q"][k] = exact_eigen(s, group["eigval_clamp"], scale, b["Q"][k])
                     except EighFailure:  # pragma: no cover - keep the previous basis
                         pass
                 elif refresh_wanted(s, b["Q"][k], group, clock):
@@ -279,8 +290,9 @@ class ReferenceKLSOAP(_ReferenceOptimizer):
     algorithm = "klsoap"
 
     def _init_preconditioned(self, G, mask, group):
-        S = kl_init_factors(G, mask, factor_beta(group))
+        S = kl_init_factors(G.double(), mask, factor_beta(group))  # float64: init_eigenbasis
         Qs = [init_eigenbasis(s) if s is not None else None for s in S]
+        S = [s.float() if s is not None else None for s in S]
         anchor = floor_anchor(G, mask, group.get("eigval_floor", "absolute"))
         lams = init_eigenvalues(G, mask, group["init_factor"], group["eigval_clamp"], floor_scale(anchor))
         return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "S": S, "Q": Qs, "lam": lams,
@@ -315,9 +327,10 @@ class ReferenceSOAP(_ReferenceOptimizer):
     algorithm = "soap"
 
     def _init_preconditioned(self, G, mask, group):
-        zeros = [G.new_zeros(d, d) if on else None for d, on in zip(G.shape, mask)]
-        GG = factor_ema(zeros, G, factor_beta(group))
+        zeros = [G.new_zeros(d, d, dtype=torch.float64) if on else None for d, on in zip(G.shape, mask)]
+        GG = factor_ema(zeros, G.double(), factor_beta(group))  # float64: init_eigenbasis
         Qs = [init_eigenbasis(s) if s is not None else None for s in GG]
+        GG = [s.float() if s is not None else None for s in GG]
         return {"exp_avg": torch.zeros_like(G), "exp_avg_sq": torch.zeros_like(G), "GG": GG, "Q": Qs}
 
     def _block_step(self, b, G, mask, group, t):

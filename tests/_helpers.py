@@ -19,9 +19,8 @@ PAIRS = {
 
 def mlp(seed: int = 0) -> torch.nn.Module:
     """Three square 16 x 16 layers: with a fresh batch of 64 per step every weight gradient has
-    full rank. (A rank-deficient block has rotated gradient entries that are pure roundoff, which
-    Adam's m / sqrt(v) turns into full-size steps of arbitrary sign: any perturbation, a 1e-7 one
-    included, then moves SOAP's trajectory by tens of percent, whatever the precision.)"""
+    full rank. (Rank-deficient blocks, whose directions without energy get canonical bases, are
+    tests/test_continuity.py's and bench/ddp_agreement.py's.)"""
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
                                torch.nn.Tanh(), torch.nn.Linear(16, 16))
@@ -48,6 +47,14 @@ def kernel_skip_reason() -> str:
     if _backend.interpreter_problem():
         return f"needs a GPU; Triton's interpreter cannot run here: {_backend.interpreter_problem()}"
     return "needs a GPU or TRITON_INTERPRET=1"
+
+
+def kept_float32(name: str, block: dict, key: str) -> bool:
+    """Whether state ``key`` of a ``block`` of optimizer ``name`` ("klshampoo", ...) is float32
+    whatever state_dtype says (a block holding only Adam moments is the AdamW path's)."""
+    from klkern.algorithms._algorithms import ALGORITHMS
+
+    return ALGORITHMS["adamw" if set(block) <= {"exp_avg", "exp_avg_sq"} else name].keeps_float32(key)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import klkern
-from klkern import analysis
+from klkern import analysis, linalg
 
 KL_RTOL = 1e-5
 KL_ATOL = 1e-6  # the objective is a difference of O(1) float32 terms
@@ -78,8 +78,11 @@ def test_tracked_kl_equals_an_independent_computation(name):
         t = opt.state[p]["step"] + 1 if block is not None else 0  # this step's count
         if block is not None and (t == 1 or t % 4 == 0):  # the estimate before the step
             Qa, Qb = block["Q0"], block["Q1"]
-            if name == "SOAP":  # its Gram factors' eigenvalues (clamped at 1e-30, as the library does)
-                la, lb = torch.diagonal(block["R0"]).clamp(min=1e-30), torch.diagonal(block["R1"]).clamp(min=1e-30)
+            if name == "SOAP":  # its Gram factors' eigenvalues, floored as the library does (at the factor's
+                # float32 resolution, linalg.null_rtol(d) of the largest, and 1e-30)
+                la, lb = (torch.diagonal(block[f"R{k}"]).clamp(min=float(torch.diagonal(block[f"R{k}"]).max())
+                                                                 * linalg.null_rtol(block[f"R{k}"].shape[0]))
+                          .clamp(min=1e-30) for k in (0, 1))
             else:
                 la, lb = block["lam0"], block["lam1"]
             Gr = (Qa.mT @ G @ Qb).double()

@@ -25,7 +25,7 @@ KERNELS = ROOT / "triton_kernels"
 FAST_PATH = {"engine._engine", "engine._plan", "engine._stacking", "engine._phases", "algorithms._steps",
              "algorithms._triton_path", "engine._write", "engine._refresh", "engine._optimizer",
              "engine._checkpoint", "optimizers", "engine._graph", "triton_kernels"}
-LINALG_REACHES = {"linalg._ext", "runtime._errors", "runtime._precision", "runtime._decisions",
+LINALG_REACHES = {"linalg._ext", "linalg._canonical", "runtime._errors", "runtime._precision", "runtime._decisions",
                   "runtime._gpu_decisions"}
 # package -> the packages (and the kernels) its modules may import
 PACKAGES_MAY_IMPORT = {

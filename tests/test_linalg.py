@@ -160,3 +160,52 @@ def test_power_step_and_apply_write_into_out_exactly(explicit, sort, monkeypatch
         ptr = X.data_ptr()
         Y = change_in.apply(X, out=X)
         assert Y.data_ptr() == ptr and torch.equal(Y, Q_new)
+
+
+# --------------------------------------------------------------------------
+# Directions without energy (klkern/linalg/_canonical.py): the fast path against the reference's
+# own transcription of the convention, in float64 (both are Gram-Schmidt of the same candidates:
+# measured to agree to ~1e-15; a different candidate or order differs by O(1)).
+CANONICAL_ATOL = 1e-10
+
+
+@pytest.mark.parametrize("d,rank,candidates", [(6, 2, False), (9, 4, True), (12, 1, False), (5, 5, False)])
+def test_complete_null_equals_the_reference_transcription(d, rank, candidates):
+    from klkern import reference as R
+
+    g = torch.Generator().manual_seed(d + rank)
+    X = torch.randn(3, d, rank, generator=g, dtype=torch.float64)
+    S = X @ X.mT
+    C = torch.linalg.qr(torch.randn(3, d, d, generator=g, dtype=torch.float64))[0] if candidates else None
+    rtol = linalg.null_rtol(d, gram=True)
+    evals, Q = eigh_descending(S, rtol, C)
+    for b in range(3):
+        e_ref, Q_ref = R.canonical_null(*eigh_descending(S[b]), rtol, None if C is None else C[b])
+        assert (evals[b] - e_ref).abs().max() <= CANONICAL_ATOL * float(e_ref.abs().max())
+        assert float((Q[b, :, rank:] - Q_ref[:, rank:]).abs().sum()) <= CANONICAL_ATOL * d  # the canonical ones
+        # the eigenvectors (their signs are free)
+        assert ((Q[b, :, :rank].abs() - Q_ref[:, :rank].abs())).abs().max() <= CANONICAL_ATOL
+        assert (Q[b].T @ Q[b] - torch.eye(d, dtype=torch.float64)).abs().max() <= CANONICAL_ATOL
+        assert bool((evals[b, rank:] == 0).all())
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["reflectors", "explicit-V"])
+@pytest.mark.parametrize("d,rank,sort", [(8, 3, False), (10, 4, True), (16, 15, False)])
+def test_power_step_of_a_rank_deficient_factor_equals_the_reference(d, rank, sort, explicit, monkeypatch):
+    """power_step's rtol: the columns of R Pi the QR cannot determine keep their old basis vectors
+    (the QR taken again), as the reference's canonical_qr of S Q Pi; R_new = V^T R V."""
+    from klkern import reference as Ref
+
+    monkeypatch.setattr(linalg, "applies_reflectors", lambda A: not explicit and A.numel() > 0)
+    g = torch.Generator().manual_seed(d)
+    Q, R = _factor_in_basis(2, d, torch.float64, g, rank=rank)
+    order = torch.argsort(torch.diagonal(R, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True) if sort else None
+    rtol = linalg.null_rtol(d)
+    change, R_new = linalg.power_step(R.clone(), order, rtol=rtol)
+    Q_new = change.apply(Q)
+    for b in range(2):
+        perm = torch.arange(d) if order is None else order[b]
+        S = Q[b] @ R[b] @ Q[b].T
+        Q_ref = Ref.canonical_qr(S @ Q[b][:, perm], Q[b][:, perm])
+        assert (Q_new[b] - Q_ref).abs().max() <= CANONICAL_ATOL
+        assert (R_new[b] - Q_ref.T @ S @ Q_ref).abs().max() <= CANONICAL_ATOL * float(S.abs().max())

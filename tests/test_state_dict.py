@@ -5,9 +5,7 @@ import io
 
 import pytest
 import torch
-from _helpers import PAIRS, clone_params, make_params, quadratic_grads
-
-from klkern.algorithms._stacked import FLOAT32_STATE
+from _helpers import PAIRS, clone_params, kept_float32, make_params, quadratic_grads
 
 SHAPES = [(6, 6), (4, 9), (5,), (2, 3, 4), (3, 8)]
 KW = dict(precondition_frequency=4, block_size=5)
@@ -46,7 +44,7 @@ def test_round_trip_is_exact(name, state_dtype):
     for p in resumed:
         for block in opt2.state[p]["blocks"]:
             for key, value in block.items():
-                expected = torch.float32 if key.startswith(FLOAT32_STATE) else state_dtype
+                expected = torch.float32 if kept_float32(name, block, key) else state_dtype
                 assert value.dtype == expected, key
 
 

@@ -116,6 +116,13 @@ def test_bad_arguments(corpus, tmp_path):
     opt = train_lm.make_optimizer("klshampoo", [torch.nn.Parameter(torch.zeros(2, 2))], 1e-2,
                                   train_lm.PRESETS["tiny"], {"init_factor": 1e-3})
     assert opt.param_groups[0]["init_factor"] == 1e-3
+    # a torch dtype is named as Python writes it, and a run with it writes its summary
+    args = train_lm.parse_args(["--set", "shampoo.state_dtype=torch.bfloat16"])
+    assert train_lm.optimizer_args(args) == {"shampoo": {"state_dtype": torch.bfloat16}}
+    train_lm.main(["--preset", "tiny", "--data", str(corpus), "--optimizers", "shampoo", "--seeds", "0",
+                   "--steps", "2", "--no-progress", "--out", str(tmp_path / "bf16"),
+                   "--set", "shampoo.state_dtype=torch.bfloat16"])
+    assert "bfloat16" in (tmp_path / "bf16" / "summary.json").read_text()
     small = tmp_path / "small.txt"
     small.write_text("abc")
     with pytest.raises(SystemExit, match="corpus too small"):

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._stacked import FLOAT32_STATE
+
 if TYPE_CHECKING:
     from ._hyper import StepHyperparameters
 
@@ -46,6 +48,15 @@ class Algorithm:
     sorts_basis: bool = False  # the refresh orders the basis by the factor's diagonal (the SOAP release)
     exact_eigenbasis: bool = False  # takes eigenbasis="eigh", the idealized mode (KL-Shampoo)
     products_per_mode: float = 6.0  # matrix products of 2 N d flops per preconditioned mode and step
+    # State it keeps in float32 whatever state_dtype says, besides what every algorithm keeps so
+    # (klkern/algorithms/_stacked.py FLOAT32_STATE: what is inverted or divides). Shampoo's momentum
+    # lies in the parameter basis and is multiplied by the inverse roots, which amplify its
+    # rounding: bf16's 2^-9 of the largest entries lands on the directions of small eigenvalues
+    # and is multiplied there by up to (lam_max / lam_min)^(1/4) per side (a least-squares problem
+    # of input covariance 1 ... 1e-4 stalled at loss 2.2 against 6.5e-4 in float32,
+    # tests/test_dtypes.py). The eigenbasis methods keep their momenta in the rotated basis, where
+    # each entry is divided by its own estimate, so bf16's relative rounding stays relative.
+    float32_names: tuple = ()
 
     @property
     def inverse_root(self) -> bool:
@@ -70,6 +81,10 @@ class Algorithm:
     def exact_mode(self, hp: StepHyperparameters) -> bool:
         """Whether this group steps in the idealized mode (exact eigendecomposition)."""
         return self.exact_eigenbasis and hp.eigenbasis == "eigh"
+
+    def keeps_float32(self, name: str) -> bool:
+        """Whether state ``name`` is float32 whatever ``state_dtype`` says (what its init creates)."""
+        return name in self.float32_names or name.startswith(FLOAT32_STATE)
 
     def state_names(self, mask) -> set:
         """The state names a block with preconditioned modes ``mask`` holds (what its init
@@ -115,7 +130,7 @@ class Algorithm:
 KL_SHAMPOO = Algorithm("klshampoo", "KL-Shampoo", kl_estimate=True, second_moment=False, exact_eigenbasis=True)
 KL_SOAP = Algorithm("klsoap", "KL-SOAP", kl_estimate=True)
 SOAP = Algorithm("soap", "SOAP", bias_corrected_update=True, sorts_basis=True)
-SHAMPOO = Algorithm("shampoo", "Shampoo", eigenbasis=False, products_per_mode=4.0)
+SHAMPOO = Algorithm("shampoo", "Shampoo", eigenbasis=False, products_per_mode=4.0, float32_names=("exp_avg",))
 ADAMW = Algorithm("adamw", "AdamW", preconditioned=False, eigenbasis=False, bias_corrected_update=True)
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (KL_SHAMPOO, KL_SOAP, SOAP, SHAMPOO, ADAMW)}

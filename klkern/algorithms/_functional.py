@@ -22,8 +22,9 @@ Differences from the literal reference (all exact identities, tested against
 State names: ``exp_avg``, ``exp_avg_sq`` (block-shaped), ``Q{k}``, ``R{k}``
 (KL-Shampoo, KL-SOAP, SOAP), ``L{k}``, ``root{k}`` (Shampoo) and ``lam{k}``
 (KL variants) for every preconditioned mode k. ``lam``, ``exp_avg_sq``, ``L`` and
-``root`` are always float32 (FLOAT32_STATE); the others may be stored in a lower
-``state_dtype`` and are computed in float32.
+``root`` are always float32 (FLOAT32_STATE), and Shampoo's ``exp_avg`` too
+(Algorithm.float32_names); the others may be stored in a lower ``state_dtype`` and are
+computed in float32.
 """
 
 from __future__ import annotations
@@ -33,18 +34,23 @@ import math
 import torch
 
 from .. import linalg
-from ..linalg import BasisChange, EighFailure, batched_qr, eigh_descending, power_step
+from ..linalg import (BasisChange, EighFailure, batched_qr, eigh_descending, idle_columns, null_rtol, power_step,
+                      undetermined)
 from ..runtime import _precision
-from ._stacked import _along, _gram_, _load, _modes, _new_state, _rotate, _store
+from ._algorithms import SHAMPOO
+from ._stacked import _along, _load, _modes, _new_state, _rotate, _store, _unfold
 from ._tracking import _kl_names, _seen_names, see_, track_kl_
 
 __all__ = ["INITS", "refresh_"]
 
-def _eigh_stack(S: torch.Tensor, fallback: torch.Tensor | None):
-    """Batched descending eigh; a block whose solve fails even in float64 keeps
-    ``fallback[b]`` (its previous basis) or the identity. Returns (evals, evecs, ok)."""
+def _eigh_stack(S: torch.Tensor, fallback: torch.Tensor | None, rtol: float | None = None,
+                reference: torch.Tensor | None = None):
+    """Batched descending eigh, the directions without energy (eigenvalues at most ``rtol`` of the
+    largest) made canonical from the columns of ``reference`` (default the identity;
+    linalg.complete_null); a block whose solve fails even in float64 keeps ``fallback[b]`` (its
+    previous basis) or the identity. Returns (evals, evecs, ok)."""
     try:
-        evals, evecs = eigh_descending(S)
+        evals, evecs = eigh_descending(S, rtol, reference)
         return evals, evecs, None
     except EighFailure:
         pass
@@ -53,7 +59,7 @@ def _eigh_stack(S: torch.Tensor, fallback: torch.Tensor | None):
     ok = torch.ones(S.shape[0], dtype=torch.bool)
     for b in range(S.shape[0]):
         try:
-            evals[b], evecs[b] = eigh_descending(S[b])
+            evals[b], evecs[b] = eigh_descending(S[b], rtol, None if reference is None else reference[b])
         except EighFailure:
             ok[b] = False
             evecs[b] = fallback[b] if fallback is not None else torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
@@ -94,7 +100,13 @@ def _gradient_scale(G: torch.Tensor, mask) -> torch.Tensor:
 # the KL objective of each block's estimate, tracked every step (optimizer.diagnostics())
 def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
     """Common init of the rotated-factor algorithms: S_k = c_k G_(k) G_(k)^T,
-    Q_k = eigenvectors (descending), R_k = Q_k^T S_k Q_k. Returns (bufs, evals)."""
+    Q_k = eigenvectors (descending), R_k = Q_k^T S_k Q_k. Returns (bufs, evals).
+
+    S_k and its eigendecomposition are computed in float64 (the Gram of float32 data squares its
+    condition: in float32 the eigenvectors of eigenvalues below ~1e-6 of the largest are
+    rounding), and the directions without energy (a rank-deficient G: the larger factor of every
+    non-square block) get the canonical basis of linalg.complete_null, so the basis, and the
+    steps after it, are continuous in G (docs/conventions.md, "Directions without energy")."""
     B = G.shape[0]
     shapes = dict(extra)
     for k in _modes(mask):
@@ -106,13 +118,14 @@ def _rotated_factor_init(G, mask, scale_of_mode, state_dtype, extra: dict):
         for k in _modes(mask):
             bufs[f"Q{k}"] = bufs[f"Q{k}"].mT  # zeros, stored column-major (BASES_COLUMN_MAJOR)
     evals_of = {}
+    G64 = G.double()
     for k in _modes(mask):
-        d = G.shape[k + 1]
-        S = _gram_(G.new_zeros(B, d, d), G, k, 0.0, scale_of_mode(k))
-        evals, Q, _ = _eigh_stack(S, None)
+        X = _unfold(G64, k)
+        S = torch.bmm(X, X.mT).mul_(scale_of_mode(k))  # float64: no matmul precision applies
+        evals, Q, _ = _eigh_stack(S, None, null_rtol(S.shape[-1], gram=True))
         _store(bufs, f"Q{k}", Q)
-        _store(bufs, f"R{k}", _precision.exact_matmul(_precision.exact_matmul(Q.mT, S), Q))
-        evals_of[k] = evals
+        _store(bufs, f"R{k}", Q.mT @ S @ Q)
+        evals_of[k] = evals.float()
     return bufs, evals_of
 
 
@@ -156,6 +169,13 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
 
     With ``hp.staleness_threshold`` set, only the blocks whose factor's ``staleness`` exceeds
     it are refreshed along that mode (every block at a REORTHOGONALIZE_EVERY-th refresh).
+
+    A column of S Q that adds at most linalg.null_rtol(d) of the largest to the columns before
+    it (a direction without energy, or one they already span: a rank-deficient factor) gets a
+    vector the rounding picks, which every later column is orthogonalised against; the QR is
+    then taken again with such a column replaced by its old basis vector (linalg.power_step's
+    ``rtol``). SOAP's sort is stable and puts the directions without energy (R_jj at most
+    null_rtol(d) of the largest) last, in order.
     """
     direct = (t // hp.precondition_frequency) % REORTHOGONALIZE_EVERY == 0
     threshold = None if direct else hp.staleness_threshold
@@ -171,7 +191,9 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
                 Q, R = Q[index], R[index]
         Qs[k], Rs[k] = Q, R
         if sort_v:
-            order = torch.argsort(torch.diagonal(R, dim1=-2, dim2=-1), dim=-1, descending=True)
+            idle = idle_columns(R, null_rtol(R.shape[-1]))
+            energy = torch.diagonal(R, dim1=-2, dim2=-1).masked_fill(idle, -math.inf)
+            order = torch.argsort(energy, dim=-1, descending=True, stable=True)
             if bool((order != torch.arange(order.shape[-1], device=order.device)).any()):  # else nothing moves
                 orders[k] = order
                 _put(bufs, "exp_avg_sq", chosen.get(k), lambda v, k=k: v.gather(
@@ -186,6 +208,7 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
         def joined(parts: dict):
             return parts[group[0]] if len(group) == 1 else torch.cat([parts[k] for k in group])
         Q, R = joined(Qs), joined(Rs)
+        rtol = null_rtol(R.shape[-1])
         if any(k in orders for k in group):  # sorted columns (SOAP), the identity where already sorted
             perm: torch.Tensor | None = joined({k: orders.get(k, torch.arange(
                 Rs[k].shape[-1], device=Rs[k].device).expand(Rs[k].shape[:-1])) for k in group})
@@ -195,7 +218,11 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
             Y = _precision.bmm(Q, R, "highest")
             if perm is not None:
                 Y = Y.gather(2, perm.unsqueeze(1).expand_as(Y))
-            Q_new = batched_qr(Y)
+            Q_new = batched_qr(Y)  # columns the QR cannot determine: again, with the old vectors
+            missing = undetermined((Q_new * Y).sum(-2).abs(), rtol)
+            if bool(missing.any()):
+                own = Q if perm is None else Q.gather(2, perm.unsqueeze(1).expand_as(Q))
+                Q_new = batched_qr(torch.where(missing.unsqueeze(1), own, Y))
             change = BasisChange(V=_precision.bmm(Q.mT, Q_new, "highest"))
             R_new = change.apply(_precision.bmm(change.V.mT, R, "highest"))
         else:
@@ -204,7 +231,7 @@ def refresh_(bufs: dict, mask, hp, t: int, sort_v: bool = False) -> None:
             whole = len(group) == 1 and group[0] not in chosen
             def into(name):
                 return bufs[name] if whole and bufs[name].dtype == R.dtype else None
-            change, R_new = power_step(R, perm, out=into(f"R{group[0]}"))
+            change, R_new = power_step(R, perm, out=into(f"R{group[0]}"), rtol=rtol)
             Q_new = change.apply(Q, out=into(f"Q{group[0]}"))
         sizes = [Qs[k].shape[0] for k in group]
         for k, q, r, part in zip(group, Q_new.split(sizes), R_new.split(sizes), change.split(sizes)):
@@ -318,15 +345,16 @@ def _refresh_exact(bufs, mask, Qs, eigval_clamp, direct: bool = False) -> None:
     for k in _modes(mask):
         R = _load(bufs, f"R{k}")
         R = 0.5 * (R + R.mT)
+        rtol = null_rtol(R.shape[-1])  # directions without energy keep the old basis's vectors
         if direct:
             S = _precision.bmm(_precision.bmm(Qs[k], R, "highest"), Qs[k].mT, "highest")
-            evals, Q_new, ok = _eigh_stack(0.5 * (S + S.mT), Qs[k])
+            evals, Q_new, ok = _eigh_stack(0.5 * (S + S.mT), Qs[k], rtol, Qs[k])
             V = _precision.bmm(Qs[k].mT, Q_new, "highest")
             R_new = _precision.bmm(_precision.bmm(Q_new.mT, S, "highest"), Q_new, "highest")
         else:
             identity = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
             mm = _precision.exact_matmul
-            evals, V, ok = _eigh_stack(R, identity)
+            evals, V, ok = _eigh_stack(R, identity, rtol)
             Q_new, R_new = mm(Qs[k], V), mm(mm(V.mT, R), V)
         lam = bufs[f"lam{k}"]
         new_lam = _floor(evals, eigval_clamp, floor_scales(bufs))
@@ -371,9 +399,18 @@ def soap_init(G, mask, hp):
 
 def soap_track_kl_(bufs, Gr, mask, keep: torch.Tensor | None = None) -> None:
     """SOAP's estimate for the KL diagnostic: its eigenbasis with the eigenvalues diag(R_k) of
-    its Gram factors (before this step's update)."""
-    lams = [torch.diagonal(_load(bufs, f"R{k}"), dim1=-2, dim2=-1).clamp(min=1e-30) if on else None
-            for k, on in enumerate(mask)]
+    its Gram factors (before this step's update), floored at the factor's resolution
+    (linalg.null_rtol(d) of the largest, and 1e-30): a direction without energy would otherwise
+    weigh its rotated gradient's rounding by the inverse of its own (since the bases are
+    canonical, R_jj is ~1e-17 of the largest there)."""
+    lams: list[torch.Tensor | None] = []
+    for k, on in enumerate(mask):
+        if on:
+            diag = torch.diagonal(_load(bufs, f"R{k}"), dim1=-2, dim2=-1)
+            floor = diag.amax(-1, keepdim=True) * null_rtol(diag.shape[-1])
+            lams.append(torch.maximum(diag, floor).clamp(min=1e-30))
+        else:
+            lams.append(None)
     track_kl_(bufs, Gr, lams, keep)
 
 
@@ -396,14 +433,19 @@ def shampoo_init(G, mask, hp):
         d = G.shape[k + 1]
         shapes[f"L{k}"] = (G.shape[0], d, d)
         shapes[f"root{k}"] = (G.shape[0], d, d)
-    bufs = _new_state(G, shapes, hp.state_dtype)
+    bufs = _new_state(G, shapes, hp.state_dtype, float32=SHAMPOO.float32_names)
     see_(bufs, G, mask)
     return bufs
 
 
 def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> None:
-    """root_k <- (max(L_k, 0) + eps I)^-p by eigendecomposition (previous root where it fails,
-    and for the blocks whose ``keep`` is False: a skipped step).
+    """root_k <- (max(L_k, tau_k) + eps I)^-p by eigendecomposition (previous root where it fails,
+    and for the blocks whose ``keep`` is False: a skipped step). tau_k = linalg.null_rtol(d) of
+    L_k's largest eigenvalue, its float32 resolution (the SPEC floors at 0): below it the
+    eigenvalues are rounding, which eps^-p amplified (a 1e-7 change of the gradients moved a
+    run with batches of 8 through 64-wide layers, refreshed every 3 steps, by 1.9e-2; floored,
+    by 8.5e-3; tests/test_continuity.py is of the kind). A function of L, the root is then the
+    same whatever basis the solver picks for those directions.
 
     With ``G``, the KL diagnostic of Shampoo's estimate kron_k (L_k + eps)^(2p) is tracked here,
     where its eigendecomposition exists (on this step's gradient, which L already includes)."""
@@ -411,8 +453,10 @@ def shampoo_roots_(bufs, mask, hp, G: torch.Tensor | None = None, keep: torch.Te
     lams: list = [None] * len(mask)
     for k in _modes(mask):
         previous = _load(bufs, f"root{k}")
-        evals, Q, ok = _eigh_stack(_load(bufs, f"L{k}"), None)
-        shifted = evals.clamp(min=0) + hp.eps
+        L = _load(bufs, f"L{k}")
+        evals, Q, ok = _eigh_stack(L, None)
+        resolution = evals[:, :1].clamp(min=0) * null_rtol(L.shape[-1])
+        shifted = torch.maximum(evals, resolution) + hp.eps
         root = _precision.exact_matmul(Q * shifted.pow(-hp.exponent).unsqueeze(-2), Q.mT)
         if ok is not None:  # keep the previous root where the solve failed
             root = torch.where(ok.to(root.device).view(-1, 1, 1), root, previous)

@@ -104,15 +104,17 @@ def _bases(bufs: dict, mask, prefix: str = "Q") -> list:
 # stays float32): KL eigenvalue estimates (lam*), Adam second moments (exp_avg_sq: their square
 # root divides), Shampoo's factors (L*: their eigenvalues are inverted) and roots (root*), and the
 # KL diagnostic (kl*), which directions have seen a gradient (seen*, mask_unseen) and the
-# eigenvalue floor's scale (floor_scale, eigval_floor). state_dtype
-# stores the rest: bases Q*, rotated factors R*, momenta exp_avg.
+# eigenvalue floor's scale (floor_scale, eigval_floor). An algorithm adds its own names
+# (Algorithm.float32_names: Shampoo's momentum, which its inverse roots multiply). state_dtype
+# stores the rest: bases Q*, rotated factors R*, momenta exp_avg kept in the eigenbasis.
 FLOAT32_STATE = ("lam", "kl", "exp_avg_sq", "L", "root", "seen", "floor_scale")
 
 
-def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype) -> dict:
-    """Zero-filled state: FLOAT32_STATE names in float32, the others in ``state_dtype``."""
+def _new_state(G: torch.Tensor, names_shapes: dict, state_dtype, float32: tuple = ()) -> dict:
+    """Zero-filled state: FLOAT32_STATE names and the names in ``float32`` in float32, the others
+    in ``state_dtype``."""
     return {
-        name: torch.zeros(shape, dtype=torch.float32 if name.startswith(FLOAT32_STATE) else state_dtype,
-                          device=G.device)
+        name: torch.zeros(shape, device=G.device,
+                          dtype=torch.float32 if name in float32 or name.startswith(FLOAT32_STATE) else state_dtype)
         for name, shape in names_shapes.items()
     }

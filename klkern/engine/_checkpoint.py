@@ -310,6 +310,9 @@ class CheckpointedOptimizer(torch.optim.Optimizer):
             if tuple(block["exp_avg"].shape) != plan.block_shape(i):
                 raise ValueError(f"{where}, block {i}, holds moments of shape {tuple(block['exp_avg'].shape)}, "
                                  f"the block is {plan.block_shape(i)}{hint}")
+            for name, tensor in block.items():  # saved in bf16 before the algorithm kept it float32
+                if algorithm.keeps_float32(name) and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                    block[name] = tensor.float()
 
     def _group_of(self, param) -> dict:
         return next(g for g in self.param_groups if any(p is param for p in g["params"]))

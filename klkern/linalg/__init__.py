@@ -9,7 +9,12 @@ backends:
   kernels of csrc/ (``klkern._C``, see klkern/linalg/_ext.py) when available.
 * The symmetric eigendecomposition returns eigenvalues and eigenvector columns
   in DESCENDING eigenvalue order, retrying in float64 when the float32 solver
-  fails.
+  fails. With ``rtol`` the directions without energy (eigenvalues at most
+  ``rtol`` times the largest) get eigenvalue 0 and a canonical basis
+  (:func:`complete_null`, klkern/linalg/_canonical.py): the math leaves their
+  basis free, and the solver's rounding would otherwise choose it; the power
+  step (:func:`power_step`) does the same for the columns its QR cannot
+  determine (docs/conventions.md, "Directions without energy").
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import torch
 
 from ..runtime import _decisions
 from ..runtime._precision import exact_matmul
+from ._canonical import complete_columns, complete_null, idle_columns, null_rtol, undetermined
 from ._ext import qr_extension
 
 __all__ = ["batched_qr", "cholqr2", "shifted_cholqr3", "eigh_descending", "EighFailure", "QR_METHODS",
-           "BasisChange", "power_step", "preferred_qr_method", "qr_fallbacks"]
+           "BasisChange", "power_step", "preferred_qr_method", "qr_fallbacks", "complete_null", "complete_columns",
+           "null_rtol", "idle_columns", "undetermined"]
 
 
 class EighFailure(RuntimeError):
@@ -274,11 +281,15 @@ def _torch_qr(work: torch.Tensor) -> torch.Tensor:
     return Q.masked_fill(~finite[..., None, None], float("nan"))
 
 
-def eigh_descending(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh_descending(S: torch.Tensor, rtol: float | None = None,
+                    reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of symmetric ``S`` (..., d, d), descending order.
 
     Runs in float32 (or float64 when S is float64); if the solver fails it
     retries in float64 and casts back. Raises :class:`EighFailure` if both fail.
+    With ``rtol``, the directions without energy (eigenvalues at most ``rtol`` of the largest,
+    e.g. :func:`null_rtol`) are made canonical by :func:`complete_null` (candidates: the
+    columns of ``reference``, default the identity).
     """
     work = S if S.dtype in (torch.float32, torch.float64) else S.float()
     try:
@@ -289,7 +300,10 @@ def eigh_descending(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         except RuntimeError as err:  # pragma: no cover - needs a LAPACK failure in float64
             raise EighFailure(str(err)) from err
         evals, evecs = evals.to(work.dtype), evecs.to(work.dtype)
-    return evals.flip(-1), evecs.flip(-1)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    if rtol is None:
+        return evals, evecs
+    return complete_null(evals, evecs, rtol, reference)
 
 
 class BasisChange:
@@ -336,7 +350,7 @@ def applies_reflectors(A: torch.Tensor) -> bool:
 
 
 def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> tuple[BasisChange, torch.Tensor]:
+               out: torch.Tensor | None = None, rtol: float | None = None) -> tuple[BasisChange, torch.Tensor]:
     """One QR power-iteration step of a factor held in its eigenbasis, without leaving it.
 
     With ``S = Q R Q^T`` (Q orthogonal, R (B, d, d) symmetric float32/float64) the refresh
@@ -354,12 +368,24 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
     (batched_qr, explicit V) two products. No product forms ``Q R`` or ``Q^T Q_new``: against
     qr(Q R), P = Q^T Q_new and P^T R P this saves two of the four d^3 products.
     Non-finite R gives an all-NaN V and R_new for that matrix, as batched_qr does.
+
+    ``rtol``: a column of R Pi that adds at most ``rtol`` times the largest to the columns
+    before it (|T_jj|: a direction without energy, or one they already span) gets a column of V
+    that the rounding picks, and every later column is orthogonalised against it. Where there is
+    one, the QR is taken again with such a column replaced by its direction's old basis vector
+    e_i (so it keeps that vector, orthonormalised against the columns before it, and the later
+    ones are orthogonalised against a vector the input decides), V formed and R_new = V^T R V
+    multiplied out. One host read.
     """
     # R Pi, read as the transpose of Pi^T R (R is symmetric up to rounding): column-major, which
     # LAPACK takes without a transposing copy; the rows of Pi^T R are whole-row copies
     A = (R if order is None else rows_gather(R, order)).mT
     if not applies_reflectors(A):
         V = batched_qr(A)
+        if rtol is not None:  # |T_jj| = |v_j^T a_j|
+            missing = undetermined((V * A).sum(-2).abs(), rtol)
+            if bool(missing.any()):
+                return _kept_step(R, A, order, missing, out)
         R_new = exact_matmul(exact_matmul(V.mT, R), V)
         return BasisChange(V=V), R_new if out is None else out.copy_(R_new)
     # max and min propagate NaN and are one read each (isfinite writes a d x d mask)
@@ -374,6 +400,11 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
     signs = torch.where(diag < 0, -1.0, 1.0).to(A.dtype)
     signs = torch.where(finite.unsqueeze(-1), signs, float("nan"))
     change = BasisChange(reflectors=reflectors, tau=tau, signs=signs)
+    if rtol is not None:
+        missing = undetermined(diag.abs(), rtol)
+        if bool(missing.any()):  # A was overwritten by geqrf: R Pi again
+            A = R if order is None else R.gather(-1, order.unsqueeze(-2).expand_as(R))
+            return _kept_step(R, A, order, missing, out)
     # T = diag(s) T_h, the triangle of the sign-fixed QR, built transposed: geqrf's output is
     # column-major, so its transpose is row-major and tril, the sign scaling and the row gather
     # below are contiguous passes (triu and scatter on the column-major layout cost 2-3x more).
@@ -391,6 +422,17 @@ def power_step(R: torch.Tensor, order: torch.Tensor | None = None,
         Tt = rows_gather(reflectors.mT.tril().mul_(signs.unsqueeze(-2)), inverse, out=home)
     change.apply(Tt.mT, out=Tt.mT)  # Tt now holds R_new (the transpose of T Pi^T V)
     return change, Tt if home is out or out is None else out.copy_(Tt)
+
+
+def _kept_step(R: torch.Tensor, A: torch.Tensor, order: torch.Tensor | None, missing: torch.Tensor,
+               out: torch.Tensor | None) -> tuple[BasisChange, torch.Tensor]:
+    """power_step's QR of A = R Pi taken again with the columns marked ``missing`` replaced by
+    their directions' old basis vectors (e_order[j] at position j); R_new = V^T R V."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand(R.shape)
+    own = eye if order is None else eye.gather(-1, order.unsqueeze(-2).expand_as(eye))
+    V = batched_qr(torch.where(missing.unsqueeze(-2), own, A), method="torch")
+    R_new = exact_matmul(exact_matmul(V.mT, R), V)
+    return BasisChange(V=V), R_new if out is None else out.copy_(R_new)
 
 
 def rows_gather(X: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
