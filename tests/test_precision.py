@@ -23,9 +23,11 @@ Tolerances:
   KL-Shampoo, KL-SOAP and SOAP agree to ~1e-6 under "medium"; where the
   inputs of a rounding differ at fp32 roundoff (Shampoo's roots from an
   eigendecomposition, TF32's ties) an operand can land one TF32 / bf16 unit
-  apart (measured up to 7e-5 under "high", 3.8e-4 under "medium"). The bound
-  is a quarter of the operands' unit roundoff, and the paths must be closer
-  to each other than to "highest". On a GPU under "high", cuBLAS decides
+  apart (measured up to 1.1e-4 under "high" for Shampoo, whose factor EMA the
+  kernels compute by 3xTF32 and the torch path by its own split: 1.6e-6 apart
+  at "highest"; 3.8e-4 under "medium"). The bound is a quarter of the
+  operands' unit roundoff, and the paths must be closer to each other than to
+  "highest" (half as close for all but Shampoo). On a GPU under "high", cuBLAS decides
   whether a TF32-allowed product uses TF32 (for these small blocks it did
   not); GPU_TF32_RTOL then bounds TF32's whole effect (measured up to 5.0e-4
   on an H200; bound 4x that).
@@ -247,7 +249,8 @@ def test_triton_path_matches_torch_path_at_each_mode(name, mode, tf32_emulation)
         assert rel_err(triton_run, highest) > 0
         return
     assert rel_err(triton_run, torch_run) < PATH_RTOL[mode]
-    assert rel_err(triton_run, torch_run) < rel_err(torch_run, highest) / 2
+    closer = 1.0 if name == "Shampoo" else 0.5  # its roots: fp32 roundoff lands on TF32 ties (above)
+    assert rel_err(triton_run, torch_run) < closer * rel_err(torch_run, highest)
 
 
 def test_kernel_rounding_matches_torch_rounding(tf32_emulation):

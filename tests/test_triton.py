@@ -720,9 +720,13 @@ def test_triton_path_rectangular_step_from_shared_state(name):
 
 def test_refresh_of_a_kernel_stack_multiplies_on_the_kernels(monkeypatch):
     """A stack that runs on the kernels does its refresh's float32-accurate products (V^T R V, Q V)
-    with them ("highest": 3xTF32), and the refreshed state agrees with the torch path's."""
+    with them ("highest": 3xTF32), and the refreshed state agrees with the torch path's. (The CPU
+    refresh applies LAPACK's reflectors instead of multiplying; here it forms V and multiplies, as
+    on CUDA.)"""
+    from klkern import linalg
     from klkern.algorithms import _triton_path
 
+    monkeypatch.setattr(linalg, "applies_reflectors", lambda A: False)
     calls = []
     real = _triton_path.exact_product
 
