@@ -124,9 +124,11 @@ def test_state_kept_float32_is_float32_in_every_path():
             want = torch.float32 if algorithm.keeps_float32(key) else torch.bfloat16
             assert value.dtype == want, (name, key, value.dtype)
         saved = opt.state_dict()
-        for key, value in saved["state"][0]["blocks"][0].items():
+        blocks = saved["state"][0]["blocks"]
+        first = blocks[0] if isinstance(blocks, list) else blocks["0"]  # the list form, or keyed by index
+        for key, value in first.items():
             if value.is_floating_point():
-                saved["state"][0]["blocks"][0][key] = value.to(torch.bfloat16)
+                first[key] = value.to(torch.bfloat16)
         again = cls(params, lr=1e-2, state_dtype=torch.bfloat16)
         again.load_state_dict(saved)
         for key, value in again.state[params[0]]["blocks"][0].items():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -239,6 +240,10 @@ def test_watcher_thread_never_sees_a_change(restore_settings):
                 if now != expected["value"]:
                     seen.append({k: v for k, v in now.items() if v != expected["value"].get(k)})
                 polls[0] += 1
+                # a short pause between polls (a step takes milliseconds, so a setting changed for
+                # it would still be seen): a thread that never pauses starves torch's intra-op
+                # threads on a 2-core machine (the test took 12 minutes instead of seconds)
+                time.sleep(1e-4)
 
     for setting in GLOBALS:
         _set_global(setting)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ..algorithms._blocking import PLAN_OPTIONS, BlockPlan, plan_for
-from ..algorithms._stacked import FLOAT32_STATE
+from ..algorithms._algorithms import ALGORITHMS
 from ..distributed import _distributed
 
 __all__ = ["Layout", "STRUCTURAL", "check", "check_all", "check_split", "record", "structure_key"]
@@ -74,7 +74,7 @@ def check(opt, p, group: dict, plan: BlockPlan, index: int) -> None:
         restart(opt, p, group, index, changes)
         return
     if known.state_dtype != group["state_dtype"]:
-        _convert(opt, p, group["state_dtype"])
+        _convert(opt, p, group["state_dtype"], ALGORITHMS["adamw" if plan.adamw else opt.algorithm])
     record(opt, p, group, plan)
 
 
@@ -122,12 +122,12 @@ def restart(opt, p, group: dict, index: int, changes: list) -> None:
         "shown once)"))
 
 
-def _convert(opt, p, dtype: torch.dtype) -> None:
-    """``p``'s state in ``dtype`` (FLOAT32_STATE names stay float32)."""
+def _convert(opt, p, dtype: torch.dtype, algorithm) -> None:
+    """``p``'s state in ``dtype`` (what ``algorithm`` keeps float32 stays float32)."""
     for block in opt.state[p]["blocks"]:
         if block is None:
             continue
         for name, value in block.items():
-            if not name.startswith(FLOAT32_STATE) and value.dtype != dtype:
+            if not algorithm.keeps_float32(name) and value.dtype != dtype:
                 block[name] = value.to(dtype)
     opt._engine.version += 1

@@ -20,11 +20,12 @@ copy and cast operations, and what a kernel's prologue or epilogue moves besides
 operands and result): the traffic a fused kernel exists to remove.
 
 ``DispatchCounter(dry=True)`` counts what a step at full size would move without paying for its
-arithmetic on the CPU: matrix products and symmetric eigendecompositions are not computed (a
+arithmetic on the CPU: matrix products, symmetric eigendecompositions and QR are not computed (a
 product's result is zeros, an in-place product leaves its output as it was, an eigendecomposition
-gives zero eigenvalues and the identity's eigenvectors), and Triton launches are recorded as a GPU
-would prepare them, not executed (triton_kernels/_config.py ``recording(execute=False)``). What is
-counted depends on shapes, dtypes and options only; the values are meaningless.
+gives zero eigenvalues and the identity's eigenvectors, a QR the identity's columns and zeros),
+and Triton launches are recorded as a GPU would prepare them, not executed
+(triton_kernels/_config.py ``recording(execute=False)``). What is counted depends on shapes,
+dtypes and options only; the values are meaningless.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def _dry_result(func, name: str, args, kwargs):
         with _no_dispatch():
             return torch.zeros(func(*(_meta(a) for a in args), **{k: _meta(v) for k, v in kwargs.items()}).shape,
                                dtype=kwargs.get("out_dtype") or args[0].dtype, device=args[0].device)
+    if name == "linalg_qr":  # (Q, R): the identity's first columns and zeros
+        A = args[0]
+        m, n = A.shape[-2:]
+        k = min(m, n) if kwargs.get("mode", args[1] if len(args) > 1 else "reduced") == "reduced" else m
+        with _no_dispatch():
+            Q = torch.eye(m, k, dtype=A.dtype, device=A.device).expand(*A.shape[:-2], m, k).clone()
+            return Q, torch.zeros(*A.shape[:-2], k, n, dtype=A.dtype, device=A.device)
     if name in ("linalg_eigh", "_linalg_eigh"):
         A = args[0]
         with _no_dispatch():
