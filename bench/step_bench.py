@@ -86,21 +86,21 @@ def tiny_shapes():
     return [(32, 32), (32,), (20, 24), (48, 32)]
 
 
-def gpt2_small_shapes():
+def gpt2_small_shapes(layers: int = 12):
     shapes = [(50257, 768), (1024, 768)]
-    for _ in range(12):
+    for _ in range(layers):
         shapes += [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,),
                    (3072, 768), (3072,), (768, 3072), (768,)]
     return shapes + [(768,), (768,)]
 
 
-def workload(model: str, device: torch.device, script: str):
-    """(shapes, parameters, gradients) of ``model`` ("gpt2-small" or "tiny") on ``device``, seeded;
-    a clear exit when CUDA is asked for and absent."""
+def workload(model: str, device: torch.device, script: str, layers: int = 12):
+    """(shapes, parameters, gradients) of ``model`` ("gpt2-small", with ``layers`` layers, or
+    "tiny") on ``device``, seeded; a clear exit when CUDA is asked for and absent."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"{script} needs a CUDA GPU (run bench/gpu_suite.sh on a GPU machine), "
                          "or --device cpu for a smoke run")
-    shapes = gpt2_small_shapes() if model == "gpt2-small" else tiny_shapes()
+    shapes = gpt2_small_shapes(layers) if model == "gpt2-small" else tiny_shapes()
     g = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*s, device=device, generator=g) * 0.02) for s in shapes]
     grads = [torch.randn(*s, device=device, generator=g) * 1e-3 for s in shapes]
@@ -238,7 +238,8 @@ def dry_state(name, params, grads):
             for p, g in zip(work, grads):
                 p.grad = g
             opt.step()
-        _DRY[name] = ([p.detach().clone() for p in work], copy.deepcopy(opt.state_dict()))
+        # no copy: a count reads shapes and dtypes, and the optimizers loading it may share its tensors
+        _DRY[name] = ([p.detach() for p in work], opt.state_dict())
         del opt, work
     return _DRY[name]
 
@@ -250,7 +251,7 @@ def count_step(name, backend, mode, params, grads, **kw) -> dict:
     work = [torch.nn.Parameter(p.clone()) for p in start]
     opt = getattr(klkern, name)(work, backend=backend, matmul_precision=mode, **kw)
     settings = [dict(g) for g in opt.param_groups]
-    opt.load_state_dict(copy.deepcopy(state))
+    opt.load_state_dict(state)  # shared with the other counts: their values do not matter
     for group, own in zip(opt.param_groups, settings):
         group.update({k: v for k, v in own.items() if k != "params"})
     for _ in range(3):  # the first update, a step with the plan as it stays (kernels proven), the counted one
@@ -282,6 +283,7 @@ def count_main(args) -> None:
     print(f"{'optimizer':10s} {'precision':8s} {'path':8s} {'launches':>8s} {'reads':>5s} {'GB other':>8s} "
           f"{'GB products':>11s} {'GB total':>8s}")
     for name in args.optimizers.split(","):
+        _DRY.clear()  # one optimizer's initialised state at a time (each is GBs at this size)
         for mode in args.precisions.split(","):
             for backend in ("torch", "triton"):
                 row = count_step(name, backend, mode, params, grads)

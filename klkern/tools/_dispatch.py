@@ -22,8 +22,8 @@ operands and result): the traffic a fused kernel exists to remove.
 ``DispatchCounter(dry=True)`` counts what a step at full size would move without paying for its
 arithmetic on the CPU: matrix products, symmetric eigendecompositions and QR are not computed (a
 product's result is zeros, an in-place product leaves its output as it was, an eigendecomposition
-gives zero eigenvalues and the identity's eigenvectors, a QR the identity's columns and zeros),
-and Triton launches are recorded as a GPU would prepare them, not executed
+gives distinct positive eigenvalues and the identity's eigenvectors, a QR the identity's columns
+and zeros), and Triton launches are recorded as a GPU would prepare them, not executed
 (triton_kernels/_config.py ``recording(execute=False)``). What is counted depends on shapes,
 dtypes and options only; the values are meaningless.
 """
@@ -128,8 +128,8 @@ def _dry_result(func, name: str, args, kwargs):
             return Q, torch.zeros(*A.shape[:-2], k, n, dtype=A.dtype, device=A.device)
     if name in ("linalg_eigh", "_linalg_eigh"):
         A = args[0]
-        with _no_dispatch():
-            evals = torch.zeros(A.shape[:-1], dtype=A.dtype, device=A.device)
+        with _no_dispatch():  # distinct positive eigenvalues: no direction counts as without energy
+            evals = torch.linspace(1.0, 0.5, A.shape[-1], dtype=A.dtype, device=A.device).expand(A.shape[:-1]).clone()
             evecs = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand(A.shape).clone()
         return (evals, evecs) if name == "linalg_eigh" else (evals, evecs)
     return None
