@@ -69,7 +69,7 @@ parentheses; ``beta2`` below is ``shampoo_beta`` when given, else ``betas[1]``):
   everywhere), "torch" (the batched torch path, any device) or "triton" (the
   fused Triton kernels, else a clear error; on CPU tensors only under
   ``TRITON_INTERPRET=1``). The ``KLKERN_BACKEND`` environment variable
-  overrides it. The kernels handle 2-D blocks with both modes preconditioned
+  overrides it. The kernels handle 2-D blocks with one or both modes preconditioned (Shampoo: both)
   and the AdamW path (docs/gpu.md, "Triton kernels"); other blocks use torch. Where
   "auto" picks the kernels, one that fails to compile or launch is replaced
   by the torch path (one warning); "triton" raises.

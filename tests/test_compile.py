@@ -81,9 +81,9 @@ KERNELS = ("_product_kernel", "_rotate_kernel", "_factor_ema_kernel", "_precondi
 def test_recorded_variants_cover_what_the_optimizers_launch(variants):
     """The recording saw every product kernel at every product arithmetic (3xTF32 and fp32 FMA
     for "highest"), the rotation's epilogues (projections; momentum or Adam's moments; the
-    direction), the parameter write in the preconditioning's epilogue (in every parameter dtype)
-    and its U-storing form, the spike correction and the AdamW path's kernel, unaligned shapes,
-    and both entries of a tile table."""
+    direction), one-sided rotations and writes (a mode left unrotated), the parameter write in
+    the preconditioning's epilogue (in every parameter dtype) and its U-storing form, the spike
+    correction and the AdamW path's kernel, unaligned shapes, and both entries of a tile table."""
     recorded = json.loads(variants.read_text())
     by = {}
     for v in recorded:
@@ -97,6 +97,11 @@ def test_recorded_variants_cover_what_the_optimizers_launch(variants):
     written = [v["constexprs"] for v in by["_precondition_kernel"] if v["constexprs"]["WRITE"]]
     assert {c["W_DTYPE"]["tl_dtype"] for c in written} == {"fp32", "bf16", "fp16"}
     assert any(not v["constexprs"]["WRITE"] for v in by["_precondition_kernel"])  # normalize_grads: U stored
+    # one-sided blocks (a mode left unrotated), both orientations, in the rotation and the write
+    for kernel, flags in (("_rotate_kernel", ("SIDE_A", "SIDE_B")),
+                          ("_precondition_kernel", ("LIVE_SIDE_A", "LIVE_SIDE_B"))):
+        sides = {tuple(v["constexprs"][f] for f in flags) for v in by[kernel]}
+        assert {(True, True), (True, False), (False, True)} <= sides, (kernel, sides)
     assert {v["aligned"] for v in recorded} == {True, False}
     assert not any(c.get("EMULATE") for v in recorded for c in [v["constexprs"]])
     sizes = {json.dumps(v["tiles"], sort_keys=True) for v in by["_rotate_kernel"]
@@ -116,7 +121,9 @@ def test_recorded_variants_are_what_a_gpu_launches(variants):
     names = [n for n in _rotate_kernel.arg_names if n not in rotate[0]["constexprs"] and n not in rotate[0]["tiles"]]
     at = {n: i for i, n in enumerate(names)}
     assert any(v["args"][at["tiles_m"]][1] == "1" or v["args"][at["tiles_n"]][1] == "1" for v in rotate)
-    intermediates = [v for v in rotate if v["constexprs"]["DOT"] == "bf16" and v["args"][at["T"]][0] == "*bf16"]
+    # the second product's B operand: T = G Q_b, bf16 under "medium" (two-sided blocks)
+    intermediates = [v for v in rotate if v["constexprs"]["DOT"] == "bf16" and v["constexprs"]["SIDE_A"]
+                     and v["constexprs"]["SIDE_B"] and v["args"][at["BM"]][0] == "*bf16"]
     assert intermediates, "no bf16 intermediate recorded under medium"
 
 

@@ -257,6 +257,81 @@ def test_spike_correct_equals_rotating_the_scaled_gradient(kind):
         assert torch.equal(a[1].cpu(), b[1].cpu())  # s = 1: untouched
 
 
+ONE_SIDED_SHAPES = [(1, 1, 1), (2, 17, 130), (3, 20, 9)]
+
+
+def _identity(B, d):
+    return torch.eye(d).expand(B, d, d).contiguous()
+
+
+@pytest.mark.parametrize("shape", ONE_SIDED_SHAPES)
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("kind", ["kl", "adam"])
+def test_rotate_one_sided_is_the_identity_on_the_other_side(shape, side, kind):
+    """A side left unrotated (large_dim_policy="identity": identity factor, unit eigenvalues)
+    takes one product, and every output (Gr, the rotated side's projection, the moments, the
+    direction) equals the two-sided rotation with Q = I, lam = 1 on that side."""
+    B, m, n = shape
+    outs = []
+    for one_sided in (True, False):
+        G, Qa, Qb, keep, lam_a, lam_b, moments = _rotate_inputs(B, m, n, kind, seed=6)
+        moments = {k: tuple(t.to(DEVICE) for t in v) for k, v in moments.items()}
+        if side == "a":
+            Qb, lam_b = (None if one_sided else _identity(B, n)), torch.ones(B, n)
+        else:
+            Qa, lam_a = (None if one_sided else _identity(B, m)), torch.ones(B, m)
+        w = [1 / (m * lam_a), 1 / (n * lam_b)]
+        roots = [lam_a.sqrt(), lam_b.sqrt()]
+        if one_sided:
+            off = 1 if side == "a" else 0
+            w[off] = roots[off] = None
+        X = torch.empty(B, m, n, device=DEVICE)
+        Gr, proj = K.rotate(G.to(DEVICE), *(q if q is None else q.to(DEVICE) for q in (Qa, Qb)), keep.to(DEVICE),
+                            projection=tuple(t if t is None else t.to(DEVICE) for t in w), betas=(0.1, 0.05),
+                            eps=1e-8, sqrt_lam=tuple(t if t is None else t.to(DEVICE) for t in roots),
+                            direction=X, **moments)
+        on = 0 if side == "a" else 1
+        outs.append([Gr, proj[on], *[t for t in next(iter(moments.values())) if t.dim() == 3], X])
+        if one_sided:
+            assert proj[1 - on] is None
+    for a, b in zip(*outs):
+        assert rel_err(a.cpu(), b.cpu()) < FP32_TOL
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_spike_correct_one_sided(side):
+    """spike_correct_ with an unrotated side's root left out equals it with that root 1."""
+    B, m, n = 3, 17, 24
+    spike = torch.tensor([0.25, 1.0, 0.6], device=DEVICE)
+    results = []
+    for one_sided in (True, False):
+        G, Qa, Qb, keep, lam_a, lam_b, moments = _rotate_inputs(B, m, n, "kl", seed=4)
+        moments = {k: tuple(t.to(DEVICE) for t in v) for k, v in moments.items()}
+        roots = [lam_a.sqrt().to(DEVICE), lam_b.sqrt().to(DEVICE)]
+        off = 1 if side == "a" else 0
+        roots[off] = None if one_sided else torch.ones_like(roots[off])
+        X = torch.zeros(B, m, n, device=DEVICE)
+        K.spike_correct_(G.to(DEVICE), spike, betas=(0.1, 0.05), eps=1e-8, sqrt_lam=tuple(roots), direction=X,
+                         **moments)
+        results.append([moments["momentum"][0], X])
+    for a, b in zip(*results):
+        assert rel_err(a.cpu(), b.cpu()) < FP32_TOL
+
+
+def test_one_sided_bad_input():
+    G = torch.zeros(2, 3, 4, device=DEVICE)
+    keep = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    Qa = torch.zeros(2, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="at least one of Q_a, Q_b"):
+        K.rotate(G, None, None, keep)
+    with pytest.raises(ValueError, match="at least one of Q_a, Q_b"):
+        K.precondition(G, None, None)
+    with pytest.raises(ValueError, match="sqrt_lam of side b must be None"):
+        K.rotate(G, Qa, None, keep, sqrt_lam=(torch.ones(2, 3, device=DEVICE), torch.ones(2, 4, device=DEVICE)))
+    with pytest.raises(ValueError, match="projection weights of side a is missing"):
+        K.rotate(G, Qa, None, keep, projection=(None, None))
+
+
 # ---------------------------------------------------------------------------- factor EMA
 
 
@@ -403,6 +478,37 @@ def test_precondition_writes_parameters(shape, param_dtype):
         assert rel_err(views[b].float().cpu(), expect) < tol
     # Nothing outside the views was touched.
     assert torch.equal(big[:, 0], big_before[:, 0]) and torch.equal(big[:, n + 1:], big_before[:, n + 1:])
+
+
+@pytest.mark.parametrize("shape", ONE_SIDED_SHAPES)
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("write", [False, True])
+def test_precondition_one_sided_is_the_identity_on_the_other_side(shape, side, write):
+    """U = Q_a X or X Q_b^T (one product; the live mask of the rotated side only), stored or
+    written into the parameters, equals the two-sided product with Q = I on the other side."""
+    B, m, n = shape
+    _, Qa, Qb, _, _, M, _ = _case(B, m, n, seed=7)
+    gen = torch.Generator().manual_seed(9)
+    live = [(torch.rand(B, m, generator=gen) > 0.2).float(), (torch.rand(B, n, generator=gen) > 0.2).float()]
+    outs = []
+    for one_sided in (True, False):
+        qa, qb, lv = Qa, Qb, list(live)
+        if side == "a":
+            qb, lv[1] = (None, None) if one_sided else (_identity(B, n), torch.ones(B, n))
+        else:
+            qa, lv[0] = (None, None) if one_sided else (_identity(B, m), torch.ones(B, m))
+        args = [t if t is None else t.to(DEVICE) for t in (M, qa, qb)]
+        live_dev = tuple(t if t is None else t.to(DEVICE) for t in lv)
+        if write:
+            W = torch.randn(B, m, n, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+            update = torch.full((B,), -0.1, device=DEVICE)
+            decay = torch.full((B,), -1e-3, device=DEVICE)
+            assert K.precondition(*args, live=live_dev, params=K.ParamTable(list(W.unbind(0))), update=update,
+                                  decay=decay) is None
+            outs.append(W)
+        else:
+            outs.append(K.precondition(*args, live=live_dev))
+    assert rel_err(outs[0].cpu(), outs[1].cpu()) < FP32_TOL
 
 
 def test_precondition_bad_input():
@@ -649,6 +755,42 @@ def test_triton_path_spike_threshold(name, options):
         assert rel_err(x, y) < 1e-5
     c, _ = _train(cls, "triton", 12, spikes=(4, 9), spike_threshold=None, **options)
     assert max(rel_err(x, y) for x, y in zip(b, c)) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["KLShampoo", "KLSOAP", "SOAP"])
+def test_triton_path_one_sided_blocks(name, monkeypatch):
+    """A mode above max_precond_dim left unrotated (large_dim_policy="identity", SOAP's default;
+    GPT-2's embedding on SOAP) runs on the kernels, both orientations, and follows the torch path
+    for 24 steps (two refreshes)."""
+    from klkern.algorithms import _triton_path
+
+    sides = set()
+    rotate = _triton_path.K.rotate
+
+    def recording(G, Q_a, Q_b, *args, **kwargs):
+        sides.add((Q_a is not None, Q_b is not None))
+        return rotate(G, Q_a, Q_b, *args, **kwargs)
+
+    monkeypatch.setattr(_triton_path.K, "rotate", recording)
+
+    def train(backend):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 40), torch.nn.Tanh(), torch.nn.Linear(40, 16)).to(DEVICE)
+        opt = getattr(klkern, name)(model.parameters(), lr=1e-2, backend=backend, precondition_frequency=10,
+                                    max_precond_dim=32, large_dim_policy="identity")
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(24):
+            X, Y = torch.randn(64, 16, generator=gen).to(DEVICE), torch.randn(64, 16, generator=gen).to(DEVICE)
+            opt.zero_grad()
+            (model(X) - Y).pow(2).mean().backward()
+            opt.step()
+        return [p.detach().cpu() for p in model.parameters()]
+
+    expect = train("torch")
+    got = train("triton")
+    assert sides == {(True, False), (False, True)}  # both weights took the kernels, one side each
+    for a, b in zip(got, expect):
+        assert rel_err(a, b) < 1e-5  # measured ~2e-7
 
 
 def test_triton_path_tracks_the_same_kl_objective():

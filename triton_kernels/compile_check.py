@@ -79,6 +79,9 @@ def _record_scenarios():
                 scenarios.append((name, dict(base, normalize_grads=True), torch.float32, shapes))
                 if "spike_threshold" in DEFAULTS[getattr(klkern, name).algorithm]:  # the KL optimizers
                     scenarios.append((name, dict(base, spike_threshold=None), torch.float32, shapes))
+            # a mode above max_precond_dim left unrotated: one-sided rotations, both orientations
+            scenarios.append((name, dict(matmul_precision=precision, precondition_frequency=1, max_precond_dim=32,
+                                         large_dim_policy="identity"), torch.float32, [(40, 24), (24, 40)]))
     return scenarios
 
 

@@ -2,7 +2,9 @@
 
 ``Gr = Q_a^T G Q_b`` for a stack of blocks in two launches (``T = G Q_b`` with nothing fused,
 product.py; then ``Gr = Q_a^T T``), the second one's epilogue doing, from the tile in registers,
-every element-wise thing the step does with ``Gr`` (each element touched once):
+every element-wise thing the step does with ``Gr`` (each element touched once). A block with one
+mode left unrotated (``max_precond_dim`` with ``large_dim_policy="identity"``: an identity factor,
+unit eigenvalues) takes one launch, ``Gr = G Q_b`` or ``Gr = Q_a^T G``, with the same epilogue:
 
 * the guard's mask: ``Gr = 0`` for a block that does not step (``keep[b]`` False), whatever
   its gradient held (NaN included);
@@ -38,13 +40,21 @@ MOMENTS_NONE, MOMENTS_MOMENTUM, MOMENTS_ADAM = 0, 1, 2
 
 
 @triton.jit
-def _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS: tl.constexpr):
-    """The direction tile: ``M / (sqrt(lam_a) sqrt(lam_b)^T + eps)`` (KL-Shampoo, ``MOMENTS`` 1) or
-    ``m / (sqrt(v) + eps)`` (Adam, 2)."""
+def _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS: tl.constexpr,
+               SIDE_A: tl.constexpr, SIDE_B: tl.constexpr):
+    """The direction tile: ``M / (sqrt(lam_a) sqrt(lam_b)^T + eps)`` (KL-Shampoo, ``MOMENTS`` 1;
+    an unrotated side's eigenvalues are 1) or ``m / (sqrt(v) + eps)`` (Adam, 2)."""
     if MOMENTS == 1:
-        r_a = tl.load(SQ_A + b * s_sa + rows, mask=row_ok, other=1.0)
-        r_b = tl.load(SQ_B + b * s_sb + cols, mask=col_ok, other=1.0)
-        x = mom / (r_a[:, None] * r_b[None, :] + eps)
+        if SIDE_A and SIDE_B:
+            r_a = tl.load(SQ_A + b * s_sa + rows, mask=row_ok, other=1.0)
+            r_b = tl.load(SQ_B + b * s_sb + cols, mask=col_ok, other=1.0)
+            x = mom / (r_a[:, None] * r_b[None, :] + eps)
+        elif SIDE_A:
+            r_a = tl.load(SQ_A + b * s_sa + rows, mask=row_ok, other=1.0)
+            x = mom / (r_a[:, None] + eps)
+        else:
+            r_b = tl.load(SQ_B + b * s_sb + cols, mask=col_ok, other=1.0)
+            x = mom / (r_b[None, :] + eps)
     else:
         x = mom / (tl.sqrt(v) + eps)
     return x
@@ -52,8 +62,8 @@ def _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, ep
 
 @triton.jit
 def _rotate_kernel(
-    QA, T, GR, M, N,
-    s_qb, s_qk, s_qm, s_tb, s_tk, s_tn, s_gb, s_gm, s_gn,
+    A, BM, GR, M, N, K,
+    s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_gb, s_gm, s_gn,
     KEEP,
     PW_A, PW_B, s_pa, s_pb, PROW, PCOL, tiles_m, tiles_n,
     MOM, s_mb, s_mm, s_mn, B1, c1,
@@ -61,6 +71,7 @@ def _rotate_kernel(
     SQ_A, SQ_B, s_sa, s_sb, eps,
     X, s_xb, s_xm, s_xn,
     STORE_GR: tl.constexpr, PROJ: tl.constexpr, MOMENTS: tl.constexpr, DIRECTION: tl.constexpr,
+    SIDE_A: tl.constexpr, SIDE_B: tl.constexpr,
     DOT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -72,19 +83,29 @@ def _rotate_kernel(
     row_ok = rows < M
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
-    # Gr = Q_a^T T: A[i, k] = Q_a[k, i]
-    acc = tile_product(QA + b * s_qb, T + b * s_tb, QA, rows, cols, M, N, M, s_qm, s_qk, s_tk, s_tn,
+    # Gr = A B: Q_a^T (G Q_b), Q_a^T G or G Q_b (the launcher's strides read Q_a transposed)
+    acc = tile_product(A + b * s_ab, BM + b * s_bb, A, rows, cols, M, N, K, s_am, s_ak, s_bk, s_bn,
                        False, DOT, EMULATE, BLOCK_M, BLOCK_N, BLOCK_K)
     keep = tl.load(KEEP + b)
     gr = tl.where(keep, acc, 0.0)
     if STORE_GR:
         tl.store(GR + b * s_gb + rows[:, None] * s_gm + cols[None, :] * s_gn, gr.to(GR.dtype.element_ty), mask=mask)
-    if PROJ:
-        w_a = tl.load(PW_A + b * s_pa + rows, mask=row_ok, other=0.0)
-        w_b = tl.load(PW_B + b * s_pb + cols, mask=col_ok, other=0.0)
+    if PROJ:  # per rotated side; an unrotated side weighs 1 / its size (unit eigenvalues)
         sq = gr * gr
-        tl.store(PROW + (b * M + rows) * tiles_n + pid_n, tl.sum(sq * w_b[None, :], axis=1), mask=row_ok)
-        tl.store(PCOL + (b * N + cols) * tiles_m + pid_m, tl.sum(sq * w_a[:, None], axis=0), mask=col_ok)
+        if SIDE_A:
+            if SIDE_B:
+                w_b = tl.load(PW_B + b * s_pb + cols, mask=col_ok, other=0.0)
+                row_sum = tl.sum(sq * w_b[None, :], axis=1)
+            else:
+                row_sum = tl.sum(sq, axis=1) / N
+            tl.store(PROW + (b * M + rows) * tiles_n + pid_n, row_sum, mask=row_ok)
+        if SIDE_B:
+            if SIDE_A:
+                w_a = tl.load(PW_A + b * s_pa + rows, mask=row_ok, other=0.0)
+                col_sum = tl.sum(sq * w_a[:, None], axis=0)
+            else:
+                col_sum = tl.sum(sq, axis=0) / M
+            tl.store(PCOL + (b * N + cols) * tiles_m + pid_m, col_sum, mask=col_ok)
     if MOMENTS != 0:
         m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
         mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -97,34 +118,44 @@ def _rotate_kernel(
             v = tl.load(B2 + b) * v + c2 * gr * gr
             tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
         if DIRECTION:
-            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS)
+            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
+                           SIDE_A, SIDE_B)
             tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
 
 
-def rotate(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, keep: torch.Tensor, *,
+def rotate(G: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | None, keep: torch.Tensor, *,
            projection=None, momentum=None, adam=None, betas: tuple = (0.0, 0.0), eps: float = 0.0,
            sqrt_lam=None, direction: torch.Tensor | None = None, store: bool = True,
            precision: str = "highest", gr_dtype: torch.dtype = torch.float32):
     """``Gr = Q_a^T G Q_b`` with the step's element-wise work in the epilogue (module doc).
 
-    G: (B, m, n) float32/bfloat16/float16; Q_a (B, m, m), Q_b (B, n, n) float32/bfloat16;
+    G: (B, m, n) float32/bfloat16/float16; Q_a (B, m, m), Q_b (B, n, n) float32/bfloat16, or
+    None for a side left unrotated (identity factor, unit eigenvalues; not both);
     keep: (B,) bool, False for a block that does not step (its Gr is 0).
-    ``projection=(w_a (B, m), w_b (B, n))``, float32 weights ``1 / (d lam)`` of SPEC step 5:
-    also return ``(proj_a (B, m), proj_b (B, n))``, ``proj_a_i = sum_j Gr_ij^2 w_b_j``.
-    ``momentum=(M (B, m, n), b1 (B,))`` (KL-Shampoo) or ``adam=(m, b1, v, b2)`` (SOAP, KL-SOAP):
-    state updated in place with per-block betas (float32 vectors) and the constant weights
-    ``betas = (1 - beta1, 1 - beta2)``. ``direction`` (B, m, n): receives ``X``
-    (KL-Shampoo needs ``sqrt_lam=(sqrt(lam_a), sqrt(lam_b))`` and ``eps``; Adam ``eps``).
-    ``store``: return Gr (of ``gr_dtype``); else only the epilogue's outputs.
-    ``precision``: the products' arithmetic ("highest", "high", "medium").
-    Returns ``(Gr or None, (proj_a, proj_b) or None)``.
+    ``projection=(w_a (B, m), w_b (B, n))``, float32 weights ``1 / (d lam)`` of SPEC step 5
+    (None for an unrotated side): also return ``(proj_a (B, m), proj_b (B, n))``,
+    ``proj_a_i = sum_j Gr_ij^2 w_b_j`` (``w_b = 1 / n`` for an unrotated side b), None for an
+    unrotated side. ``momentum=(M (B, m, n), b1 (B,))`` (KL-Shampoo) or ``adam=(m, b1, v, b2)``
+    (SOAP, KL-SOAP): state updated in place with per-block betas (float32 vectors) and the
+    constant weights ``betas = (1 - beta1, 1 - beta2)``. ``direction`` (B, m, n): receives ``X``
+    (KL-Shampoo needs ``sqrt_lam=(sqrt(lam_a), sqrt(lam_b))``, None for an unrotated side, and
+    ``eps``; Adam ``eps``). ``store``: return Gr (of ``gr_dtype``); else only the epilogue's
+    outputs. ``precision``: the products' arithmetic ("highest", "high", "medium").
+    Returns ``(Gr or None, (proj_a, proj_b) or None)``. Raises ValueError for shapes, dtypes or
+    arguments that do not fit together.
     """
     if G.dim() != 3:
         raise ValueError(f"rotate: G must be a (B, m, n) stack, got shape {tuple(G.shape)}")
     B, m, n = G.shape
+    if Q_a is None and Q_b is None:
+        raise ValueError("rotate: at least one of Q_a, Q_b is needed (a block with no rotated side "
+                         "takes the AdamW path)")
+    side_a, side_b = Q_a is not None, Q_b is not None
     check_stack("G", G, (B, m, n), (torch.float32, torch.bfloat16, torch.float16))
-    check_stack("Q_a", Q_a, (B, m, m), STATE_DTYPES)
-    check_stack("Q_b", Q_b, (B, n, n), STATE_DTYPES)
+    if side_a:
+        check_stack("Q_a", Q_a, (B, m, m), STATE_DTYPES)
+    if side_b:
+        check_stack("Q_b", Q_b, (B, n, n), STATE_DTYPES)
     check_stack("keep", keep, (B,), (torch.bool,))
     if momentum is not None and adam is not None:
         raise ValueError("rotate: pass momentum (KL-Shampoo) or adam (SOAP, KL-SOAP), not both")
@@ -142,38 +173,40 @@ def rotate(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, keep: torch.Te
         check_stack("direction", direction, (B, m, n), (torch.float32, torch.bfloat16))
         if kind == 1 and sqrt_lam is None:
             raise ValueError("rotate: KL-Shampoo's direction needs sqrt_lam=(sqrt(lam_a), sqrt(lam_b))")
-    if sqrt_lam is not None:
-        check_stack("sqrt_lam_a", sqrt_lam[0], (B, m))
-        check_stack("sqrt_lam_b", sqrt_lam[1], (B, n))
-    if projection is not None:
-        check_stack("projection weights w_a", projection[0], (B, m))
-        check_stack("projection weights w_b", projection[1], (B, n))
+    _check_sides("sqrt_lam", sqrt_lam, B, m, n, side_a, side_b)
+    _check_sides("projection weights", projection, B, m, n, side_a, side_b)
     check_device(G.device, Q_a=Q_a, Q_b=Q_b, keep=keep, direction=direction)
-    T = batched_product(G, Q_b, precision=precision, out_dtype=intermediate_dtype(precision))
+    if side_a and side_b:  # Gr = Q_a^T (G Q_b): A[i, k] = Q_a[k, i]
+        T = batched_product(G, Q_b, precision=precision, out_dtype=intermediate_dtype(precision))
+        A, s_am, s_ak, Bm, K = Q_a, Q_a.stride(2), Q_a.stride(1), T, m
+    elif side_a:  # Gr = Q_a^T G
+        A, s_am, s_ak, Bm, K = Q_a, Q_a.stride(2), Q_a.stride(1), G, m
+    else:  # Gr = G Q_b
+        A, s_am, s_ak, Bm, K = G, G.stride(1), G.stride(2), Q_b, n
     Gr = torch.empty(B, m, n, dtype=gr_dtype, device=G.device) if store else None
-    dots, cfg, is_aligned, tiles_m, tiles_n = product_tiles(m, n, m, precision, Q_a, T, Gr, *(
+    dots, cfg, is_aligned, tiles_m, tiles_n = product_tiles(m, n, K, precision, A, Bm, Gr, *(
         t for t in (moments or ()) if t is not None and t.dim() == 3), direction, table="rotate")
     partial = None
     if projection is not None:
-        partial = (torch.empty(B, m, tiles_n, dtype=torch.float32, device=G.device),
-                   torch.empty(B, n, tiles_m, dtype=torch.float32, device=G.device))
-    dummy = T
+        partial = (torch.empty(B, m, tiles_n, dtype=torch.float32, device=G.device) if side_a else None,
+                   torch.empty(B, n, tiles_m, dtype=torch.float32, device=G.device) if side_b else None)
+    dummy = Bm
     zero3 = (0, 0, 0)
     mom = moments[0] if moments is not None else None
     v = moments[2] if kind == 2 else None
 
     def run(part):
-        qa, t_, gr, mo, vv, x = part(Q_a), part(T), part(Gr), part(mom), part(v), part(direction)
+        a_, b_, gr, mo, vv, x = part(A), part(Bm), part(Gr), part(mom), part(v), part(direction)
         pw = (part(projection[0]), part(projection[1])) if projection is not None else (None, None)
         sq = (part(sqrt_lam[0]), part(sqrt_lam[1])) if sqrt_lam is not None else (None, None)
-        prow, pcol = (part(partial[0]), part(partial[1])) if partial is not None else (dummy, dummy)
+        prow, pcol = (part(partial[0]), part(partial[1])) if partial is not None else (None, None)
         args = (
-            qa, t_, gr if gr is not None else dummy, m, n,
-            qa.stride(0), qa.stride(1), qa.stride(2), *strides3(t_), *(strides3(gr) if gr is not None else zero3),
+            a_, b_, gr if gr is not None else dummy, m, n, K,
+            a_.stride(0), s_am, s_ak, *strides3(b_), *(strides3(gr) if gr is not None else zero3),
             part(keep),
             pw[0] if pw[0] is not None else dummy, pw[1] if pw[1] is not None else dummy,
             pw[0].stride(0) if pw[0] is not None else 0, pw[1].stride(0) if pw[1] is not None else 0,
-            prow, pcol, tiles_m, tiles_n,
+            prow if prow is not None else dummy, pcol if pcol is not None else dummy, tiles_m, tiles_n,
             mo if mo is not None else dummy, *(strides3(mo) if mo is not None else zero3),
             part(moments[1]) if moments is not None else dummy, float(betas[0]),
             vv if vv is not None else dummy, *(strides3(vv) if vv is not None else zero3),
@@ -183,17 +216,32 @@ def rotate(G: torch.Tensor, Q_a: torch.Tensor, Q_b: torch.Tensor, keep: torch.Te
             x if x is not None else dummy, *(strides3(x) if x is not None else zero3),
         )
         state = nbytes(mo, vv)
-        traffic = Traffic(product=nbytes(qa, t_, gr),
-                          extra=2 * state + nbytes(x, part(keep), *pw, *sq, *(
-                              (prow, pcol) if partial is not None else ())))
+        traffic = Traffic(product=nbytes(a_, b_, gr),
+                          extra=2 * state + nbytes(x, part(keep), *pw, *sq, prow, pcol))
         launch(_rotate_kernel, (tiles_m * tiles_n, part.size), args,
                dict(STORE_GR=gr is not None, PROJ=projection is not None, MOMENTS=kind,
-                    DIRECTION=direction is not None, **dots), cfg, "rotate", is_aligned, traffic)
+                    DIRECTION=direction is not None, SIDE_A=side_a, SIDE_B=side_b, **dots),
+               cfg, "rotate", is_aligned, traffic)
 
     in_chunks(B, run)
     if partial is None:
         return Gr, None
-    return Gr, (partial[0].sum(-1), partial[1].sum(-1))
+    return Gr, tuple(p.sum(-1) if p is not None else None for p in partial)
+
+
+def _check_sides(name: str, pair, B: int, m: int, n: int, side_a: bool, side_b: bool) -> None:
+    """``pair = (vector of side a (B, m), of side b (B, n))``: given for a rotated side, None for an
+    unrotated one."""
+    if pair is None:
+        return
+    for vec, d, on, side in ((pair[0], m, side_a, "a"), (pair[1], n, side_b, "b")):
+        if on and vec is None:
+            raise ValueError(f"rotate: {name} of side {side} is missing (that side is rotated)")
+        if not on and vec is not None:
+            raise ValueError(f"rotate: {name} of side {side} must be None (that side is not rotated: unit "
+                             "eigenvalues)")
+        if vec is not None:
+            check_stack(f"{name}_{side}", vec, (B, d))
 
 
 @triton.jit
@@ -203,7 +251,8 @@ def _spike_correct_kernel(
     V, s_vb, s_vm, s_vn, c2,
     SQ_A, SQ_B, s_sa, s_sb, eps,
     X, s_xb, s_xm, s_xn,
-    MOMENTS: tl.constexpr, DIRECTION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MOMENTS: tl.constexpr, DIRECTION: tl.constexpr, SIDE_A: tl.constexpr, SIDE_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     s = tl.load(SPIKE + b)
@@ -223,7 +272,8 @@ def _spike_correct_kernel(
             v = tl.maximum(v, 0.0)
             tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
         if DIRECTION:
-            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS)
+            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
+                           SIDE_A, SIDE_B)
             tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
 
 
@@ -232,8 +282,9 @@ def spike_correct_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam
     """In place, for each block whose ``spike[b]`` is not 1: the moments and the direction that
     :func:`rotate` wrote with ``Gr`` redone with ``s Gr`` (``M -= (1 - beta1)(1 - s) Gr``; Adam's
     ``v -= (1 - beta2)(1 - s^2) Gr^2``, then ``X`` again). Arguments as :func:`rotate`'s
-    (``momentum=(M, b1)`` / ``adam=(m, b1, v, b2)``; the per-block betas are not read);
-    spike: (B,) float32. Blocks with ``s = 1`` are not read."""
+    (``momentum=(M, b1)`` / ``adam=(m, b1, v, b2)``; the per-block betas are not read;
+    ``sqrt_lam`` None for an unrotated side); spike: (B,) float32. Blocks with ``s = 1`` are not
+    read."""
     B, m, n = Gr.shape
     check_stack("spike", spike, (B,))
     kind = 1 if momentum is not None else 2
@@ -242,6 +293,9 @@ def spike_correct_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam
         raise ValueError("spike_correct_: pass momentum (KL-Shampoo) or adam (KL-SOAP)")
     mom = moments[0]
     v = moments[2] if kind == 2 else None
+    sides = (True, True) if sqrt_lam is None else (sqrt_lam[0] is not None, sqrt_lam[1] is not None)
+    if direction is not None and kind == 1 and (sqrt_lam is None or not any(sides)):
+        raise ValueError("spike_correct_: KL-Shampoo's direction needs sqrt_lam=(sqrt(lam_a), sqrt(lam_b))")
     cfg = pick_tiles("elementwise", "ieee", min(m, n), True)
     run = run_tiles(cfg)
     tiles = triton.cdiv(m, run["BLOCK_M"]) * triton.cdiv(n, run["BLOCK_N"])
@@ -259,7 +313,8 @@ def spike_correct_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam
                 x if x is not None else dummy, *(strides3(x) if x is not None else zero3))
         # what a step without a spike pays: the scale of every block (the rest is read only where s != 1)
         launch(_spike_correct_kernel, (tiles, part.size), args,
-               dict(MOMENTS=kind, DIRECTION=direction is not None), cfg, "elementwise", True,
+               dict(MOMENTS=kind, DIRECTION=direction is not None, SIDE_A=sides[0], SIDE_B=sides[1]),
+               cfg, "elementwise", True,
                Traffic(extra=nbytes(part(spike))))
 
     in_chunks(B, go)
@@ -273,12 +328,17 @@ def reference_rotate(G, Q_a, Q_b, keep, *, projection=None, momentum=None, adam=
     """:func:`rotate` in torch, unfused (the products at ``precision``, the rest in float32)."""
     from klkern.runtime._precision import bmm
 
-    Gr = bmm(Q_a.mT, bmm(G, Q_b, precision), precision)
+    Gr = G.float() if Q_b is None else bmm(G, Q_b, precision)
+    Gr = Gr if Q_a is None else bmm(Q_a.mT, Gr, precision)
     Gr = torch.where(keep.view(-1, 1, 1), Gr, torch.zeros((), device=Gr.device))
     proj = None
     if projection is not None:
         sq = Gr * Gr
-        proj = ((sq * projection[1][:, None, :]).sum(-1), (sq * projection[0][:, :, None]).sum(1))
+        B, m, n = Gr.shape
+        w_a = projection[0] if Q_a is not None else torch.full((B, m), 1 / m, device=Gr.device)
+        w_b = projection[1] if Q_b is not None else torch.full((B, n), 1 / n, device=Gr.device)
+        proj = ((sq * w_b[:, None, :]).sum(-1) if Q_a is not None else None,
+                (sq * w_a[:, :, None]).sum(1) if Q_b is not None else None)
     moments = momentum if momentum is not None else adam
     if moments is not None:
         mom = moments[1].view(-1, 1, 1) * moments[0].float() + betas[0] * Gr
@@ -287,12 +347,20 @@ def reference_rotate(G, Q_a, Q_b, keep, *, projection=None, momentum=None, adam=
             v = adam[3].view(-1, 1, 1) * adam[2].float() + betas[1] * Gr * Gr
             adam[2].copy_(v)
         if direction is not None:
-            if momentum is not None:
-                x = mom / (sqrt_lam[0][:, :, None] * sqrt_lam[1][:, None, :] + eps)
-            else:
-                x = mom / (v.sqrt() + eps)
-            direction.copy_(x)
+            direction.copy_(_reference_direction(mom, v if adam is not None else None, sqrt_lam, eps))
     return (Gr.to(gr_dtype) if store else None), proj
+
+
+def _reference_direction(mom, v, sqrt_lam, eps):
+    """``M / (sqrt(lam_a) sqrt(lam_b)^T + eps)`` (an unrotated side's root is 1) or ``m / (sqrt(v) + eps)``."""
+    if v is not None:
+        return mom / (v.sqrt() + eps)
+    root = 1.0
+    if sqrt_lam[0] is not None:
+        root = root * sqrt_lam[0][:, :, None]
+    if sqrt_lam[1] is not None:
+        root = root * sqrt_lam[1][:, None, :]
+    return mom / (root + eps)
 
 
 def reference_spike_correct(Gr, spike, *, momentum=None, adam=None, betas=(0.0, 0.0), eps=0.0, sqrt_lam=None,
@@ -308,8 +376,5 @@ def reference_spike_correct(Gr, spike, *, momentum=None, adam=None, betas=(0.0, 
         v = torch.where(hit, (adam[2].float() - betas[1] * (1 - s * s) * gr * gr).clamp(min=0), adam[2].float())
         adam[2].copy_(v)
     if direction is not None:
-        if momentum is not None:
-            x = mom / (sqrt_lam[0][:, :, None] * sqrt_lam[1][:, None, :] + eps)
-        else:
-            x = mom / (v.sqrt() + eps)
+        x = _reference_direction(mom, v if adam is not None else None, sqrt_lam, eps)
         direction.copy_(torch.where(hit, x.to(direction.dtype), direction))

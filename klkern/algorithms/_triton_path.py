@@ -1,8 +1,10 @@
 """The Triton path: the phases of klkern/algorithms/_steps.py with the fused kernels.
 
 Same phases, masks and math as :mod:`klkern.algorithms._steps` (tested against it and against
-:mod:`klkern.reference`), for 2-D blocks with both modes preconditioned and for the AdamW path;
-every other block shape keeps the torch path. Each element of a block's state is read and
+:mod:`klkern.reference`), for 2-D blocks with one or both modes preconditioned (a mode above
+``max_precond_dim`` with ``large_dim_policy="identity"`` is left unrotated: its products are
+skipped, its eigenvalues are 1) and for the AdamW path; every other block shape, and Shampoo's
+one-sided blocks, keep the torch path. Each element of a block's state is read and
 written once per step, inside the products that need it:
 
 1. KL-Shampoo, KL-SOAP (``project``) and SOAP (``update``): :func:`~klkern.triton_kernels.rotate`,
@@ -44,15 +46,19 @@ def supports(path: str, block_shape: tuple, mask, hp: StepHyperparameters) -> bo
         return True
     if ALGORITHMS[path].exact_mode(hp):  # the idealized mode: torch path
         return False
-    return path in STEPS and len(block_shape) == 2 and all(mask)
+    if path not in STEPS or len(block_shape) != 2:
+        return False
+    return all(mask) if ALGORITHMS[path].inverse_root else any(mask)
 
 
 def _bases(st):
-    return st.bufs["Q0"], st.bufs["Q1"]
+    """(Q_a, Q_b), None for an unrotated side."""
+    return st.bufs.get("Q0"), st.bufs.get("Q1")
 
 
 def _vecs(st, name: str) -> tuple:
-    return st.cache[f"{name}_vec0"], st.cache[f"{name}_vec1"]
+    """A per-side vector of the plan's buffers, (side a, side b), None for an unrotated side."""
+    return st.cache.get(f"{name}_vec0"), st.cache.get(f"{name}_vec1")
 
 
 def _writes_params(st, hp) -> bool:
@@ -95,8 +101,9 @@ def _rotate(st, hp, projection: bool):
                         sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, direction=X,
                         precision=hp.rotation_mode, gr_dtype=intermediate_dtype(hp.factor_mode), **moments)
     if proj is not None:
-        st.proj[0].copy_(proj[0])
-        st.proj[1].copy_(proj[1])
+        for k, part in enumerate(proj):
+            if part is not None:
+                st.proj[k].copy_(part)
     return Gr, X
 
 
@@ -104,7 +111,9 @@ def kl_project(st, hp, carry=None):
     """Phase 1: Gr, the projections, the moments and the direction from the old lam."""
     Gr, X = _rotate(st, hp, projection=True)
     if st.track_kl:
-        _tracking.kl_from_projection_(st.bufs, st.proj[0], [st.bufs["lam0"], st.bufs["lam1"]], 0, Gr, keep=st.keep)
+        first = 0 if st.mask[0] else 1
+        _tracking.kl_from_projection_(st.bufs, st.proj[first], [st.bufs.get("lam0"), st.bufs.get("lam1")], first, Gr,
+                                      keep=st.keep)
     return Gr, X
 
 
@@ -119,15 +128,19 @@ def _spike(st, hp, Gr, X) -> None:
 
 def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
     """R_a <- fb R_a + (1 - fb)/n s^2 Gr diag(1/lam_b) Gr^T and R_b alike, one product each (fb
-    per block: 1 for a skipped block, whose Gr is zero; s: spike_threshold's factor)."""
+    per block: 1 for a skipped block, whose Gr is zero; s: spike_threshold's factor); the rotated
+    sides only (an unrotated side's 1 / lam is 1)."""
     fb = hp.factor_beta
     _, m, n = Gr.shape
     inv_a, inv_b = _vecs(st, "inv_lam")
     beta = st.cache["fb:vec"]
     scale = st.cache["spike_vec"] if st.spike else None
-    K.factor_ema_(st.bufs["R0"], Gr, inv_b, beta, (1 - fb) / n, scale=scale, keep=st.keep, precision=hp.factor_mode)
-    K.factor_ema_(st.bufs["R1"], Gr, inv_a, beta, (1 - fb) / m, scale=scale, keep=st.keep, transpose_x=True,
-                  precision=hp.factor_mode)
+    if st.mask[0]:
+        K.factor_ema_(st.bufs["R0"], Gr, inv_b, beta, (1 - fb) / n, scale=scale, keep=st.keep,
+                      precision=hp.factor_mode)
+    if st.mask[1]:
+        K.factor_ema_(st.bufs["R1"], Gr, inv_a, beta, (1 - fb) / m, scale=scale, keep=st.keep, transpose_x=True,
+                      precision=hp.factor_mode)
 
 
 def _precondition(st, hp, X):
@@ -154,7 +167,10 @@ def klshampoo_late(st, hp, carry=None):
         return None
     roots = _vecs(st, "sqrt_lam")
     M = st.bufs["exp_avg"].float()
-    X = M / torch.addcmul(S._constant(st, "eps", hp.eps), roots[0][:, :, None], roots[1][:, None, :])
+    if roots[0] is not None and roots[1] is not None:
+        X = M / torch.addcmul(S._constant(st, "eps", hp.eps), roots[0][:, :, None], roots[1][:, None, :])
+    else:
+        X = M / (roots[0][:, :, None] if roots[0] is not None else roots[1][:, None, :]).add(hp.eps)
     return _precondition(st, hp, X)
 
 
@@ -163,9 +179,10 @@ def soap_update(st, hp, carry=None):
     if st.track_kl:
         F.soap_track_kl_(st.bufs, Gr, st.mask, keep=st.keep)
     fb = hp.factor_beta
-    for k, name in enumerate(("R0", "R1")):
-        K.factor_ema_(st.bufs[name], Gr, None, st.cache["fb:vec"], 1 - fb, keep=st.keep, transpose_x=k == 1,
-                      precision=hp.factor_mode)
+    for k, on in enumerate(st.mask):
+        if on:
+            K.factor_ema_(st.bufs[f"R{k}"], Gr, None, st.cache["fb:vec"], 1 - fb, keep=st.keep, transpose_x=k == 1,
+                          precision=hp.factor_mode)
     return _precondition(st, hp, X)
 
 
