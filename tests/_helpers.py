@@ -142,3 +142,15 @@ def clone_params(params):
 
 def deepcopy_state(opt):
     return copy.deepcopy(opt.state_dict())
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two (nested) state dicts hold the same keys, and tensors equal to the bit in the same dtype."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key

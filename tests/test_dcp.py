@@ -20,7 +20,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import mlp
+from _helpers import assert_same_state, mlp
 
 import klkern
 
@@ -100,17 +100,6 @@ def _resume(name, options, path):
     return model, opt
 
 
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            _assert_same_state(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
-
-
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_trainer_recipe_resumes_bit_identically(name, option, tmp_path):
@@ -123,7 +112,7 @@ def test_trainer_recipe_resumes_bit_identically(name, option, tmp_path):
     _train(resumed, ropt, 5, start=5)
     for a, b in zip(resumed.parameters(), model.parameters()):
         assert torch.equal(a, b)
-    _assert_same_state(ropt.state_dict()["state"], opt.state_dict()["state"])
+    assert_same_state(ropt.state_dict()["state"], opt.state_dict()["state"])
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -162,7 +151,7 @@ def test_blocks_of_a_template_step_still_wait_for_scale(name):
         _train(model, opt, 5)
         runs.append((model.weight.detach().clone(), opt.state_dict()["state"]))
     assert torch.equal(runs[0][0], runs[1][0])
-    _assert_same_state(runs[0][1], runs[1][1])
+    assert_same_state(runs[0][1], runs[1][1])
 
 
 def test_blocks_are_keyed_by_string_and_old_lists_load():
@@ -179,7 +168,7 @@ def test_blocks_are_keyed_by_string_and_old_lists_load():
         state["blocks"] = list(state["blocks"].values())
     _, fresh = _make("KLShampoo", seed=1)
     fresh.load_state_dict(old)
-    _assert_same_state(fresh.state_dict()["state"], sd["state"])
+    assert_same_state(fresh.state_dict()["state"], sd["state"])
     bad = copy.deepcopy(sd)
     bad["state"][0]["blocks"]["7"] = bad["state"][0]["blocks"]["0"]
     with pytest.raises(ValueError, match=r"blocks \['7'\].*has 4 blocks"):
@@ -209,4 +198,4 @@ def test_a_parameter_without_blocks_resumes(flatten, tmp_path):
     sd = {"optim": get_optimizer_state_dict(resumed, ropt, options=options)}
     dcp.load(sd, checkpoint_id=str(tmp_path))
     set_optimizer_state_dict(resumed, ropt, sd["optim"], options=options)
-    _assert_same_state(ropt.state_dict()["state"], opt.state_dict()["state"])
+    assert_same_state(ropt.state_dict()["state"], opt.state_dict()["state"])

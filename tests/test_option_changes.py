@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from _helpers import rel_err
+from _helpers import assert_same_state, rel_err
 
 import klkern
 from klkern.algorithms import _blocking
@@ -59,17 +59,6 @@ def _step(opt, params, grads):
     opt.step()
 
 
-def _same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            _same_state(a[key], b[key])
-        elif isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
-
-
 @pytest.mark.parametrize("option", list(CHANGES))
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_layout_option_changed_restarts_as_a_fresh_optimizer(name, option):
@@ -101,8 +90,8 @@ def test_a_layout_option_changed_restarts_as_a_fresh_optimizer(name, option):
         _step(fresh, [W2], grads[t][:1])
         _step(straight, [Vc], grads[t][1:])
     assert torch.equal(W, W2) and torch.equal(V, Vc)
-    _same_state(opt.state_dict()["state"][0], fresh.state_dict()["state"][0])
-    _same_state(opt.state_dict()["state"][1], straight.state_dict()["state"][0])
+    assert_same_state(opt.state_dict()["state"][0], fresh.state_dict()["state"][0])
+    assert_same_state(opt.state_dict()["state"][1], straight.state_dict()["state"][0])
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -125,7 +114,7 @@ def test_a_new_shape_restarts_as_a_fresh_optimizer(name):
         _step(opt, [W], grads)
         _step(fresh, [W2], grads)
     assert torch.equal(W, W2)
-    _same_state(opt.state_dict()["state"], fresh.state_dict()["state"])
+    assert_same_state(opt.state_dict()["state"], fresh.state_dict()["state"])
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
@@ -166,7 +155,7 @@ def test_state_dtype_changed_converts_the_state(name, dtypes):
         _step(converted, twins, grads[t])
     for a, b in zip(params, twins):
         assert torch.equal(a, b)
-    _same_state(opt.state_dict()["state"], converted.state_dict()["state"])
+    assert_same_state(opt.state_dict()["state"], converted.state_dict()["state"])
     for index, p in enumerate(params):
         for block in opt.state[p]["blocks"]:
             for key, value in block.items():

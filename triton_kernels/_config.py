@@ -155,16 +155,16 @@ _UNALIGNED_OF = {"product": "gemm", "rotate": "gemm", "precondition": "gemm", "f
 # epilogues of rotate (KL-SOAP: Gr, m, v, X and the projections) and precondition (the parameter
 # write), so only the plain product tries them; a 128-wide factor EMA at BLOCK_K 16 spills 8 B
 # on sm_80 with 3xTF32.
+_TF32_CANDIDATES = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+                    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)]
 _GEMM_CANDIDATES = {
     "ieee": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
              dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=3)],
-    "tf32x3": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-               dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)],
-    "tf32": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-             dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4)],
+    # 3xTF32 and TF32 tile alike (the same operand loads; 3xTF32 issues three products per tile)
+    "tf32x3": [dict(c) for c in _TF32_CANDIDATES],
+    "tf32": [dict(c) for c in _TF32_CANDIDATES],
     "bf16": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)],
