@@ -82,17 +82,19 @@ def test_recorded_variants_cover_what_the_optimizers_launch(variants):
     """The recording saw every product kernel at every product arithmetic (3xTF32 and fp32 FMA
     for "highest"), the rotation's epilogues (projections; momentum or Adam's moments; the
     direction), one-sided rotations and writes (a mode left unrotated), the parameter write in
-    the preconditioning's epilogue (in every parameter dtype) and its U-storing form, the spike
-    correction and the AdamW path's kernel, unaligned shapes, and both entries of a tile table."""
+    the preconditioning's epilogue (in every parameter dtype) and its U-storing form, the moments
+    under spike_threshold and the AdamW path's kernel, unaligned shapes, and both entries of a tile table."""
     recorded = json.loads(variants.read_text())
     by = {}
     for v in recorded:
         by.setdefault(v["kernel"].split(":")[-1], []).append(v)
-    assert set(by) == set(KERNELS) | {"_spike_correct_kernel", "_adamw_kernel"}
+    assert set(by) == set(KERNELS) | {"_scaled_moments_kernel", "_adamw_kernel"}
     for kernel in KERNELS:
         dots = {v["constexprs"]["DOT"] for v in by[kernel]}
         assert dots >= {"tf32x3", "tf32", "bf16"}, (kernel, dots)
-    assert {c["MOMENTS"] for c in (v["constexprs"] for v in by["_rotate_kernel"])} == {1, 2}  # KL-Shampoo; Adam
+    # KL-Shampoo; Adam; none (under spike_threshold the moments wait for scaled_moments_, both kinds)
+    assert {c["MOMENTS"] for c in (v["constexprs"] for v in by["_rotate_kernel"])} == {0, 1, 2}
+    assert {v["constexprs"]["MOMENTS"] for v in by["_scaled_moments_kernel"]} == {1, 2}
     assert any(c["PROJ"] and c["DIRECTION"] for c in (v["constexprs"] for v in by["_rotate_kernel"]))
     written = [v["constexprs"] for v in by["_precondition_kernel"] if v["constexprs"]["WRITE"]]
     assert {c["W_DTYPE"]["tl_dtype"] for c in written} == {"fp32", "bf16", "fp16"}

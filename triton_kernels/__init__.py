@@ -6,7 +6,7 @@ its kernel and its torch reference (``reference_*``), tested against the referen
 
 * :func:`rotate` (rotate.py): ``Gr = Q_a^T G Q_b`` with the guard's mask, the eigenvalue
   projections of SPEC step 5, the moment updates and the preconditioned direction in its
-  epilogue; :func:`spike_correct_` redoes the moments of a block ``spike_threshold`` scaled;
+  epilogue; :func:`scaled_moments_`, the moments from ``s Gr`` under ``spike_threshold``;
 * :func:`factor_ema_` (factor_ema.py): ``R <- beta R + alpha X diag(w) X^T``, per-block beta,
   one triangle;
 * :func:`precondition` (precondition.py): ``U = Q_a X Q_b^T`` with the unseen directions masked
@@ -22,7 +22,7 @@ from .adamw import FlatMembers, adamw_
 from .factor_ema import factor_ema_
 from .precondition import precondition
 from .product import ParamTable, batched_product
-from .rotate import rotate, spike_correct_
+from .rotate import rotate, scaled_moments_
 
-__all__ = ["rotate", "spike_correct_", "factor_ema_", "precondition", "adamw_", "batched_product", "ParamTable",
+__all__ = ["rotate", "scaled_moments_", "factor_ema_", "precondition", "adamw_", "batched_product", "ParamTable",
            "FlatMembers"]

@@ -372,3 +372,21 @@ def check_stack(name: str, t: torch.Tensor, shape: tuple, dtypes=(torch.float32,
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in dtypes:
         raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {list(dtypes)}")
+
+
+def check_sides(who: str, name: str, pair, B: int, m: int, n: int, side_a: bool | None = None,
+                 side_b: bool | None = None) -> None:
+    """``pair = (vector of side a (B, m), of side b (B, n))``: given for a rotated side, None for an
+    unrotated one (when the sides are known)."""
+    if pair is None:
+        return
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"{who}: {name} must be a pair (side a (B, m) or None, side b (B, n) or None)")
+    for vec, d, on, side in ((pair[0], m, side_a, "a"), (pair[1], n, side_b, "b")):
+        if on is True and vec is None:
+            raise ValueError(f"{who}: {name} of side {side} is missing (that side is rotated)")
+        if on is False and vec is not None:
+            raise ValueError(f"{who}: {name} of side {side} must be None (that side is not rotated: unit "
+                             "eigenvalues)")
+        if vec is not None:
+            check_stack(f"{name}_{side}", vec, (B, d))

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import STATE_DTYPES, Traffic, check_stack, intermediate_dtype, launch, nbytes
+from ._config import STATE_DTYPES, Traffic, check_sides, check_stack, intermediate_dtype, launch, nbytes
 from ._product import tile_of, tile_product
 from .product import TL_DTYPES, ParamTable, batched_product, check_device, in_chunks, product_tiles, strides3
 
@@ -88,10 +88,8 @@ def precondition(X: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | 
         check_stack("Q_a", Q_a, (B, m, m), STATE_DTYPES)
     if Q_b is not None:
         check_stack("Q_b", Q_b, (B, n, n), STATE_DTYPES)
+    check_sides("precondition", "live", live, B, m, n, Q_a is not None, Q_b is not None)
     live = (None, None) if live is None else live
-    for vec, d, side in ((live[0], m, "a"), (live[1], n, "b")):
-        if vec is not None:
-            check_stack(f"live_{side}", vec, (B, d))
     if params is not None:
         if len(params) != B or params.shape != (m, n):
             raise ValueError(f"precondition: params table holds {len(params)} blocks of shape "

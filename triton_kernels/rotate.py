@@ -20,10 +20,10 @@ unit eigenvalues) takes one launch, ``Gr = G Q_b`` or ``Gr = Q_a^T G``, with the
   ``X = m / (sqrt(v) + eps)`` (Adam).
 
 ``spike_threshold`` scales a block's ``Gr`` by ``s <= 1`` after the projections decide it
-(klkern/engine/_plan.py ``spike_scales``): the epilogue updates with ``s = 1`` and
-:func:`spike_correct_` redoes the moments and the direction of the blocks whose ``s`` is not 1,
-reading nothing for the others. Torch references: :func:`reference_rotate`,
-:func:`reference_spike_correct`.
+(klkern/engine/_plan.py ``spike_scales``): a stack under it rotates with no moments (Gr stored
+in float32, and the projections), and :func:`scaled_moments_` then updates the moments and the
+direction from ``s Gr`` (one element-wise pass). Torch references: :func:`reference_rotate`,
+:func:`reference_scaled_moments`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import STATE_DTYPES, Traffic, check_stack, intermediate_dtype, launch, nbytes, pick_tiles, run_tiles
+from ._config import (STATE_DTYPES, Traffic, check_sides, check_stack, intermediate_dtype, launch, nbytes, pick_tiles,
+                      run_tiles)
 from ._product import tile_of, tile_product
 from .product import batched_product, check_device, in_chunks, product_tiles, strides3
 
@@ -173,8 +174,8 @@ def rotate(G: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | None, 
         check_stack("direction", direction, (B, m, n), (torch.float32, torch.bfloat16))
         if kind == 1 and sqrt_lam is None:
             raise ValueError("rotate: KL-Shampoo's direction needs sqrt_lam=(sqrt(lam_a), sqrt(lam_b))")
-    _check_sides("sqrt_lam", sqrt_lam, B, m, n, side_a, side_b)
-    _check_sides("projection weights", projection, B, m, n, side_a, side_b)
+    check_sides("rotate", "sqrt_lam", sqrt_lam, B, m, n, side_a, side_b)
+    check_sides("rotate", "projection weights", projection, B, m, n, side_a, side_b)
     check_device(G.device, Q_a=Q_a, Q_b=Q_b, keep=keep, direction=direction)
     if side_a and side_b:  # Gr = Q_a^T (G Q_b): A[i, k] = Q_a[k, i]
         T = batched_product(G, Q_b, precision=precision, out_dtype=intermediate_dtype(precision))
@@ -229,73 +230,75 @@ def rotate(G: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | None, 
     return Gr, tuple(p.sum(-1) if p is not None else None for p in partial)
 
 
-def _check_sides(name: str, pair, B: int, m: int, n: int, side_a: bool, side_b: bool) -> None:
-    """``pair = (vector of side a (B, m), of side b (B, n))``: given for a rotated side, None for an
-    unrotated one."""
-    if pair is None:
-        return
-    for vec, d, on, side in ((pair[0], m, side_a, "a"), (pair[1], n, side_b, "b")):
-        if on and vec is None:
-            raise ValueError(f"rotate: {name} of side {side} is missing (that side is rotated)")
-        if not on and vec is not None:
-            raise ValueError(f"rotate: {name} of side {side} must be None (that side is not rotated: unit "
-                             "eigenvalues)")
-        if vec is not None:
-            check_stack(f"{name}_{side}", vec, (B, d))
-
-
 @triton.jit
-def _spike_correct_kernel(
+def _scaled_moments_kernel(
     GR, M, N, s_gb, s_gm, s_gn, SPIKE,
-    MOM, s_mb, s_mm, s_mn, c1,
-    V, s_vb, s_vm, s_vn, c2,
+    MOM, s_mb, s_mm, s_mn, B1, c1,
+    V, s_vb, s_vm, s_vn, B2, c2,
     SQ_A, SQ_B, s_sa, s_sb, eps,
     X, s_xb, s_xm, s_xn,
     MOMENTS: tl.constexpr, DIRECTION: tl.constexpr, SIDE_A: tl.constexpr, SIDE_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
-    s = tl.load(SPIKE + b)
-    if s != 1.0:  # every other block: nothing read, nothing written
-        rows, cols = tile_of(tl.program_id(0), N, BLOCK_M, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        gr = tl.load(GR + b * s_gb + rows[:, None] * s_gm + cols[None, :] * s_gn, mask=mask, other=0.0).to(tl.float32)
-        m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
-        mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) - c1 * (1.0 - s) * gr
-        tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
-        v = mom
-        if MOMENTS == 2:
-            v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
-            v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) - c2 * (1.0 - s * s) * gr * gr
-            v = tl.maximum(v, 0.0)
-            tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
-        if DIRECTION:
-            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
-                           SIDE_A, SIDE_B)
-            tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
+    rows, cols = tile_of(tl.program_id(0), N, BLOCK_M, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    gr = tl.load(GR + b * s_gb + rows[:, None] * s_gm + cols[None, :] * s_gn, mask=mask, other=0.0).to(tl.float32)
+    gr = gr * tl.load(SPIKE + b)
+    m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
+    mom = tl.load(B1 + b) * tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) + c1 * gr
+    tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
+    v = mom
+    if MOMENTS == 2:
+        v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
+        v = tl.load(B2 + b) * tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) + c2 * gr * gr
+        tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
+    if DIRECTION:
+        x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
+                       SIDE_A, SIDE_B)
+        tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
 
 
-def spike_correct_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam=None, betas: tuple = (0.0, 0.0),
-                   eps: float = 0.0, sqrt_lam=None, direction: torch.Tensor | None = None) -> None:
-    """In place, for each block whose ``spike[b]`` is not 1: the moments and the direction that
-    :func:`rotate` wrote with ``Gr`` redone with ``s Gr`` (``M -= (1 - beta1)(1 - s) Gr``; Adam's
-    ``v -= (1 - beta2)(1 - s^2) Gr^2``, then ``X`` again). Arguments as :func:`rotate`'s
-    (``momentum=(M, b1)`` / ``adam=(m, b1, v, b2)``; the per-block betas are not read;
-    ``sqrt_lam`` None for an unrotated side); spike: (B,) float32. Blocks with ``s = 1`` are not
-    read."""
+def scaled_moments_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam=None, betas: tuple = (0.0, 0.0),
+                    eps: float = 0.0, sqrt_lam=None, direction: torch.Tensor | None = None) -> None:
+    """The moments and the direction from ``s Gr``, in place, for a stack whose blocks
+    ``spike_threshold`` may scale (``s <= 1`` per block, known only after :func:`rotate` wrote
+    ``Gr`` and the projections; klkern/engine/_plan.py ``spike_scales``): KL-Shampoo's
+    ``M <- b1 M + (1 - beta1) s Gr`` or Adam's ``m`` and ``v <- b2 v + (1 - beta2) s^2 Gr^2``, then
+    ``X`` as :func:`rotate` makes it. Computed from the scaled gradient, never by subtracting the
+    unscaled one's share afterwards: after an outlier ``Gr^2`` exceeds ``v`` by orders of
+    magnitude, and that difference would leave ``v`` to rounding.
+
+    Gr: (B, m, n) float32/bfloat16 (zero for a block that does not step); spike: (B,) float32;
+    ``momentum=(M, b1)`` / ``adam=(m, b1, v, b2)`` with per-block betas (B,) float32 (1 for a block
+    that does not step); ``betas = (1 - beta1, 1 - beta2)``; ``direction`` (B, m, n) receives X
+    (KL-Shampoo: ``sqrt_lam=(sqrt(lam_a) (B, m), sqrt(lam_b) (B, n))``, None for an unrotated
+    side). Raises ValueError for shapes, dtypes or arguments that do not fit together."""
+    if Gr.dim() != 3:
+        raise ValueError(f"scaled_moments_: Gr must be a (B, m, n) stack, got shape {tuple(Gr.shape)}")
     B, m, n = Gr.shape
+    check_stack("Gr", Gr, (B, m, n), (torch.float32, torch.bfloat16))
     check_stack("spike", spike, (B,))
+    if (momentum is None) == (adam is None):
+        raise ValueError("scaled_moments_: pass momentum (KL-Shampoo) or adam (KL-SOAP), one of them")
     kind = 1 if momentum is not None else 2
     moments = momentum if momentum is not None else adam
-    if moments is None:
-        raise ValueError("spike_correct_: pass momentum (KL-Shampoo) or adam (KL-SOAP)")
-    mom = moments[0]
-    v = moments[2] if kind == 2 else None
+    check_stack("momentum", moments[0], (B, m, n), STATE_DTYPES)
+    check_stack("b1", moments[1], (B,))
+    if kind == 2:
+        check_stack("v", moments[2], (B, m, n), STATE_DTYPES)
+        check_stack("b2", moments[3], (B,))
+    if direction is not None:
+        check_stack("direction", direction, (B, m, n), (torch.float32, torch.bfloat16))
+    check_sides("scaled_moments_", "sqrt_lam", sqrt_lam, B, m, n)
     sides = (True, True) if sqrt_lam is None else (sqrt_lam[0] is not None, sqrt_lam[1] is not None)
     if direction is not None and kind == 1 and (sqrt_lam is None or not any(sides)):
-        raise ValueError("spike_correct_: KL-Shampoo's direction needs sqrt_lam=(sqrt(lam_a), sqrt(lam_b))")
+        raise ValueError("scaled_moments_: KL-Shampoo's direction needs sqrt_lam=(sqrt(lam_a), sqrt(lam_b))")
+    check_device(Gr.device, spike=spike, direction=direction)
+    mom = moments[0]
+    v = moments[2] if kind == 2 else None
     cfg = pick_tiles("elementwise", "ieee", min(m, n), True)
     run = run_tiles(cfg)
     tiles = triton.cdiv(m, run["BLOCK_M"]) * triton.cdiv(n, run["BLOCK_N"])
@@ -304,18 +307,19 @@ def spike_correct_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam
 
     def go(part):
         gr, mo, vv, x = part(Gr), part(mom), part(v), part(direction)
+        b1, b2 = part(moments[1]), part(moments[3]) if kind == 2 else None
         sq = (part(sqrt_lam[0]), part(sqrt_lam[1])) if sqrt_lam is not None else (None, None)
         args = (gr, m, n, *strides3(gr), part(spike),
-                mo, *strides3(mo), float(betas[0]),
-                vv if vv is not None else dummy, *(strides3(vv) if vv is not None else zero3), float(betas[1]),
+                mo, *strides3(mo), b1, float(betas[0]),
+                vv if vv is not None else dummy, *(strides3(vv) if vv is not None else zero3),
+                b2 if b2 is not None else dummy, float(betas[1]),
                 sq[0] if sq[0] is not None else dummy, sq[1] if sq[1] is not None else dummy,
                 sq[0].stride(0) if sq[0] is not None else 0, sq[1].stride(0) if sq[1] is not None else 0, float(eps),
                 x if x is not None else dummy, *(strides3(x) if x is not None else zero3))
-        # what a step without a spike pays: the scale of every block (the rest is read only where s != 1)
-        launch(_spike_correct_kernel, (tiles, part.size), args,
+        traffic = Traffic(extra=nbytes(gr, part(spike), b1, b2, x, *sq) + 2 * nbytes(mo, vv))
+        launch(_scaled_moments_kernel, (tiles, part.size), args,
                dict(MOMENTS=kind, DIRECTION=direction is not None, SIDE_A=sides[0], SIDE_B=sides[1]),
-               cfg, "elementwise", True,
-               Traffic(extra=nbytes(part(spike))))
+               cfg, "elementwise", True, traffic)
 
     in_chunks(B, go)
 
@@ -363,18 +367,16 @@ def _reference_direction(mom, v, sqrt_lam, eps):
     return mom / (root + eps)
 
 
-def reference_spike_correct(Gr, spike, *, momentum=None, adam=None, betas=(0.0, 0.0), eps=0.0, sqrt_lam=None,
-                            direction=None) -> None:
-    """:func:`spike_correct_` in torch."""
-    s = spike.view(-1, 1, 1)
-    hit = s != 1
-    gr = Gr.float()
+def reference_scaled_moments(Gr, spike, *, momentum=None, adam=None, betas=(0.0, 0.0), eps=0.0, sqrt_lam=None,
+                             direction=None) -> None:
+    """:func:`scaled_moments_` in torch (float32)."""
+    gr = Gr.float() * spike.view(-1, 1, 1)
     moments = momentum if momentum is not None else adam
-    mom = torch.where(hit, moments[0].float() - betas[0] * (1 - s) * gr, moments[0].float())
+    mom = moments[1].view(-1, 1, 1) * moments[0].float() + betas[0] * gr
     moments[0].copy_(mom)
+    v = None
     if adam is not None:
-        v = torch.where(hit, (adam[2].float() - betas[1] * (1 - s * s) * gr * gr).clamp(min=0), adam[2].float())
+        v = adam[3].view(-1, 1, 1) * adam[2].float() + betas[1] * gr * gr
         adam[2].copy_(v)
     if direction is not None:
-        x = _reference_direction(mom, v if adam is not None else None, sqrt_lam, eps)
-        direction.copy_(torch.where(hit, x.to(direction.dtype), direction))
+        direction.copy_(_reference_direction(mom, v, sqrt_lam, eps))

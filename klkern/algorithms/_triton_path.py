@@ -10,9 +10,10 @@ written once per step, inside the products that need it:
 1. KL-Shampoo, KL-SOAP (``project``) and SOAP (``update``): :func:`~klkern.triton_kernels.rotate`,
    ``Gr = Q_a^T G Q_b`` with the guard's mask, step 5's projections, the moments and the
    direction ``X`` (``M * D`` or ``m / (sqrt(v) + eps)``) in its epilogue;
-2. ``update``: :func:`~klkern.triton_kernels.spike_correct_` for blocks ``spike_threshold``
-   scaled (it reads nothing of the others), the factor EMAs one product each with the per-block
-   beta in the epilogue (:func:`~klkern.triton_kernels.factor_ema_`), and
+2. ``update``: under ``spike_threshold``, :func:`~klkern.triton_kernels.scaled_moments_` (the
+   moments and the direction from ``s Gr``, the rotation having left them out), the factor
+   EMAs one product each with the per-block beta in the epilogue
+   (:func:`~klkern.triton_kernels.factor_ema_`), and
    :func:`~klkern.triton_kernels.precondition`: ``U = Q_a X Q_b^T`` with the unseen directions
    masked and SPEC step 8 written into the parameters in its epilogue (the phase returns
    ``WRITTEN``); where the write-back needs U itself (``normalize_grads``, a group whose
@@ -90,16 +91,18 @@ def _moments(st, hp) -> dict:
 
 def _rotate(st, hp, projection: bool):
     """Gr with the moments and, unless eigenvalues_first, the direction; the projections into
-    the plan's buffer."""
+    the plan's buffer. Under spike_threshold (``st.spike``) the moments wait for the blocks'
+    scales (:func:`_scaled_moments`) and Gr is kept in float32 for them."""
     Qa, Qb = _bases(st)
     moments = _moments(st, hp)
     fused = not hp.eigenvalues_first
     X = torch.empty((st.B,) + st.shape, dtype=intermediate_dtype(hp.rotation_mode), device=st.G.device) \
         if fused else None
+    epilogue = {} if st.spike else dict(
+        direction=X, sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, **moments)
     Gr, proj = K.rotate(st.G, Qa, Qb, st.keep, projection=_vecs(st, "proj_weight") if projection else None,
-                        betas=(1 - hp.beta1, 1 - hp.beta2), eps=hp.eps,
-                        sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, direction=X,
-                        precision=hp.rotation_mode, gr_dtype=intermediate_dtype(hp.factor_mode), **moments)
+                        betas=(1 - hp.beta1, 1 - hp.beta2), eps=hp.eps, precision=hp.rotation_mode,
+                        gr_dtype=torch.float32 if st.spike else intermediate_dtype(hp.factor_mode), **epilogue)
     if proj is not None:
         for k, part in enumerate(proj):
             if part is not None:
@@ -117,13 +120,15 @@ def kl_project(st, hp, carry=None):
     return Gr, X
 
 
-def _spike(st, hp, Gr, X) -> None:
-    """The blocks spike_threshold scaled: moments and direction redone from s Gr."""
+def _scaled_moments(st, hp, Gr, X) -> None:
+    """Under spike_threshold: the moments and the direction from s Gr (s per block, 1 for most),
+    computed from the scaled gradient as the torch path does (klkern/algorithms/_steps.py
+    ``_spiked``)."""
     if not st.spike:
         return
     moments = _moments(st, hp)
-    K.spike_correct_(Gr, st.cache["spike_vec"], betas=(1 - hp.beta1, 1 - hp.beta2), eps=hp.eps,
-                     sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, direction=X, **moments)
+    K.scaled_moments_(Gr, st.cache["spike_vec"], betas=(1 - hp.beta1, 1 - hp.beta2), eps=hp.eps,
+                      sqrt_lam=_vecs(st, "sqrt_lam") if "momentum" in moments else None, direction=X, **moments)
 
 
 def _kl_factors(st, hp, Gr: torch.Tensor) -> None:
@@ -156,7 +161,7 @@ def _precondition(st, hp, X):
 
 def _update(st, hp, carry):
     Gr, X = carry
-    _spike(st, hp, Gr, X)
+    _scaled_moments(st, hp, Gr, X)
     _kl_factors(st, hp, Gr)
     return None if X is None else _precondition(st, hp, X)
 
