@@ -127,8 +127,9 @@ SYRK_TILES: dict[str, list] = {
              # BLOCK_K 64 spills 12 B on sm_80 with triton 3.6 (no weights); 32 spills on neither
              (1024, _tiles(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3))],
 }
-# The element-wise kernels (rotate.py's spike correction): one table, no product.
-ELEMENTWISE_TILES = {"ieee": [(0, _tiles(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1))]}
+# The element-wise kernels (rotate.py's scaled moments under spike_threshold): one table, no product.
+# (4 warps spilled 8-16 B under KL-SOAP's scaled moments: Gr, m, v, X and their pointers)
+ELEMENTWISE_TILES = {"ieee": [(0, _tiles(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1))]}
 # adamw.py: BLOCK_E entries of one member per program.
 ADAMW_TILES = {"ieee": [(0, _tiles(BLOCK_E=4096, num_warps=8, num_stages=1))]}
 UNALIGNED_TILES: dict[str, dict] = {

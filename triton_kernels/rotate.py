@@ -62,6 +62,26 @@ def _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, ep
 
 
 @triton.jit
+def _moments(gr, b, rows, cols, row_ok, col_ok, mask, MOM, s_mb, s_mm, s_mn, B1, c1, V, s_vb, s_vm, s_vn, B2, c2,
+             SQ_A, SQ_B, s_sa, s_sb, eps, X, s_xb, s_xm, s_xn, MOMENTS: tl.constexpr, DIRECTION: tl.constexpr,
+             SIDE_A: tl.constexpr, SIDE_B: tl.constexpr):
+    """From a tile of the rotated gradient in registers: the moments with per-block betas
+    (``M <- b1 M + c1 Gr``; Adam's ``v <- b2 v + c2 Gr^2`` too) stored, and the direction."""
+    m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
+    mom = tl.load(B1 + b) * tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) + c1 * gr
+    tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
+    v = mom
+    if MOMENTS == 2:
+        v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
+        v = tl.load(B2 + b) * tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) + c2 * gr * gr
+        tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
+    if DIRECTION:
+        x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
+                       SIDE_A, SIDE_B)
+        tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rotate_kernel(
     A, BM, GR, M, N, K,
     s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_gb, s_gm, s_gn,
@@ -108,20 +128,8 @@ def _rotate_kernel(
                 col_sum = tl.sum(sq, axis=0) / M
             tl.store(PCOL + (b * N + cols) * tiles_m + pid_m, col_sum, mask=col_ok)
     if MOMENTS != 0:
-        m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
-        mom = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-        mom = tl.load(B1 + b) * mom + c1 * gr
-        tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
-        v = mom
-        if MOMENTS == 2:
-            v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
-            v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(B2 + b) * v + c2 * gr * gr
-            tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
-        if DIRECTION:
-            x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
-                           SIDE_A, SIDE_B)
-            tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
+        _moments(gr, b, rows, cols, row_ok, col_ok, mask, MOM, s_mb, s_mm, s_mn, B1, c1, V, s_vb, s_vm, s_vn, B2, c2,
+                 SQ_A, SQ_B, s_sa, s_sb, eps, X, s_xb, s_xm, s_xn, MOMENTS, DIRECTION, SIDE_A, SIDE_B)
 
 
 def rotate(G: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | None, keep: torch.Tensor, *,
@@ -247,18 +255,8 @@ def _scaled_moments_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     gr = tl.load(GR + b * s_gb + rows[:, None] * s_gm + cols[None, :] * s_gn, mask=mask, other=0.0).to(tl.float32)
     gr = gr * tl.load(SPIKE + b)
-    m_ptrs = MOM + b * s_mb + rows[:, None] * s_mm + cols[None, :] * s_mn
-    mom = tl.load(B1 + b) * tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) + c1 * gr
-    tl.store(m_ptrs, mom.to(MOM.dtype.element_ty), mask=mask)
-    v = mom
-    if MOMENTS == 2:
-        v_ptrs = V + b * s_vb + rows[:, None] * s_vm + cols[None, :] * s_vn
-        v = tl.load(B2 + b) * tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) + c2 * gr * gr
-        tl.store(v_ptrs, v.to(V.dtype.element_ty), mask=mask)
-    if DIRECTION:
-        x = _direction(mom, v, SQ_A, SQ_B, s_sa, s_sb, b, rows, cols, row_ok, col_ok, eps, MOMENTS,
-                       SIDE_A, SIDE_B)
-        tl.store(X + b * s_xb + rows[:, None] * s_xm + cols[None, :] * s_xn, x.to(X.dtype.element_ty), mask=mask)
+    _moments(gr, b, rows, cols, row_ok, col_ok, mask, MOM, s_mb, s_mm, s_mn, B1, c1, V, s_vb, s_vm, s_vn, B2, c2,
+             SQ_A, SQ_B, s_sa, s_sb, eps, X, s_xb, s_xm, s_xn, MOMENTS, DIRECTION, SIDE_A, SIDE_B)
 
 
 def scaled_moments_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, adam=None, betas: tuple = (0.0, 0.0),
