@@ -170,10 +170,11 @@ _GEMM_CANDIDATES = {
              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)],
 }
-# the plain product (no epilogue) also tries 128 x 128 tiles
-_PRODUCT_CANDIDATES = {dot: cands + [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16 if dot in ("ieee", "tf32x3") else 32,
-                                          num_warps=8, num_stages=3)]
-                       for dot, cands in _GEMM_CANDIDATES.items()}
+# the plain product (no epilogue) also tries 128 x 128 tiles on tensor cores (on the FMA units,
+# "ieee", a 128 x 128 accumulator spilled about 1 KB on sm_80 and sm_90)
+_PRODUCT_CANDIDATES = {dot: cands + ([] if dot == "ieee" else [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16 if dot == "tf32x3" else 32, num_warps=8, num_stages=3)])
+    for dot, cands in _GEMM_CANDIDATES.items()}
 _SYRK_CANDIDATES = {
     "ieee": [dict(BLOCK=64, BLOCK_K=16, num_warps=8, num_stages=2),
              dict(BLOCK=64, BLOCK_K=16, num_warps=4, num_stages=3)],
@@ -184,7 +185,8 @@ _SYRK_CANDIDATES = {
              dict(BLOCK=64, BLOCK_K=32, num_warps=4, num_stages=4)],
     "bf16": [dict(BLOCK=64, BLOCK_K=64, num_warps=8, num_stages=3),
              dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=3),
-             dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4)],
+             # 4 stages of this tile need 197 KB of shared memory, over sm_80's 163 KB
+             dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3)],
 }
 CANDIDATES = {kernel: {dot: [_tiles(**c) for c in cands] for dot, cands in table.items()}
               for kernel, table in (("product", _PRODUCT_CANDIDATES), ("rotate", _GEMM_CANDIDATES),
