@@ -132,6 +132,20 @@ def _rotate_kernel(
                  SQ_A, SQ_B, s_sa, s_sb, eps, X, s_xb, s_xm, s_xn, MOMENTS, DIRECTION, SIDE_A, SIDE_B)
 
 
+def _checked_moments(momentum, adam, B: int, m: int, n: int):
+    """``(moments, kind)``: KL-Shampoo's ``momentum=(M, b1)`` (kind 1), Adam's ``adam=(m, b1, v, b2)``
+    (kind 2) or neither (None, 0), their shapes and dtypes checked (state (B, m, n), betas (B,))."""
+    moments = momentum if momentum is not None else adam
+    kind = 1 if momentum is not None else (2 if adam is not None else 0)
+    if moments is not None:
+        check_stack("momentum", moments[0], (B, m, n), STATE_DTYPES)
+        check_stack("b1", moments[1], (B,))
+        if kind == 2:
+            check_stack("v", moments[2], (B, m, n), STATE_DTYPES)
+            check_stack("b2", moments[3], (B,))
+    return moments, kind
+
+
 def rotate(G: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | None, keep: torch.Tensor, *,
            projection=None, momentum=None, adam=None, betas: tuple = (0.0, 0.0), eps: float = 0.0,
            sqrt_lam=None, direction: torch.Tensor | None = None, store: bool = True,
@@ -168,14 +182,7 @@ def rotate(G: torch.Tensor, Q_a: torch.Tensor | None, Q_b: torch.Tensor | None, 
     check_stack("keep", keep, (B,), (torch.bool,))
     if momentum is not None and adam is not None:
         raise ValueError("rotate: pass momentum (KL-Shampoo) or adam (SOAP, KL-SOAP), not both")
-    moments = momentum if momentum is not None else adam
-    kind = 1 if momentum is not None else (2 if adam is not None else 0)
-    if moments is not None:
-        check_stack("momentum", moments[0], (B, m, n), STATE_DTYPES)
-        check_stack("b1", moments[1], (B,))
-        if kind == 2:
-            check_stack("v", moments[2], (B, m, n), STATE_DTYPES)
-            check_stack("b2", moments[3], (B,))
+    moments, kind = _checked_moments(momentum, adam, B, m, n)
     if direction is not None:
         if kind == 0:
             raise ValueError("rotate: a direction needs the moments it is made of (momentum or adam)")
@@ -281,13 +288,7 @@ def scaled_moments_(Gr: torch.Tensor, spike: torch.Tensor, *, momentum=None, ada
     check_stack("spike", spike, (B,))
     if (momentum is None) == (adam is None):
         raise ValueError("scaled_moments_: pass momentum (KL-Shampoo) or adam (KL-SOAP), one of them")
-    kind = 1 if momentum is not None else 2
-    moments = momentum if momentum is not None else adam
-    check_stack("momentum", moments[0], (B, m, n), STATE_DTYPES)
-    check_stack("b1", moments[1], (B,))
-    if kind == 2:
-        check_stack("v", moments[2], (B, m, n), STATE_DTYPES)
-        check_stack("b2", moments[3], (B,))
+    moments, kind = _checked_moments(momentum, adam, B, m, n)
     if direction is not None:
         check_stack("direction", direction, (B, m, n), (torch.float32, torch.bfloat16))
     check_sides("scaled_moments_", "sqrt_lam", sqrt_lam, B, m, n)
